@@ -1,0 +1,215 @@
+//! The CLIP text transformer, as transformers' `CLIPTextModel`.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{backend::Backend, Int, Tensor};
+use model_io::nn::{Embedding, LayerNorm, Linear};
+use model_io::{Checkpoint, Error, Result, Weights};
+use serde::Deserialize;
+
+/// `config.json` of a transformers `CLIPTextModel` (or the `text_config` of a `CLIPModel`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+fn default_act() -> String {
+    "quick_gelu".into()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+
+impl ClipTextConfig {
+    /// Reads `dir/config.json`, accepting a top-level text config or a nested `text_config`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let v: serde_json::Value = model_io::read_config(dir, "config.json")?;
+        let mt = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
+        let body = match (mt, v.get("text_config")) {
+            ("clip", Some(t)) => t.clone(),
+            ("clip_text_model", _) | ("clip_text_with_projection", _) | ("", _) => v,
+            (other, _) => {
+                return Err(Error::Config {
+                    path,
+                    message: format!("model_type `{other}` is not a CLIP text model (expected clip_text_model)"),
+                })
+            }
+        };
+        let cfg: Self = serde_json::from_value(body).map_err(|e| Error::Json { path: path.clone(), source: e })?;
+        if !matches!(cfg.hidden_act.as_str(), "quick_gelu" | "gelu") {
+            return Err(Error::Config { path, message: format!("hidden_act `{}` unsupported (quick_gelu or gelu)", cfg.hidden_act) });
+        }
+        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(Error::Config { path, message: "hidden_size is not a multiple of num_attention_heads".into() });
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(Module, Debug)]
+struct Attention<B: Backend> {
+    q_proj: Linear<B>,
+    k_proj: Linear<B>,
+    v_proj: Linear<B>,
+    out_proj: Linear<B>,
+    heads: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, l, d] = x.dims();
+        let h = self.heads;
+        let split = |t: Tensor<B, 3>| t.reshape([b, l, h, d / h]).swap_dims(1, 2);
+        let q = split(self.q_proj.forward(x.clone()));
+        let k = split(self.k_proj.forward(x.clone()));
+        let v = split(self.v_proj.forward(x));
+        let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+        let o = attention(q, k, v, None, None, opts).swap_dims(1, 2).reshape([b, l, d]);
+        self.out_proj.forward(o)
+    }
+}
+
+#[derive(Module, Debug)]
+struct EncoderLayer<B: Backend> {
+    layer_norm1: LayerNorm<B>,
+    self_attn: Attention<B>,
+    layer_norm2: LayerNorm<B>,
+    fc1: Linear<B>,
+    fc2: Linear<B>,
+    quick_gelu: bool,
+}
+
+impl<B: Backend> EncoderLayer<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
+        let h = self.fc1.forward(self.layer_norm2.forward(x.clone()));
+        let h = if self.quick_gelu { h.clone() * sigmoid(h * 1.702) } else { gelu(h) };
+        x + self.fc2.forward(h)
+    }
+}
+
+/// The CLIP text encoder: token and position embeddings, pre-norm transformer layers with a
+/// causal mask, final layer norm. Its output is `last_hidden_state`, what Stable Diffusion
+/// conditions on.
+///
+/// ```no_run
+/// use burn_flex::{Flex, FlexDevice};
+/// let enc = clip_text::ClipTextModel::<Flex>::load("sd/text_encoder".as_ref(), &FlexDevice)?;
+/// let tok = clip_text::ClipTokenizer::from_dir("sd/tokenizer".as_ref())?;
+/// let ids = enc.ids_tensor(&[tok.encode("a photo of a cat")]);
+/// let hidden = enc.forward(ids)?; // [1, 77, 768]
+/// # Ok::<(), model_io::Error>(())
+/// ```
+#[derive(Module, Debug)]
+pub struct ClipTextModel<B: Backend> {
+    token_embedding: Embedding<B>,
+    position_embedding: Embedding<B>,
+    layers: Vec<EncoderLayer<B>>,
+    final_layer_norm: LayerNorm<B>,
+    max_positions: usize,
+    vocab_size: usize,
+}
+
+impl<B: Backend> ClipTextModel<B> {
+    /// Loads `dir/config.json` and `dir/model(.fp16).safetensors`.
+    pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        let cfg = ClipTextConfig::load(dir)?;
+        let ckpt = Checkpoint::open_dir(dir, &["model"])?;
+        let w = Weights::new(&ckpt, device);
+        let m = Self::from_weights(&cfg, &w.pp("text_model"))?;
+        // Buffers and heads the encoder does not use.
+        w.finish(&["text_model.embeddings.position_ids", "text_projection"])?;
+        Ok(m)
+    }
+
+    /// Builds the model from weights under `w` (the `text_model` prefix).
+    pub fn from_weights(cfg: &ClipTextConfig, w: &Weights<B>) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let emb = w.pp("embeddings");
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let lw = w.pp("encoder.layers").pp(i);
+            let a = lw.pp("self_attn");
+            layers.push(EncoderLayer {
+                layer_norm1: LayerNorm::load(&lw.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
+                self_attn: Attention {
+                    q_proj: Linear::load(&a.pp("q_proj"), d, d, true)?,
+                    k_proj: Linear::load(&a.pp("k_proj"), d, d, true)?,
+                    v_proj: Linear::load(&a.pp("v_proj"), d, d, true)?,
+                    out_proj: Linear::load(&a.pp("out_proj"), d, d, true)?,
+                    heads: cfg.num_attention_heads,
+                },
+                layer_norm2: LayerNorm::load(&lw.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
+                fc1: Linear::load(&lw.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
+                fc2: Linear::load(&lw.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
+                quick_gelu: cfg.hidden_act == "quick_gelu",
+            });
+        }
+        Ok(Self {
+            token_embedding: Embedding::load(&emb.pp("token_embedding"), cfg.vocab_size, d)?,
+            position_embedding: Embedding::load(&emb.pp("position_embedding"), cfg.max_position_embeddings, d)?,
+            layers,
+            final_layer_norm: LayerNorm::load(&w.pp("final_layer_norm"), d, cfg.layer_norm_eps)?,
+            max_positions: cfg.max_position_embeddings,
+            vocab_size: cfg.vocab_size,
+        })
+    }
+
+    /// Width of the output embeddings.
+    pub fn hidden_size(&self) -> usize {
+        self.final_layer_norm.weight.dims()[0]
+    }
+
+    /// Stacks rows of ids (each the same length) into a `[B, L]` tensor on the model's device.
+    pub fn ids_tensor(&self, rows: &[Vec<i64>]) -> Tensor<B, 2, Int> {
+        let l = rows.first().map_or(0, Vec::len);
+        let flat: Vec<i64> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        let device = self.final_layer_norm.weight.device();
+        Tensor::from_data(burn::tensor::TensorData::new(flat, [rows.len(), l]), &device)
+    }
+
+    /// `[B, L]` ids to `last_hidden_state` `[B, L, D]`. Fails on a sequence longer than the
+    /// position table or an id outside the vocabulary.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
+        let [b, l] = ids.dims();
+        if l > self.max_positions {
+            return Err(Error::invalid(format!(
+                "input_ids has {l} tokens; the text encoder takes at most {}",
+                self.max_positions
+            )));
+        }
+        let max = ids.clone().max().into_scalar();
+        let min = ids.clone().min().into_scalar();
+        let (lo, hi): (i64, i64) = (burn::tensor::ElementConversion::elem(min), burn::tensor::ElementConversion::elem(max));
+        if lo < 0 || hi >= self.vocab_size as i64 {
+            return Err(Error::invalid(format!(
+                "input_ids holds id {} outside the vocabulary of {}",
+                if lo < 0 { lo } else { hi },
+                self.vocab_size
+            )));
+        }
+        let device = ids.device();
+        let pos = Tensor::<B, 1, Int>::arange(0..l as i64, &device).reshape([1, l]).repeat_dim(0, b);
+        let mut x = self.token_embedding.forward(ids) + self.position_embedding.forward(pos);
+        for layer in &self.layers {
+            x = layer.forward(x);
+        }
+        Ok(self.final_layer_norm.forward(x))
+    }
+}

@@ -1,0 +1,280 @@
+//! Memory-mapped safetensors checkpoints, single or sharded.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// One tensor's entry in a safetensors header.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// safetensors dtype name: `F32`, `F16`, `BF16`, `I64`, ...
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    shard: usize,
+    start: usize,
+    end: usize,
+}
+
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    data_start: usize,
+}
+
+/// A checkpoint: one or more memory-mapped safetensors files and the index of their tensors.
+///
+/// Opening reads and validates every header (offsets inside the file, byte counts matching
+/// shapes), so a truncated download fails here with the file's name rather than later with a
+/// wrong tensor. Tensor data stays on disk until [`Checkpoint::read_f32`] asks for it.
+pub struct Checkpoint {
+    name: String,
+    shards: Vec<Shard>,
+    tensors: HashMap<String, TensorInfo>,
+    metadata: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Opens the weights of a published model folder. `bases` are the file stems to look for,
+    /// in order (`["diffusion_pytorch_model"]`, `["model"]`); for each, the full-precision file
+    /// is preferred, then the `.fp16` variant, each either single or sharded (`.index.json`).
+    ///
+    /// ```no_run
+    /// let ckpt = model_io::Checkpoint::open_dir("sd/unet".as_ref(), &["diffusion_pytorch_model"])?;
+    /// println!("{} tensors", ckpt.len());
+    /// # Ok::<(), model_io::Error>(())
+    /// ```
+    pub fn open_dir(dir: &Path, bases: &[&str]) -> Result<Self> {
+        let mut tried = Vec::new();
+        for base in bases {
+            for variant in ["", ".fp16"] {
+                let single = dir.join(format!("{base}{variant}.safetensors"));
+                let index = dir.join(format!("{base}{variant}.safetensors.index.json"));
+                if single.is_file() {
+                    return Self::open_files(&dir.display().to_string(), &[single]);
+                }
+                if index.is_file() {
+                    return Self::open_index(&index);
+                }
+                tried.push(format!("{base}{variant}.safetensors[.index.json]"));
+            }
+        }
+        if !dir.is_dir() {
+            return Err(Error::Io {
+                path: dir.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
+            });
+        }
+        Err(Error::NoWeights { dir: dir.to_path_buf(), expected: tried.join(", ") })
+    }
+
+    /// Opens a sharded checkpoint from its `*.safetensors.index.json`.
+    pub fn open_index(index: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(index).map_err(|e| Error::Io { path: index.into(), source: e })?;
+        let idx: ShardIndex =
+            serde_json::from_str(&text).map_err(|e| Error::Json { path: index.into(), source: e })?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut files: Vec<PathBuf> = Vec::new();
+        for shard in idx.weight_map.values() {
+            let p = dir.join(shard);
+            if !files.contains(&p) {
+                if !p.is_file() {
+                    return Err(Error::MissingShard { index: index.into(), shard: p });
+                }
+                files.push(p);
+            }
+        }
+        let ckpt = Self::open_files(&dir.display().to_string(), &files)?;
+        for (name, shard) in &idx.weight_map {
+            if !ckpt.tensors.contains_key(name) {
+                return Err(Error::MissingTensor {
+                    checkpoint: dir.join(shard).display().to_string(),
+                    name: name.clone(),
+                    hint: format!(" (listed in {})", index.display()),
+                });
+            }
+        }
+        Ok(ckpt)
+    }
+
+    /// Opens explicit safetensors files as one checkpoint, under a display `name`.
+    pub fn open_files(name: &str, files: &[PathBuf]) -> Result<Self> {
+        let mut ckpt = Checkpoint {
+            name: name.to_string(),
+            shards: Vec::new(),
+            tensors: HashMap::new(),
+            metadata: BTreeMap::new(),
+        };
+        for path in files {
+            let file = std::fs::File::open(path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+            // SAFETY: the map is read-only; a file changed underneath us while loading is a user
+            // error we cannot guard against without copying the whole model into memory.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::Io { path: path.clone(), source: e })?;
+            let shard = ckpt.shards.len();
+            let (data_start, infos, meta) = parse_header(path, &map, shard)?;
+            for (k, info) in infos {
+                ckpt.tensors.insert(k, info);
+            }
+            ckpt.metadata.extend(meta);
+            ckpt.shards.push(Shard { path: path.clone(), map, data_start });
+        }
+        Ok(ckpt)
+    }
+
+    /// The name used in error messages (the folder or file).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether the checkpoint holds no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// All tensor names (unordered).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// The header entry of `name`, if present.
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+
+    /// The `__metadata__` strings of the header(s).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// Path of the file holding `name`, for messages.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.tensors.get(name).map(|i| self.shards[i.shard].path.as_path())
+    }
+
+    fn bytes(&self, info: &TensorInfo) -> &[u8] {
+        let s = &self.shards[info.shard];
+        &s.map[s.data_start + info.start..s.data_start + info.end]
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        Error::MissingTensor { checkpoint: self.name.clone(), name: name.to_string(), hint: String::new() }
+    }
+
+    /// Reads a floating-point tensor (F32, F16 or BF16 on disk) as f32 values and its shape.
+    pub fn read_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let info = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
+        let b = self.bytes(info);
+        let data = match info.dtype.as_str() {
+            "F32" => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            "F16" => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            "BF16" => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            "F64" => b
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")) as f32)
+                .collect(),
+            other => {
+                return Err(Error::DType {
+                    checkpoint: self.name.clone(),
+                    name: name.into(),
+                    expected: "F32, F16 or BF16".into(),
+                    found: other.into(),
+                })
+            }
+        };
+        Ok((data, info.shape.clone()))
+    }
+
+    /// Reads an integer tensor (I64, I32, I16, I8, U8 or BOOL on disk) as i64 values and its shape.
+    pub fn read_i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
+        let info = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
+        let b = self.bytes(info);
+        let data = match info.dtype.as_str() {
+            "I64" => b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect(),
+            "I32" => b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64).collect(),
+            "I16" => b.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]]) as i64).collect(),
+            "I8" => b.iter().map(|&v| v as i8 as i64).collect(),
+            "U8" | "BOOL" => b.iter().map(|&v| v as i64).collect(),
+            other => {
+                return Err(Error::DType {
+                    checkpoint: self.name.clone(),
+                    name: name.into(),
+                    expected: "an integer dtype (I64, I32)".into(),
+                    found: other.into(),
+                })
+            }
+        };
+        Ok((data, info.shape.clone()))
+    }
+}
+
+/// Size in bytes of one element of a safetensors dtype.
+fn dtype_size(dtype: &str) -> Option<usize> {
+    Some(match dtype {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+        _ => return None,
+    })
+}
+
+#[derive(Deserialize)]
+struct RawInfo {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: (usize, usize),
+}
+
+type Header = (usize, Vec<(String, TensorInfo)>, BTreeMap<String, String>);
+
+fn parse_header(path: &Path, buf: &[u8], shard: usize) -> Result<Header> {
+    let bad = |reason: String| Error::BadSafetensors { path: path.to_path_buf(), reason };
+    if buf.len() < 8 {
+        return Err(bad(format!("{} bytes, shorter than the 8-byte header length", buf.len())));
+    }
+    let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes")) as usize;
+    if n > buf.len() - 8 {
+        return Err(bad(format!("header claims {n} bytes but the file has {}", buf.len())));
+    }
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&buf[8..8 + n]).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let data_len = buf.len() - 8 - n;
+    let mut infos = Vec::with_capacity(header.len());
+    let mut meta = BTreeMap::new();
+    for (k, v) in header {
+        if k == "__metadata__" {
+            if let Some(m) = v.as_object() {
+                for (mk, mv) in m {
+                    meta.insert(mk.clone(), mv.as_str().map(str::to_string).unwrap_or_else(|| mv.to_string()));
+                }
+            }
+            continue;
+        }
+        let raw: RawInfo =
+            serde_json::from_value(v).map_err(|e| bad(format!("entry `{k}` is malformed: {e}")))?;
+        let (start, end) = raw.data_offsets;
+        let size = dtype_size(&raw.dtype).ok_or_else(|| bad(format!("tensor `{k}` has unknown dtype {}", raw.dtype)))?;
+        let numel: usize = raw.shape.iter().product();
+        if end < start || end - start != numel * size {
+            return Err(bad(format!("tensor `{k}` spans {} bytes but its shape {:?} needs {}", end.saturating_sub(start), raw.shape, numel * size)));
+        }
+        if end > data_len {
+            return Err(bad(format!("tensor `{k}` ends at byte {end} but the data section has {data_len} bytes")));
+        }
+        infos.push((k, TensorInfo { dtype: raw.dtype, shape: raw.shape, shard, start, end }));
+    }
+    Ok((8 + n, infos, meta))
+}

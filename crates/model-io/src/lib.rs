@@ -1,0 +1,62 @@
+//! Load published Hugging Face model folders into Burn.
+//!
+//! `model-io` is the one place where the project touches files on disk:
+//!
+//! * [`read_config`] parses a folder's `config.json` into a typed config and names the file
+//!   on any error;
+//! * [`Checkpoint`] memory-maps single or sharded safetensors checkpoints (`model.safetensors`,
+//!   `diffusion_pytorch_model.fp16.safetensors`, `*.safetensors.index.json`, ...), validates
+//!   every header up front, and converts f16/bf16/f32 on disk to f32 tensors one at a time, so
+//!   a model is never held twice in memory;
+//! * [`Weights`] walks a checkpoint by module path (`down_blocks.0.resnets.1.conv1`), checks
+//!   each tensor's shape when it is read and, at the end, that every tensor was used (apart
+//!   from prefixes the caller declared to skip, which are never read);
+//! * [`nn`] holds the small layers (linear, conv, norms) built from those weights;
+//! * [`tensor_file`] reads and writes named host tensors (the stage runner's files),
+//!   atomically.
+//!
+//! ```no_run
+//! use burn_flex::{Flex, FlexDevice};
+//! use model_io::{Checkpoint, Weights, nn::Linear};
+//!
+//! let ckpt = Checkpoint::open_dir("text_encoder".as_ref(), &["model"])?;
+//! let w = Weights::<Flex>::new(&ckpt, &FlexDevice);
+//! let q = Linear::load(&w.pp("text_model.encoder.layers.0.self_attn.q_proj"), 768, 768, true)?;
+//! # Ok::<(), model_io::Error>(())
+//! ```
+
+mod checkpoint;
+mod config;
+mod error;
+pub mod nn;
+pub mod tensor_file;
+mod weights;
+
+pub use checkpoint::{Checkpoint, TensorInfo};
+pub use config::read_config;
+pub use error::{Error, Result};
+pub use weights::Weights;
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename,
+/// so a crash or a full disk never leaves a half-written file under the final name.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let io = |e: std::io::Error| Error::Io { path: path.to_path_buf(), source: e };
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    Ok(())
+}

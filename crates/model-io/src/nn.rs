@@ -1,0 +1,171 @@
+//! Small layers built directly from checkpoint tensors, in PyTorch's conventions.
+//!
+//! They derive Burn's [`Module`], so they can be trained, mapped to other devices and saved;
+//! weights are kept in the layout the forward pass wants (a linear weight is stored
+//! transposed, `[in, out]`, once at load time).
+
+use burn::module::{Module, Param};
+use burn::tensor::module::{conv2d, embedding, linear};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{backend::Backend, Int, Tensor};
+
+use crate::{Result, Weights};
+
+/// `torch.nn.Linear`: `y = x Wᵀ + b`.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[in, out]` (the transpose of PyTorch's `[out, in]`).
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// Reads `weight` `[out, in]` (and `bias` `[out]` if `bias`) under `w`.
+    ///
+    /// ```no_run
+    /// # fn f(w: &model_io::Weights<burn_flex::Flex>) -> model_io::Result<()> {
+    /// let to_q = model_io::nn::Linear::load(&w.pp("to_q"), 320, 320, false)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn load(w: &Weights<B>, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
+        let weight = w.get::<2>("weight", [d_out, d_in])?.transpose();
+        let bias = if bias { Some(Param::from_tensor(w.get::<1>("bias", [d_out])?)) } else { None };
+        Ok(Self { weight: Param::from_tensor(weight), bias })
+    }
+
+    /// Builds a layer from a PyTorch-layout weight `[out, in]`.
+    pub fn from_torch(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        Self { weight: Param::from_tensor(weight.transpose()), bias: bias.map(Param::from_tensor) }
+    }
+
+    /// Applies the layer on the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+    }
+
+    /// `(in, out)`.
+    pub fn dims(&self) -> (usize, usize) {
+        let [i, o] = self.weight.dims();
+        (i, o)
+    }
+}
+
+/// `torch.nn.Conv2d` with square kernels, symmetric padding, no dilation or groups.
+#[derive(Module, Debug)]
+pub struct Conv2d<B: Backend> {
+    /// `[out, in, k, k]`.
+    pub weight: Param<Tensor<B, 4>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl<B: Backend> Conv2d<B> {
+    /// Reads `weight` `[out, in, k, k]` and `bias` `[out]` under `w`.
+    pub fn load(w: &Weights<B>, c_in: usize, c_out: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
+        let weight = Param::from_tensor(w.get::<4>("weight", [c_out, c_in, k, k])?);
+        let bias = Some(Param::from_tensor(w.get::<1>("bias", [c_out])?));
+        Ok(Self { weight, bias, stride, padding })
+    }
+
+    /// Applies the convolution to `[N, C, H, W]`.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let opts = ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1);
+        conv2d(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()), opts)
+    }
+}
+
+/// `torch.nn.GroupNorm` (affine) over `[N, C, ...]`.
+#[derive(Module, Debug)]
+pub struct GroupNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub bias: Param<Tensor<B, 1>>,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl<B: Backend> GroupNorm<B> {
+    /// Reads `weight` and `bias` `[channels]` under `w`.
+    pub fn load(w: &Weights<B>, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            return Err(crate::Error::invalid(format!(
+                "{}: {channels} channels cannot be split into {groups} norm groups",
+                w.key("weight")
+            )));
+        }
+        Ok(Self {
+            weight: Param::from_tensor(w.get::<1>("weight", [channels])?),
+            bias: Param::from_tensor(w.get::<1>("bias", [channels])?),
+            groups,
+            eps,
+        })
+    }
+
+    /// Normalises `[N, C, H, W]`.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [n, c, h, wd] = x.dims();
+        let g = x.reshape([n, self.groups, (c / self.groups) * h * wd]);
+        let (var, mean) = g.clone().var_mean_bias(2);
+        let g = (g - mean) / (var + self.eps).sqrt();
+        let x = g.reshape([n, c, h, wd]);
+        x * self.weight.val().reshape([1, c, 1, 1]) + self.bias.val().reshape([1, c, 1, 1])
+    }
+
+    /// Normalises `[N, C, L]` (channels first, as in a 1-D sequence).
+    pub fn forward3(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [n, c, l] = x.dims();
+        self.forward(x.reshape([n, c, l, 1])).reshape([n, c, l])
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last dimension.
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    /// Reads `weight` and `bias` `[dim]` under `w`.
+    pub fn load(w: &Weights<B>, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: Param::from_tensor(w.get::<1>("weight", [dim])?),
+            bias: Some(Param::from_tensor(w.get::<1>("bias", [dim])?)),
+            eps,
+        })
+    }
+
+    /// Normalises the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let (var, mean) = x.clone().var_mean_bias(D - 1);
+        let y = (x - mean) / (var + self.eps).sqrt();
+        let dim = self.weight.dims()[0];
+        let mut shape = [1usize; D];
+        shape[D - 1] = dim;
+        let y = y * self.weight.val().reshape(shape);
+        match &self.bias {
+            Some(b) => y + b.val().reshape(shape),
+            None => y,
+        }
+    }
+}
+
+/// `torch.nn.Embedding`.
+#[derive(Module, Debug)]
+pub struct Embedding<B: Backend> {
+    /// `[num, dim]`.
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Embedding<B> {
+    /// Reads `weight` `[num, dim]` under `w`.
+    pub fn load(w: &Weights<B>, num: usize, dim: usize) -> Result<Self> {
+        Ok(Self { weight: Param::from_tensor(w.get::<2>("weight", [num, dim])?) })
+    }
+
+    /// Looks up `[B, L]` ids, giving `[B, L, dim]`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        embedding(self.weight.val(), ids)
+    }
+}

@@ -1,0 +1,181 @@
+//! Named host tensors in safetensors files: the stage runner's inputs and outputs, cached
+//! queries, small adapters. Writes are atomic.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+
+use crate::{write_atomic, Checkpoint, Error, Result};
+
+/// The values of a host tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostData {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+/// A tensor in host memory with its shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: HostData,
+}
+
+impl HostTensor {
+    /// An f32 tensor; panics if `data` does not match `shape` (a programming error).
+    pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape and data length differ");
+        Self { shape, data: HostData::F32(data) }
+    }
+
+    /// An i64 tensor; panics if `data` does not match `shape` (a programming error).
+    pub fn i64(shape: Vec<usize>, data: Vec<i64>) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape and data length differ");
+        Self { shape, data: HostData::I64(data) }
+    }
+
+    /// Copies a Burn float tensor to the host.
+    pub fn from_tensor<B: Backend, const D: usize>(t: Tensor<B, D>) -> Self {
+        let shape = t.dims().to_vec();
+        let data = t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data after convert");
+        Self::f32(shape, data)
+    }
+
+    /// The f32 values, or an error naming `name` if this is an integer tensor.
+    pub fn as_f32(&self, name: &str) -> Result<&[f32]> {
+        match &self.data {
+            HostData::F32(v) => Ok(v),
+            HostData::I64(_) => Err(Error::invalid(format!("tensor `{name}` is an integer tensor, expected f32"))),
+        }
+    }
+
+    /// Converts to a Burn float tensor of rank `D`, checking the rank.
+    pub fn to_float<B: Backend, const D: usize>(&self, name: &str, device: &B::Device) -> Result<Tensor<B, D>> {
+        self.check_rank(name, D)?;
+        let v = match &self.data {
+            HostData::F32(v) => v.clone(),
+            HostData::I64(v) => v.iter().map(|&x| x as f32).collect(),
+        };
+        Ok(Tensor::from_data(TensorData::new(v, self.shape.clone()), device))
+    }
+
+    /// Converts to a Burn int tensor of rank `D`, checking the rank.
+    pub fn to_int<B: Backend, const D: usize>(&self, name: &str, device: &B::Device) -> Result<Tensor<B, D, Int>> {
+        self.check_rank(name, D)?;
+        let v = match &self.data {
+            HostData::I64(v) => v.clone(),
+            HostData::F32(_) => {
+                return Err(Error::invalid(format!("tensor `{name}` is f32, expected an integer tensor (i64)")))
+            }
+        };
+        Ok(Tensor::from_data(TensorData::new(v, self.shape.clone()), device))
+    }
+
+    /// Largest absolute difference to `other` (infinite if the shapes differ); for parity tests.
+    pub fn max_abs_diff(&self, other: &HostTensor) -> f32 {
+        match (&self.data, &other.data) {
+            (HostData::F32(a), HostData::F32(b)) if self.shape == other.shape => {
+                a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+            }
+            (HostData::I64(a), HostData::I64(b)) if self.shape == other.shape && a == b => 0.0,
+            _ => f32::INFINITY,
+        }
+    }
+
+    fn check_rank(&self, name: &str, d: usize) -> Result<()> {
+        if self.shape.len() != d {
+            return Err(Error::invalid(format!(
+                "tensor `{name}` has shape {:?}, expected {d} dimensions",
+                self.shape
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Reads every tensor of a safetensors file (floats become f32, integers i64).
+///
+/// ```no_run
+/// let t = model_io::tensor_file::read_tensors("in.safetensors".as_ref())?;
+/// let ids = t.get("input_ids");
+/// # Ok::<(), model_io::Error>(())
+/// ```
+pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
+    let ckpt = Checkpoint::open_files(&path.display().to_string(), &[path.to_path_buf()])?;
+    let mut out = BTreeMap::new();
+    let names: Vec<String> = ckpt.names().map(str::to_string).collect();
+    for name in names {
+        let dtype = ckpt.info(&name).map(|i| i.dtype.clone()).unwrap_or_default();
+        let t = if matches!(dtype.as_str(), "F32" | "F16" | "BF16" | "F64") {
+            let (v, s) = ckpt.read_f32(&name)?;
+            HostTensor::f32(s, v)
+        } else {
+            let (v, s) = ckpt.read_i64(&name)?;
+            HostTensor::i64(s, v)
+        };
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Like [`read_tensors`], also returning the header's `__metadata__`.
+pub fn read_tensors_with_metadata(path: &Path) -> Result<(BTreeMap<String, HostTensor>, BTreeMap<String, String>)> {
+    let ckpt = Checkpoint::open_files(&path.display().to_string(), &[path.to_path_buf()])?;
+    let meta = ckpt.metadata().clone();
+    drop(ckpt);
+    Ok((read_tensors(path)?, meta))
+}
+
+/// Takes tensor `name` out of `tensors`, or fails naming the file and the tensor.
+pub fn take(tensors: &mut BTreeMap<String, HostTensor>, file: &Path, name: &str) -> Result<HostTensor> {
+    tensors.remove(name).ok_or_else(|| Error::MissingTensor {
+        checkpoint: file.display().to_string(),
+        name: name.into(),
+        hint: String::new(),
+    })
+}
+
+/// Serialises tensors (and string metadata) in the safetensors format.
+pub fn to_bytes(tensors: &BTreeMap<String, HostTensor>, metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map"));
+    }
+    let mut offset = 0usize;
+    for (name, t) in tensors {
+        let (dtype, len) = match &t.data {
+            HostData::F32(v) => ("F32", v.len() * 4),
+            HostData::I64(v) => ("I64", v.len() * 8),
+        };
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": dtype, "shape": t.shape, "data_offsets": [offset, offset + len] }),
+        );
+        offset += len;
+    }
+    let mut h = serde_json::to_vec(&header).expect("header serialises");
+    // The data section must start 8-byte aligned; pad the header with spaces as safetensors does.
+    while (8 + h.len()) % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + h.len() + offset);
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    for t in tensors.values() {
+        match &t.data {
+            HostData::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            HostData::I64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        }
+    }
+    out
+}
+
+/// Writes tensors to `path` atomically (temporary file, then rename).
+pub fn write_tensors(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    write_atomic(path, &to_bytes(tensors, metadata))
+}

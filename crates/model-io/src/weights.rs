@@ -1,0 +1,125 @@
+//! Reading a checkpoint by module path, with shape checks and a strict "all keys used" check.
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::rc::Rc;
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use crate::{Checkpoint, Error, Result};
+
+/// A view of a [`Checkpoint`] at a module path, in the style of candle's `VarBuilder`.
+///
+/// Model code mirrors the published key layout: `w.pp("attn1").pp("to_q").get("weight", ..)`
+/// reads `...attn1.to_q.weight`. Every key read is recorded, so [`Weights::finish`] can report
+/// tensors the model did not use (a sign of the wrong model type or config).
+///
+/// ```no_run
+/// use burn_flex::{Flex, FlexDevice};
+/// let ckpt = model_io::Checkpoint::open_dir("vae".as_ref(), &["diffusion_pytorch_model"])?;
+/// let w = model_io::Weights::<Flex>::new(&ckpt, &FlexDevice);
+/// let k = w.pp("encoder.conv_in").get::<4>("weight", [128, 3, 3, 3])?;
+/// w.finish(&[])?;
+/// # Ok::<(), model_io::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Weights<'a, B: Backend> {
+    ckpt: &'a Checkpoint,
+    prefix: String,
+    device: B::Device,
+    used: Rc<RefCell<BTreeSet<String>>>,
+}
+
+impl<'a, B: Backend> Weights<'a, B> {
+    /// A view at the root of `ckpt`, creating tensors on `device`.
+    pub fn new(ckpt: &'a Checkpoint, device: &B::Device) -> Self {
+        Self { ckpt, prefix: String::new(), device: device.clone(), used: Rc::default() }
+    }
+
+    /// The view one level down (`push prefix`).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        Self { prefix, ..self.clone() }
+    }
+
+    /// The device tensors are created on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// The full key of `name` under this view.
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+    }
+
+    /// Whether `name` exists under this view.
+    pub fn contains(&self, name: &str) -> bool {
+        self.ckpt.info(&self.key(name)).is_some()
+    }
+
+    /// The on-disk shape of `name`, if present.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.ckpt.info(&self.key(name)).map(|i| i.shape.clone())
+    }
+
+    /// Reads `name` as an f32 tensor and checks it has exactly `shape`.
+    pub fn get<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
+        let key = self.key(name);
+        let info = self.ckpt.info(&key).ok_or_else(|| Error::MissingTensor {
+            checkpoint: self.ckpt.name().into(),
+            name: key.clone(),
+            hint: String::new(),
+        })?;
+        if info.shape != shape {
+            return Err(Error::Shape {
+                checkpoint: self.ckpt.name().into(),
+                name: key,
+                expected: shape.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        self.read(&key)
+    }
+
+    /// Reads `name` with whatever shape it has, checking only its rank.
+    pub fn get_any<const D: usize>(&self, name: &str) -> Result<Tensor<B, D>> {
+        let key = self.key(name);
+        if let Some(info) = self.ckpt.info(&key) {
+            if info.shape.len() != D {
+                return Err(Error::Shape {
+                    checkpoint: self.ckpt.name().into(),
+                    name: key,
+                    expected: vec![0; D],
+                    found: info.shape.clone(),
+                });
+            }
+        }
+        self.read(&key)
+    }
+
+    fn read<const D: usize>(&self, key: &str) -> Result<Tensor<B, D>> {
+        let (data, shape) = self.ckpt.read_f32(key)?;
+        self.used.borrow_mut().insert(key.to_string());
+        Ok(Tensor::from_data(TensorData::new(data, shape), &self.device))
+    }
+
+    /// Fails if the checkpoint holds tensors that were never read, ignoring keys that start
+    /// with one of `skip` (for example a BLIP-2 language model the encoder does not need).
+    pub fn finish(&self, skip: &[&str]) -> Result<()> {
+        let used = self.used.borrow();
+        let mut unused: Vec<&str> = self
+            .ckpt
+            .names()
+            .filter(|k| !used.contains(*k) && !skip.iter().any(|p| k.starts_with(p)))
+            .collect();
+        unused.sort_unstable();
+        match unused.first() {
+            None => Ok(()),
+            Some(first) => Err(Error::Unused {
+                checkpoint: self.ckpt.name().into(),
+                count: unused.len(),
+                first: first.to_string(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Checkpoint reading: dtypes, shards, variants, strict checks and the errors for bad files.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn_flex::{Flex, FlexDevice};
+use model_io::tensor_file::{read_tensors, write_tensors, HostTensor};
+use model_io::{Checkpoint, Error, Weights};
+
+/// Writes a safetensors file with tensors of any dtype from raw little-endian bytes.
+fn write_raw(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
+    let mut header = serde_json::Map::new();
+    let mut off = 0;
+    for (name, dtype, shape, bytes) in tensors {
+        header.insert(name.to_string(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + bytes.len()]}));
+        off += bytes.len();
+    }
+    let h = serde_json::to_vec(&header).unwrap();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    for t in tensors {
+        out.extend(&t.3);
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[test]
+fn reads_f32_f16_bf16_as_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let vals = [0.5f32, -1.25, 3.0, 1e-3];
+    let f16: Vec<u8> = vals.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect();
+    let bf16: Vec<u8> = vals.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect();
+    write_raw(
+        &dir.path().join("model.safetensors"),
+        &[("a", "F32", vec![2, 2], f32_bytes(&vals)), ("b", "F16", vec![4], f16), ("c", "BF16", vec![4], bf16)],
+    );
+    let ckpt = Checkpoint::open_dir(dir.path(), &["model"]).unwrap();
+    assert_eq!(ckpt.read_f32("a").unwrap(), (vals.to_vec(), vec![2, 2]));
+    let (b, _) = ckpt.read_f32("b").unwrap();
+    for (x, y) in b.iter().zip(vals) {
+        assert_eq!(*x, half::f16::from_f32(y).to_f32());
+    }
+    let (c, _) = ckpt.read_f32("c").unwrap();
+    for (x, y) in c.iter().zip(vals) {
+        assert_eq!(*x, half::bf16::from_f32(y).to_f32());
+    }
+}
+
+#[test]
+fn prefers_full_precision_then_fp16_variant() {
+    let dir = tempfile::tempdir().unwrap();
+    write_raw(&dir.path().join("diffusion_pytorch_model.fp16.safetensors"), &[("x", "F16", vec![1], vec![0, 0x3c])]);
+    let ckpt = Checkpoint::open_dir(dir.path(), &["diffusion_pytorch_model"]).unwrap();
+    assert_eq!(ckpt.read_f32("x").unwrap().0, vec![1.0]);
+    write_raw(&dir.path().join("diffusion_pytorch_model.safetensors"), &[("x", "F32", vec![1], f32_bytes(&[2.0]))]);
+    let ckpt = Checkpoint::open_dir(dir.path(), &["diffusion_pytorch_model"]).unwrap();
+    assert_eq!(ckpt.read_f32("x").unwrap().0, vec![2.0]);
+}
+
+fn write_sharded(dir: &Path) {
+    write_raw(&dir.join("model-00001-of-00002.safetensors"), &[("a", "F32", vec![1], f32_bytes(&[1.0]))]);
+    write_raw(&dir.join("model-00002-of-00002.safetensors"), &[("b", "F32", vec![1], f32_bytes(&[2.0]))]);
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        r#"{"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+}
+
+#[test]
+fn sharded_checkpoint_loads_and_missing_shard_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    write_sharded(dir.path());
+    let ckpt = Checkpoint::open_dir(dir.path(), &["model"]).unwrap();
+    assert_eq!(ckpt.len(), 2);
+    assert_eq!(ckpt.read_f32("b").unwrap().0, vec![2.0]);
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let err = Checkpoint::open_dir(dir.path(), &["model"]).err().unwrap();
+    assert!(matches!(err, Error::MissingShard { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("model-00002-of-00002.safetensors") && msg.contains("missing"), "{msg}");
+}
+
+#[test]
+fn truncated_file_is_rejected_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("model.safetensors");
+    write_raw(&p, &[("a", "F32", vec![64], f32_bytes(&[1.0; 64]))]);
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
+    let msg = Checkpoint::open_dir(dir.path(), &["model"]).err().unwrap().to_string();
+    assert!(msg.contains("model.safetensors") && msg.contains("truncated"), "{msg}");
+    assert!(!msg.contains('\n'));
+    // Garbage instead of a header.
+    std::fs::write(&p, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header").unwrap();
+    let msg = Checkpoint::open_dir(dir.path(), &["model"]).err().unwrap().to_string();
+    assert!(msg.contains("model.safetensors") && msg.contains("header"), "{msg}");
+    std::fs::write(&p, b"").unwrap();
+    assert!(Checkpoint::open_dir(dir.path(), &["model"]).is_err());
+}
+
+#[test]
+fn no_weights_names_what_was_looked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let msg = Checkpoint::open_dir(dir.path(), &["model"]).err().unwrap().to_string();
+    assert!(msg.contains("model.safetensors"), "{msg}");
+}
+
+#[test]
+fn weights_check_shapes_missing_and_unused_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    write_raw(
+        &dir.path().join("model.safetensors"),
+        &[
+            ("enc.w", "F32", vec![2, 3], f32_bytes(&[0.0; 6])),
+            ("enc.b", "F32", vec![2], f32_bytes(&[0.0; 2])),
+            ("lm.head", "F32", vec![1], f32_bytes(&[0.0])),
+            ("ids", "I64", vec![1], 7i64.to_le_bytes().to_vec()),
+        ],
+    );
+    let ckpt = Checkpoint::open_dir(dir.path(), &["model"]).unwrap();
+    let w = Weights::<Flex>::new(&ckpt, &FlexDevice);
+    let e = w.pp("enc");
+    let err = e.get::<2>("w", [3, 2]).err().unwrap().to_string();
+    assert!(err.contains("enc.w") && err.contains("[2, 3]") && err.contains("[3, 2]"), "{err}");
+    let err = e.get::<1>("nope", [2]).err().unwrap().to_string();
+    assert!(err.contains("missing tensor `enc.nope`"), "{err}");
+    let err = w.get::<1>("ids", [1]).err().unwrap().to_string();
+    assert!(err.contains("`ids`") && err.contains("I64"), "{err}");
+    e.get::<2>("w", [2, 3]).unwrap();
+    let err = w.finish(&["lm."]).err().unwrap().to_string();
+    assert!(err.contains("enc.b"), "{err}");
+    e.get::<1>("b", [2]).unwrap();
+    w.finish(&["lm.", "ids"]).unwrap();
+}
+
+#[test]
+fn tensor_files_round_trip_atomically() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("out.safetensors");
+    let t = BTreeMap::from([
+        ("x".to_string(), HostTensor::f32(vec![2, 2], vec![1.0, 2.0, 3.0, 4.0])),
+        ("ids".to_string(), HostTensor::i64(vec![3], vec![1, -2, 49407])),
+    ]);
+    let meta = BTreeMap::from([("k".to_string(), "8".to_string())]);
+    write_tensors(&p, &t, &meta).unwrap();
+    assert_eq!(read_tensors(&p).unwrap(), t);
+    let (_, m) = model_io::tensor_file::read_tensors_with_metadata(&p).unwrap();
+    assert_eq!(m, meta);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers.len(), 1, "temporary files left: {leftovers:?}");
+    // A write into a folder that does not exist fails and names the target.
+    let err = write_tensors(&dir.path().join("no/such/out.safetensors"), &t, &meta).err().unwrap().to_string();
+    assert!(err.contains("out.safetensors"), "{err}");
+}

@@ -1,0 +1,175 @@
+//! The stage runner as other tools call it: the binary, files in, files out, exit codes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use model_io::tensor_file::{read_tensors, write_tensors, HostTensor};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fixtures() -> PathBuf {
+    root().join("tests/fixtures")
+}
+
+/// Runs `personalize` with `args`; returns (success, stderr).
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_personalize")).args(args).output().expect("binary runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn assert_one_line_error(stderr: &str, needles: &[&str]) {
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    for n in needles {
+        assert!(lines[0].contains(n), "`{n}` not in: {stderr}");
+    }
+}
+
+#[test]
+fn tokenizer_stage_writes_padded_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ids.safetensors");
+    let (ok, err) = run(&[
+        "stage", "tokenizer", "--model", root().join("assets/clip-tokenizer").to_str().unwrap(),
+        "--prompt", "a photo of a cat", "--prompt", "", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let t = read_tensors(&out).unwrap();
+    let ids = &t["input_ids"];
+    assert_eq!(ids.shape, vec![2, 77]);
+    let model_io::tensor_file::HostData::I64(v) = &ids.data else { panic!("ids are not i64") };
+    assert_eq!(&v[..8], &[49406, 320, 1125, 539, 320, 2368, 49407, 49407]);
+    assert_eq!(&v[77..80], &[49406, 49407, 49407]);
+}
+
+#[test]
+fn text_encoder_stage_matches_reference() {
+    let model = fixtures().join("text_encoder/clip_quick_gelu");
+    let io = read_tensors(&model.join("io.safetensors")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    write_tensors(&input, &BTreeMap::from([("input_ids".into(), io["input_ids"].clone())]), &BTreeMap::new()).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let (ok, err) = run(&[
+        "stage", "text-encoder", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(),
+        "--output", out.to_str().unwrap(), "--repeat", "2",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("2 runs"), "--repeat reports timings: {err}");
+    let got = read_tensors(&out).unwrap();
+    assert!(got["last_hidden_state"].max_abs_diff(&io["last_hidden_state"]) <= 1e-4);
+}
+
+#[test]
+fn vae_stages_match_reference() {
+    let model = fixtures().join("vae");
+    let io = read_tensors(&model.join("io.safetensors")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (stage, input_name, src, outputs) in [
+        ("vae-encode", "sample", "sample", vec![("mean", "mean"), ("logvar", "logvar")]),
+        ("vae-decode", "latent", "latent", vec![("sample", "decoded")]),
+    ] {
+        let input = dir.path().join(format!("{stage}-in.safetensors"));
+        write_tensors(&input, &BTreeMap::from([(input_name.to_string(), io[src].clone())]), &BTreeMap::new()).unwrap();
+        let out = dir.path().join(format!("{stage}-out.safetensors"));
+        let (ok, err) = run(&[
+            "stage", stage, "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(),
+            "--output", out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{stage}: {err}");
+        let got = read_tensors(&out).unwrap();
+        for (name, reference) in outputs {
+            let e = got[name].max_abs_diff(&io[reference]);
+            assert!(e <= 1e-4, "{stage} {name}: {e}");
+        }
+    }
+}
+
+#[test]
+fn unknown_stage_is_a_one_line_error() {
+    let (ok, err) = run(&["stage", "upscaler", "--model", ".", "--output", "/tmp/x.safetensors"]);
+    assert!(!ok);
+    assert_one_line_error(&err, &["upscaler", "tokenizer", "vae-decode"]);
+}
+
+#[test]
+fn input_file_lacking_a_tensor_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let t = BTreeMap::from([("ids".to_string(), HostTensor::i64(vec![1, 2], vec![1, 2]))]);
+    write_tensors(&input, &t, &BTreeMap::new()).unwrap();
+    let model = fixtures().join("text_encoder/clip_quick_gelu");
+    let (ok, err) = run(&[
+        "stage", "text-encoder", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(),
+        "--output", dir.path().join("o.safetensors").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert_one_line_error(&err, &["input_ids", "in.safetensors"]);
+}
+
+#[test]
+fn wrong_dtype_and_shape_inputs_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let out = dir.path().join("o.safetensors");
+    let model = fixtures().join("text_encoder/clip_quick_gelu");
+    let t = BTreeMap::from([("input_ids".to_string(), HostTensor::f32(vec![1, 2], vec![1.0, 2.0]))]);
+    write_tensors(&input, &t, &BTreeMap::new()).unwrap();
+    let args = ["stage", "text-encoder", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()];
+    let (ok, err) = run(&args);
+    assert!(!ok);
+    assert_one_line_error(&err, &["input_ids", "f32", "i64"]);
+
+    let vae = fixtures().join("vae");
+    let t = BTreeMap::from([("latent".to_string(), HostTensor::f32(vec![1, 3, 2, 2], vec![0.0; 12]))]);
+    write_tensors(&input, &t, &BTreeMap::new()).unwrap();
+    let (ok, err) = run(&["stage", "vae-decode", "--model", vae.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(!ok);
+    assert_one_line_error(&err, &["latent", "[1, 3, 2, 2]"]);
+    assert!(!out.exists(), "no output on failure");
+}
+
+#[test]
+fn truncated_weights_and_bad_config_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("text_encoder/clip_quick_gelu");
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(dir.path().join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let input = dir.path().join("in.safetensors");
+    let t = BTreeMap::from([("input_ids".to_string(), HostTensor::i64(vec![1, 2], vec![1, 2]))]);
+    write_tensors(&input, &t, &BTreeMap::new()).unwrap();
+    let args = |m: &Path| {
+        vec!["stage".to_string(), "text-encoder".into(), "--model".into(), m.display().to_string(), "--input".into(),
+             input.display().to_string(), "--output".into(), dir.path().join("o.safetensors").display().to_string()]
+    };
+    let a = args(dir.path());
+    let (ok, err) = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok);
+    assert_one_line_error(&err, &["model.safetensors", "truncated"]);
+
+    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "t5", "d_model": 4}"#).unwrap();
+    let (ok, err) = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok);
+    assert_one_line_error(&err, &["config.json", "t5"]);
+
+    // A shape that does not match the config.
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["intermediate_size"] = serde_json::json!(40);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    std::fs::write(dir.path().join("model.safetensors"), &bytes).unwrap();
+    let (ok, err) = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok);
+    assert_one_line_error(&err, &["fc1.weight", "[37, 32]", "[40, 32]"]);
+}
+
+#[test]
+fn missing_input_flag_is_named() {
+    let (ok, err) = run(&["stage", "vae-decode", "--model", fixtures().join("vae").to_str().unwrap(), "--output", "/tmp/never.safetensors"]);
+    assert!(!ok);
+    assert_one_line_error(&err, &["--input"]);
+}

@@ -1,0 +1,97 @@
+use std::path::Path;
+
+use model_io::{Error, Result};
+use serde::Deserialize;
+
+/// `config.json` of a diffusers `AutoencoderKL`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AutoencoderKlConfig {
+    #[serde(rename = "_class_name", default)]
+    pub class_name: Option<String>,
+    #[serde(default = "three")]
+    pub in_channels: usize,
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    #[serde(default)]
+    pub down_block_types: Vec<String>,
+    #[serde(default)]
+    pub up_block_types: Vec<String>,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "one")]
+    pub layers_per_block: usize,
+    #[serde(default = "silu")]
+    pub act_fn: String,
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+    #[serde(default = "default_scaling")]
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+}
+
+fn one() -> usize {
+    1
+}
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn thirty_two() -> usize {
+    32
+}
+fn silu() -> String {
+    "silu".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_scaling() -> f64 {
+    0.18215
+}
+
+impl AutoencoderKlConfig {
+    /// Reads and checks `dir/config.json`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cfg: Self = model_io::read_config(dir, "config.json")?;
+        let path = dir.join("config.json");
+        let bad = |message: String| Err(Error::Config { path: path.clone(), message });
+        match cfg.class_name.as_deref() {
+            None | Some("AutoencoderKL") => {}
+            Some(other) => return bad(format!("_class_name is `{other}`, expected AutoencoderKL")),
+        }
+        if cfg.act_fn != "silu" {
+            return bad(format!("act_fn `{}` unsupported (silu)", cfg.act_fn));
+        }
+        if cfg.block_out_channels.is_empty() {
+            return bad("block_out_channels is empty".into());
+        }
+        for t in &cfg.down_block_types {
+            if t != "DownEncoderBlock2D" {
+                return bad(format!("down block type `{t}` unsupported (DownEncoderBlock2D)"));
+            }
+        }
+        for t in &cfg.up_block_types {
+            if t != "UpDecoderBlock2D" {
+                return bad(format!("up block type `{t}` unsupported (UpDecoderBlock2D)"));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The spatial factor between images and latents (`2^(blocks-1)`, 8 for SD).
+    pub fn downscale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}

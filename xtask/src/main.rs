@@ -3,9 +3,13 @@
 //! * `fixtures [--python PY] [GROUP...]` rebuilds the reference fixtures under tests/fixtures
 //!   with the pinned Python reference libraries (xtask/fixtures/requirements.txt).
 //! * `vocab [--python PY]` regenerates assets/clip-tokenizer from open-clip-torch's vocabulary.
+//! * `bench [unet|vae|text]... [--repeat N]` times full-size SD 1.5 stages with random weights
+//!   through the release `personalize stage --random-weights --repeat N`, with peak memory.
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
+
+use model_io::tensor_file::{write_tensors, HostTensor};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -16,7 +20,8 @@ fn usage() -> ExitCode {
         "usage: cargo xtask <command>\n\n\
          commands:\n  \
          fixtures [--python PY] [GROUP...]  rebuild tests/fixtures with the reference libraries\n  \
-         vocab [--python PY]                rebuild assets/clip-tokenizer from open-clip-torch\n\n\
+         vocab [--python PY]                rebuild assets/clip-tokenizer from open-clip-torch\n  \
+         bench [unet|vae|text]... [--repeat N]  time full-size SD 1.5 stages (random weights)\n\n\
          PY defaults to $PERSONALIZE_PYTHON or python3; it needs the packages of\n\
          xtask/fixtures/requirements.txt (pip install -r xtask/fixtures/requirements.txt)."
     );
@@ -53,6 +58,90 @@ fn run_python(py: &str, script: &str, args: &[String]) -> ExitCode {
     }
 }
 
+/// One benchmark: the stage, its config folder, and its inputs (SD 1.5 at 512×512).
+fn bench_case(name: &str) -> Option<(&'static str, &'static str, Vec<(&'static str, HostTensor)>)> {
+    let randn = |shape: Vec<usize>, seed: u64| {
+        // A cheap deterministic generator: inputs only need to be non-trivial.
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let data = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        HostTensor::f32(shape, data)
+    };
+    Some(match name {
+        // Batch 2 (conditional + unconditional), 64×64 latents, 77 text + 8 visual tokens.
+        "unet" => ("unet", "sd15-unet", vec![
+            ("sample", randn(vec![2, 4, 64, 64], 1)),
+            ("timestep", HostTensor::f32(vec![2], vec![981.0, 981.0])),
+            ("encoder_hidden_states", randn(vec![2, 85, 768], 2)),
+        ]),
+        "vae" => ("vae-decode", "sd15-vae", vec![("latent", randn(vec![1, 4, 64, 64], 3))]),
+        "text" => ("text-encoder", "sd15-text", vec![(
+            "input_ids",
+            HostTensor::i64(vec![2, 77], (0..154).map(|i| if i % 77 == 0 { 49406 } else { 320 + i as i64 % 1000 }).collect()),
+        )]),
+        _ => return None,
+    })
+}
+
+fn bench(args: &[String]) -> ExitCode {
+    let mut repeat = "3".to_string();
+    let mut names = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--repeat" {
+            repeat = it.next().cloned().unwrap_or_else(|| "3".into());
+        } else {
+            names.push(a.clone());
+        }
+    }
+    if names.is_empty() {
+        names = vec!["unet".into(), "vae".into(), "text".into()];
+    }
+    let tmp = std::env::temp_dir().join(format!("personalize-bench-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&tmp) {
+        eprintln!("error: {}: {e}", tmp.display());
+        return ExitCode::FAILURE;
+    }
+    let build = Command::new("cargo").args(["build", "--release", "-p", "personalize-cli"]).current_dir(root()).status();
+    if !build.is_ok_and(|s| s.success()) {
+        eprintln!("error: release build of personalize-cli failed");
+        return ExitCode::FAILURE;
+    }
+    let exe = root().join("target/release/personalize");
+    for name in &names {
+        let Some((stage, cfg, inputs)) = bench_case(name) else {
+            eprintln!("error: unknown bench `{name}`; expected unet, vae or text");
+            return ExitCode::from(2);
+        };
+        let input = tmp.join(format!("{name}-in.safetensors"));
+        let tensors = inputs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        if let Err(e) = write_tensors(&input, &tensors, &Default::default()) {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+        eprintln!("bench {name}: SD 1.5 {stage}, random weights, {repeat} runs after loading");
+        let status = Command::new(&exe)
+            .args(["stage", stage, "--random-weights", "--repeat", &repeat, "--model"])
+            .arg(root().join("xtask/configs").join(cfg))
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(tmp.join(format!("{name}-out.safetensors")))
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            eprintln!("error: bench {name} failed");
+            return ExitCode::FAILURE;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else { return usage() };
@@ -65,6 +154,7 @@ fn main() -> ExitCode {
     };
     match cmd.as_str() {
         "fixtures" => run_python(&py, "make_fixtures.py", &rest),
+        "bench" => bench(&rest),
         "vocab" => run_python(&py, "clip_vocab.py", &[root().join("assets/clip-tokenizer").display().to_string()]),
         "-h" | "--help" | "help" => {
             usage();

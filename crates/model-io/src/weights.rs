@@ -24,7 +24,8 @@ use crate::{Checkpoint, Error, Result};
 /// ```
 #[derive(Clone)]
 pub struct Weights<'a, B: Backend> {
-    ckpt: &'a Checkpoint,
+    /// `None`: random weights of the requested shapes (benchmarks of full-size configs).
+    ckpt: Option<&'a Checkpoint>,
     prefix: String,
     device: B::Device,
     used: Rc<RefCell<BTreeSet<String>>>,
@@ -33,7 +34,18 @@ pub struct Weights<'a, B: Backend> {
 impl<'a, B: Backend> Weights<'a, B> {
     /// A view at the root of `ckpt`, creating tensors on `device`.
     pub fn new(ckpt: &'a Checkpoint, device: &B::Device) -> Self {
-        Self { ckpt, prefix: String::new(), device: device.clone(), used: Rc::default() }
+        Self { ckpt: Some(ckpt), prefix: String::new(), device: device.clone(), used: Rc::default() }
+    }
+
+    /// A source of random weights (normal, scaled by `1/sqrt(fan_in)`) of whatever shape the
+    /// model asks for: builds a full-size model from its config alone, for benchmarks.
+    /// Optional tensors (those probed with [`Weights::contains`]) are absent.
+    pub fn random(device: &B::Device) -> Weights<'static, B> {
+        Weights { ckpt: None, prefix: String::new(), device: device.clone(), used: Rc::default() }
+    }
+
+    fn checkpoint_name(&self) -> String {
+        self.ckpt.map_or_else(|| "random weights".to_string(), |c| c.name().to_string())
     }
 
     /// The view one level down (`push prefix`).
@@ -54,25 +66,30 @@ impl<'a, B: Backend> Weights<'a, B> {
 
     /// Whether `name` exists under this view.
     pub fn contains(&self, name: &str) -> bool {
-        self.ckpt.info(&self.key(name)).is_some()
+        self.ckpt.is_some_and(|c| c.info(&self.key(name)).is_some())
     }
 
     /// The on-disk shape of `name`, if present.
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        self.ckpt.info(&self.key(name)).map(|i| i.shape.clone())
+        self.ckpt.and_then(|c| c.info(&self.key(name)).map(|i| i.shape.clone()))
     }
 
     /// Reads `name` as an f32 tensor and checks it has exactly `shape`.
     pub fn get<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
         let key = self.key(name);
-        let info = self.ckpt.info(&key).ok_or_else(|| Error::MissingTensor {
-            checkpoint: self.ckpt.name().into(),
+        let Some(ckpt) = self.ckpt else {
+            let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+            let std = 1.0 / (fan_in as f64).sqrt();
+            return Ok(Tensor::random(shape, burn::tensor::Distribution::Normal(0.0, std), &self.device));
+        };
+        let info = ckpt.info(&key).ok_or_else(|| Error::MissingTensor {
+            checkpoint: ckpt.name().into(),
             name: key.clone(),
             hint: String::new(),
         })?;
         if info.shape != shape {
             return Err(Error::Shape {
-                checkpoint: self.ckpt.name().into(),
+                checkpoint: ckpt.name().into(),
                 name: key,
                 expected: shape.to_vec(),
                 found: info.shape.clone(),
@@ -84,10 +101,10 @@ impl<'a, B: Backend> Weights<'a, B> {
     /// Reads `name` with whatever shape it has, checking only its rank.
     pub fn get_any<const D: usize>(&self, name: &str) -> Result<Tensor<B, D>> {
         let key = self.key(name);
-        if let Some(info) = self.ckpt.info(&key) {
+        if let Some(info) = self.ckpt.and_then(|c| c.info(&key)) {
             if info.shape.len() != D {
                 return Err(Error::Shape {
-                    checkpoint: self.ckpt.name().into(),
+                    checkpoint: self.checkpoint_name(),
                     name: key,
                     expected: vec![0; D],
                     found: info.shape.clone(),
@@ -98,7 +115,8 @@ impl<'a, B: Backend> Weights<'a, B> {
     }
 
     fn read<const D: usize>(&self, key: &str) -> Result<Tensor<B, D>> {
-        let (data, shape) = self.ckpt.read_f32(key)?;
+        let ckpt = self.ckpt.ok_or_else(|| Error::invalid(format!("`{key}`: random weights need a known shape")))?;
+        let (data, shape) = ckpt.read_f32(key)?;
         self.used.borrow_mut().insert(key.to_string());
         Ok(Tensor::from_data(TensorData::new(data, shape), &self.device))
     }
@@ -106,9 +124,9 @@ impl<'a, B: Backend> Weights<'a, B> {
     /// Fails if the checkpoint holds tensors that were never read, ignoring keys that start
     /// with one of `skip` (for example a BLIP-2 language model the encoder does not need).
     pub fn finish(&self, skip: &[&str]) -> Result<()> {
+        let Some(ckpt) = self.ckpt else { return Ok(()) };
         let used = self.used.borrow();
-        let mut unused: Vec<&str> = self
-            .ckpt
+        let mut unused: Vec<&str> = ckpt
             .names()
             .filter(|k| !used.contains(*k) && !skip.iter().any(|p| k.starts_with(p)))
             .collect();
@@ -116,7 +134,7 @@ impl<'a, B: Backend> Weights<'a, B> {
         match unused.first() {
             None => Ok(()),
             Some(first) => Err(Error::Unused {
-                checkpoint: self.ckpt.name().into(),
+                checkpoint: ckpt.name().into(),
                 count: unused.len(),
                 first: first.to_string(),
             }),

@@ -22,10 +22,10 @@ struct Cli {
 enum Command {
     /// Run one pipeline stage on tensors from a safetensors file and write its outputs.
     ///
-    /// Stages: tokenizer, text-encoder, vae-encode, vae-decode. See DESIGN.md for the tensor
-    /// names each reads and writes.
+    /// Stages: tokenizer, text-encoder, unet, vae-encode, vae-decode, scheduler. See DESIGN.md for the
+    /// tensor names each reads and writes.
     Stage {
-        /// The stage to run: tokenizer, text-encoder, vae-encode or vae-decode.
+        /// The stage to run: tokenizer, text-encoder, unet, vae-encode, vae-decode or scheduler.
         stage: String,
         /// The model folder the stage loads, as published (e.g. `sd/text_encoder`, `sd/vae`,
         /// or a tokenizer folder).
@@ -43,6 +43,14 @@ enum Command {
         /// A prompt for the tokenizer stage; repeat the flag for a batch.
         #[arg(long)]
         prompt: Vec<String>,
+        /// Build the model from the folder's config.json alone, with random weights (for
+        /// timing full-size models without downloading them).
+        #[arg(long)]
+        random_weights: bool,
+        /// Scheduler stage only: use this scheduler instead of the config's `_class_name`
+        /// (ddim, ddpm, pndm, euler, euler-a, dpm++2m, dpm++2m-karras).
+        #[arg(long)]
+        scheduler: Option<String>,
     },
 }
 
@@ -61,9 +69,16 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     tracing::debug!("backend: {}", backend::NAME);
     let result = match cli.command {
-        Command::Stage { stage, model, input, output, repeat, prompt } => {
-            stage::run(&stage::StageArgs { stage, model, input, output, repeat: repeat as usize, prompts: prompt })
-        }
+        Command::Stage { stage, model, input, output, repeat, prompt, random_weights, scheduler } => stage::run(&stage::StageArgs {
+            stage,
+            model,
+            input,
+            output,
+            repeat: repeat as usize,
+            prompts: prompt,
+            random_weights,
+            scheduler,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

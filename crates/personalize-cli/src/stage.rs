@@ -12,7 +12,7 @@ use model_io::tensor_file::{read_tensors, take, write_tensors, HostTensor};
 use crate::backend::{device, B};
 
 /// The stages the runner knows, with their names on the command line.
-pub const STAGES: &[&str] = &["tokenizer", "text-encoder", "vae-encode", "vae-decode"];
+pub const STAGES: &[&str] = &["tokenizer", "text-encoder", "unet", "vae-encode", "vae-decode", "scheduler"];
 
 /// Parsed `stage` arguments.
 pub struct StageArgs {
@@ -22,6 +22,42 @@ pub struct StageArgs {
     pub output: PathBuf,
     pub repeat: usize,
     pub prompts: Vec<String>,
+    /// Build the model from its config.json with random weights (benchmarks).
+    pub random_weights: bool,
+    /// Scheduler stage: a CLI name (`euler-a`, ...) overriding the config's `_class_name`.
+    pub scheduler: Option<String>,
+}
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), in bytes.
+pub fn peak_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn load_text_encoder(args: &StageArgs) -> Result<clip_text::ClipTextModel<B>> {
+    if args.random_weights {
+        let cfg = clip_text::ClipTextConfig::load(&args.model)?;
+        return Ok(clip_text::ClipTextModel::from_weights(&cfg, &model_io::Weights::random(&device()))?);
+    }
+    Ok(clip_text::ClipTextModel::load(&args.model, &device())?)
+}
+
+fn load_vae(args: &StageArgs) -> Result<sd_vae::AutoencoderKl<B>> {
+    if args.random_weights {
+        let cfg = sd_vae::AutoencoderKlConfig::load(&args.model)?;
+        return Ok(sd_vae::AutoencoderKl::from_weights(&cfg, &model_io::Weights::random(&device()))?);
+    }
+    Ok(sd_vae::AutoencoderKl::load(&args.model, &device())?)
+}
+
+fn load_unet(args: &StageArgs) -> Result<sd_unet::UNet2DConditionModel<B>> {
+    if args.random_weights {
+        let cfg = sd_unet::UNetConfig::load(&args.model)?;
+        return Ok(sd_unet::UNet2DConditionModel::from_weights(&cfg, &model_io::Weights::random(&device()))?);
+    }
+    Ok(sd_unet::UNet2DConditionModel::load(&args.model, &device())?)
 }
 
 type Tensors = BTreeMap<String, HostTensor>;
@@ -47,7 +83,13 @@ fn timed<T>(stage: &str, repeat: usize, mut f: impl FnMut() -> Result<T>) -> Res
     let median = times[times.len() / 2];
     tracing::info!(stage, runs = times.len(), "median {:.3} s, min {:.3} s", median.as_secs_f64(), times[0].as_secs_f64());
     if repeat > 1 {
-        eprintln!("{stage}: {} runs, median {:.4} s, min {:.4} s", times.len(), median.as_secs_f64(), times[0].as_secs_f64());
+        let peak = peak_memory().map_or("unknown".to_string(), |b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64));
+        eprintln!(
+            "{stage}: {} runs, median {:.4} s, min {:.4} s, peak memory {peak}",
+            times.len(),
+            median.as_secs_f64(),
+            times[0].as_secs_f64()
+        );
     }
     Ok(last.expect("at least one run"))
 }
@@ -71,14 +113,23 @@ pub fn run(args: &StageArgs) -> Result<()> {
         "text-encoder" => {
             let (mut t, path) = inputs(args)?;
             let ids = take(&mut t, &path, "input_ids")?.to_int::<B, 2>("input_ids", &dev)?;
-            let enc = clip_text::ClipTextModel::<B>::load(model, &dev)?;
+            let enc = load_text_encoder(args)?;
             let out = timed("text-encoder", args.repeat, || Ok(enc.forward(ids.clone())?))?;
             BTreeMap::from([("last_hidden_state".to_string(), HostTensor::from_tensor(out))])
+        }
+        "unet" => {
+            let (mut t, path) = inputs(args)?;
+            let x = take(&mut t, &path, "sample")?.to_float::<B, 4>("sample", &dev)?;
+            let ts = take(&mut t, &path, "timestep")?.to_float::<B, 1>("timestep", &dev)?;
+            let ctx = take(&mut t, &path, "encoder_hidden_states")?.to_float::<B, 3>("encoder_hidden_states", &dev)?;
+            let unet = load_unet(args)?;
+            let out = timed("unet", args.repeat, || Ok(unet.forward(x.clone(), ts.clone(), ctx.clone())?))?;
+            BTreeMap::from([("sample".to_string(), HostTensor::from_tensor(out))])
         }
         "vae-encode" => {
             let (mut t, path) = inputs(args)?;
             let x = take(&mut t, &path, "sample")?.to_float::<B, 4>("sample", &dev)?;
-            let vae = sd_vae::AutoencoderKl::<B>::load(model, &dev)?;
+            let vae = load_vae(args)?;
             let (mean, logvar) = timed("vae-encode", args.repeat, || Ok(vae.encode(x.clone())?))?;
             BTreeMap::from([
                 ("mean".to_string(), HostTensor::from_tensor(mean)),
@@ -88,9 +139,41 @@ pub fn run(args: &StageArgs) -> Result<()> {
         "vae-decode" => {
             let (mut t, path) = inputs(args)?;
             let z = take(&mut t, &path, "latent")?.to_float::<B, 4>("latent", &dev)?;
-            let vae = sd_vae::AutoencoderKl::<B>::load(model, &dev)?;
+            let vae = load_vae(args)?;
             let out = timed("vae-decode", args.repeat, || Ok(vae.decode(z.clone())?))?;
             BTreeMap::from([("sample".to_string(), HostTensor::from_tensor(out))])
+        }
+        "scheduler" => {
+            let (mut t, path) = inputs(args)?;
+            let sample = take(&mut t, &path, "sample")?;
+            let outs = take(&mut t, &path, "model_outputs")?;
+            let n = take(&mut t, &path, "num_inference_steps")?;
+            let steps = match &n.data {
+                model_io::tensor_file::HostData::I64(v) if v.len() == 1 && v[0] > 0 => v[0] as usize,
+                _ => bail!("{}: `num_inference_steps` must be one positive i64, got {:?}", path.display(), n.data),
+            };
+            let sample = scheduler::HostSample { data: sample.as_f32("sample")?.to_vec(), shape: sample.shape.clone() };
+            let per = sample.data.len();
+            let flat = outs.as_f32("model_outputs")?;
+            if outs.shape.len() != sample.shape.len() + 1 || outs.shape[1..] != sample.shape[..] {
+                bail!("{}: `model_outputs` has shape {:?}; expected [N, {}]", path.display(), outs.shape,
+                    sample.shape.iter().map(usize::to_string).collect::<Vec<_>>().join(", "));
+            }
+            let outputs: Vec<scheduler::HostSample> = flat
+                .chunks(per.max(1))
+                .map(|c| scheduler::HostSample { data: c.to_vec(), shape: sample.shape.clone() })
+                .collect();
+            let (timesteps, samples) = timed("scheduler", args.repeat, || {
+                let mut rng = scheduler::SeededRng::new(scheduler::STAGE_NOISE_SEED);
+                Ok(scheduler::run_stage_with(model, args.scheduler.as_deref(), &sample, &outputs, steps, &mut rng)?)
+            })?;
+            let mut shape = vec![samples.len()];
+            shape.extend(&sample.shape);
+            let data: Vec<f32> = samples.into_iter().flat_map(|s| s.data).collect();
+            BTreeMap::from([
+                ("timesteps".to_string(), HostTensor::f32(vec![timesteps.len()], timesteps)),
+                ("samples".to_string(), HostTensor::f32(shape, data)),
+            ])
         }
         other => bail!("unknown stage `{other}`; expected one of: {}", STAGES.join(", ")),
     };

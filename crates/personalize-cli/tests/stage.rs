@@ -173,3 +173,67 @@ fn missing_input_flag_is_named() {
     assert!(!ok);
     assert_one_line_error(&err, &["--input"]);
 }
+
+#[test]
+fn unet_stage_matches_reference_with_any_context_length() {
+    let model = fixtures().join("unet/sd1");
+    let io = read_tensors(&model.join("io.safetensors")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let t: BTreeMap<String, HostTensor> =
+        ["sample", "timestep", "encoder_hidden_states"].iter().map(|k| (k.to_string(), io[*k].clone())).collect();
+    write_tensors(&input, &t, &BTreeMap::new()).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let (ok, err) = run(&["stage", "unet", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let e = read_tensors(&out).unwrap()["sample"].max_abs_diff(&io["out"]);
+    assert!(e <= 5e-4, "unet stage: {e}");
+
+    // Random weights from the config alone run and report timing and memory.
+    let (ok, err) = run(&[
+        "stage", "unet", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(),
+        "--output", out.to_str().unwrap(), "--random-weights", "--repeat", "2",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("peak memory"), "{err}");
+}
+
+#[test]
+fn scheduler_stage_matches_diffusers_and_checks_output_count() {
+    let fx = fixtures().join("scheduler");
+    let case = std::fs::read_dir(&fx)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("dpm") && p.join("io.safetensors").exists())
+        .min()
+        .expect("a DPM-Solver fixture");
+    let io = read_tensors(&case.join("io.safetensors")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let t: BTreeMap<String, HostTensor> =
+        ["sample", "model_outputs", "num_inference_steps"].iter().map(|k| (k.to_string(), io[*k].clone())).collect();
+    write_tensors(&input, &t, &BTreeMap::new()).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let (ok, err) = run(&["stage", "scheduler", "--model", case.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(ok, "{}: {err}", case.display());
+    let got = read_tensors(&out).unwrap();
+    for name in ["timesteps", "samples"] {
+        let (a, b) = (got[name].as_f32(name).unwrap(), io[name].as_f32(name).unwrap());
+        assert_eq!(a.len(), b.len(), "{name}");
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{name}: {x} vs {y}");
+        }
+    }
+
+    // One model output too few: an error naming the count, as PNDM's N+1 timesteps need.
+    let mut short = t.clone();
+    let mo = &t["model_outputs"];
+    let per: usize = mo.shape[1..].iter().product();
+    let mut shape = mo.shape.clone();
+    shape[0] -= 1;
+    short.insert("model_outputs".into(), HostTensor::f32(shape, mo.as_f32("m").unwrap()[per..].to_vec()));
+    write_tensors(&input, &short, &BTreeMap::new()).unwrap();
+    let (ok, err) = run(&["stage", "scheduler", "--model", case.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(!ok);
+    assert_one_line_error(&err, &["model output"]);
+}

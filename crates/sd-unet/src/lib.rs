@@ -1,0 +1,30 @@
+//! Stable Diffusion's denoising UNet (diffusers `UNet2DConditionModel`, SD 1.x and 2.x) on
+//! Burn, with LoRA adapters on the attention projections.
+//!
+//! * [`UNetConfig`] reads the `unet/config.json` as published (per-block head counts, linear or
+//!   convolutional projections, upcast attention, any cross-attention width);
+//! * [`UNet2DConditionModel::load`] reads the weights (f32 or fp16, single or sharded);
+//! * [`UNet2DConditionModel::forward`] takes a context of any length: 77 text tokens plus
+//!   however many visual tokens;
+//! * [`lora`] attaches zero-initialised adapters, reads and writes them in the layout
+//!   diffusers' `load_lora_weights` reads.
+//!
+//! ```no_run
+//! use burn_flex::{Flex, FlexDevice};
+//! let mut unet = sd_unet::UNet2DConditionModel::<Flex>::load("sd/unet".as_ref(), &FlexDevice)?;
+//! sd_unet::lora::attach(&mut unet, 4, 4.0); // output unchanged until trained
+//! # Ok::<(), model_io::Error>(())
+//! ```
+
+mod attention;
+mod blocks;
+mod config;
+mod embeddings;
+pub mod lora;
+mod lora_io;
+mod unet;
+
+pub use attention::{Attention, BasicTransformerBlock, Transformer2D, TransformerSpec};
+pub use config::{PerBlock, UNetConfig};
+pub use embeddings::timestep_embedding;
+pub use unet::UNet2DConditionModel;

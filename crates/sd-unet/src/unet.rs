@@ -1,0 +1,212 @@
+//! `UNet2DConditionModel` for Stable Diffusion 1.x and 2.x.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::activation::silu;
+use burn::tensor::{backend::Backend, Tensor};
+use model_io::nn::{Conv2d, GroupNorm};
+use model_io::{Checkpoint, Error, Result, Weights};
+
+use crate::attention::{Attention, TransformerSpec};
+use crate::blocks::{BlockSpec, DownBlock, MidBlock, UpBlock};
+use crate::embeddings::{timestep_embedding, TimestepEmbedding};
+use crate::UNetConfig;
+
+/// The denoising UNet, conditioned on a timestep and a cross-attention context of any length
+/// (77 text tokens plus k visual tokens, for this project).
+///
+/// ```no_run
+/// use burn::tensor::Tensor;
+/// use burn_flex::{Flex, FlexDevice};
+/// let unet = sd_unet::UNet2DConditionModel::<Flex>::load("sd/unet".as_ref(), &FlexDevice)?;
+/// let x = Tensor::<Flex, 4>::zeros([2, 4, 64, 64], &FlexDevice);
+/// let t = Tensor::<Flex, 1>::from_floats([999.0, 999.0], &FlexDevice);
+/// let ctx = Tensor::<Flex, 3>::zeros([2, 85, 768], &FlexDevice); // 77 text + 8 visual tokens
+/// let eps = unet.forward(x, t, ctx)?;
+/// # Ok::<(), model_io::Error>(())
+/// ```
+#[derive(Module, Debug)]
+pub struct UNet2DConditionModel<B: Backend> {
+    time_embedding: TimestepEmbedding<B>,
+    conv_in: Conv2d<B>,
+    pub down_blocks: Vec<DownBlock<B>>,
+    pub mid_block: MidBlock<B>,
+    pub up_blocks: Vec<UpBlock<B>>,
+    conv_norm_out: GroupNorm<B>,
+    conv_out: Conv2d<B>,
+    in_channels: usize,
+    time_channels: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    cross_attention_dim: usize,
+    center_input_sample: bool,
+}
+
+impl<B: Backend> UNet2DConditionModel<B> {
+    /// Loads `dir/config.json` and `dir/diffusion_pytorch_model(.fp16).safetensors` (single or
+    /// sharded), as the SD repositories publish the `unet/` folder.
+    pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        let cfg = UNetConfig::load(dir)?;
+        let ckpt = Checkpoint::open_dir(dir, &["diffusion_pytorch_model"])?;
+        let w = Weights::new(&ckpt, device);
+        let unet = Self::from_weights(&cfg, &w)?;
+        w.finish(&[])?;
+        Ok(unet)
+    }
+
+    /// Builds the model from weights at the root of `w`.
+    pub fn from_weights(cfg: &UNetConfig, w: &Weights<B>) -> Result<Self> {
+        cfg.validate().map_err(Error::invalid)?;
+        let ch = &cfg.block_out_channels;
+        let n = ch.len();
+        let temb = 4 * ch[0];
+        let spec = |i: usize, cross: bool| BlockSpec {
+            temb,
+            groups: cfg.norm_num_groups,
+            eps: cfg.norm_eps,
+            transformer: cross.then(|| TransformerSpec {
+                channels: ch[i],
+                heads: cfg.heads(i),
+                layers: cfg.transformer_layers_per_block.get(i),
+                context_dim: cfg.cross_attention_dim,
+                groups: cfg.norm_num_groups,
+                linear_projection: cfg.use_linear_projection,
+            }),
+        };
+        let mut down_blocks = Vec::new();
+        let mut c_out = ch[0];
+        for (i, t) in cfg.down_block_types.iter().enumerate() {
+            let c_in = c_out;
+            c_out = ch[i];
+            let down = (i + 1 < n).then_some(cfg.downsample_padding);
+            down_blocks.push(DownBlock::load(&w.pp("down_blocks").pp(i), c_in, c_out, cfg.layers_per_block, down, spec(i, t == "CrossAttnDownBlock2D"))?);
+        }
+        let mid_block = MidBlock::load(&w.pp("mid_block"), ch[n - 1], spec(n - 1, true))?;
+        let mut up_blocks = Vec::new();
+        let mut c_out = ch[n - 1];
+        for (i, t) in cfg.up_block_types.iter().enumerate() {
+            let r = n - 1 - i; // the matching down level
+            let c_prev = c_out;
+            c_out = ch[r];
+            let skip_in = ch[r.saturating_sub(1)];
+            let s = spec(r, t == "CrossAttnUpBlock2D");
+            up_blocks.push(UpBlock::load(&w.pp("up_blocks").pp(i), c_prev, c_out, skip_in, cfg.layers_per_block + 1, i + 1 < n, s)?);
+        }
+        Ok(Self {
+            time_embedding: TimestepEmbedding::load(&w.pp("time_embedding"), ch[0], temb)?,
+            conv_in: Conv2d::load(&w.pp("conv_in"), cfg.in_channels, ch[0], cfg.conv_in_kernel, 1, cfg.conv_in_kernel / 2)?,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: GroupNorm::load(&w.pp("conv_norm_out"), cfg.norm_num_groups, ch[0], cfg.norm_eps)?,
+            conv_out: Conv2d::load(&w.pp("conv_out"), ch[0], cfg.out_channels, cfg.conv_out_kernel, 1, cfg.conv_out_kernel / 2)?,
+            in_channels: cfg.in_channels,
+            time_channels: ch[0],
+            flip_sin_to_cos: cfg.flip_sin_to_cos,
+            freq_shift: cfg.freq_shift,
+            cross_attention_dim: cfg.cross_attention_dim,
+            center_input_sample: cfg.center_input_sample,
+        })
+    }
+
+    /// Width the cross-attention context must have.
+    pub fn cross_attention_dim(&self) -> usize {
+        self.cross_attention_dim
+    }
+
+    /// Latent channels in.
+    pub fn in_channels(&self) -> usize {
+        self.in_channels
+    }
+
+    /// Predicts noise (or v, or the sample, per the model) for `sample` `[B, C, H, W]` at
+    /// `timestep` `[B]` (or `[1]`, broadcast) given `context` `[B, S, D]` for any `S`.
+    pub fn forward(&self, sample: Tensor<B, 4>, timestep: Tensor<B, 1>, context: Tensor<B, 3>) -> Result<Tensor<B, 4>> {
+        let [b, c, h, w] = sample.dims();
+        if c != self.in_channels || h == 0 || w == 0 {
+            return Err(Error::invalid(format!("unet input `sample` has shape {:?}; expected [B, {}, H, W]", sample.dims(), self.in_channels)));
+        }
+        let [cb, s, d] = context.dims();
+        if d != self.cross_attention_dim {
+            return Err(Error::invalid(format!(
+                "encoder_hidden_states has width {d}, but the UNet's cross_attention_dim is {}",
+                self.cross_attention_dim
+            )));
+        }
+        if cb != b || s == 0 {
+            return Err(Error::invalid(format!("encoder_hidden_states has shape {:?}; expected [{b}, S, {d}] with S > 0", context.dims())));
+        }
+        let nt = timestep.dims()[0];
+        let timestep = match nt {
+            n if n == b => timestep,
+            1 => timestep.repeat_dim(0, b),
+            _ => return Err(Error::invalid(format!("timestep has {nt} values; expected 1 or the batch size {b}"))),
+        };
+        let temb = self.time_embedding.forward(timestep_embedding(timestep, self.time_channels, self.flip_sin_to_cos, self.freq_shift));
+        let sample = if self.center_input_sample { sample * 2.0 - 1.0 } else { sample };
+
+        let mut x = self.conv_in.forward(sample);
+        let mut skips = vec![x.clone()];
+        for blk in &self.down_blocks {
+            x = blk.forward(x, &temb, &context, &mut skips);
+        }
+        x = self.mid_block.forward(x, &temb, &context);
+        // With sizes not divisible by 2^(levels-1), upsample to the skip's size, as diffusers'
+        // `forward_upsample_size` does.
+        let factor = 1usize << (self.up_blocks.len() - 1);
+        let odd = h % factor != 0 || w % factor != 0;
+        let last = self.up_blocks.len() - 1;
+        for (i, blk) in self.up_blocks.iter().enumerate() {
+            let remaining = skips.len() - blk.num_skips();
+            let size = (odd && i < last).then(|| {
+                let [_, _, sh, sw] = skips[remaining - 1].dims();
+                [sh, sw]
+            });
+            x = blk.forward(x, &temb, &context, &mut skips, size);
+        }
+        Ok(self.conv_out.forward(silu(self.conv_norm_out.forward(x))))
+    }
+
+    /// Every attention layer with its module path (`down_blocks.0.attentions.0.transformer_blocks.0.attn1`).
+    pub fn attentions(&self) -> Vec<(String, &Attention<B>)> {
+        let blocks = self
+            .down_blocks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (format!("down_blocks.{i}"), &d.attentions))
+            .chain(std::iter::once(("mid_block".to_string(), &self.mid_block.attentions)))
+            .chain(self.up_blocks.iter().enumerate().map(|(i, u)| (format!("up_blocks.{i}"), &u.attentions)));
+        let mut out = Vec::new();
+        for (prefix, ts) in blocks {
+            for (j, t) in ts.iter().enumerate() {
+                for (k, b) in t.transformer_blocks.iter().enumerate() {
+                    let p = format!("{prefix}.attentions.{j}.transformer_blocks.{k}");
+                    out.push((format!("{p}.attn1"), &b.attn1));
+                    out.push((format!("{p}.attn2"), &b.attn2));
+                }
+            }
+        }
+        out
+    }
+
+    /// Mutable access to every attention layer, in the order of [`Self::attentions`].
+    pub fn attentions_mut(&mut self) -> Vec<&mut Attention<B>> {
+        let mut out = Vec::new();
+        let blocks = self
+            .down_blocks
+            .iter_mut()
+            .map(|d| &mut d.attentions)
+            .chain(std::iter::once(&mut self.mid_block.attentions))
+            .chain(self.up_blocks.iter_mut().map(|u| &mut u.attentions));
+        for ts in blocks {
+            for t in ts.iter_mut() {
+                for b in t.transformer_blocks.iter_mut() {
+                    out.push(&mut b.attn1);
+                    out.push(&mut b.attn2);
+                }
+            }
+        }
+        out
+    }
+}

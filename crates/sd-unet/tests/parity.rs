@@ -1,0 +1,118 @@
+//! Parity with diffusers' UNet2DConditionModel (fixtures from `cargo xtask fixtures`).
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Tensor;
+use burn_flex::{Flex, FlexDevice};
+use model_io::tensor_file::{read_tensors, HostTensor};
+use sd_unet::UNet2DConditionModel;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/unet").join(name)
+}
+
+fn check(name: &str, prefixes: &[&str]) {
+    let dir = fixture(name);
+    let io = read_tensors(&dir.join("io.safetensors")).unwrap();
+    let unet = UNet2DConditionModel::<Flex>::load(&dir, &FlexDevice).unwrap();
+    for p in prefixes {
+        let get = |n: &str| io[&format!("{p}{n}")].clone();
+        let x = get("sample").to_float::<Flex, 4>("sample", &FlexDevice).unwrap();
+        let t = get("timestep").to_float::<Flex, 1>("timestep", &FlexDevice).unwrap();
+        let c = get("encoder_hidden_states").to_float::<Flex, 3>("ctx", &FlexDevice).unwrap();
+        let out = HostTensor::from_tensor(unet.forward(x, t, c).unwrap());
+        let err = out.max_abs_diff(&get("out"));
+        eprintln!("unet {name} {p}: shape {:?}, max abs error {err:e}", out.shape);
+        assert!(err <= 5e-4, "{name} {p}: max abs error {err}");
+    }
+}
+
+#[test]
+fn sd1_style_conv_projection_85_tokens_matches_diffusers() {
+    check("sd1", &[""]);
+}
+
+#[test]
+fn sd2_style_linear_projection_per_block_heads_fp16_non_square_and_odd_sizes_match_diffusers() {
+    check("sd2_fp16", &["", "odd_"]);
+}
+
+#[test]
+fn lora_is_zero_at_initialisation_and_round_trips() {
+    let dir = fixture("sd1");
+    let io = read_tensors(&dir.join("io.safetensors")).unwrap();
+    let mut unet = UNet2DConditionModel::<Flex>::load(&dir, &FlexDevice).unwrap();
+    let x = io["sample"].to_float::<Flex, 4>("sample", &FlexDevice).unwrap();
+    let t = io["timestep"].to_float::<Flex, 1>("timestep", &FlexDevice).unwrap();
+    let c = io["encoder_hidden_states"].to_float::<Flex, 3>("ctx", &FlexDevice).unwrap();
+    let before = HostTensor::from_tensor(unet.forward(x.clone(), t.clone(), c.clone()).unwrap());
+    sd_unet::lora::attach(&mut unet, 4, 8.0);
+    let n_attn = unet.attentions().len();
+    assert!(n_attn > 0);
+    let after = HostTensor::from_tensor(unet.forward(x.clone(), t.clone(), c.clone()).unwrap());
+    assert_eq!(before.max_abs_diff(&after), 0.0, "a fresh adapter changes nothing");
+
+    // Give the adapters non-zero B: the output must change, and reloading the saved tensors
+    // into a fresh UNet must reproduce it.
+    let mut tensors = sd_unet::lora::lora_tensors(&unet);
+    assert_eq!(tensors.len(), n_attn * 4 * 2);
+    for (k, v) in tensors.iter_mut() {
+        if k.ends_with("lora_B.weight") {
+            let n = v.shape.iter().product::<usize>();
+            *v = HostTensor::f32(v.shape.clone(), (0..n).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect());
+        }
+        assert!(k.starts_with("unet.") && (k.contains(".to_q.") || k.contains(".to_k.") || k.contains(".to_v.") || k.contains(".to_out.0.")), "{k}");
+    }
+    let mut a = UNet2DConditionModel::<Flex>::load(&dir, &FlexDevice).unwrap();
+    sd_unet::lora::load_lora(&mut a, &tensors, Some(8.0)).unwrap();
+    let changed = HostTensor::from_tensor(a.forward(x.clone(), t.clone(), c.clone()).unwrap());
+    assert!(before.max_abs_diff(&changed) > 1e-4, "trained adapters change the output");
+    let again = sd_unet::lora::lora_tensors(&a);
+    for (k, v) in &tensors {
+        assert!(again[k].max_abs_diff(v) < 1e-7, "{k} round-trips");
+    }
+    // A stray key is an error naming it.
+    tensors.insert("unet.no_such.block.to_q.lora_A.weight".into(), HostTensor::f32(vec![1, 1], vec![0.0]));
+    let mut b = UNet2DConditionModel::<Flex>::load(&dir, &FlexDevice).unwrap();
+    let msg = sd_unet::lora::load_lora(&mut b, &tensors, None).err().unwrap().to_string();
+    assert!(msg.contains("no_such"), "{msg}");
+}
+
+#[test]
+fn context_width_mismatch_gives_both_numbers() {
+    let unet = UNet2DConditionModel::<Flex>::load(&fixture("sd1"), &FlexDevice).unwrap();
+    let x = Tensor::<Flex, 4>::zeros([1, 4, 8, 8], &FlexDevice);
+    let t = Tensor::<Flex, 1>::from_floats([1.0], &FlexDevice);
+    let c = Tensor::<Flex, 3>::zeros([1, 77, 768], &FlexDevice);
+    let msg = unet.forward(x, t, c).err().unwrap().to_string();
+    assert!(msg.contains("768") && msg.contains("24"), "{msg}");
+}
+
+#[test]
+fn any_context_length_from_77_to_109() {
+    let unet = UNet2DConditionModel::<Flex>::load(&fixture("sd1"), &FlexDevice).unwrap();
+    for s in [77, 78, 85, 109] {
+        let x = Tensor::<Flex, 4>::ones([1, 4, 8, 8], &FlexDevice);
+        let t = Tensor::<Flex, 1>::from_floats([10.0], &FlexDevice);
+        let c = Tensor::<Flex, 3>::ones([1, s, 24], &FlexDevice);
+        assert_eq!(unet.forward(x, t, c).unwrap().dims(), [1, 4, 8, 8]);
+    }
+}
+
+#[test]
+fn unsupported_block_type_and_missing_tensor_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = std::fs::read_to_string(fixture("sd1").join("config.json")).unwrap();
+    std::fs::write(d.path().join("config.json"), cfg.replace("\"CrossAttnDownBlock2D\"", "\"SimpleCrossAttnDownBlock2D\"")).unwrap();
+    std::fs::copy(fixture("sd1").join("diffusion_pytorch_model.safetensors"), d.path().join("diffusion_pytorch_model.safetensors")).unwrap();
+    let msg = UNet2DConditionModel::<Flex>::load(d.path(), &FlexDevice).err().unwrap().to_string();
+    assert!(msg.contains("SimpleCrossAttnDownBlock2D") && msg.contains("config.json"), "{msg}");
+
+    std::fs::write(d.path().join("config.json"), &cfg).unwrap();
+    let mut t = read_tensors(&fixture("sd1").join("diffusion_pytorch_model.safetensors")).unwrap();
+    let key = "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight";
+    t.remove(key).unwrap();
+    model_io::tensor_file::write_tensors(&d.path().join("diffusion_pytorch_model.safetensors"), &t, &Default::default()).unwrap();
+    let msg = UNet2DConditionModel::<Flex>::load(d.path(), &FlexDevice).err().unwrap().to_string();
+    assert!(msg.contains(key), "{msg}");
+}

@@ -159,6 +159,30 @@ impl Checkpoint {
         &self.metadata
     }
 
+    /// A cheap fingerprint of the weights, for "was this concept trained on this base model?":
+    /// FNV-1a over each file's header (names, dtypes, shapes, offsets), its length, and 64
+    /// evenly spaced 4 KiB samples of its data. Reads a few hundred KiB, not the whole model.
+    pub fn fingerprint(&self) -> String {
+        let mut h: u64 = 0xcbf29ce484222325;
+        let mut feed = |bytes: &[u8]| {
+            for &b in bytes {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x100000001b3);
+            }
+        };
+        for s in &self.shards {
+            feed(&s.map[..s.data_start]);
+            feed(&(s.map.len() as u64).to_le_bytes());
+            let data = &s.map[s.data_start..];
+            let n = 64usize;
+            for i in 0..n {
+                let start = data.len().saturating_sub(4096) * i / (n - 1);
+                feed(&data[start..(start + 4096).min(data.len())]);
+            }
+        }
+        format!("fnv64:{h:016x}")
+    }
+
     /// Path of the file holding `name`, for messages.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
         self.tensors.get(name).map(|i| self.shards[i.shard].path.as_path())

@@ -1,0 +1,134 @@
+//! Generation against diffusers' StableDiffusionPipeline on a tiny pipeline (fixture), and
+//! the visual-prompt conditioning.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Tensor, TensorData};
+use burn_flex::{Flex, FlexDevice};
+use model_io::tensor_file::{read_tensors, HostTensor};
+use personalize::{GenerateOptions, Pipeline, RgbImage, VisualPrompt};
+use q_aligner::{Aligner, AlignerSettings, QuerySelection};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn pipe() -> Pipeline<Flex> {
+    Pipeline::load(&fixtures().join("pipeline"), &FlexDevice).unwrap()
+}
+
+/// (max, mean) absolute difference in 8-bit levels between our images and diffusers' float
+/// images rounded as diffusers' `numpy_to_pil` does.
+fn compare(ours: &[RgbImage], reference: &HostTensor) -> (u8, f64) {
+    let r = reference.as_f32("images").unwrap();
+    let ours: Vec<u8> = ours.iter().flat_map(|i| i.data.iter().copied()).collect();
+    assert_eq!(ours.len(), r.len(), "image sizes differ");
+    let mut max = 0u8;
+    let mut sum = 0u64;
+    for (a, b) in ours.iter().zip(r) {
+        let b = (b * 255.0).round().clamp(0.0, 255.0) as u8;
+        let d = a.abs_diff(b);
+        max = max.max(d);
+        sum += d as u64;
+    }
+    (max, sum as f64 / ours.len() as f64)
+}
+
+#[test]
+fn generate_matches_stable_diffusion_pipeline() {
+    let pipe = pipe();
+    let io = read_tensors(&fixtures().join("pipeline_io.safetensors")).unwrap();
+    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("pipeline_cases.json")).unwrap()).unwrap();
+    for c in cases.as_array().unwrap() {
+        let name = c["name"].as_str().unwrap();
+        let opts = GenerateOptions {
+            prompt: c["prompt"].as_str().unwrap().into(),
+            negative_prompt: c["negative"].as_str().map(str::to_string),
+            steps: c["steps"].as_u64().unwrap() as usize,
+            guidance: c["guidance"].as_f64().unwrap(),
+            scheduler: Some(c["scheduler"].as_str().unwrap().into()),
+            seed: 0,
+            num_images: c["n"].as_u64().unwrap() as usize,
+            height: Some(c["h"].as_u64().unwrap() as usize),
+            width: Some(c["w"].as_u64().unwrap() as usize),
+        };
+        let lat = io[&format!("{name}.latents")].to_float::<Flex, 4>("latents", &FlexDevice).unwrap();
+        let mut steps = 0;
+        let imgs = pipe.generate(&opts, None, Some(lat), &mut |_, _| steps += 1).unwrap();
+        assert_eq!(steps, opts.steps, "{name}: one callback per step");
+        assert_eq!(imgs.len(), opts.num_images);
+        let (max, mean) = compare(&imgs, &io[&format!("{name}.images")]);
+        eprintln!("{name}: max {max} levels, mean {mean:.4}");
+        assert!(max <= 3 && mean <= 0.5, "{name}: max {max} levels, mean {mean}");
+    }
+}
+
+fn aligner(k: usize) -> Aligner<Flex> {
+    let s = AlignerSettings { num_queries: k, query_selection: QuerySelection::First, final_gelu: true };
+    Aligner::new(8, 16, 32, &s, &FlexDevice)
+}
+
+fn queries() -> Tensor<Flex, 3> {
+    let v: Vec<f32> = (0..2 * 6 * 8).map(|i| ((i * 29 % 53) as f32 / 26.0) - 1.0).collect();
+    Tensor::from_data(TensorData::new(v, [2, 6, 8]), &FlexDevice)
+}
+
+#[test]
+fn visual_prompt_adds_k_tokens_and_changes_the_image() {
+    let pipe = pipe();
+    let opts = GenerateOptions { prompt: "a photo of sks".into(), steps: 3, guidance: 3.0, height: Some(32), width: Some(32), seed: 5, ..Default::default() };
+    let a = aligner(4);
+    let v = VisualPrompt { aligner: &a, queries: queries() };
+    let ctx = pipe.contexts(&opts, Some(&v), 1).unwrap();
+    assert_eq!(ctx.dims(), [2, 77 + 4, 32], "uncond and cond, 77 + k tokens each");
+    let text_only = pipe.generate(&opts, None, None, &mut |_, _| {}).unwrap();
+    let with = pipe.generate(&opts, Some(&v), None, &mut |_, _| {}).unwrap();
+    assert_ne!(text_only[0].data, with[0].data, "the visual prompt changes the image");
+
+    // k = 0: identical to text-only.
+    let a0 = aligner(0);
+    let v0 = VisualPrompt { aligner: &a0, queries: queries() };
+    assert_eq!(pipe.contexts(&opts, Some(&v0), 1).unwrap().dims(), [2, 77, 32]);
+    let zero = pipe.generate(&opts, Some(&v0), None, &mut |_, _| {}).unwrap();
+    assert_eq!(text_only[0].data, zero[0].data);
+}
+
+#[test]
+fn seeds_are_reproducible_and_distinct() {
+    let pipe = pipe();
+    let opts = GenerateOptions { prompt: "a cat".into(), steps: 2, guidance: 1.0, height: Some(32), width: Some(32), num_images: 2, seed: 9, ..Default::default() };
+    let a = pipe.generate(&opts, None, None, &mut |_, _| {}).unwrap();
+    let b = pipe.generate(&opts, None, None, &mut |_, _| {}).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a[0].data, a[1].data, "two images of one batch differ");
+    let c = pipe.generate(&GenerateOptions { seed: 10, ..opts }, None, None, &mut |_, _| {}).unwrap();
+    assert_ne!(a[0].data, c[0].data);
+}
+
+#[test]
+fn bad_sizes_latents_and_aligners_are_errors() {
+    let pipe = pipe();
+    let opts = GenerateOptions { prompt: "x".into(), steps: 1, height: Some(30), width: Some(32), ..Default::default() };
+    let msg = pipe.generate(&opts, None, None, &mut |_, _| {}).err().unwrap().to_string();
+    assert!(msg.contains("--height 30") && msg.contains("multiple of 8"), "{msg}");
+    let opts = GenerateOptions { height: Some(32), ..opts };
+    let lat = Tensor::<Flex, 4>::zeros([1, 4, 5, 4], &FlexDevice);
+    let msg = pipe.generate(&opts, None, Some(lat), &mut |_, _| {}).err().unwrap().to_string();
+    assert!(msg.contains("latents have shape [1, 4, 5, 4]") && msg.contains("[N, 4, 4, 4]"), "{msg}");
+    let wide = Aligner::<Flex>::new(8, 16, 24, &AlignerSettings::default(), &FlexDevice);
+    let v = VisualPrompt { aligner: &wide, queries: Tensor::zeros([1, 8, 8], &FlexDevice) };
+    let msg = pipe.generate(&opts, Some(&v), None, &mut |_, _| {}).err().unwrap().to_string();
+    assert!(msg.contains("24") && msg.contains("32"), "{msg}");
+}
+
+#[test]
+fn png_text_chunks_round_trip() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("0000.png");
+    let img = RgbImage { width: 2, height: 1, data: vec![1, 2, 3, 250, 251, 252] };
+    personalize::write_png(&p, &img, &[("prompt", "a cat".into()), ("seed", "7".into())]).unwrap();
+    let (back, text) = personalize::read_png(&p).unwrap();
+    assert_eq!(back, img);
+    assert!(text.contains(&("prompt".to_string(), "a cat".to_string())));
+    assert!(text.contains(&("seed".to_string(), "7".to_string())));
+}

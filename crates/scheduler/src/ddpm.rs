@@ -104,14 +104,6 @@ impl<S: Sample> Scheduler<S> for Ddpm {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&mut self, sample: &S, _timestep: f32) -> Result<S> {
-        Ok(sample.clone())
-    }
-
     fn step(&mut self, model_output: &S, timestep: f32, sample: &S, noise: &mut dyn NoiseSource<S>) -> Result<S> {
         if self.timesteps.is_empty() {
             return Err(SchedulerError::NotInitialized("step"));

@@ -86,11 +86,17 @@ pub trait Scheduler<S: Sample>: Send {
     fn timesteps(&self) -> &[f32];
 
     /// The standard deviation of the initial noise (1 except for the Euler family).
-    fn init_noise_sigma(&self) -> f32;
+    /// The default, 1, is that of the DDPM-family schedulers.
+    fn init_noise_sigma(&self) -> f32 {
+        1.0
+    }
 
     /// The model input for `timestep`: `sample / sqrt(sigma^2 + 1)` for the Euler family, the
     /// sample itself otherwise.
-    fn scale_model_input(&mut self, sample: &S, timestep: f32) -> Result<S>;
+    /// The default is the identity (DDPM-family schedulers); sigma-space schedulers override it.
+    fn scale_model_input(&mut self, sample: &S, _timestep: f32) -> Result<S> {
+        Ok(sample.clone())
+    }
 
     /// One denoising step from `timestep`: the sample before the next timestep. `noise` is asked
     /// for standard normals only by stochastic schedulers (DDPM, Euler ancestral).

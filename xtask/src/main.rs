@@ -3,7 +3,7 @@
 //! * `fixtures [--python PY] [GROUP...]` rebuilds the reference fixtures under tests/fixtures
 //!   with the pinned Python reference libraries (xtask/fixtures/requirements.txt).
 //! * `vocab [--python PY]` regenerates assets/clip-tokenizer from open-clip-torch's vocabulary.
-//! * `bench [unet|vae|text]... [--repeat N]` times full-size SD 1.5 stages with random weights
+//! * `bench [unet|vae|text|blip2]... [--repeat N]` times full-size stages (SD 1.5, ViT-g) with random weights
 //!   through the release `personalize stage --random-weights --repeat N`, with peak memory.
 
 use std::path::PathBuf;
@@ -21,7 +21,7 @@ fn usage() -> ExitCode {
          commands:\n  \
          fixtures [--python PY] [GROUP...]  rebuild tests/fixtures with the reference libraries\n  \
          vocab [--python PY]                rebuild assets/clip-tokenizer from open-clip-torch\n  \
-         bench [unet|vae|text]... [--repeat N]  time full-size SD 1.5 stages (random weights)\n\n\
+         bench [unet|vae|text|blip2]... [--repeat N]  time full-size stages (random weights)\n\n\
          PY defaults to $PERSONALIZE_PYTHON or python3; it needs the packages of\n\
          xtask/fixtures/requirements.txt (pip install -r xtask/fixtures/requirements.txt)."
     );
@@ -80,6 +80,8 @@ fn bench_case(name: &str) -> Option<(&'static str, &'static str, Vec<(&'static s
             ("encoder_hidden_states", randn(vec![2, 85, 768], 2)),
         ]),
         "vae" => ("vae-decode", "sd15-vae", vec![("latent", randn(vec![1, 4, 64, 64], 3))]),
+        // One 224×224 image through ViT-g and the Q-Former (blip2-opt-2.7b's config).
+        "blip2" => ("blip2", "blip2-vitg", vec![("pixel_values", randn(vec![1, 3, 224, 224], 4))]),
         "text" => ("text-encoder", "sd15-text", vec![(
             "input_ids",
             HostTensor::i64(vec![2, 77], (0..154).map(|i| if i % 77 == 0 { 49406 } else { 320 + i as i64 % 1000 }).collect()),
@@ -100,7 +102,7 @@ fn bench(args: &[String]) -> ExitCode {
         }
     }
     if names.is_empty() {
-        names = vec!["unet".into(), "vae".into(), "text".into()];
+        names = vec!["unet".into(), "vae".into(), "text".into(), "blip2".into()];
     }
     let tmp = std::env::temp_dir().join(format!("personalize-bench-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&tmp) {
@@ -115,7 +117,7 @@ fn bench(args: &[String]) -> ExitCode {
     let exe = root().join("target/release/personalize");
     for name in &names {
         let Some((stage, cfg, inputs)) = bench_case(name) else {
-            eprintln!("error: unknown bench `{name}`; expected unet, vae or text");
+            eprintln!("error: unknown bench `{name}`; expected unet, vae, text or blip2");
             return ExitCode::from(2);
         };
         let input = tmp.join(format!("{name}-in.safetensors"));

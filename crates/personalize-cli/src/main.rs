@@ -1,6 +1,8 @@
 //! `personalize`: personalise Stable Diffusion with BLIP-2 visual prompts.
 
 mod backend;
+mod encode;
+mod generate;
 mod stage;
 
 use std::path::PathBuf;
@@ -20,12 +22,83 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Encode images with BLIP-2 (vision transformer + Q-Former) into visual-prompt queries.
+    ///
+    /// Writes tensor `queries` [N, Q, 768] (the Q-Former's last hidden state per image).
+    Encode {
+        /// The BLIP-2 model folder (transformers layout: Blip2Model, Blip2ForConditionalGeneration
+        /// or Blip2ForImageTextRetrieval; language-model weights are never read).
+        #[arg(long)]
+        blip2: PathBuf,
+        /// An image to encode (repeatable). PNG and JPEG; EXIF orientation is applied.
+        #[arg(long = "image", required = true)]
+        images: Vec<PathBuf>,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Generate images from a prompt, optionally with a trained concept (visual prompt).
+    ///
+    /// Defaults follow diffusers' StableDiffusionPipeline: 50 steps, guidance 7.5, the model's
+    /// scheduler, and the UNet's sample size times the VAE factor (512 for SD 1.5).
+    /// Images are written as OUT/0000.png, OUT/0001.png, ... with the settings in PNG text chunks.
+    Generate {
+        /// The base model: a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, ...).
+        #[arg(long)]
+        base: PathBuf,
+        /// What to draw.
+        #[arg(long)]
+        prompt: String,
+        /// What to steer away from (the unconditional branch of guidance).
+        #[arg(long)]
+        negative_prompt: Option<String>,
+        /// Denoising steps.
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// Classifier-free guidance scale; 1 disables guidance (one UNet pass per step).
+        #[arg(long, default_value_t = 7.5)]
+        guidance: f64,
+        /// Scheduler: ddim, ddpm, pndm, euler, euler-a, dpm++2m, dpm++2m-karras (default: the model's).
+        #[arg(long)]
+        scheduler: Option<String>,
+        /// Random seed for the initial noise (default: a fresh one, recorded in the PNGs).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Number of images.
+        #[arg(long, default_value_t = 1)]
+        num_images: usize,
+        /// Image height in pixels (a multiple of 8).
+        #[arg(long)]
+        height: Option<usize>,
+        /// Image width in pixels (a multiple of 8).
+        #[arg(long)]
+        width: Option<usize>,
+        /// Initial noise: a safetensors file with tensor `latents` [N,4,h,w], before scaling by the
+        /// scheduler's init_noise_sigma (as diffusers' `latents=`); its batch sets the image count.
+        #[arg(long)]
+        latents: Option<PathBuf>,
+        /// A concept folder from `personalize train` (aligner, LoRA or UNet, cached queries).
+        #[arg(long)]
+        concept: Option<PathBuf>,
+        /// A new reference image for the concept's visual prompt (repeatable; averaged). Needs --blip2.
+        #[arg(long = "image")]
+        images: Vec<PathBuf>,
+        /// The BLIP-2 model folder (transformers layout), for --image.
+        #[arg(long)]
+        blip2: Option<PathBuf>,
+        /// Use a concept even if it was trained on another base model.
+        #[arg(long)]
+        allow_base_mismatch: bool,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Run one pipeline stage on tensors from a safetensors file and write its outputs.
     ///
-    /// Stages: tokenizer, text-encoder, unet, vae-encode, vae-decode, scheduler. See DESIGN.md for the
+    /// Stages: tokenizer, text-encoder, unet, vae-encode, vae-decode, scheduler, aligner, blip2. See DESIGN.md for the
     /// tensor names each reads and writes.
     Stage {
-        /// The stage to run: tokenizer, text-encoder, unet, vae-encode, vae-decode or scheduler.
+        /// The stage to run: tokenizer, text-encoder, unet, vae-encode, vae-decode, scheduler, aligner or blip2.
         stage: String,
         /// The model folder the stage loads, as published (e.g. `sd/text_encoder`, `sd/vae`,
         /// or a tokenizer folder).
@@ -69,6 +142,31 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     tracing::debug!("backend: {}", backend::NAME);
     let result = match cli.command {
+        Command::Encode { blip2, images, out } => encode::run(&blip2, &images, &out),
+        Command::Generate {
+            base, prompt, negative_prompt, steps, guidance, scheduler, seed, num_images, height, width, latents, concept,
+            images, blip2, allow_base_mismatch, out,
+        } => generate::run(generate::GenerateArgs {
+            base,
+            opts: personalize::GenerateOptions {
+                prompt,
+                negative_prompt,
+                steps,
+                guidance,
+                scheduler,
+                seed: seed.unwrap_or(0),
+                num_images,
+                height,
+                width,
+            },
+            seed_given: seed.is_some(),
+            latents,
+            concept,
+            images,
+            blip2,
+            allow_base_mismatch,
+            out,
+        }),
         Command::Stage { stage, model, input, output, repeat, prompt, random_weights, scheduler } => stage::run(&stage::StageArgs {
             stage,
             model,

@@ -12,7 +12,7 @@ use model_io::tensor_file::{read_tensors, take, write_tensors, HostTensor};
 use crate::backend::{device, B};
 
 /// The stages the runner knows, with their names on the command line.
-pub const STAGES: &[&str] = &["tokenizer", "text-encoder", "unet", "vae-encode", "vae-decode", "scheduler"];
+pub const STAGES: &[&str] = &["tokenizer", "text-encoder", "unet", "vae-encode", "vae-decode", "scheduler", "aligner", "blip2"];
 
 /// Parsed `stage` arguments.
 pub struct StageArgs {
@@ -174,6 +174,30 @@ pub fn run(args: &StageArgs) -> Result<()> {
                 ("timesteps".to_string(), HostTensor::f32(vec![timesteps.len()], timesteps)),
                 ("samples".to_string(), HostTensor::f32(shape, data)),
             ])
+        }
+        "blip2" => {
+            let (mut t, path) = inputs(args)?;
+            let px = take(&mut t, &path, "pixel_values")?.to_float::<B, 4>("pixel_values", &dev)?;
+            let enc = if args.random_weights {
+                let cfg = blip2_encoder::Blip2Config::load(model)?;
+                blip2_encoder::Blip2Encoder::<B>::from_weights(&cfg, &model_io::Weights::random(&dev))?
+            } else {
+                blip2_encoder::Blip2Encoder::<B>::load(model, &dev)?
+            };
+            let (q, emb) = timed("blip2", args.repeat, || Ok(enc.forward(px.clone())?))?;
+            BTreeMap::from([
+                ("query_output".to_string(), HostTensor::from_tensor(q)),
+                ("image_embeds".to_string(), HostTensor::from_tensor(emb)),
+            ])
+        }
+        "aligner" => {
+            // The model is a concept folder; only its aligner.safetensors is needed.
+            let (mut t, path) = inputs(args)?;
+            let q = take(&mut t, &path, "queries")?.to_float::<B, 3>("queries", &dev)?;
+            let file = if model.is_dir() { model.join("aligner.safetensors") } else { model.to_path_buf() };
+            let aligner = q_aligner::Aligner::<B>::load(&file, &dev)?;
+            let out = timed("aligner", args.repeat, || Ok(aligner.forward(q.clone())?))?;
+            BTreeMap::from([("visual_prompt".to_string(), HostTensor::from_tensor(out))])
         }
         other => bail!("unknown stage `{other}`; expected one of: {}", STAGES.join(", ")),
     };

@@ -237,3 +237,38 @@ fn scheduler_stage_matches_diffusers_and_checks_output_count() {
     assert!(!ok);
     assert_one_line_error(&err, &["model output"]);
 }
+
+#[test]
+fn aligner_stage_reads_a_concept_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = q_aligner::AlignerSettings { num_queries: 3, query_selection: q_aligner::QuerySelection::Pool, final_gelu: true };
+    let a = q_aligner::Aligner::<burn_flex::Flex>::new(8, 16, 12, &s, &burn_flex::FlexDevice);
+    a.save(&dir.path().join("aligner.safetensors")).unwrap();
+    let q = HostTensor::f32(vec![2, 5, 8], (0..80).map(|i| (i as f32 * 0.37).sin()).collect());
+    let input = dir.path().join("in.safetensors");
+    write_tensors(&input, &BTreeMap::from([("queries".to_string(), q.clone())]), &BTreeMap::new()).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let (ok, err) = run(&["stage", "aligner", "--model", dir.path().to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let got = &read_tensors(&out).unwrap()["visual_prompt"];
+    let want = HostTensor::from_tensor(a.forward(q.to_float::<burn_flex::Flex, 3>("q", &burn_flex::FlexDevice).unwrap()).unwrap());
+    assert_eq!(got.shape, vec![2, 3, 12]);
+    assert!(got.max_abs_diff(&want) < 1e-6);
+}
+
+#[test]
+fn blip2_stage_matches_transformers() {
+    let model = fixtures().join("blip2/opt_sharded");
+    let io = read_tensors(&model.join("io.safetensors")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    write_tensors(&input, &BTreeMap::from([("pixel_values".to_string(), io["pixel_values"].clone())]), &BTreeMap::new()).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let (ok, err) = run(&["stage", "blip2", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let got = read_tensors(&out).unwrap();
+    for name in ["query_output", "image_embeds"] {
+        let e = got[name].max_abs_diff(&io[name]);
+        assert!(e <= 5e-4, "{name}: {e}");
+    }
+}

@@ -1,0 +1,33 @@
+//! BLIP-2 encoding of images: `personalize encode`, and reference images for `generate`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::Tensor;
+use model_io::tensor_file::{write_tensors, HostTensor};
+
+use crate::backend::{device, B};
+
+/// Q-Former queries `[N, Q, 768]` of `images` (decoded and resized in parallel, encoded in
+/// batches, with a progress bar past a few images).
+pub fn encode_images(blip2: &Path, images: &[PathBuf]) -> Result<Tensor<B, 3>> {
+    if images.is_empty() {
+        bail!("no images given (--image PATH)");
+    }
+    let enc = blip2_encoder::Blip2Encoder::<B>::load(blip2, &device()).with_context(|| format!("loading BLIP-2 from {}", blip2.display()))?;
+    Ok(enc.encode_images(images)?)
+}
+
+/// `personalize encode`: writes `queries` `[N, Q, 768]` to `out` (atomically).
+pub fn run(blip2: &Path, images: &[PathBuf], out: &Path) -> Result<()> {
+    let q = encode_images(blip2, images)?;
+    let t = BTreeMap::from([("queries".to_string(), HostTensor::from_tensor(q))]);
+    let meta = BTreeMap::from([(
+        "images".to_string(),
+        images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join("\n"),
+    )]);
+    write_tensors(out, &t, &meta)?;
+    println!("{}", out.display());
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! `personalize generate` end to end: PNGs, text chunks, parity with diffusers, bad input.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use model_io::tensor_file::{read_tensors, write_tensors};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_personalize")).args(args).output().expect("binary runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn one_line_error(err: &str, needles: &[&str]) {
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected: {err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "`{n}` not in {err}");
+    }
+}
+
+#[test]
+fn generate_with_latents_writes_the_diffusers_images_with_text_chunks() {
+    let io = read_tensors(&fixtures().join("pipeline_io.safetensors")).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let lat = d.path().join("latents.safetensors");
+    write_tensors(&lat, &BTreeMap::from([("latents".to_string(), io["dpm_cfg.latents"].clone())]), &BTreeMap::new()).unwrap();
+    let out = d.path().join("out");
+    let base = fixtures().join("pipeline");
+    let (ok, err) = run(&[
+        "generate", "--base", base.to_str().unwrap(), "--prompt", "an astronaut riding a horse", "--negative-prompt", "lowres",
+        "--steps", "5", "--guidance", "5", "--scheduler", "dpm++2m", "--height", "40", "--width", "32", "--seed", "3",
+        "--latents", lat.to_str().unwrap(), "--out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let reference = io["dpm_cfg.images"].as_f32("images").unwrap();
+    let per = 40 * 32 * 3;
+    for i in 0..2 {
+        let (img, text) = personalize::read_png(&out.join(format!("{i:04}.png"))).unwrap();
+        assert_eq!((img.width, img.height), (32, 40));
+        let max = img.data.iter().zip(&reference[i * per..(i + 1) * per]).map(|(a, b)| a.abs_diff((b * 255.0).round() as u8)).max().unwrap();
+        assert!(max <= 3, "image {i}: {max} levels");
+        let get = |k: &str| text.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        assert_eq!(get("prompt").as_deref(), Some("an astronaut riding a horse"));
+        assert_eq!(get("negative_prompt").as_deref(), Some("lowres"));
+        assert_eq!(get("seed").as_deref(), Some("3"));
+        assert_eq!(get("steps").as_deref(), Some("5"));
+        assert_eq!(get("guidance").as_deref(), Some("5"));
+        assert_eq!(get("scheduler").as_deref(), Some("dpm++2m"));
+    }
+    assert!(!out.join("0002.png").exists(), "the latents' batch sets the image count");
+}
+
+#[test]
+fn generate_rejects_bad_input_in_one_line() {
+    let d = tempfile::tempdir().unwrap();
+    let base = fixtures().join("pipeline");
+    let b = base.to_str().unwrap();
+    let out = d.path().join("o");
+    let o = out.to_str().unwrap();
+    let (ok, err) = run(&["generate", "--base", b, "--prompt", "x", "--height", "36", "--width", "32", "--steps", "1", "--out", o]);
+    assert!(!ok);
+    one_line_error(&err, &["--height 36", "multiple of 8"]);
+
+    let (ok, err) = run(&["generate", "--base", b, "--prompt", "x", "--image", "ref.png", "--out", o]);
+    assert!(!ok);
+    one_line_error(&err, &["--image", "--blip2"]);
+
+    let lat = d.path().join("l.safetensors");
+    write_tensors(&lat, &BTreeMap::from([("latents".to_string(), model_io::tensor_file::HostTensor::f32(vec![1, 4, 3, 3], vec![0.0; 36]))]), &BTreeMap::new()).unwrap();
+    let (ok, err) = run(&["generate", "--base", b, "--prompt", "x", "--latents", lat.to_str().unwrap(), "--height", "32", "--width", "32", "--out", o]);
+    assert!(!ok);
+    one_line_error(&err, &["latents have shape [1, 4, 3, 3]"]);
+
+    let (ok, err) = run(&["generate", "--base", d.path().to_str().unwrap(), "--prompt", "x", "--out", o]);
+    assert!(!ok);
+    one_line_error(&err, &["model_index.json"]);
+
+    let (ok, err) = run(&["generate", "--base", b, "--prompt", "x", "--scheduler", "heun", "--steps", "1", "--height", "32", "--width", "32", "--out", o]);
+    assert!(!ok);
+    one_line_error(&err, &["heun"]);
+}
+
+/// concept.json of an aligner-only concept.
+fn frozen_concept_info(base: &str, fingerprint: &str, k: usize) -> personalize::ConceptInfo {
+    personalize::ConceptInfo {
+        version: 1,
+        base_model: base.into(),
+        base_unet_fingerprint: fingerprint.into(),
+        num_queries: k,
+        query_selection: "first".into(),
+        prompt: Some("a photo of sks".into()),
+        unet: "frozen".into(),
+        lora_rank: None,
+        lora_alpha: None,
+        training: serde_json::Value::Null,
+        steps_done: 0,
+        final_loss: None,
+    }
+}
+
+#[test]
+fn concept_for_another_base_model_is_refused_unless_overridden() {
+    let d = tempfile::tempdir().unwrap();
+    let concept = d.path().join("concept");
+    std::fs::create_dir_all(&concept).unwrap();
+    let s = q_aligner::AlignerSettings { num_queries: 2, ..Default::default() };
+    let a = q_aligner::Aligner::<burn_flex::Flex>::new(8, 16, 32, &s, &burn_flex::FlexDevice);
+    a.save(&concept.join("aligner.safetensors")).unwrap();
+    let q = model_io::tensor_file::HostTensor::f32(vec![1, 4, 8], (0..32).map(|i| i as f32 / 32.0).collect());
+    write_tensors(&concept.join("visual_queries.safetensors"), &BTreeMap::from([("queries".to_string(), q)]), &BTreeMap::new()).unwrap();
+    let info = frozen_concept_info("some/other-model", "fnv64:0000000000000000", 2);
+    personalize::Concept::<burn_flex::Flex>::write_info(&concept, &info).unwrap();
+    let base = fixtures().join("pipeline");
+    let out = d.path().join("o");
+    let args = ["generate", "--base", base.to_str().unwrap(), "--prompt", "a photo of sks", "--concept", concept.to_str().unwrap(),
+        "--steps", "2", "--height", "32", "--width", "32", "--seed", "1", "--out", out.to_str().unwrap()];
+    let (ok, err) = run(&args);
+    assert!(!ok);
+    one_line_error(&err, &["another base model", "--allow-base-mismatch"]);
+    let mut with_flag = args.to_vec();
+    with_flag.push("--allow-base-mismatch");
+    let (ok, err) = run(&with_flag);
+    assert!(ok, "{err}");
+    let (_, text) = personalize::read_png(&out.join("0000.png")).unwrap();
+    assert!(text.iter().any(|(k, v)| k == "concept" && v.contains("concept")));
+}
+
+/// BLIP-2 fixture (tiny, 6 queries of width 32) and a reference image.
+fn blip2() -> (PathBuf, PathBuf) {
+    (fixtures().join("blip2/opt_sharded"), fixtures().join("blip2/preprocess/photo.png"))
+}
+
+#[test]
+fn encode_writes_queries_and_generate_uses_reference_images() {
+    let (model, image) = blip2();
+    let d = tempfile::tempdir().unwrap();
+    let q = d.path().join("q.safetensors");
+    let (ok, err) = run(&["encode", "--blip2", model.to_str().unwrap(), "--image", image.to_str().unwrap(), "--image", image.to_str().unwrap(), "--out", q.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let queries = &read_tensors(&q).unwrap()["queries"];
+    assert_eq!(queries.shape, vec![2, 6, 32]);
+    let v = queries.as_f32("q").unwrap();
+    assert_eq!(v[..6 * 32], v[6 * 32..], "the same image gives the same queries");
+
+    // A concept whose aligner takes these queries; --image replaces its cached queries.
+    let concept = d.path().join("concept");
+    std::fs::create_dir_all(&concept).unwrap();
+    let s = q_aligner::AlignerSettings { num_queries: 4, ..Default::default() };
+    q_aligner::Aligner::<burn_flex::Flex>::new(32, 16, 32, &s, &burn_flex::FlexDevice).save(&concept.join("aligner.safetensors")).unwrap();
+    let base = fixtures().join("pipeline");
+    let pipe = personalize::Pipeline::<burn_flex::Flex>::load(&base, &burn_flex::FlexDevice).unwrap();
+    let info = frozen_concept_info(&base.display().to_string(), &pipe.unet_fingerprint, 4);
+    personalize::Concept::<burn_flex::Flex>::write_info(&concept, &info).unwrap();
+    let out = d.path().join("o");
+    let common = ["generate", "--base", base.to_str().unwrap(), "--prompt", "a photo of sks", "--steps", "2", "--height", "32", "--width", "32", "--seed", "4"];
+    let mut with_image = common.to_vec();
+    with_image.extend(["--concept", concept.to_str().unwrap(), "--image", image.to_str().unwrap(), "--blip2", model.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let (ok, err) = run(&with_image);
+    assert!(ok, "{err}");
+    let plain_out = d.path().join("plain");
+    let mut plain = common.to_vec();
+    plain.extend(["--out", plain_out.to_str().unwrap()]);
+    let (ok, err) = run(&plain);
+    assert!(ok, "{err}");
+    let (a, _) = personalize::read_png(&out.join("0000.png")).unwrap();
+    let (b, _) = personalize::read_png(&plain_out.join("0000.png")).unwrap();
+    assert_ne!(a.data, b.data, "the visual prompt changes the image");
+
+    // A concept without cached queries and no --image: a clear error.
+    let (ok, err) = run(&[&common[..], &["--concept", concept.to_str().unwrap(), "--out", out.to_str().unwrap()]].concat());
+    assert!(!ok);
+    one_line_error(&err, &["visual_queries.safetensors", "--image"]);
+}
+
+#[test]
+fn encode_rejects_a_file_that_is_not_an_image() {
+    let (model, _) = blip2();
+    let d = tempfile::tempdir().unwrap();
+    let bad = d.path().join("notes.png");
+    std::fs::write(&bad, b"this is text").unwrap();
+    let (ok, err) = run(&["encode", "--blip2", model.to_str().unwrap(), "--image", bad.to_str().unwrap(), "--out", d.path().join("q.safetensors").to_str().unwrap()]);
+    assert!(!ok);
+    one_line_error(&err, &["notes.png"]);
+}

@@ -3,7 +3,7 @@
 //! * `fixtures [--python PY] [GROUP...]` rebuilds the reference fixtures under tests/fixtures
 //!   with the pinned Python reference libraries (xtask/fixtures/requirements.txt).
 //! * `vocab [--python PY]` regenerates assets/clip-tokenizer from open-clip-torch's vocabulary.
-//! * `bench [unet|vae|text|blip2]... [--repeat N]` times full-size stages (SD 1.5, ViT-g) with random weights
+//! * `bench [unet|vae|text|blip2|train-step]... [--repeat N]` times full-size stages (SD 1.5, ViT-g) with random weights
 //!   through the release `personalize stage --random-weights --repeat N`, with peak memory.
 
 use std::path::PathBuf;
@@ -21,7 +21,7 @@ fn usage() -> ExitCode {
          commands:\n  \
          fixtures [--python PY] [GROUP...]  rebuild tests/fixtures with the reference libraries\n  \
          vocab [--python PY]                rebuild assets/clip-tokenizer from open-clip-torch\n  \
-         bench [unet|vae|text|blip2]... [--repeat N]  time full-size stages (random weights)\n\n\
+         bench [unet|vae|text|blip2|train-step]... [--repeat N]  time full-size stages (random weights)\n\n\
          PY defaults to $PERSONALIZE_PYTHON or python3; it needs the packages of\n\
          xtask/fixtures/requirements.txt (pip install -r xtask/fixtures/requirements.txt)."
     );
@@ -116,8 +116,18 @@ fn bench(args: &[String]) -> ExitCode {
     }
     let exe = root().join("target/release/personalize");
     for name in &names {
+        if name == "train-step" {
+            // SD 1.5 UNet, LoRA rank 4, 512×512, batch 1: one warm-up and one timed step.
+            eprintln!("bench train-step: SD 1.5 UNet, LoRA rank 4, 512x512, batch 1, random weights");
+            let status = Command::new(&exe).arg("bench-train-step").arg("--unet-config").arg(root().join("xtask/configs/sd15-unet")).status();
+            if !status.is_ok_and(|s| s.success()) {
+                eprintln!("error: bench train-step failed");
+                return ExitCode::FAILURE;
+            }
+            continue;
+        }
         let Some((stage, cfg, inputs)) = bench_case(name) else {
-            eprintln!("error: unknown bench `{name}`; expected unet, vae, text or blip2");
+            eprintln!("error: unknown bench `{name}`; expected unet, vae, text, blip2 or train-step");
             return ExitCode::from(2);
         };
         let input = tmp.join(format!("{name}-in.safetensors"));

@@ -4,6 +4,7 @@ mod backend;
 mod encode;
 mod generate;
 mod stage;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +23,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Train(train::TrainCli),
+    /// Time one training step of a full-size UNet from its config (random weights): the
+    /// `cargo xtask bench train-step` benchmark.
+    #[command(hide = true)]
+    BenchTrainStep {
+        /// A folder with the UNet's config.json.
+        #[arg(long)]
+        unet_config: PathBuf,
+        /// LoRA rank (0: full fine-tuning).
+        #[arg(long, default_value_t = 4)]
+        lora_rank: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 512)]
+        resolution: usize,
+        /// Images per step.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+    },
     /// Encode images with BLIP-2 (vision transformer + Q-Former) into visual-prompt queries.
     ///
     /// Writes tensor `queries` [N, Q, 768] (the Q-Former's last hidden state per image).
@@ -142,6 +161,8 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     tracing::debug!("backend: {}", backend::NAME);
     let result = match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::BenchTrainStep { unet_config, lora_rank, resolution, batch } => train::bench(&unet_config, lora_rank, resolution, batch),
         Command::Encode { blip2, images, out } => encode::run(&blip2, &images, &out),
         Command::Generate {
             base, prompt, negative_prompt, steps, guidance, scheduler, seed, num_images, height, width, latents, concept,

@@ -16,6 +16,7 @@
 mod concept;
 mod image_out;
 mod pipeline;
+pub mod train;
 
 pub use concept::{Concept, ConceptInfo};
 pub use image_out::{read_png, write_png, RgbImage};

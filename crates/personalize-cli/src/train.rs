@@ -1,0 +1,233 @@
+//! `personalize train`: trains a concept (aligner + UNet, full or LoRA, or aligner only) from
+//! a few images and writes the concept folder.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use model_io::tensor_file::HostTensor;
+use personalize::train::{self, PriorConfig, TrainConfig, TrainData, UnetMode};
+use q_aligner::QuerySelection;
+
+use crate::backend::{device, B};
+
+/// Train a concept: the aligner of BLIP-2 visual prompts and the UNet (LoRA by default).
+///
+/// The images are cropped and resized to --resolution (plus --augment random crops each) and
+/// encoded once by the frozen VAE and BLIP-2; the prompt once by the frozen text encoder. Each
+/// step then trains the aligner and the UNet (per --unet) with the diffusion loss. The concept
+/// folder (concept.json, aligner.safetensors, unet_lora.safetensors or unet/,
+/// visual_queries.safetensors, loss.csv, loss.png, samples/, checkpoints/) is written every
+/// --save-every steps and at the end.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainCli {
+    /// The base model: a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, ...).
+    #[arg(long)]
+    pub base: PathBuf,
+    /// The BLIP-2 model folder (transformers layout) that makes the visual prompts.
+    #[arg(long)]
+    pub blip2: PathBuf,
+    /// A training image (PNG or JPEG); repeat the flag for several (1 to N).
+    #[arg(long = "image", required = true)]
+    pub images: Vec<PathBuf>,
+    /// The text part of the conditioning (the visual tokens are appended after it).
+    #[arg(long, default_value = "a photo")]
+    pub prompt: String,
+    /// The concept folder to write (created if needed).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Optimizer steps in total (with --resume: up to this many).
+    #[arg(long, default_value_t = 400)]
+    pub steps: usize,
+    /// Learning rate of the aligner (AdamW, constant).
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Learning rate of the UNet (default: --lr for LoRA, 5e-6 for --unet full).
+    #[arg(long)]
+    pub unet_lr: Option<f64>,
+    /// Linear learning-rate warm-up over this many steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Training resolution in pixels (a multiple of 8; 512 for SD 1.5, 768 for SD 2.x 768-v).
+    #[arg(long, default_value_t = 512)]
+    pub resolution: usize,
+    /// Visual tokens k appended to the 77 text tokens.
+    #[arg(long = "queries", default_value_t = 8)]
+    pub num_queries: usize,
+    /// Which BLIP-2 queries feed the aligner: `first` (the first k) or `pool` (average pooling of all into k).
+    #[arg(long, default_value = "first", value_parser = ["first", "pool"])]
+    pub query_selection: String,
+    /// Hidden width of the aligner (default: the text-embedding width, 768 for SD 1.5).
+    #[arg(long)]
+    pub aligner_hidden: Option<usize>,
+    /// What of the UNet trains: `lora` (adapters on the attention projections), `full` (every
+    /// weight; writes a full unet/ of the model's size) or `frozen` (the aligner only).
+    #[arg(long, default_value = "lora", value_parser = ["full", "lora", "frozen"])]
+    pub unet: String,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 4)]
+    pub lora_rank: usize,
+    /// LoRA alpha (scale alpha/rank; default: the rank, a scale of 1).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Random seed (initial weights, crops, noise, timesteps): the same seed gives the same concept.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write a checkpoint, the concept folder and a sample image every N steps (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    pub save_every: usize,
+    /// Continue from the last checkpoint in --out (same settings and images; --steps may grow).
+    #[arg(long)]
+    pub resume: bool,
+    /// Random crops per image besides the centre crop (each encoded once by the VAE).
+    #[arg(long, default_value_t = 3)]
+    pub augment: usize,
+    /// Mirror the random crops at random.
+    #[arg(long)]
+    pub flip: bool,
+    /// Denoising steps of the sample images (0: no samples).
+    #[arg(long, default_value_t = 25)]
+    pub sample_steps: usize,
+    /// Clip the gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Prior preservation (DreamBooth): the class prompt, e.g. "a photo of a dog".
+    #[arg(long)]
+    pub class_prompt: Option<String>,
+    /// Prior preservation: a folder of class images. Missing ones (up to --num-class-images) are
+    /// made by the base model and saved there (default folder: OUT/class_images).
+    #[arg(long)]
+    pub class_images: Option<PathBuf>,
+    /// Prior preservation: how many class images to use.
+    #[arg(long, default_value_t = 50)]
+    pub num_class_images: usize,
+    /// Prior preservation: denoising steps for the class images the base model makes.
+    #[arg(long, default_value_t = 25)]
+    pub class_image_steps: usize,
+    /// Prior preservation: weight of the class loss.
+    #[arg(long, default_value_t = 1.0)]
+    pub prior_weight: f64,
+}
+
+impl TrainCli {
+    /// The library's settings for these flags.
+    pub fn config(&self) -> Result<TrainConfig> {
+        let unet_mode = match self.unet.as_str() {
+            "full" => UnetMode::Full,
+            "lora" => UnetMode::Lora { rank: self.lora_rank, alpha: self.lora_alpha.unwrap_or(self.lora_rank as f64) },
+            "frozen" => UnetMode::Frozen,
+            o => bail!("--unet {o}: expected full, lora or frozen"),
+        };
+        let unet_lr = self.unet_lr.or(if unet_mode == UnetMode::Full { Some(5e-6) } else { None });
+        let cfg = TrainConfig {
+            steps: self.steps,
+            lr: self.lr,
+            unet_lr,
+            warmup_steps: self.warmup_steps,
+            batch: self.batch,
+            resolution: self.resolution,
+            num_queries: self.num_queries,
+            query_selection: QuerySelection::parse(&self.query_selection)?,
+            aligner_hidden: self.aligner_hidden,
+            unet_mode,
+            seed: self.seed,
+            save_every: self.save_every,
+            prompt: self.prompt.clone(),
+            augment: self.augment,
+            flip: self.flip,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            sample_steps: self.sample_steps,
+            prior: self.class_prompt.clone().map(|p| PriorConfig { class_prompt: p, weight: self.prior_weight }),
+            ..TrainConfig::default()
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Runs `personalize train`.
+pub fn run(args: TrainCli) -> Result<()> {
+    let cfg = args.config()?;
+    // Every image is read before anything heavy is loaded: a bad one stops the run here, named.
+    let images = train::load_images(&args.images)?;
+    let dev = device();
+
+    let class_images = match &cfg.prior {
+        None => vec![],
+        Some(p) => {
+            let dir = args.class_images.clone().unwrap_or_else(|| args.out.join("class_images"));
+            let have = if dir.is_dir() { train::image_files(&dir)?.len() } else { 0 };
+            if have < args.num_class_images {
+                let bar = ProgressBar::new(args.num_class_images as u64);
+                bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}").expect("valid template"));
+                bar.set_message("class images");
+                train::generate_class_images::<B>(
+                    &args.base,
+                    &p.class_prompt,
+                    args.num_class_images,
+                    cfg.resolution,
+                    args.class_image_steps.max(1),
+                    cfg.seed,
+                    &dir,
+                    &dev,
+                    &mut |i, _| bar.set_position(i as u64),
+                )
+                .context("making class images with the base model")?;
+                bar.finish_and_clear();
+            }
+            let mut files = train::image_files(&dir)?;
+            files.truncate(args.num_class_images);
+            train::load_images(&files)?
+        }
+    };
+
+    eprintln!("encoding {} image(s) with BLIP-2", images.len());
+    let q = crate::encode::encode_images(&args.blip2, &args.images).context("BLIP-2 encoding")?;
+    let queries = HostTensor::from_tensor(q);
+    let data = TrainData { images, queries, class_images };
+
+    let bar = ProgressBar::new(cfg.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("train [{bar:30}] {pos}/{len} steps, loss {msg} {elapsed_precise} eta {eta}").expect("valid template"),
+    );
+    let mut ema: Option<f64> = None;
+    let report = train::train::<burn_autodiff::Autodiff<B>>(&args.base, &cfg, &data, &args.out, args.resume, &dev, &mut |s| {
+        let e = match ema {
+            Some(e) => 0.95 * e + 0.05 * s.loss,
+            None => s.loss,
+        };
+        ema = Some(e);
+        bar.set_position(s.step as u64);
+        bar.set_message(match s.prior_loss {
+            Some(p) => format!("{:.4} (avg {e:.4}, prior {p:.4})", s.loss),
+            None => format!("{:.4} (avg {e:.4})", s.loss),
+        });
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    if let Some(s) = report.resumed_from {
+        eprintln!("resumed from step {s}");
+    }
+    eprintln!(
+        "trained {} steps; final loss {}; concept written to {}",
+        report.steps_done,
+        report.final_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+        report.concept_dir.display()
+    );
+    Ok(())
+}
+
+/// `personalize bench-train-step`: one warm-up and one timed step, then time and peak memory.
+pub fn bench(unet_config: &std::path::Path, lora_rank: usize, resolution: usize, batch: usize) -> Result<()> {
+    let mode = if lora_rank == 0 { UnetMode::Full } else { UnetMode::Lora { rank: lora_rank, alpha: lora_rank as f64 } };
+    let r = train::bench_train_step::<burn_autodiff::Autodiff<B>>(unet_config, mode, resolution, batch, 1, &device())?;
+    let peak = r.peak_rss_bytes.map_or("unknown".into(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64));
+    eprintln!(
+        "train-step ({mode:?}, {resolution}x{resolution}, batch {batch}): {:.1} s/step, peak memory {peak}, {} trainable parameters",
+        r.seconds_per_step, r.trainable_params
+    );
+    Ok(())
+}

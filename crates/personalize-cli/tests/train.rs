@@ -1,0 +1,55 @@
+//! The main job end to end on the tiny models: `personalize train`, then `generate --concept`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_personalize")).args(args).output().expect("binary runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn train_then_generate_with_the_concept() {
+    let d = tempfile::tempdir().unwrap();
+    let concept = d.path().join("concept");
+    let base = fixtures().join("pipeline");
+    let blip2 = fixtures().join("blip2/opt_sharded");
+    let image = fixtures().join("blip2/preprocess/photo.png");
+    let (ok, err) = run(&[
+        "train", "--base", base.to_str().unwrap(), "--blip2", blip2.to_str().unwrap(), "--image", image.to_str().unwrap(),
+        "--prompt", "a photo of sks", "--out", concept.to_str().unwrap(), "--steps", "6", "--resolution", "32",
+        "--queries", "4", "--unet", "lora", "--lora-rank", "2", "--save-every", "3", "--seed", "1",
+    ]);
+    assert!(ok, "{err}");
+    for f in ["concept.json", "aligner.safetensors", "unet_lora.safetensors", "visual_queries.safetensors", "loss.csv", "loss.png"] {
+        assert!(concept.join(f).is_file(), "{f} missing; stderr: {err}");
+    }
+    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(concept.join("concept.json")).unwrap()).unwrap();
+    assert_eq!(info["steps_done"], 6);
+    assert_eq!(info["num_queries"], 4);
+    assert_eq!(std::fs::read_to_string(concept.join("loss.csv")).unwrap().lines().count(), 7, "header + one line per step");
+
+    let out = d.path().join("out");
+    let (ok, err) = run(&[
+        "generate", "--base", base.to_str().unwrap(), "--prompt", "a watercolor of sks", "--concept", concept.to_str().unwrap(),
+        "--steps", "3", "--height", "32", "--width", "32", "--seed", "2", "--out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.join("0000.png").is_file());
+
+    // Training on nothing, or on a file that is not an image, stops before training.
+    let (ok, err) = run(&["train", "--base", base.to_str().unwrap(), "--blip2", blip2.to_str().unwrap(), "--out", d.path().join("c2").to_str().unwrap()]);
+    assert!(!ok, "{err}");
+    let bad = d.path().join("bad.png");
+    std::fs::write(&bad, b"not an image").unwrap();
+    let (ok, err) = run(&[
+        "train", "--base", base.to_str().unwrap(), "--blip2", blip2.to_str().unwrap(), "--image", image.to_str().unwrap(),
+        "--image", bad.to_str().unwrap(), "--out", d.path().join("c3").to_str().unwrap(), "--resolution", "32",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("bad.png") && err.lines().filter(|l| !l.trim().is_empty()).count() == 1, "{err}");
+}

@@ -233,19 +233,11 @@ impl<S: Sample> Scheduler<S> for Euler {
     }
 
     fn init_noise_sigma(&self) -> f32 {
-        if self.sigmas.is_empty() {
-            // Before set_timesteps diffusers uses the training sigmas.
-            let mut s = train_sigmas(&self.sigma_alphas);
-            s.push(0.0);
-            return init_sigma(&s, self.spacing);
-        }
-        init_sigma(&self.sigmas, self.spacing)
+        euler_init_noise_sigma(&self.sigmas, &self.sigma_alphas, self.spacing)
     }
 
     fn scale_model_input(&mut self, sample: &S, timestep: f32) -> Result<S> {
-        let i = step_index(&mut self.step_index, &self.timesteps, timestep)?;
-        let sigma = self.sigmas[i];
-        Ok(sample.div((sigma * sigma + 1.0).sqrt()))
+        euler_scale_model_input(&mut self.step_index, &self.timesteps, &self.sigmas, sample, timestep)
     }
 
     fn step(&mut self, model_output: &S, timestep: f32, sample: &S, _noise: &mut dyn NoiseSource<S>) -> Result<S> {
@@ -355,18 +347,11 @@ impl<S: Sample> Scheduler<S> for EulerAncestral {
     }
 
     fn init_noise_sigma(&self) -> f32 {
-        if self.sigmas.is_empty() {
-            let mut s = train_sigmas(&self.sigma_alphas);
-            s.push(0.0);
-            return init_sigma(&s, self.spacing);
-        }
-        init_sigma(&self.sigmas, self.spacing)
+        euler_init_noise_sigma(&self.sigmas, &self.sigma_alphas, self.spacing)
     }
 
     fn scale_model_input(&mut self, sample: &S, timestep: f32) -> Result<S> {
-        let i = step_index(&mut self.step_index, &self.timesteps, timestep)?;
-        let sigma = self.sigmas[i];
-        Ok(sample.div((sigma * sigma + 1.0).sqrt()))
+        euler_scale_model_input(&mut self.step_index, &self.timesteps, &self.sigmas, sample, timestep)
     }
 
     fn step(&mut self, model_output: &S, timestep: f32, sample: &S, noise: &mut dyn NoiseSource<S>) -> Result<S> {
@@ -387,4 +372,28 @@ impl<S: Sample> Scheduler<S> for EulerAncestral {
         self.step_index = Some(i + 1);
         Ok(S::lin(1.0, &prev, sigma_up, &n))
     }
+}
+
+/// `init_noise_sigma` of the Euler family: from the inference sigmas, or before
+/// `set_timesteps` from the training sigmas, as diffusers does.
+fn euler_init_noise_sigma(sigmas: &[f32], sigma_alphas: &[f32], spacing: TimestepSpacing) -> f32 {
+    if sigmas.is_empty() {
+        let mut s = train_sigmas(sigma_alphas);
+        s.push(0.0);
+        return init_sigma(&s, spacing);
+    }
+    init_sigma(sigmas, spacing)
+}
+
+/// `scale_model_input` of the Euler family: `sample / sqrt(sigma² + 1)`.
+fn euler_scale_model_input<S: Sample>(
+    step: &mut Option<usize>,
+    timesteps: &[f32],
+    sigmas: &[f32],
+    sample: &S,
+    timestep: f32,
+) -> Result<S> {
+    let i = step_index(step, timesteps, timestep)?;
+    let sigma = sigmas[i];
+    Ok(sample.div((sigma * sigma + 1.0).sqrt()))
 }

@@ -136,7 +136,7 @@ fn bench(args: &[String]) -> ExitCode {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
-        eprintln!("bench {name}: SD 1.5 {stage}, random weights, {repeat} runs after loading");
+        eprintln!("bench {name}: {stage} of {cfg}, random weights, {repeat} runs after loading");
         let status = Command::new(&exe)
             .args(["stage", stage, "--random-weights", "--repeat", &repeat, "--model"])
             .arg(root().join("xtask/configs").join(cfg))

@@ -35,6 +35,9 @@ pub struct Checkpoint {
     shards: Vec<Shard>,
     tensors: HashMap<String, TensorInfo>,
     metadata: BTreeMap<String, String>,
+    /// Sharded checkpoints only: tensors the index lists in shards that are not on disk, with
+    /// the index and the shard's path. Reading one is a [`Error::MissingShard`].
+    absent: HashMap<String, (PathBuf, PathBuf)>,
 }
 
 #[derive(Deserialize)]
@@ -77,24 +80,35 @@ impl Checkpoint {
     }
 
     /// Opens a sharded checkpoint from its `*.safetensors.index.json`.
+    ///
+    /// Shards that are not on disk are allowed as long as one is: a model that needs only part
+    /// of a checkpoint (BLIP-2's encoder without its language model, as `cargo xtask fetch
+    /// blip2` downloads it) opens, and reading a tensor of an absent shard fails naming it.
     pub fn open_index(index: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(index).map_err(|e| Error::Io { path: index.into(), source: e })?;
         let idx: ShardIndex =
             serde_json::from_str(&text).map_err(|e| Error::Json { path: index.into(), source: e })?;
         let dir = index.parent().unwrap_or(Path::new("."));
         let mut files: Vec<PathBuf> = Vec::new();
-        for shard in idx.weight_map.values() {
+        let mut absent = HashMap::new();
+        for (name, shard) in &idx.weight_map {
             let p = dir.join(shard);
-            if !files.contains(&p) {
-                if !p.is_file() {
-                    return Err(Error::MissingShard { index: index.into(), shard: p });
-                }
+            if !p.is_file() {
+                absent.insert(name.clone(), (index.to_path_buf(), p));
+            } else if !files.contains(&p) {
                 files.push(p);
             }
         }
-        let ckpt = Self::open_files(&dir.display().to_string(), &files)?;
+        if files.is_empty() {
+            if let Some((index, shard)) = absent.values().min_by(|a, b| a.1.cmp(&b.1)) {
+                return Err(Error::MissingShard { index: index.clone(), shard: shard.clone() });
+            }
+        }
+        files.sort();
+        let mut ckpt = Self::open_files(&dir.display().to_string(), &files)?;
+        ckpt.absent = absent;
         for (name, shard) in &idx.weight_map {
-            if !ckpt.tensors.contains_key(name) {
+            if !ckpt.tensors.contains_key(name) && !ckpt.absent.contains_key(name) {
                 return Err(Error::MissingTensor {
                     checkpoint: dir.join(shard).display().to_string(),
                     name: name.clone(),
@@ -112,6 +126,7 @@ impl Checkpoint {
             shards: Vec::new(),
             tensors: HashMap::new(),
             metadata: BTreeMap::new(),
+            absent: HashMap::new(),
         };
         for path in files {
             let file = std::fs::File::open(path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
@@ -193,8 +208,12 @@ impl Checkpoint {
         &s.map[s.data_start + info.start..s.data_start + info.end]
     }
 
-    fn missing(&self, name: &str) -> Error {
-        Error::MissingTensor { checkpoint: self.name.clone(), name: name.to_string(), hint: String::new() }
+    /// The error for reading `name`, which is not in any shard on disk.
+    pub fn missing(&self, name: &str) -> Error {
+        match self.absent.get(name) {
+            Some((index, shard)) => Error::MissingShard { index: index.clone(), shard: shard.clone() },
+            None => Error::MissingTensor { checkpoint: self.name.clone(), name: name.to_string(), hint: String::new() },
+        }
     }
 
     /// Reads a floating-point tensor (F32, F16 or BF16 on disk) as f32 values and its shape.

@@ -138,6 +138,18 @@ pub fn take(tensors: &mut BTreeMap<String, HostTensor>, file: &Path, name: &str)
 
 /// Serialises tensors (and string metadata) in the safetensors format.
 pub fn to_bytes(tensors: &BTreeMap<String, HostTensor>, metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    to_bytes_as(tensors, metadata, false)
+}
+
+/// Like [`to_bytes`], but with float tensors stored as F16 when `f16` is set (as published
+/// `.fp16.safetensors` files are; values round to nearest).
+///
+/// ```
+/// use model_io::tensor_file::{to_bytes_as, HostTensor};
+/// let t = [("w".to_string(), HostTensor::f32(vec![2], vec![1.0, 0.5]))].into();
+/// assert_eq!(to_bytes_as(&t, &Default::default(), true).len() % 8, 4); // header + 2×2 bytes
+/// ```
+pub fn to_bytes_as(tensors: &BTreeMap<String, HostTensor>, metadata: &BTreeMap<String, String>, f16: bool) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map"));
@@ -145,6 +157,7 @@ pub fn to_bytes(tensors: &BTreeMap<String, HostTensor>, metadata: &BTreeMap<Stri
     let mut offset = 0usize;
     for (name, t) in tensors {
         let (dtype, len) = match &t.data {
+            HostData::F32(v) if f16 => ("F16", v.len() * 2),
             HostData::F32(v) => ("F32", v.len() * 4),
             HostData::I64(v) => ("I64", v.len() * 8),
         };
@@ -164,6 +177,7 @@ pub fn to_bytes(tensors: &BTreeMap<String, HostTensor>, metadata: &BTreeMap<Stri
     out.extend_from_slice(&h);
     for t in tensors.values() {
         match &t.data {
+            HostData::F32(v) if f16 => v.iter().for_each(|x| out.extend_from_slice(&half::f16::from_f32(*x).to_le_bytes())),
             HostData::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
             HostData::I64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         }

@@ -6,7 +6,11 @@ use std::rc::Rc;
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
+use crate::tensor_file::HostTensor;
 use crate::{Checkpoint, Error, Result};
+
+/// What a seeded random source made: the tensors by full key, in the on-disk layout.
+type Recorded = Rc<RefCell<std::collections::BTreeMap<String, HostTensor>>>;
 
 /// A view of a [`Checkpoint`] at a module path, in the style of candle's `VarBuilder`.
 ///
@@ -29,19 +33,44 @@ pub struct Weights<'a, B: Backend> {
     prefix: String,
     device: B::Device,
     used: Rc<RefCell<BTreeSet<String>>>,
+    /// Random weights only: `Some((seed, made))` draws each tensor from a generator seeded by
+    /// `seed` and the key (so the values do not depend on load order) and keeps a copy.
+    seeded: Option<(u64, Recorded)>,
 }
 
 impl<'a, B: Backend> Weights<'a, B> {
     /// A view at the root of `ckpt`, creating tensors on `device`.
     pub fn new(ckpt: &'a Checkpoint, device: &B::Device) -> Self {
-        Self { ckpt: Some(ckpt), prefix: String::new(), device: device.clone(), used: Rc::default() }
+        Self { ckpt: Some(ckpt), prefix: String::new(), device: device.clone(), used: Rc::default(), seeded: None }
     }
 
     /// A source of random weights (normal, scaled by `1/sqrt(fan_in)`) of whatever shape the
     /// model asks for: builds a full-size model from its config alone, for benchmarks.
     /// Optional tensors (those probed with [`Weights::contains`]) are absent.
     pub fn random(device: &B::Device) -> Weights<'static, B> {
-        Weights { ckpt: None, prefix: String::new(), device: device.clone(), used: Rc::default() }
+        Weights { ckpt: None, prefix: String::new(), device: device.clone(), used: Rc::default(), seeded: None }
+    }
+
+    /// Deterministic random weights that are also recorded, so a model built from a config can
+    /// be saved as a checkpoint (the bundled tiny models). Each tensor depends only on `seed`
+    /// and its key: matrices are normal with std `1/sqrt(fan_in)`, vectors named `bias` are
+    /// N(0, 0.02²), other vectors (norm scales) 1 + N(0, 0.02²).
+    ///
+    /// ```
+    /// use burn_flex::{Flex, FlexDevice};
+    /// let w = model_io::Weights::<Flex>::seeded(7, &FlexDevice);
+    /// let a = w.pp("fc").get::<2>("weight", [3, 4])?;
+    /// let made = w.recorded();
+    /// assert_eq!(made["fc.weight"].shape, vec![3, 4]);
+    /// # Ok::<(), model_io::Error>(())
+    /// ```
+    pub fn seeded(seed: u64, device: &B::Device) -> Weights<'static, B> {
+        Weights { seeded: Some((seed, Rc::default())), ..Self::random(device) }
+    }
+
+    /// The tensors a [`Weights::seeded`] source has made so far, by key (empty otherwise).
+    pub fn recorded(&self) -> std::collections::BTreeMap<String, HostTensor> {
+        self.seeded.as_ref().map(|(_, r)| r.borrow().clone()).unwrap_or_default()
     }
 
     fn checkpoint_name(&self) -> String {
@@ -78,15 +107,17 @@ impl<'a, B: Backend> Weights<'a, B> {
     pub fn get<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
         let key = self.key(name);
         let Some(ckpt) = self.ckpt else {
+            if let Some((seed, made)) = &self.seeded {
+                let host = seeded_tensor(*seed, &key, &shape);
+                let t = host.to_float(&key, &self.device)?;
+                made.borrow_mut().insert(key, host);
+                return Ok(t);
+            }
             let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
             let std = 1.0 / (fan_in as f64).sqrt();
             return Ok(Tensor::random(shape, burn::tensor::Distribution::Normal(0.0, std), &self.device));
         };
-        let info = ckpt.info(&key).ok_or_else(|| Error::MissingTensor {
-            checkpoint: ckpt.name().into(),
-            name: key.clone(),
-            hint: String::new(),
-        })?;
+        let info = ckpt.info(&key).ok_or_else(|| ckpt.missing(&key))?;
         if info.shape != shape {
             return Err(Error::Shape {
                 checkpoint: ckpt.name().into(),
@@ -140,4 +171,34 @@ impl<'a, B: Backend> Weights<'a, B> {
             }),
         }
     }
+}
+
+/// One tensor of [`Weights::seeded`]: a splitmix64 stream seeded by `seed` and the key's FNV-1a
+/// hash, turned into normals by Box-Muller. Plain integer arithmetic, so every machine makes the
+/// same bytes.
+fn seeded_tensor(seed: u64, key: &str, shape: &[usize]) -> HostTensor {
+    let mut state = key.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ seed, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        // 53 random bits in (0, 1].
+        (((z ^ (z >> 31)) >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    };
+    let n: usize = shape.iter().product();
+    let (mean, std) = if shape.len() >= 2 {
+        (0.0, 1.0 / (shape[1..].iter().product::<usize>().max(1) as f64).sqrt())
+    } else if key.ends_with("bias") {
+        (0.0, 0.02)
+    } else {
+        (1.0, 0.02)
+    };
+    let data = (0..n)
+        .map(|_| {
+            let (u, v) = (next(), next());
+            (mean + std * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        })
+        .collect();
+    HostTensor::f32(shape.to_vec(), data)
 }

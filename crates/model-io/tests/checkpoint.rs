@@ -78,11 +78,23 @@ fn sharded_checkpoint_loads_and_missing_shard_is_named() {
     let ckpt = Checkpoint::open_dir(dir.path(), &["model"]).unwrap();
     assert_eq!(ckpt.len(), 2);
     assert_eq!(ckpt.read_f32("b").unwrap().0, vec![2.0]);
+    // A partial download (only the shards a model needs) opens; reading from the absent shard
+    // names it.
     std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
-    let err = Checkpoint::open_dir(dir.path(), &["model"]).err().unwrap();
+    let ckpt = Checkpoint::open_dir(dir.path(), &["model"]).unwrap();
+    assert_eq!(ckpt.read_f32("a").unwrap().0, vec![1.0]);
+    let err = ckpt.read_f32("b").unwrap_err();
     assert!(matches!(err, Error::MissingShard { .. }), "{err}");
     let msg = err.to_string();
     assert!(msg.contains("model-00002-of-00002.safetensors") && msg.contains("missing"), "{msg}");
+    let w = model_io::Weights::<burn_flex::Flex>::new(&ckpt, &burn_flex::FlexDevice);
+    assert!(matches!(w.get::<1>("b", [1]).unwrap_err(), Error::MissingShard { .. }));
+    w.get::<1>("a", [1]).unwrap();
+    w.finish(&[]).unwrap();
+    // With no shard at all, opening fails.
+    std::fs::remove_file(dir.path().join("model-00001-of-00002.safetensors")).unwrap();
+    let err = Checkpoint::open_dir(dir.path(), &["model"]).err().unwrap();
+    assert!(matches!(err, Error::MissingShard { .. }), "{err}");
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! The compute backend, chosen at build time: burn-flex on the CPU by default, burn-cuda with
-//! the `cuda` feature.
+//! the `cuda` feature. The float type is chosen at run time (`--dtype`).
 
 #[cfg(not(feature = "cuda"))]
 mod imp {
@@ -20,3 +20,16 @@ mod imp {
 }
 
 pub use imp::{device, B, NAME};
+
+/// Makes `dtype` (`f32`, `f16` or `bf16`) the float type of every tensor created on the device.
+/// Must run before the first tensor is made: Burn fixes a device's defaults at first use.
+pub fn set_dtype(dtype: &str) -> anyhow::Result<()> {
+    use burn::tensor::FloatDType;
+    let d = match dtype {
+        "f32" => return Ok(()),
+        "f16" => FloatDType::F16,
+        "bf16" => FloatDType::BF16,
+        other => anyhow::bail!("unknown float type `{other}`; expected f32, f16 or bf16"),
+    };
+    burn::tensor::backend::set_default_float_dtype::<B>(&device(), d).map_err(|e| anyhow::anyhow!("{e:?}"))
+}

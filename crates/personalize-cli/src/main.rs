@@ -1,6 +1,7 @@
 //! `personalize`: personalise Stable Diffusion with BLIP-2 visual prompts.
 
 mod backend;
+mod bench;
 mod encode;
 mod generate;
 mod stage;
@@ -17,6 +18,11 @@ struct Cli {
     /// Log more (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Float type for computation: f32 (default), f16 or bf16. Weights are converted as they
+    /// load; outputs are written as f32. Half precision is meant for the GPU build
+    /// (`--features cuda`); on the CPU it is slower than f32.
+    #[arg(long, global = true, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    dtype: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,13 +46,32 @@ enum Command {
         /// Images per step.
         #[arg(long, default_value_t = 1)]
         batch: usize,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        steps: u64,
+    },
+    /// Time whole generations with random weights from the component configs: the
+    /// `cargo xtask bench generate` benchmark.
+    #[command(hide = true)]
+    BenchGenerate(bench::GenerateBench),
+    /// Write a UNet with random weights, built from a config, as a diffusers folder: the
+    /// checkpoint of `cargo xtask bench load`.
+    #[command(hide = true)]
+    BenchWriteUnet {
+        /// A folder with the UNet's config.json.
+        #[arg(long)]
+        unet_config: PathBuf,
+        /// The folder to write (config.json, diffusion_pytorch_model.safetensors).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Encode images with BLIP-2 (vision transformer + Q-Former) into visual-prompt queries.
     ///
     /// Writes tensor `queries` [N, Q, 768] (the Q-Former's last hidden state per image).
     Encode {
-        /// The BLIP-2 model folder (transformers layout: Blip2Model, Blip2ForConditionalGeneration
-        /// or Blip2ForImageTextRetrieval; language-model weights are never read).
+        /// The BLIP-2 model (transformers layout: Blip2Model, Blip2ForConditionalGeneration
+        /// or Blip2ForImageTextRetrieval; language-model weights are never read): a folder, a
+        /// preset (blip2, blip2-itm-vit-g) or a repo id already fetched (`cargo xtask fetch`).
         #[arg(long)]
         blip2: PathBuf,
         /// An image to encode (repeatable). PNG and JPEG; EXIF orientation is applied.
@@ -62,7 +87,9 @@ enum Command {
     /// scheduler, and the UNet's sample size times the VAE factor (512 for SD 1.5).
     /// Images are written as OUT/0000.png, OUT/0001.png, ... with the settings in PNG text chunks.
     Generate {
-        /// The base model: a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, ...).
+        /// The base model, a diffusers Stable Diffusion pipeline (model_index.json, unet/, vae/, ...):
+        /// a folder, a preset (sd-v1-5, sd-2-1-base, sd-2-1) or a repo id already fetched
+        /// (`cargo xtask fetch`).
         #[arg(long)]
         base: PathBuf,
         /// What to draw.
@@ -102,7 +129,8 @@ enum Command {
         /// A new reference image for the concept's visual prompt (repeatable; averaged). Needs --blip2.
         #[arg(long = "image")]
         images: Vec<PathBuf>,
-        /// The BLIP-2 model folder (transformers layout), for --image.
+        /// The BLIP-2 model, for --image: a folder, a preset (blip2, blip2-itm-vit-g) or a repo id
+        /// already fetched.
         #[arg(long)]
         blip2: Option<PathBuf>,
         /// Use a concept even if it was trained on another base model.
@@ -120,7 +148,8 @@ enum Command {
         /// The stage to run: tokenizer, text-encoder, unet, vae-encode, vae-decode, scheduler, aligner or blip2.
         stage: String,
         /// The model folder the stage loads, as published (e.g. `sd/text_encoder`, `sd/vae`,
-        /// or a tokenizer folder).
+        /// or a tokenizer folder); or a fetched preset or repo id with a subfolder
+        /// (`sd-v1-5/unet`, `blip2`).
         #[arg(long)]
         model: PathBuf,
         /// Input tensors (safetensors). Not used by `tokenizer`, which takes --prompt.
@@ -146,6 +175,30 @@ enum Command {
     },
 }
 
+/// `--base`, `--blip2` and `stage --model` take a folder, or a preset or repo id (with an
+/// optional subfolder) looked up in the Hugging Face cache, without network.
+fn resolve_models(command: &mut Command) -> Result<(), hub::Error> {
+    let resolve = |p: &mut PathBuf| -> Result<(), hub::Error> {
+        if let Some(arg) = p.to_str() {
+            *p = hub::resolve_model(arg)?;
+        }
+        Ok(())
+    };
+    match command {
+        Command::Train(a) => {
+            resolve(&mut a.base)?;
+            resolve(&mut a.blip2)
+        }
+        Command::Encode { blip2, .. } => resolve(blip2),
+        Command::Generate { base, blip2, .. } => {
+            resolve(base)?;
+            blip2.as_mut().map_or(Ok(()), resolve)
+        }
+        Command::Stage { model, .. } => resolve(model),
+        _ => Ok(()),
+    }
+}
+
 fn init_logging(verbose: u8) {
     let level = match verbose {
         0 => "warn",
@@ -157,12 +210,24 @@ fn init_logging(verbose: u8) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     init_logging(cli.verbose);
-    tracing::debug!("backend: {}", backend::NAME);
+    tracing::debug!("backend: {}, dtype {}", backend::NAME, cli.dtype);
+    if let Err(e) = backend::set_dtype(&cli.dtype) {
+        eprintln!("error: --dtype {}: {e:#}", cli.dtype);
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = resolve_models(&mut cli.command) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Train(a) => train::run(a),
-        Command::BenchTrainStep { unet_config, lora_rank, resolution, batch } => train::bench(&unet_config, lora_rank, resolution, batch),
+        Command::BenchTrainStep { unet_config, lora_rank, resolution, batch, steps } => {
+            train::bench(&unet_config, lora_rank, resolution, batch, steps as usize)
+        }
+        Command::BenchGenerate(a) => bench::generate(&a),
+        Command::BenchWriteUnet { unet_config, out } => bench::write_unet(&unet_config, &out),
         Command::Encode { blip2, images, out } => encode::run(&blip2, &images, &out),
         Command::Generate {
             base, prompt, negative_prompt, steps, guidance, scheduler, seed, num_images, height, width, latents, concept,

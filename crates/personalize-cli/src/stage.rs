@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend as _;
 use model_io::tensor_file::{read_tensors, take, write_tensors, HostTensor};
+use personalize::train::peak_rss_bytes as peak_memory;
 
 use crate::backend::{device, B};
 
@@ -26,14 +27,6 @@ pub struct StageArgs {
     pub random_weights: bool,
     /// Scheduler stage: a CLI name (`euler-a`, ...) overriding the config's `_class_name`.
     pub scheduler: Option<String>,
-}
-
-/// Peak resident memory of this process so far (Linux `VmHWM`), in bytes.
-pub fn peak_memory() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 fn load_text_encoder(args: &StageArgs) -> Result<clip_text::ClipTextModel<B>> {
@@ -67,8 +60,32 @@ fn inputs(args: &StageArgs) -> Result<(Tensors, PathBuf)> {
     Ok((read_tensors(&path)?, path))
 }
 
-/// Runs `f` `repeat` times (at least once), logging the timings, and returns the last result.
-fn timed<T>(stage: &str, repeat: usize, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+/// How long loading a stage's model took, and the peak memory right after it.
+pub struct Loaded {
+    pub secs: f64,
+    pub peak: Option<u64>,
+}
+
+/// Bytes as MiB with one decimal, `-` when unknown (the form of the summary line).
+pub fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("-".to_string(), |b| format!("{:.1}", b as f64 / (1u64 << 20) as f64))
+}
+
+/// Runs `f` (loading a model), logging the time and the peak memory after it.
+fn loading<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<(T, Loaded)> {
+    let t = Instant::now();
+    let v = f()?;
+    let _ = B::sync(&device());
+    let l = Loaded { secs: t.elapsed().as_secs_f64(), peak: peak_memory() };
+    tracing::info!("{what}: loaded in {:.3} s, peak memory after load {} MiB", l.secs, mib(l.peak));
+    Ok((v, l))
+}
+
+/// Runs `f` `repeat` times (at least once) and returns the last result. With `repeat` ≥ 2 the
+/// first run is a warm-up, left out of the statistics, and one line goes to stderr
+/// (`cargo xtask bench` parses it):
+/// `STAGE: load_s=… load_peak_mib=… warmup=1 runs=N-1 median_s=… min_s=… peak_mib=…`.
+fn timed<T>(stage: &str, repeat: usize, load: Option<&Loaded>, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let mut times: Vec<Duration> = Vec::new();
     let mut last = None;
     for _ in 0..repeat.max(1) {
@@ -79,16 +96,19 @@ fn timed<T>(stage: &str, repeat: usize, mut f: impl FnMut() -> Result<T>) -> Res
         times.push(t.elapsed());
         last = Some(out);
     }
+    let warmup = usize::from(times.len() > 1);
+    let mut times = times.split_off(warmup);
     times.sort();
     let median = times[times.len() / 2];
-    tracing::info!(stage, runs = times.len(), "median {:.3} s, min {:.3} s", median.as_secs_f64(), times[0].as_secs_f64());
+    tracing::info!(stage, runs = times.len(), warmup, "median {:.3} s, min {:.3} s", median.as_secs_f64(), times[0].as_secs_f64());
     if repeat > 1 {
-        let peak = peak_memory().map_or("unknown".to_string(), |b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64));
+        let (load_s, load_peak) = load.map_or(("-".to_string(), "-".to_string()), |l| (format!("{:.3}", l.secs), mib(l.peak)));
         eprintln!(
-            "{stage}: {} runs, median {:.4} s, min {:.4} s, peak memory {peak}",
+            "{stage}: load_s={load_s} load_peak_mib={load_peak} warmup={warmup} runs={} median_s={:.4} min_s={:.4} peak_mib={}",
             times.len(),
             median.as_secs_f64(),
-            times[0].as_secs_f64()
+            times[0].as_secs_f64(),
+            mib(peak_memory())
         );
     }
     Ok(last.expect("at least one run"))
@@ -103,8 +123,8 @@ pub fn run(args: &StageArgs) -> Result<()> {
             if args.prompts.is_empty() {
                 bail!("stage tokenizer needs at least one --prompt TEXT");
             }
-            let tok = clip_text::ClipTokenizer::from_dir(model)?;
-            let ids = timed("tokenizer", args.repeat, || {
+            let (tok, load) = loading("tokenizer", || Ok(clip_text::ClipTokenizer::from_dir(model)?))?;
+            let ids = timed("tokenizer", args.repeat, Some(&load), || {
                 Ok(args.prompts.iter().flat_map(|p| tok.encode(p)).collect::<Vec<_>>())
             })?;
             let n = args.prompts.len();
@@ -113,8 +133,8 @@ pub fn run(args: &StageArgs) -> Result<()> {
         "text-encoder" => {
             let (mut t, path) = inputs(args)?;
             let ids = take(&mut t, &path, "input_ids")?.to_int::<B, 2>("input_ids", &dev)?;
-            let enc = load_text_encoder(args)?;
-            let out = timed("text-encoder", args.repeat, || Ok(enc.forward(ids.clone())?))?;
+            let (enc, load) = loading("text-encoder", || load_text_encoder(args))?;
+            let out = timed("text-encoder", args.repeat, Some(&load), || Ok(enc.forward(ids.clone())?))?;
             BTreeMap::from([("last_hidden_state".to_string(), HostTensor::from_tensor(out))])
         }
         "unet" => {
@@ -122,15 +142,15 @@ pub fn run(args: &StageArgs) -> Result<()> {
             let x = take(&mut t, &path, "sample")?.to_float::<B, 4>("sample", &dev)?;
             let ts = take(&mut t, &path, "timestep")?.to_float::<B, 1>("timestep", &dev)?;
             let ctx = take(&mut t, &path, "encoder_hidden_states")?.to_float::<B, 3>("encoder_hidden_states", &dev)?;
-            let unet = load_unet(args)?;
-            let out = timed("unet", args.repeat, || Ok(unet.forward(x.clone(), ts.clone(), ctx.clone())?))?;
+            let (unet, load) = loading("unet", || load_unet(args))?;
+            let out = timed("unet", args.repeat, Some(&load), || Ok(unet.forward(x.clone(), ts.clone(), ctx.clone())?))?;
             BTreeMap::from([("sample".to_string(), HostTensor::from_tensor(out))])
         }
         "vae-encode" => {
             let (mut t, path) = inputs(args)?;
             let x = take(&mut t, &path, "sample")?.to_float::<B, 4>("sample", &dev)?;
-            let vae = load_vae(args)?;
-            let (mean, logvar) = timed("vae-encode", args.repeat, || Ok(vae.encode(x.clone())?))?;
+            let (vae, load) = loading("vae-encode", || load_vae(args))?;
+            let (mean, logvar) = timed("vae-encode", args.repeat, Some(&load), || Ok(vae.encode(x.clone())?))?;
             BTreeMap::from([
                 ("mean".to_string(), HostTensor::from_tensor(mean)),
                 ("logvar".to_string(), HostTensor::from_tensor(logvar)),
@@ -139,8 +159,8 @@ pub fn run(args: &StageArgs) -> Result<()> {
         "vae-decode" => {
             let (mut t, path) = inputs(args)?;
             let z = take(&mut t, &path, "latent")?.to_float::<B, 4>("latent", &dev)?;
-            let vae = load_vae(args)?;
-            let out = timed("vae-decode", args.repeat, || Ok(vae.decode(z.clone())?))?;
+            let (vae, load) = loading("vae-decode", || load_vae(args))?;
+            let out = timed("vae-decode", args.repeat, Some(&load), || Ok(vae.decode(z.clone())?))?;
             BTreeMap::from([("sample".to_string(), HostTensor::from_tensor(out))])
         }
         "scheduler" => {
@@ -163,7 +183,7 @@ pub fn run(args: &StageArgs) -> Result<()> {
                 .chunks(per.max(1))
                 .map(|c| scheduler::HostSample { data: c.to_vec(), shape: sample.shape.clone() })
                 .collect();
-            let (timesteps, samples) = timed("scheduler", args.repeat, || {
+            let (timesteps, samples) = timed("scheduler", args.repeat, None, || {
                 let mut rng = scheduler::SeededRng::new(scheduler::STAGE_NOISE_SEED);
                 Ok(scheduler::run_stage_with(model, args.scheduler.as_deref(), &sample, &outputs, steps, &mut rng)?)
             })?;
@@ -178,13 +198,15 @@ pub fn run(args: &StageArgs) -> Result<()> {
         "blip2" => {
             let (mut t, path) = inputs(args)?;
             let px = take(&mut t, &path, "pixel_values")?.to_float::<B, 4>("pixel_values", &dev)?;
-            let enc = if args.random_weights {
-                let cfg = blip2_encoder::Blip2Config::load(model)?;
-                blip2_encoder::Blip2Encoder::<B>::from_weights(&cfg, &model_io::Weights::random(&dev))?
-            } else {
-                blip2_encoder::Blip2Encoder::<B>::load(model, &dev)?
-            };
-            let (q, emb) = timed("blip2", args.repeat, || Ok(enc.forward(px.clone())?))?;
+            let (enc, load) = loading("blip2", || {
+                Ok(if args.random_weights {
+                    let cfg = blip2_encoder::Blip2Config::load(model)?;
+                    blip2_encoder::Blip2Encoder::<B>::from_weights(&cfg, &model_io::Weights::random(&dev))?
+                } else {
+                    blip2_encoder::Blip2Encoder::<B>::load(model, &dev)?
+                })
+            })?;
+            let (q, emb) = timed("blip2", args.repeat, Some(&load), || Ok(enc.forward(px.clone())?))?;
             BTreeMap::from([
                 ("query_output".to_string(), HostTensor::from_tensor(q)),
                 ("image_embeds".to_string(), HostTensor::from_tensor(emb)),
@@ -195,8 +217,8 @@ pub fn run(args: &StageArgs) -> Result<()> {
             let (mut t, path) = inputs(args)?;
             let q = take(&mut t, &path, "queries")?.to_float::<B, 3>("queries", &dev)?;
             let file = if model.is_dir() { model.join("aligner.safetensors") } else { model.to_path_buf() };
-            let aligner = q_aligner::Aligner::<B>::load(&file, &dev)?;
-            let out = timed("aligner", args.repeat, || Ok(aligner.forward(q.clone())?))?;
+            let (aligner, load) = loading("aligner", || Ok(q_aligner::Aligner::<B>::load(&file, &dev)?))?;
+            let out = timed("aligner", args.repeat, Some(&load), || Ok(aligner.forward(q.clone())?))?;
             BTreeMap::from([("visual_prompt".to_string(), HostTensor::from_tensor(out))])
         }
         other => bail!("unknown stage `{other}`; expected one of: {}", STAGES.join(", ")),

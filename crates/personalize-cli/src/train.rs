@@ -21,10 +21,13 @@ use crate::backend::{device, B};
 /// --save-every steps and at the end.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainCli {
-    /// The base model: a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, ...).
+    /// The base model, a diffusers Stable Diffusion pipeline (model_index.json, unet/, vae/, ...):
+    /// a folder, a preset (sd-v1-5, sd-2-1-base, sd-2-1) or a repo id already fetched
+    /// (`cargo xtask fetch`).
     #[arg(long)]
     pub base: PathBuf,
-    /// The BLIP-2 model folder (transformers layout) that makes the visual prompts.
+    /// The BLIP-2 model (transformers layout) that makes the visual prompts: a folder, a preset
+    /// (blip2, blip2-itm-vit-g) or a repo id already fetched.
     #[arg(long)]
     pub blip2: PathBuf,
     /// A training image (PNG or JPEG); repeat the flag for several (1 to N).
@@ -220,14 +223,21 @@ pub fn run(args: TrainCli) -> Result<()> {
     Ok(())
 }
 
-/// `personalize bench-train-step`: one warm-up and one timed step, then time and peak memory.
-pub fn bench(unet_config: &std::path::Path, lora_rank: usize, resolution: usize, batch: usize) -> Result<()> {
+/// `personalize bench-train-step`: one warm-up and `steps` timed steps, then one summary line
+/// (`train-step: ... median_s=... peak_mib=...`, parsed by `cargo xtask bench`).
+pub fn bench(unet_config: &std::path::Path, lora_rank: usize, resolution: usize, batch: usize, steps: usize) -> Result<()> {
     let mode = if lora_rank == 0 { UnetMode::Full } else { UnetMode::Lora { rank: lora_rank, alpha: lora_rank as f64 } };
-    let r = train::bench_train_step::<burn_autodiff::Autodiff<B>>(unet_config, mode, resolution, batch, 1, &device())?;
-    let peak = r.peak_rss_bytes.map_or("unknown".into(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64));
+    let r = train::bench_train_step::<burn_autodiff::Autodiff<B>>(unet_config, mode, resolution, batch, steps, &device())?;
+    let mut t = r.step_seconds.clone();
+    t.sort_by(f64::total_cmp);
+    eprintln!("train-step ({mode:?}, {resolution}x{resolution}, batch {batch}): {} trainable parameters", r.trainable_params);
     eprintln!(
-        "train-step ({mode:?}, {resolution}x{resolution}, batch {batch}): {:.1} s/step, peak memory {peak}, {} trainable parameters",
-        r.seconds_per_step, r.trainable_params
+        "train-step: warmup=1 runs={} median_s={:.4} min_s={:.4} mean_s={:.4} peak_mib={}",
+        t.len(),
+        t[t.len() / 2],
+        t[0],
+        r.seconds_per_step,
+        crate::stage::mib(r.peak_rss_bytes)
     );
     Ok(())
 }

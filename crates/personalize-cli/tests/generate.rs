@@ -187,3 +187,54 @@ fn encode_rejects_a_file_that_is_not_an_image() {
     assert!(!ok);
     one_line_error(&err, &["notes.png"]);
 }
+
+/// The `KEY=VALUE` fields of the summary line that starts with `name:`.
+fn summary(err: &str, name: &str) -> BTreeMap<String, String> {
+    let line = err.lines().rev().find(|l| l.starts_with(&format!("{name}: "))).unwrap_or_else(|| panic!("no `{name}:` line in {err}"));
+    line.split_whitespace().filter_map(|t| t.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+#[test]
+fn bench_generate_times_steps_with_random_weights() {
+    let base = fixtures().join("pipeline");
+    let (ok, err) = run(&["bench-generate", "--base", base.to_str().unwrap(), "--steps", "3", "--size", "32", "--repeat", "2"]);
+    assert!(ok, "{err}");
+    let s = summary(&err, "generate");
+    assert_eq!(s["runs"], "2");
+    assert_eq!(s["steps"], "3");
+    for k in ["median_s", "step_median_s", "first_step_s", "decode_s", "load_s"] {
+        assert!(s[k].parse::<f64>().unwrap() > 0.0, "{k} in {err}");
+    }
+    assert!(s["median_s"].parse::<f64>().unwrap() >= 2.0 * s["step_median_s"].parse::<f64>().unwrap(), "{err}");
+    let (ok, err) = run(&["bench-generate", "--steps", "1"]);
+    assert!(!ok);
+    one_line_error(&err, &["--unet", "--base"]);
+}
+
+#[test]
+fn bench_write_unet_writes_a_loadable_diffusers_folder() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("unet");
+    let (ok, err) = run(&["bench-write-unet", "--unet-config", fixtures().join("unet/sd1").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    // Every key and shape of the diffusers file, nothing more (the loader checks both ways).
+    let reference = read_tensors(&fixtures().join("unet/sd1/diffusion_pytorch_model.safetensors")).unwrap();
+    let ours = read_tensors(&out.join("diffusion_pytorch_model.safetensors")).unwrap();
+    assert_eq!(ours.keys().collect::<Vec<_>>(), reference.keys().collect::<Vec<_>>());
+    assert!(reference.iter().all(|(k, v)| ours[k].shape == v.shape));
+    // The stage runner loads it and reports the load time and the memory after loading.
+    let io = read_tensors(&fixtures().join("unet/sd1/io.safetensors")).unwrap();
+    let input = d.path().join("in.safetensors");
+    let t: BTreeMap<String, _> = ["sample", "timestep", "encoder_hidden_states"].iter().map(|k| (k.to_string(), io[*k].clone())).collect();
+    write_tensors(&input, &t, &BTreeMap::new()).unwrap();
+    let (ok, err) = run(&[
+        "stage", "unet", "--model", out.to_str().unwrap(), "--input", input.to_str().unwrap(),
+        "--output", d.path().join("o.safetensors").to_str().unwrap(), "--repeat", "3",
+    ]);
+    assert!(ok, "{err}");
+    let s = summary(&err, "unet");
+    assert_eq!((s["warmup"].as_str(), s["runs"].as_str()), ("1", "2"));
+    assert!(s["load_s"].parse::<f64>().unwrap() > 0.0, "{err}");
+    assert!(s["load_peak_mib"].parse::<f64>().unwrap() > 0.0, "{err}");
+    assert!(s["peak_mib"].parse::<f64>().unwrap() >= s["load_peak_mib"].parse::<f64>().unwrap(), "{err}");
+}

@@ -59,7 +59,7 @@ fn text_encoder_stage_matches_reference() {
         "--output", out.to_str().unwrap(), "--repeat", "2",
     ]);
     assert!(ok, "{err}");
-    assert!(err.contains("2 runs"), "--repeat reports timings: {err}");
+    assert!(err.contains("text-encoder: ") && err.contains(" warmup=1 runs=1 median_s="), "--repeat reports timings: {err}");
     let got = read_tensors(&out).unwrap();
     assert!(got["last_hidden_state"].max_abs_diff(&io["last_hidden_state"]) <= 1e-4);
 }
@@ -195,7 +195,10 @@ fn unet_stage_matches_reference_with_any_context_length() {
         "--output", out.to_str().unwrap(), "--random-weights", "--repeat", "2",
     ]);
     assert!(ok, "{err}");
-    assert!(err.contains("peak memory"), "{err}");
+    let line = err.lines().find(|l| l.starts_with("unet: ")).unwrap_or_else(|| panic!("no summary line: {err}"));
+    for k in ["load_s=", "load_peak_mib=", "warmup=1", "runs=1", "median_s=", "peak_mib="] {
+        assert!(line.contains(k), "`{k}` not in {line}");
+    }
 }
 
 #[test]
@@ -271,4 +274,31 @@ fn blip2_stage_matches_transformers() {
         let e = got[name].max_abs_diff(&io[name]);
         assert!(e <= 5e-4, "{name}: {e}");
     }
+}
+
+/// `--dtype f16|bf16` computes in half precision (the GPU's fast path) and still writes f32.
+/// Bounds are relative to the output's largest value: f16 keeps 11 significant bits, bf16 8,
+/// and the error grows through the network's ~20 layers.
+#[test]
+fn unet_stage_runs_in_half_precision() {
+    let model = fixtures().join("unet/sd1");
+    let io = read_tensors(&model.join("io.safetensors")).unwrap();
+    let reference = &io["out"];
+    let scale = reference.as_f32("out").unwrap().iter().fold(0f32, |m, v| m.max(v.abs()));
+    let dir = tempfile::tempdir().unwrap();
+    for (dtype, bound) in [("f16", 0.01), ("bf16", 0.1)] {
+        let out = dir.path().join(format!("{dtype}.safetensors"));
+        let (ok, err) = run(&[
+            "--dtype", dtype, "stage", "unet", "--model", model.to_str().unwrap(),
+            "--input", model.join("io.safetensors").to_str().unwrap(), "--output", out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{dtype}: {err}");
+        let got = read_tensors(&out).unwrap();
+        let e = got["sample"].max_abs_diff(reference) / scale;
+        assert!(e <= bound, "{dtype}: error {e} of the output's scale");
+        // f32 is within 1e-6 of the scale here; a half-precision run cannot be.
+        assert!(e > 1e-4, "{dtype}: error {e} is f32's, so half precision was not used");
+    }
+    let (ok, err) = run(&["--dtype", "f8", "stage", "unet", "--model", ".", "--output", "x.safetensors"]);
+    assert!(!ok && err.contains("f8"), "{err}");
 }

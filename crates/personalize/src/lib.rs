@@ -20,4 +20,4 @@ pub mod train;
 
 pub use concept::{Concept, ConceptInfo};
 pub use image_out::{read_png, write_png, RgbImage};
-pub use pipeline::{GenerateOptions, Pipeline, VisualPrompt};
+pub use pipeline::{GenerateOptions, Pipeline, PipelineParts, VisualPrompt};

@@ -26,7 +26,22 @@ pub struct Pipeline<B: Backend> {
     /// Fingerprint of the base UNet weights (see [`Checkpoint::fingerprint`]).
     pub unet_fingerprint: String,
     unet_sample_size: Option<usize>,
+    scheduler_dir: PathBuf,
     device: B::Device,
+}
+
+/// The components of a pipeline, for [`Pipeline::from_parts`]: models loaded from separate
+/// folders, or built from their configs with random weights (benchmarks).
+pub struct PipelineParts<B: Backend> {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel<B>,
+    pub unet: UNet2DConditionModel<B>,
+    /// The UNet config's `sample_size` (latent side of the default image size).
+    pub unet_sample_size: Option<usize>,
+    pub vae: AutoencoderKl<B>,
+    pub vae_config: AutoencoderKlConfig,
+    /// A folder with `scheduler_config.json`.
+    pub scheduler_dir: PathBuf,
 }
 
 /// What to generate. Defaults follow `StableDiffusionPipeline.__call__`.
@@ -98,8 +113,27 @@ impl<B: Backend> Pipeline<B> {
             base_dir: dir.to_path_buf(),
             unet_fingerprint,
             unet_sample_size: unet_cfg.sample_size,
+            scheduler_dir: dir.join("scheduler"),
             device: device.clone(),
         })
+    }
+
+    /// A pipeline from separately built components. It has no base folder: `base_dir` is the
+    /// scheduler folder and `unet_fingerprint` is empty, so concepts trained elsewhere need
+    /// `allow_mismatch` and training needs [`Pipeline::load`].
+    pub fn from_parts(parts: PipelineParts<B>, device: &B::Device) -> Self {
+        Self {
+            tokenizer: parts.tokenizer,
+            text_encoder: parts.text_encoder,
+            unet: parts.unet,
+            vae: parts.vae,
+            vae_config: parts.vae_config,
+            base_dir: parts.scheduler_dir.clone(),
+            unet_fingerprint: String::new(),
+            unet_sample_size: parts.unet_sample_size,
+            scheduler_dir: parts.scheduler_dir,
+            device: device.clone(),
+        }
     }
 
     /// The device the models live on.
@@ -235,7 +269,7 @@ impl<B: Backend> Pipeline<B> {
         let ctx = self.contexts(opts, visual, n)?;
         let guided = opts.guidance > 1.0;
         let mut sched: Box<dyn Scheduler<Tensor<B, 4>>> =
-            scheduler::load(&self.base_dir.join("scheduler"), opts.scheduler.as_deref()).map_err(|e| Error::invalid(e.to_string()))?;
+            scheduler::load(&self.scheduler_dir, opts.scheduler.as_deref()).map_err(|e| Error::invalid(e.to_string()))?;
         sched.set_timesteps(opts.steps).map_err(|e| Error::invalid(e.to_string()))?;
         let mut noise = BurnNoise::seeded::<B>(&self.device, opts.seed.wrapping_add(1));
         let mut x = latents.scale(sched.init_noise_sigma());

@@ -60,7 +60,7 @@ mod train_parts;
 use train_data::{render, views};
 pub use train_data::{image_files, load_image, load_images, plot_losses};
 use train_parts::{adamw_step, diffusers_unet_tensors, grad_sq_norm, host_params, load_params, set_require_grad};
-pub use train_parts::AdamW;
+pub use train_parts::{write_unet_safetensors, AdamW};
 
 /// Which UNet weights train.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -985,8 +985,10 @@ pub fn peak_rss_bytes() -> Option<u64> {
 /// What [`bench_train_step`] measured.
 #[derive(Debug, Clone)]
 pub struct TrainStepBench {
-    /// Seconds per training step (forward, backward, AdamW), after one warm-up step.
+    /// Seconds per training step (forward, backward, AdamW), after one warm-up step: the mean.
     pub seconds_per_step: f64,
+    /// The time of each timed step (the warm-up step excluded), in order.
+    pub step_seconds: Vec<f64>,
     /// Peak resident memory of the process ([`peak_rss_bytes`]) after the steps.
     pub peak_rss_bytes: Option<u64>,
     /// Trainable parameters (aligner + UNet part).
@@ -1023,7 +1025,7 @@ pub fn bench_train_step<B: AutodiffBackend>(
         rng.fill_standard_normal(&mut v);
         TensorData::new(v, shape)
     };
-    let mut elapsed = 0.0;
+    let mut step_seconds = Vec::with_capacity(steps);
     for i in 0..=steps {
         let start = std::time::Instant::now();
         let q = Tensor::<B, 3>::from_data(randn(vec![batch, 32, 768]), device);
@@ -1043,8 +1045,13 @@ pub fn bench_train_step<B: AutodiffBackend>(
         drop(grads);
         let _ = scalar(&aligner.fc2.bias.as_ref().expect("bias").val().sum());
         if i > 0 {
-            elapsed += start.elapsed().as_secs_f64();
+            step_seconds.push(start.elapsed().as_secs_f64());
         }
     }
-    Ok(TrainStepBench { seconds_per_step: elapsed / steps.max(1) as f64, peak_rss_bytes: peak_rss_bytes(), trainable_params: trainable })
+    Ok(TrainStepBench {
+        seconds_per_step: step_seconds.iter().sum::<f64>() / steps.max(1) as f64,
+        step_seconds,
+        peak_rss_bytes: peak_rss_bytes(),
+        trainable_params: trainable,
+    })
 }

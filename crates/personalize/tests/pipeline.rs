@@ -132,3 +132,24 @@ fn png_text_chunks_round_trip() {
     assert!(text.contains(&("prompt".to_string(), "a cat".to_string())));
     assert!(text.contains(&("seed".to_string(), "7".to_string())));
 }
+
+#[test]
+fn a_pipeline_from_parts_generates_as_the_loaded_one() {
+    let dir = fixtures().join("pipeline");
+    let loaded = pipe();
+    let parts = personalize::PipelineParts::<Flex> {
+        tokenizer: clip_text::ClipTokenizer::from_dir(&dir.join("tokenizer")).unwrap(),
+        text_encoder: clip_text::ClipTextModel::load(&dir.join("text_encoder"), &FlexDevice).unwrap(),
+        unet: sd_unet::UNet2DConditionModel::load(&dir.join("unet"), &FlexDevice).unwrap(),
+        unet_sample_size: sd_unet::UNetConfig::load(&dir.join("unet")).unwrap().sample_size,
+        vae: sd_vae::AutoencoderKl::load(&dir.join("vae"), &FlexDevice).unwrap(),
+        vae_config: sd_vae::AutoencoderKlConfig::load(&dir.join("vae")).unwrap(),
+        scheduler_dir: dir.join("scheduler"),
+    };
+    let parts = Pipeline::from_parts(parts, &FlexDevice);
+    assert_eq!(parts.default_size(), loaded.default_size());
+    let opts = GenerateOptions { prompt: "a cat".into(), steps: 2, height: Some(32), width: Some(32), seed: 3, ..Default::default() };
+    let a = loaded.generate(&opts, None, None, &mut |_, _| {}).unwrap();
+    let b = parts.generate(&opts, None, None, &mut |_, _| {}).unwrap();
+    assert_eq!(a, b);
+}

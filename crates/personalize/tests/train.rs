@@ -400,3 +400,21 @@ fn lora_file_matches_diffusers() {
     assert!(base_out.max_abs_diff(&io["out"]) > 1e-3);
 }
 
+
+#[test]
+fn write_unet_safetensors_reproduces_the_diffusers_file() {
+    // Streamed export of a loaded UNet: the same keys, shapes and values as the file it came from.
+    let dir = base().join("unet");
+    let unet = sd_unet::UNet2DConditionModel::<Flex>::load(&dir, &FlexDevice).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("diffusion_pytorch_model.safetensors");
+    let size = train::write_unet_safetensors(&unet, &out).unwrap();
+    assert_eq!(size, std::fs::metadata(&out).unwrap().len());
+    let ours = read_tensors(&out).unwrap();
+    let reference = read_tensors(&dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    assert_eq!(ours.keys().collect::<Vec<_>>(), reference.keys().collect::<Vec<_>>());
+    for (k, v) in &reference {
+        assert_eq!(ours[k].shape, v.shape, "{k}");
+        assert_eq!(ours[k].max_abs_diff(v), 0.0, "{k}");
+    }
+}

@@ -1,0 +1,553 @@
+//! `cargo xtask bench`: full-size SD 1.5 and ViT-g work with random weights through the release
+//! `personalize` binary, optionally against the same work in PyTorch (`--torch PYTHON`, which
+//! runs `xtask/bench/torch_bench.py`).
+//!
+//! What each bench measures (ours and PyTorch alike; f32, all cores):
+//!
+//! * `unet`: one UNet forward, batch 2 (guidance's two branches), latents 4×64×64, timestep
+//!   981, context 85×768 (77 text + 8 visual tokens).
+//! * `vae`: one VAE decode of a `[1, 4, 64, 64]` latent (a 512×512 image).
+//! * `text`: the CLIP text encoder on `[2, 77]` token ids.
+//! * `blip2`: ViT-g + Q-Former (+ query tokens) on one 224×224 image; no language model.
+//! * `train-step`: one training step at 512×512, batch 1: aligner on 8 of 32 random queries,
+//!   UNet with LoRA rank 4 on `to_q`, `to_k`, `to_v`, `to_out.0`, epsilon MSE, AdamW.
+//! * `generate`: whole generations of one 512×512 image, guidance 7.5 (one UNet batch of 2 per
+//!   step), SD 1.5's PNDM scheduler, `--steps` steps (4 by default), text encoder and VAE
+//!   decode included; the per-step median (steps after the first) is reported as well.
+//! * `load`: loading a 3.44 GB f32 SD 1.5 UNet checkpoint (random weights, diffusers layout,
+//!   written once under `target/bench-data/`), each load in a fresh process after a warm-up
+//!   one; the time of the load itself and the process's peak memory right after it, also as a
+//!   ratio to the file size (goal: at most 1.2).
+//!
+//! The forward benches and `train-step` time `--repeat` runs after one warm-up run and report the
+//! median; `generate` times `--repeat` generations with no warm-up generation (its first step
+//! warms up). Peak memory is the process's peak resident set (Linux `VmHWM`, Python's
+//! `ru_maxrss`), which for PyTorch includes its libraries (printed by the script).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use model_io::tensor_file::{write_tensors, HostTensor};
+
+use crate::root;
+
+/// Every bench, and those run when none is named.
+pub const BENCHES: &[&str] = &["unet", "vae", "text", "blip2", "generate", "train-step", "load"];
+const DEFAULT_BENCHES: &[&str] = &["unet", "vae", "text", "blip2"];
+
+/// The usage lines of `bench` (for `cargo xtask --help`).
+pub const USAGE: &str = "\
+bench [unet|vae|text|blip2|generate|train-step|load]... [--repeat N] [--steps N] [--torch PYTHON]\n    \
+    time full-size SD 1.5 / ViT-g work with random weights (default: unet vae text blip2):\n    \
+    median of N runs after a warm-up (N: 3; 1 for generate and train-step) and peak memory.\n    \
+    --steps N: generate's denoising steps (4). --torch PYTHON: run the same work in PyTorch\n    \
+    (a Python with numpy, torch, diffusers, transformers; peft for a LoRA train-step) and\n    \
+    print the ratio ours / PyTorch. load writes a 3.44 GB checkpoint once (target/bench-data).";
+
+/// Parsed `bench` arguments.
+#[derive(Debug, PartialEq)]
+pub struct BenchArgs {
+    pub names: Vec<String>,
+    /// Timed runs; `None`: the bench's default.
+    pub repeat: Option<usize>,
+    pub steps: usize,
+    pub torch: Option<String>,
+}
+
+fn positive(flag: &str, v: Option<&String>) -> Result<usize, String> {
+    let v = v.ok_or_else(|| format!("{flag} needs a number"))?;
+    match v.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{flag} {v}: expected a positive whole number")),
+    }
+}
+
+pub fn parse_args(args: &[String]) -> Result<BenchArgs, String> {
+    let mut a = BenchArgs { names: vec![], repeat: None, steps: 4, torch: None };
+    let mut it = args.iter();
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--repeat" => a.repeat = Some(positive("--repeat", it.next())?),
+            "--steps" => a.steps = positive("--steps", it.next())?,
+            "--torch" => a.torch = Some(it.next().ok_or("--torch needs a Python executable")?.clone()),
+            name if BENCHES.contains(&name) => {
+                if !a.names.iter().any(|n| n == name) {
+                    a.names.push(name.to_string());
+                }
+            }
+            other => return Err(format!("unknown bench or flag `{other}`; benches: {}", BENCHES.join(", "))),
+        }
+    }
+    if a.names.is_empty() {
+        a.names = DEFAULT_BENCHES.iter().map(|s| s.to_string()).collect();
+    }
+    Ok(a)
+}
+
+/// Timed runs of `name` when `--repeat` is not given.
+fn default_repeat(name: &str) -> usize {
+    if matches!(name, "generate" | "train-step") { 1 } else { 3 }
+}
+
+/// A median time and a peak memory.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Measured {
+    pub median_s: f64,
+    pub peak_mib: Option<f64>,
+}
+
+/// The `key=value` fields of a summary line (`unet: load_s=1.2 ... median_s=0.5 peak_mib=900.0`).
+pub fn fields(line: &str) -> BTreeMap<&str, &str> {
+    line.split_whitespace().filter_map(|t| t.split_once('=')).collect()
+}
+
+/// The last summary line of ours that starts with `prefix:`, as a measurement of `time_key`
+/// and `peak_key`, with all its fields.
+pub fn ours_result(lines: &[String], prefix: &str, time_key: &str, peak_key: &str) -> Option<(Measured, BTreeMap<String, String>)> {
+    let line = lines.iter().rev().find(|l| l.starts_with(&format!("{prefix}: ")))?;
+    let f = fields(line);
+    let median_s = f.get(time_key)?.parse().ok()?;
+    let peak_mib = f.get(peak_key).and_then(|v| v.parse().ok());
+    Some((Measured { median_s, peak_mib }, f.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()))
+}
+
+/// PyTorch's `RESULT name median_s peak_mib` line for `name`.
+pub fn torch_result(stdout: &str, name: &str) -> Option<Measured> {
+    stdout.lines().rev().find_map(|l| {
+        let t: Vec<&str> = l.split_whitespace().collect();
+        match t.as_slice() {
+            ["RESULT", n, s, p] if *n == name => Some(Measured { median_s: s.parse().ok()?, peak_mib: p.parse().ok() }),
+            _ => None,
+        }
+    })
+}
+
+/// `ours / torch` with two decimals and an `x`, or `-`.
+pub fn ratio(ours: Option<f64>, torch: Option<f64>) -> String {
+    match (ours, torch) {
+        (Some(o), Some(t)) if t > 0.0 && o.is_finite() => format!("{:.2}x", o / t),
+        _ => "-".into(),
+    }
+}
+
+/// One table row.
+#[derive(Debug, Default)]
+pub struct Row {
+    pub bench: String,
+    pub ours: Option<Measured>,
+    pub torch: Option<Measured>,
+    /// Lines printed under the table.
+    pub notes: Vec<String>,
+}
+
+fn secs(m: Option<Measured>) -> String {
+    m.map_or("-".into(), |m| format!("{:.3} s", m.median_s))
+}
+
+fn peak(m: Option<Measured>) -> String {
+    m.and_then(|m| m.peak_mib).map_or("-".into(), |p| format!("{p:.0} MiB"))
+}
+
+/// The results table: bench, ours median, torch median, ratio, ours peak, torch peak; then the
+/// rows' notes.
+pub fn table(rows: &[Row]) -> String {
+    let mut cells = vec![["bench", "ours median", "torch median", "ours/torch", "ours peak", "torch peak"].map(String::from)];
+    for r in rows {
+        cells.push([
+            r.bench.clone(),
+            secs(r.ours),
+            secs(r.torch),
+            ratio(r.ours.map(|m| m.median_s), r.torch.map(|m| m.median_s)),
+            peak(r.ours),
+            peak(r.torch),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6).map(|i| cells.iter().map(|c| c[i].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for c in &cells {
+        let line: Vec<String> = c
+            .iter()
+            .enumerate()
+            .map(|(i, s)| if i == 0 { format!("{s:<w$}", w = widths[i]) } else { format!("{s:>w$}", w = widths[i]) })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    for r in rows {
+        for n in &r.notes {
+            out.push_str(&format!("{}: {n}\n", r.bench));
+        }
+    }
+    out
+}
+
+/// A cheap deterministic `[-1, 1)` tensor: inputs only need to be non-trivial.
+fn uniform(shape: Vec<usize>, seed: u64) -> HostTensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let data = (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    HostTensor::f32(shape, data)
+}
+
+/// A stage bench: the stage, its config folder, and its inputs (SD 1.5 at 512×512).
+fn stage_case(name: &str) -> Option<(&'static str, &'static str, Vec<(&'static str, HostTensor)>)> {
+    Some(match name {
+        // Batch 2 (conditional + unconditional), 64×64 latents, 77 text + 8 visual tokens.
+        "unet" => ("unet", "sd15-unet", vec![
+            ("sample", uniform(vec![2, 4, 64, 64], 1)),
+            ("timestep", HostTensor::f32(vec![2], vec![981.0, 981.0])),
+            ("encoder_hidden_states", uniform(vec![2, 85, 768], 2)),
+        ]),
+        "vae" => ("vae-decode", "sd15-vae", vec![("latent", uniform(vec![1, 4, 64, 64], 3))]),
+        // One 224×224 image through ViT-g and the Q-Former (blip2-opt-2.7b's config).
+        "blip2" => ("blip2", "blip2-vitg", vec![("pixel_values", uniform(vec![1, 3, 224, 224], 4))]),
+        // The same ids as torch_bench.py's text_ids.
+        "text" => ("text-encoder", "sd15-text", vec![(
+            "input_ids",
+            HostTensor::i64(vec![2, 77], (0..154).map(|i| if i % 77 == 0 { 49406 } else { 320 + i as i64 % 1000 }).collect()),
+        )]),
+        _ => return None,
+    })
+}
+
+/// Runs `cmd`, echoing its stderr as it comes, and returns the stderr lines.
+fn run_ours(mut cmd: Command, what: &str) -> Result<Vec<String>, String> {
+    let mut child = cmd.stderr(Stdio::piped()).spawn().map_err(|e| format!("{what}: cannot start: {e}"))?;
+    let mut lines = Vec::new();
+    for line in BufReader::new(child.stderr.take().expect("piped")).lines().map_while(Result::ok) {
+        eprintln!("{line}");
+        lines.push(line);
+    }
+    match child.wait() {
+        Ok(s) if s.success() => Ok(lines),
+        Ok(s) => Err(format!("{what} failed ({s})")),
+        Err(e) => Err(format!("{what}: {e}")),
+    }
+}
+
+/// torch_bench.py's exit status when the Python lacks a package.
+const MISSING_PACKAGE: i32 = 3;
+
+fn torch_script() -> PathBuf {
+    root().join("xtask/bench/torch_bench.py")
+}
+
+/// Runs the PyTorch side of `name`, echoing its output, and returns its stdout.
+fn run_torch(py: &str, name: &str, args: &[String]) -> Result<String, String> {
+    if name != "check" {
+        eprintln!("torch {name}: {py} xtask/bench/torch_bench.py {name} {}", args.join(" "));
+    }
+    let mut child = Command::new(py)
+        .arg(torch_script())
+        .arg(name)
+        .args(args)
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {py}: {e}"))?;
+    let mut out = String::new();
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines().map_while(Result::ok) {
+        eprintln!("{line}");
+        out.push_str(&line);
+        out.push('\n');
+    }
+    match child.wait() {
+        Ok(s) if s.success() => Ok(out),
+        // A missing package: the script has said which, in one line.
+        Ok(s) if s.code() == Some(MISSING_PACKAGE) => Err(String::new()),
+        Ok(s) => Err(format!("torch {name} failed ({s})")),
+        Err(e) => Err(format!("torch {name}: {e}")),
+    }
+}
+
+/// The `INFO name key=value` lines of the PyTorch side, as notes.
+fn torch_notes(stdout: &str) -> Vec<String> {
+    stdout.lines().filter_map(|l| l.strip_prefix("INFO ")).map(|l| format!("torch {l}")).collect()
+}
+
+/// The checkpoint of the `load` bench, written once by `personalize bench-write-unet`.
+fn load_checkpoint(exe: &Path) -> Result<(PathBuf, u64), String> {
+    let dir = root().join("target/bench-data/sd15-unet-random");
+    let file = dir.join("diffusion_pytorch_model.safetensors");
+    if !file.is_file() {
+        eprintln!("bench load: writing {} (3.44 GB, once)", file.display());
+        let status = Command::new(exe)
+            .arg("bench-write-unet")
+            .arg("--unet-config")
+            .arg(root().join("xtask/configs/sd15-unet"))
+            .arg("--out")
+            .arg(&dir)
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            return Err("writing the load checkpoint failed".into());
+        }
+    }
+    let size = std::fs::metadata(&file).map_err(|e| format!("{}: {e}", file.display()))?.len();
+    Ok((dir, size))
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+/// Ours and (with `torch`) PyTorch for one bench.
+fn run_one(name: &str, exe: &Path, tmp: &Path, a: &BenchArgs) -> Result<Row, String> {
+    let repeat = a.repeat.unwrap_or_else(|| default_repeat(name));
+    let configs = root().join("xtask/configs");
+    let mut row = Row { bench: name.to_string(), ..Default::default() };
+    let mut torch_args = vec!["--repeat".to_string(), repeat.to_string()];
+    match name {
+        "train-step" => {
+            eprintln!("bench train-step: sd15-unet, LoRA rank 4, 512x512, batch 1, random weights, {repeat} step(s) after a warm-up");
+            let mut cmd = Command::new(exe);
+            cmd.arg("bench-train-step").arg("--unet-config").arg(configs.join("sd15-unet")).args(["--steps", &repeat.to_string()]);
+            let lines = run_ours(cmd, "bench train-step")?;
+            let (m, _) = ours_result(&lines, "train-step", "median_s", "peak_mib").ok_or("bench train-step printed no summary line")?;
+            row.ours = Some(m);
+        }
+        "generate" => {
+            eprintln!("bench generate: SD 1.5 configs, 512x512, {} steps, guidance 7.5, random weights, {repeat} generation(s)", a.steps);
+            let mut cmd = Command::new(exe);
+            cmd.arg("bench-generate")
+                .arg("--unet")
+                .arg(configs.join("sd15-unet"))
+                .arg("--vae")
+                .arg(configs.join("sd15-vae"))
+                .arg("--text-encoder")
+                .arg(configs.join("sd15-text"))
+                .arg("--scheduler")
+                .arg(configs.join("sd15-scheduler"))
+                .arg("--tokenizer")
+                .arg(root().join("assets/clip-tokenizer"))
+                .args(["--steps", &a.steps.to_string(), "--repeat", &repeat.to_string()]);
+            let lines = run_ours(cmd, "bench generate")?;
+            let (m, f) = ours_result(&lines, "generate", "median_s", "peak_mib").ok_or("bench generate printed no summary line")?;
+            row.ours = Some(m);
+            let get = |k: &str| f.get(k).cloned().unwrap_or_else(|| "-".into());
+            row.notes.push(format!(
+                "ours: per step {} s (median of steps 2..), first step {} s, decode {} s",
+                get("step_median_s"),
+                get("first_step_s"),
+                get("decode_s")
+            ));
+            torch_args.extend(["--steps".to_string(), a.steps.to_string()]);
+        }
+        "load" => {
+            let (dir, size) = load_checkpoint(exe)?;
+            let input = tmp.join("load-in.safetensors");
+            let tensors = BTreeMap::from([
+                ("sample".to_string(), uniform(vec![1, 4, 8, 8], 5)),
+                ("timestep".to_string(), HostTensor::f32(vec![1], vec![981.0])),
+                ("encoder_hidden_states".to_string(), uniform(vec![1, 1, 768], 6)),
+            ]);
+            write_tensors(&input, &tensors, &Default::default()).map_err(|e| e.to_string())?;
+            eprintln!("bench load: {} ({:.2} GB), {repeat} load(s) in fresh processes after a warm-up one", dir.display(), size as f64 / 1e9);
+            let (mut times, mut peaks) = (vec![], vec![]);
+            for i in 0..=repeat {
+                let mut cmd = Command::new(exe);
+                cmd.args(["stage", "unet", "--repeat", "2", "--model"])
+                    .arg(&dir)
+                    .arg("--input")
+                    .arg(&input)
+                    .arg("--output")
+                    .arg(tmp.join("load-out.safetensors"));
+                let lines = run_ours(cmd, "bench load")?;
+                let (m, _) = ours_result(&lines, "unet", "load_s", "load_peak_mib").ok_or("bench load: the stage printed no summary line")?;
+                if i > 0 {
+                    times.push(m.median_s);
+                    peaks.extend(m.peak_mib);
+                }
+            }
+            let m = Measured { median_s: median(times).unwrap_or(f64::NAN), peak_mib: median(peaks) };
+            let file_mib = size as f64 / (1u64 << 20) as f64;
+            row.ours = Some(m);
+            row.notes.push(format!(
+                "checkpoint {file_mib:.0} MiB; ours peak / file size {} (goal <= 1.2)",
+                m.peak_mib.map_or("-".into(), |p| format!("{:.3}", p / file_mib))
+            ));
+            torch_args.extend(["--unet-dir".to_string(), dir.display().to_string()]);
+        }
+        _ => {
+            let (stage, cfg, inputs) = stage_case(name).expect("parse_args checked the name");
+            let input = tmp.join(format!("{name}-in.safetensors"));
+            let tensors = inputs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            write_tensors(&input, &tensors, &Default::default()).map_err(|e| e.to_string())?;
+            eprintln!("bench {name}: {stage} of {cfg}, random weights, {repeat} run(s) after a warm-up");
+            let mut cmd = Command::new(exe);
+            cmd.args(["stage", stage, "--random-weights", "--repeat", &(repeat + 1).to_string(), "--model"])
+                .arg(configs.join(cfg))
+                .arg("--input")
+                .arg(&input)
+                .arg("--output")
+                .arg(tmp.join(format!("{name}-out.safetensors")));
+            let lines = run_ours(cmd, &format!("bench {name}"))?;
+            let (m, _) = ours_result(&lines, stage, "median_s", "peak_mib").ok_or_else(|| format!("bench {name}: no summary line"))?;
+            row.ours = Some(m);
+        }
+    }
+    if let Some(py) = &a.torch {
+        let out = run_torch(py, name, &torch_args)?;
+        row.torch = Some(torch_result(&out, name).ok_or_else(|| format!("torch {name} printed no RESULT line"))?);
+        row.notes.extend(torch_notes(&out));
+    }
+    Ok(row)
+}
+
+/// `cargo xtask bench ...`.
+pub fn run(args: &[String]) -> ExitCode {
+    let a = match parse_args(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}\nusage: cargo xtask {USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(py) = &a.torch {
+        // Fail before the long Rust work if the Python lacks a package (the script names it).
+        if let Err(e) = run_torch(py, "check", &[]) {
+            if !e.is_empty() {
+                eprintln!("error: {e}");
+            }
+            return ExitCode::FAILURE;
+        }
+    }
+    let tmp = std::env::temp_dir().join(format!("personalize-bench-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&tmp) {
+        eprintln!("error: {}: {e}", tmp.display());
+        return ExitCode::FAILURE;
+    }
+    let build = Command::new("cargo").args(["build", "--release", "-p", "personalize-cli"]).current_dir(root()).status();
+    if !build.is_ok_and(|s| s.success()) {
+        eprintln!("error: release build of personalize-cli failed");
+        return ExitCode::FAILURE;
+    }
+    let exe = root().join("target/release/personalize");
+    let mut rows = Vec::new();
+    let mut failed = None;
+    for name in &a.names {
+        match run_one(name, &exe, &tmp, &a) {
+            Ok(r) => rows.push(r),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    if !rows.is_empty() {
+        println!("\n{}", table(&rows));
+    }
+    match failed {
+        Some(e) => {
+            if !e.is_empty() {
+                eprintln!("error: {e}");
+            }
+            ExitCode::FAILURE
+        }
+        None => ExitCode::SUCCESS,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn parses_names_flags_and_defaults() {
+        let a = parse_args(&args("generate --steps 2 unet --repeat 5 --torch /venv/bin/python unet")).unwrap();
+        assert_eq!(a, BenchArgs { names: vec!["generate".into(), "unet".into()], repeat: Some(5), steps: 2, torch: Some("/venv/bin/python".into()) });
+        let a = parse_args(&[]).unwrap();
+        assert_eq!(a.names, ["unet", "vae", "text", "blip2"]);
+        assert_eq!((a.repeat, a.steps, a.torch), (None, 4, None));
+        assert_eq!((default_repeat("unet"), default_repeat("load"), default_repeat("generate"), default_repeat("train-step")), (3, 3, 1, 1));
+        for (bad, needle) in [
+            ("unett", "unknown bench or flag `unett`"),
+            ("--repeat", "--repeat needs a number"),
+            ("--repeat 0", "--repeat 0: expected a positive"),
+            ("--steps x", "--steps x: expected a positive"),
+            ("--torch", "--torch needs a Python"),
+            ("--python p", "unknown bench or flag `--python`"),
+        ] {
+            let e = parse_args(&args(bad)).unwrap_err();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_stage_bench_has_a_case_and_config() {
+        for name in ["unet", "vae", "text", "blip2"] {
+            let (_, cfg, inputs) = stage_case(name).unwrap();
+            assert!(root().join("xtask/configs").join(cfg).join("config.json").is_file(), "{cfg}");
+            assert!(!inputs.is_empty());
+        }
+        assert!(stage_case("generate").is_none());
+        assert!(root().join("xtask/configs/sd15-scheduler/scheduler_config.json").is_file());
+        assert!(torch_script().is_file());
+    }
+
+    #[test]
+    fn reads_our_summary_lines_and_torch_result_lines() {
+        let lines: Vec<String> = [
+            "bench-generate: 512x512, 4 steps",
+            "unet: load_s=1.500 load_peak_mib=3300.5 warmup=1 runs=3 median_s=12.3456 min_s=12.0000 peak_mib=5000.0",
+            "generate: load_s=2.000 load_peak_mib=- warmup=0 runs=1 steps=4 median_s=100.0 min_s=100.0 step_median_s=20.5 peak_mib=-",
+        ]
+        .map(String::from)
+        .to_vec();
+        let (m, f) = ours_result(&lines, "unet", "median_s", "peak_mib").unwrap();
+        assert_eq!(m, Measured { median_s: 12.3456, peak_mib: Some(5000.0) });
+        assert_eq!(f["runs"], "3");
+        let (m, _) = ours_result(&lines, "unet", "load_s", "load_peak_mib").unwrap();
+        assert_eq!(m, Measured { median_s: 1.5, peak_mib: Some(3300.5) });
+        let (m, f) = ours_result(&lines, "generate", "median_s", "peak_mib").unwrap();
+        assert_eq!((m.median_s, m.peak_mib, f["step_median_s"].as_str()), (100.0, None, "20.5"));
+        assert!(ours_result(&lines, "vae-decode", "median_s", "peak_mib").is_none());
+        assert!(ours_result(&lines, "bench-generate", "median_s", "peak_mib").is_none(), "no median_s field");
+
+        let out = "INFO unet what=x\nRESULT unet 10.0000 4800.5\nRESULT vae 1.5 nan-ish\n";
+        assert_eq!(torch_result(out, "unet"), Some(Measured { median_s: 10.0, peak_mib: Some(4800.5) }));
+        assert_eq!(torch_result(out, "vae"), Some(Measured { median_s: 1.5, peak_mib: None }));
+        assert_eq!(torch_result(out, "text"), None);
+        assert_eq!(torch_result("RESULT unet x 1\n", "unet"), None);
+        assert_eq!(torch_notes(out), ["torch unet what=x"]);
+    }
+
+    #[test]
+    fn formats_ratios_and_the_table() {
+        assert_eq!(ratio(Some(12.3456), Some(10.0)), "1.23x");
+        assert_eq!(ratio(Some(1.0), Some(4.0)), "0.25x");
+        assert_eq!(ratio(Some(1.0), None), "-");
+        assert_eq!(ratio(Some(1.0), Some(0.0)), "-");
+        let rows = [
+            Row {
+                bench: "unet".into(),
+                ours: Some(Measured { median_s: 12.3456, peak_mib: Some(5000.4) }),
+                torch: Some(Measured { median_s: 10.0, peak_mib: Some(4800.0) }),
+                notes: vec!["torch unet what=x".into()],
+            },
+            Row { bench: "train-step".into(), ours: Some(Measured { median_s: 50.0, peak_mib: None }), ..Default::default() },
+        ];
+        let t = table(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        let cols = |l: &str| l.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(String::from).collect::<Vec<_>>();
+        assert_eq!(cols(lines[0]), ["bench", "ours median", "torch median", "ours/torch", "ours peak", "torch peak"]);
+        assert_eq!(cols(lines[1]), ["unet", "12.346 s", "10.000 s", "1.23x", "5000 MiB", "4800 MiB"]);
+        assert_eq!(cols(lines[2]), ["train-step", "50.000 s", "-", "-", "-", "-"]);
+        assert_eq!(lines[3], "unet: torch unet what=x");
+        // Columns line up: every row has the header's width.
+        assert_eq!(lines[0].len(), lines[1].len());
+    }
+}

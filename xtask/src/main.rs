@@ -3,16 +3,22 @@
 //! * `fixtures [--python PY] [GROUP...]` rebuilds the reference fixtures under tests/fixtures
 //!   with the pinned Python reference libraries (xtask/fixtures/requirements.txt).
 //! * `vocab [--python PY]` regenerates assets/clip-tokenizer from open-clip-torch's vocabulary.
-//! * `bench [unet|vae|text|blip2|train-step]... [--repeat N]` times full-size stages (SD 1.5, ViT-g) with random weights
-//!   through the release `personalize stage --random-weights --repeat N`, with peak memory.
+//! * `bench [unet|vae|text|blip2|generate|train-step|load]... [--repeat N] [--steps N] [--torch PY]`
+//!   times full-size SD 1.5 / ViT-g work with random weights through the release `personalize`,
+//!   with peak memory, optionally against PyTorch (see `bench.rs`).
+
+mod bench;
+mod fetch;
+mod e2e;
+mod tiny;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
-use model_io::tensor_file::{write_tensors, HostTensor};
-
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    // The workspace root: xtask's parent folder.
+    let xtask = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    xtask.parent().map_or_else(|| xtask.join(".."), PathBuf::from)
 }
 
 fn usage() -> ExitCode {
@@ -21,9 +27,13 @@ fn usage() -> ExitCode {
          commands:\n  \
          fixtures [--python PY] [GROUP...]  rebuild tests/fixtures with the reference libraries\n  \
          vocab [--python PY]                rebuild assets/clip-tokenizer from open-clip-torch\n  \
-         bench [unet|vae|text|blip2|train-step]... [--repeat N]  time full-size stages (random weights)\n\n\
+         e2e [--release]                    the README's main job on the bundled tiny models, checked\n  \
+         tiny-model                         rebuild assets/tiny-sd, assets/tiny-blip2, assets/examples (fixed seed)\n  \
+         fetch <preset|owner/name>... [--revision R] [--fp16] [--offline]  download weights into the HF cache\n  \
+         {bench}\n\n\
          PY defaults to $PERSONALIZE_PYTHON or python3; it needs the packages of\n\
-         xtask/fixtures/requirements.txt (pip install -r xtask/fixtures/requirements.txt)."
+         xtask/fixtures/requirements.txt (pip install -r xtask/fixtures/requirements.txt).",
+        bench = bench::USAGE
     );
     ExitCode::from(2)
 }
@@ -58,100 +68,34 @@ fn run_python(py: &str, script: &str, args: &[String]) -> ExitCode {
     }
 }
 
-/// One benchmark: the stage, its config folder, and its inputs (SD 1.5 at 512×512).
-fn bench_case(name: &str) -> Option<(&'static str, &'static str, Vec<(&'static str, HostTensor)>)> {
-    let randn = |shape: Vec<usize>, seed: u64| {
-        // A cheap deterministic generator: inputs only need to be non-trivial.
-        let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let data = (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        HostTensor::f32(shape, data)
-    };
-    Some(match name {
-        // Batch 2 (conditional + unconditional), 64×64 latents, 77 text + 8 visual tokens.
-        "unet" => ("unet", "sd15-unet", vec![
-            ("sample", randn(vec![2, 4, 64, 64], 1)),
-            ("timestep", HostTensor::f32(vec![2], vec![981.0, 981.0])),
-            ("encoder_hidden_states", randn(vec![2, 85, 768], 2)),
-        ]),
-        "vae" => ("vae-decode", "sd15-vae", vec![("latent", randn(vec![1, 4, 64, 64], 3))]),
-        // One 224×224 image through ViT-g and the Q-Former (blip2-opt-2.7b's config).
-        "blip2" => ("blip2", "blip2-vitg", vec![("pixel_values", randn(vec![1, 3, 224, 224], 4))]),
-        "text" => ("text-encoder", "sd15-text", vec![(
-            "input_ids",
-            HostTensor::i64(vec![2, 77], (0..154).map(|i| if i % 77 == 0 { 49406 } else { 320 + i as i64 % 1000 }).collect()),
-        )]),
-        _ => return None,
-    })
-}
-
-fn bench(args: &[String]) -> ExitCode {
-    let mut repeat = "3".to_string();
-    let mut names = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if a == "--repeat" {
-            repeat = it.next().cloned().unwrap_or_else(|| "3".into());
-        } else {
-            names.push(a.clone());
-        }
-    }
-    if names.is_empty() {
-        names = vec!["unet".into(), "vae".into(), "text".into(), "blip2".into()];
-    }
-    let tmp = std::env::temp_dir().join(format!("personalize-bench-{}", std::process::id()));
-    if let Err(e) = std::fs::create_dir_all(&tmp) {
-        eprintln!("error: {}: {e}", tmp.display());
-        return ExitCode::FAILURE;
-    }
-    let build = Command::new("cargo").args(["build", "--release", "-p", "personalize-cli"]).current_dir(root()).status();
-    if !build.is_ok_and(|s| s.success()) {
-        eprintln!("error: release build of personalize-cli failed");
-        return ExitCode::FAILURE;
-    }
-    let exe = root().join("target/release/personalize");
-    for name in &names {
-        if name == "train-step" {
-            // SD 1.5 UNet, LoRA rank 4, 512×512, batch 1: one warm-up and one timed step.
-            eprintln!("bench train-step: SD 1.5 UNet, LoRA rank 4, 512x512, batch 1, random weights");
-            let status = Command::new(&exe).arg("bench-train-step").arg("--unet-config").arg(root().join("xtask/configs/sd15-unet")).status();
-            if !status.is_ok_and(|s| s.success()) {
-                eprintln!("error: bench train-step failed");
-                return ExitCode::FAILURE;
-            }
-            continue;
-        }
-        let Some((stage, cfg, inputs)) = bench_case(name) else {
-            eprintln!("error: unknown bench `{name}`; expected unet, vae, text, blip2 or train-step");
+/// Builds the CLI (the test profile by default: after `cargo test` it is already built), then
+/// runs [`e2e::run`] in target/e2e, which is kept for inspection.
+fn run_e2e(args: &[String]) -> ExitCode {
+    let release = match args {
+        [] => false,
+        [a] if a == "--release" => true,
+        _ => {
+            eprintln!("error: e2e takes only --release");
             return ExitCode::from(2);
-        };
-        let input = tmp.join(format!("{name}-in.safetensors"));
-        let tensors = inputs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-        if let Err(e) = write_tensors(&input, &tensors, &Default::default()) {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
         }
-        eprintln!("bench {name}: {stage} of {cfg}, random weights, {repeat} runs after loading");
-        let status = Command::new(&exe)
-            .args(["stage", stage, "--random-weights", "--repeat", &repeat, "--model"])
-            .arg(root().join("xtask/configs").join(cfg))
-            .arg("--input")
-            .arg(&input)
-            .arg("--output")
-            .arg(tmp.join(format!("{name}-out.safetensors")))
-            .status();
-        if !status.is_ok_and(|s| s.success()) {
-            eprintln!("error: bench {name} failed");
-            return ExitCode::FAILURE;
+    };
+    let profile = if release { "release" } else { "test" };
+    let build = Command::new("cargo").args(["build", "--profile", profile, "-p", "personalize-cli"]).current_dir(root()).status();
+    if !build.is_ok_and(|s| s.success()) {
+        eprintln!("error: building personalize-cli ({profile} profile) failed");
+        return ExitCode::FAILURE;
+    }
+    let exe = root().join("target").join(if release { "release" } else { "debug" }).join("personalize");
+    let work = root().join("target/e2e");
+    let _ = std::fs::remove_dir_all(&work);
+    let result = std::fs::create_dir_all(&work).map_err(anyhow::Error::from).and_then(|()| e2e::run(&root(), &exe, &work));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: e2e: {e:#}");
+            ExitCode::FAILURE
         }
     }
-    let _ = std::fs::remove_dir_all(&tmp);
-    ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {
@@ -166,7 +110,16 @@ fn main() -> ExitCode {
     };
     match cmd.as_str() {
         "fixtures" => run_python(&py, "make_fixtures.py", &rest),
-        "bench" => bench(&rest),
+        "bench" => bench::run(&rest),
+        "fetch" => fetch::run(&rest),
+        "e2e" => run_e2e(&rest),
+        "tiny-model" => match tiny::write(&root(), &root().join("assets")) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         "vocab" => run_python(&py, "clip_vocab.py", &[root().join("assets/clip-tokenizer").display().to_string()]),
         "-h" | "--help" | "help" => {
             usage();

@@ -27,7 +27,7 @@ fn usage() -> ExitCode {
          commands:\n  \
          fixtures [--python PY] [GROUP...]  rebuild tests/fixtures with the reference libraries\n  \
          vocab [--python PY]                rebuild assets/clip-tokenizer from open-clip-torch\n  \
-         e2e [--release]                    the README's main job on the bundled tiny models, checked\n  \
+         e2e [--release | --exe PATH]       the README's main job on the bundled tiny models, checked\n  \
          tiny-model                         rebuild assets/tiny-sd, assets/tiny-blip2, assets/examples (fixed seed)\n  \
          fetch <preset|owner/name>... [--revision R] [--fp16] [--offline]  download weights into the HF cache\n  \
          {bench}\n\n\
@@ -68,24 +68,37 @@ fn run_python(py: &str, script: &str, args: &[String]) -> ExitCode {
     }
 }
 
-/// Builds the CLI (the test profile by default: after `cargo test` it is already built), then
-/// runs [`e2e::run`] in target/e2e, which is kept for inspection.
+/// Builds the CLI (the test profile by default: after `cargo test` most of it is built), or
+/// takes `--exe PATH` as built, then runs [`e2e::run`] in target/e2e, kept for inspection.
 fn run_e2e(args: &[String]) -> ExitCode {
-    let release = match args {
-        [] => false,
-        [a] if a == "--release" => true,
+    let exe = match args {
+        [a, path] if a == "--exe" => PathBuf::from(path),
+        [] | [_] => {
+            let release = match args.first().map(String::as_str) {
+                None => false,
+                Some("--release") => true,
+                Some(other) => {
+                    eprintln!("error: e2e: unknown option `{other}`; expected --release or --exe PATH");
+                    return ExitCode::from(2);
+                }
+            };
+            let profile = if release { "release" } else { "test" };
+            let build = Command::new("cargo").args(["build", "--profile", profile, "-p", "personalize-cli"]).current_dir(root()).status();
+            if !build.is_ok_and(|s| s.success()) {
+                eprintln!("error: building personalize-cli ({profile} profile) failed");
+                return ExitCode::FAILURE;
+            }
+            root().join("target").join(if release { "release" } else { "debug" }).join("personalize")
+        }
         _ => {
-            eprintln!("error: e2e takes only --release");
+            eprintln!("error: e2e takes --release or --exe PATH");
             return ExitCode::from(2);
         }
     };
-    let profile = if release { "release" } else { "test" };
-    let build = Command::new("cargo").args(["build", "--profile", profile, "-p", "personalize-cli"]).current_dir(root()).status();
-    if !build.is_ok_and(|s| s.success()) {
-        eprintln!("error: building personalize-cli ({profile} profile) failed");
+    if !exe.is_file() {
+        eprintln!("error: e2e: {} is not a built `personalize` binary", exe.display());
         return ExitCode::FAILURE;
     }
-    let exe = root().join("target").join(if release { "release" } else { "debug" }).join("personalize");
     let work = root().join("target/e2e");
     let _ = std::fs::remove_dir_all(&work);
     let result = std::fs::create_dir_all(&work).map_err(anyhow::Error::from).and_then(|()| e2e::run(&root(), &exe, &work));

@@ -28,11 +28,11 @@ pub fn run(root: &Path, exe: &Path, work: &Path) -> Result<()> {
 
     let t = Instant::now();
     personalize(exe, &[
-        "train".as_ref(), "--base".as_ref(), base.as_os_str(), "--blip2".as_ref(), blip2.as_os_str(),
-        "--image".as_ref(), img1.as_os_str(), "--image".as_ref(), img2.as_os_str(),
-        "--prompt".as_ref(), "a photo of sks".as_ref(), "--steps".as_ref(), steps.as_ref(),
-        "--resolution".as_ref(), "64".as_ref(), "--lr".as_ref(), "1e-3".as_ref(), "--unet-lr".as_ref(), "1e-3".as_ref(),
-        "--out".as_ref(), concept.as_os_str(),
+        &"train", &"--base", &base, &"--blip2", &blip2,
+        &"--image", &img1, &"--image", &img2,
+        &"--prompt", &"a photo of sks", &"--steps", &steps,
+        &"--resolution", &"64", &"--lr", &"1e-3", &"--unet-lr", &"1e-3",
+        &"--out", &concept,
     ])?;
     eprintln!("e2e: trained in {:.1} s", t.elapsed().as_secs_f64());
     check_concept(&concept)?;
@@ -42,9 +42,9 @@ pub fn run(root: &Path, exe: &Path, work: &Path) -> Result<()> {
         let out = work.join(run);
         let t = Instant::now();
         personalize(exe, &[
-            "generate".as_ref(), "--base".as_ref(), base.as_os_str(), "--concept".as_ref(), concept.as_os_str(),
-            "--prompt".as_ref(), "a watercolor of sks".as_ref(), "--steps".as_ref(), "20".as_ref(),
-            "--seed".as_ref(), "0".as_ref(), "--num-images".as_ref(), "2".as_ref(), "--out".as_ref(), out.as_os_str(),
+            &"generate", &"--base", &base, &"--concept", &concept,
+            &"--prompt", &"a watercolor of sks", &"--steps", &"20",
+            &"--seed", &"0", &"--num-images", &"2", &"--out", &out,
         ])?;
         eprintln!("e2e: generated 2 images in {:.1} s", t.elapsed().as_secs_f64());
         check_images(&out, 2, "a watercolor of sks")?;
@@ -57,19 +57,20 @@ pub fn run(root: &Path, exe: &Path, work: &Path) -> Result<()> {
 
     let out = work.join("out-ref");
     personalize(exe, &[
-        "generate".as_ref(), "--base".as_ref(), base.as_os_str(), "--concept".as_ref(), concept.as_os_str(),
-        "--image".as_ref(), img2.as_os_str(), "--blip2".as_ref(), blip2.as_os_str(),
-        "--prompt".as_ref(), "a sketch of sks".as_ref(), "--steps".as_ref(), "10".as_ref(), "--seed".as_ref(), "1".as_ref(),
-        "--out".as_ref(), out.as_os_str(),
+        &"generate", &"--base", &base, &"--concept", &concept,
+        &"--image", &img2, &"--blip2", &blip2,
+        &"--prompt", &"a sketch of sks", &"--steps", &"10", &"--seed", &"1",
+        &"--out", &out,
     ])?;
     check_images(&out, 1, "a sketch of sks")?;
     eprintln!("e2e: all checks passed ({})", work.display());
     Ok(())
 }
 
-fn personalize(exe: &Path, args: &[&std::ffi::OsStr]) -> Result<()> {
-    let status = Command::new(exe).args(args).status().with_context(|| format!("running {}", exe.display()))?;
-    ensure!(status.success(), "personalize {} failed ({status})", args[0].to_string_lossy());
+/// Runs `personalize` with `args` (strings and paths alike).
+fn personalize(exe: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Result<()> {
+    let status = Command::new(exe).args(args.iter().map(|a| a.as_ref())).status().with_context(|| format!("running {}", exe.display()))?;
+    ensure!(status.success(), "personalize {} failed ({status})", args[0].as_ref().to_string_lossy());
     Ok(())
 }
 

@@ -1,8 +1,6 @@
 //! The BLIP-2 vision transformer (EVA ViT-g), as transformers' `Blip2VisionModel`.
 
 use burn::module::{Module, Param};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Tensor};
 use model_io::nn::{Conv2d, LayerNorm, Linear};
 use model_io::{Result, Weights};
@@ -42,14 +40,11 @@ impl<B: Backend> Attention<B> {
     }
 
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, l, d] = x.dims();
-        let h = self.heads;
+        let d = x.dims()[2];
         // The fused output is laid out [3, heads, head_dim] along its last dimension.
         let qkv = self.qkv.forward(x);
-        let part = |i: usize| qkv.clone().narrow(2, i * d, d).reshape([b, l, h, d / h]).swap_dims(1, 2);
-        let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
-        let o = attention(part(0), part(1), part(2), None, None, opts).swap_dims(1, 2).reshape([b, l, d]);
-        self.projection.forward(o)
+        let part = |i: usize| qkv.clone().narrow(2, i * d, d);
+        self.projection.forward(cpu_kernels::attention(part(0), part(1), part(2), self.heads))
     }
 }
 

@@ -5,8 +5,7 @@
 //! transposed, `[in, out]`, once at load time).
 
 use burn::module::{Module, Param};
-use burn::tensor::module::{conv2d, embedding, linear};
-use burn::tensor::ops::ConvOptions;
+use burn::tensor::module::embedding;
 use burn::tensor::{backend::Backend, Int, Tensor};
 
 use crate::{Result, Weights};
@@ -39,8 +38,23 @@ impl<B: Backend> Linear<B> {
     }
 
     /// Applies the layer on the last dimension.
+    ///
+    /// The leading dimensions are folded into rows for one 2-D matmul: the weight stays the
+    /// transposed view of the published `[out, in]` tensor, which a 2-D matmul reads through
+    /// its strides. (Burn's `linear` unsqueezes the weight to the input's rank, and on
+    /// burn-flex reshaping a strided view copies it: every linear weight was copied on every
+    /// call.)
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        let mut dims = x.dims();
+        let (d_in, d_out) = self.dims();
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let y = x.reshape([rows, d_in]).matmul(self.weight.val());
+        let y = match &self.bias {
+            Some(b) => y + b.val().unsqueeze::<2>(),
+            None => y,
+        };
+        dims[D - 1] = d_out;
+        y.reshape(dims)
     }
 
     /// `(in, out)`.
@@ -68,10 +82,10 @@ impl<B: Backend> Conv2d<B> {
         Ok(Self { weight, bias, stride, padding })
     }
 
-    /// Applies the convolution to `[N, C, H, W]`.
+    /// Applies the convolution to `[N, C, H, W]` (on the CPU in f32 as im2col + GEMM, see
+    /// [`cpu_kernels::conv2d`]).
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let opts = ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1);
-        conv2d(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()), opts)
+        cpu_kernels::conv2d(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()), self.stride, self.padding)
     }
 }
 

@@ -25,7 +25,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::tensor::activation::gelu;
 use burn::tensor::module::adaptive_avg_pool1d;
 use burn::tensor::{backend::Backend, Distribution, Tensor};
@@ -93,10 +93,12 @@ impl<B: Backend> Aligner<B> {
     pub fn new(q_dim: usize, hidden: usize, out_dim: usize, settings: &AlignerSettings, device: &B::Device) -> Self {
         let lin = |i: usize, o: usize| {
             let b = 1.0 / (i as f64).sqrt();
-            Linear {
-                weight: Param::from_tensor(Tensor::random([i, o], Distribution::Uniform(-b, b), device)),
-                bias: Some(Param::from_tensor(Tensor::random([o], Distribution::Uniform(-b, b), device))),
-            }
+            // Drawn in PyTorch's `[out, in]` layout, as a loaded aligner holds it: the same
+            // weights then give bit-identical outputs before and after a save and load.
+            Linear::from_torch(
+                Tensor::random([o, i], Distribution::Uniform(-b, b), device),
+                Some(Tensor::random([o], Distribution::Uniform(-b, b), device)),
+            )
         };
         Self::from_parts(lin(q_dim, hidden), lin(hidden, out_dim), settings)
     }

@@ -2,9 +2,6 @@
 //! (GEGLU) and `Transformer2DModel` as SD 1.x/2.x configure them.
 
 use burn::module::Module;
-use burn::tensor::activation::gelu;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Tensor};
 use model_io::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use model_io::{Result, Weights};
@@ -33,18 +30,14 @@ impl<B: Backend> Attention<B> {
     }
 
     /// `x` `[B, L, dim]` attends to `context` `[B, S, context_dim]` (itself when `None`).
-    /// Burn's fused attention op is used: on the CPU it tiles long sequences (flash-style)
-    /// instead of materialising every `L×S` score matrix.
+    /// On the CPU in f32 this is a fused kernel that reads the projections in place
+    /// ([`cpu_kernels::attention`]); elsewhere Burn's attention op.
     pub fn forward(&self, x: Tensor<B, 3>, context: Option<&Tensor<B, 3>>) -> Tensor<B, 3> {
-        let [b, l, d] = x.dims();
-        let h = self.heads;
         let ctx = context.cloned().unwrap_or_else(|| x.clone());
-        let s = ctx.dims()[1];
-        let q = self.to_q.forward(x).reshape([b, l, h, d / h]).swap_dims(1, 2);
-        let k = self.to_k.forward(ctx.clone()).reshape([b, s, h, d / h]).swap_dims(1, 2);
-        let v = self.to_v.forward(ctx).reshape([b, s, h, d / h]).swap_dims(1, 2);
-        let o = attention(q, k, v, None, None, AttentionModuleOptions::default());
-        self.to_out.forward(o.swap_dims(1, 2).reshape([b, l, d]))
+        let q = self.to_q.forward(x);
+        let k = self.to_k.forward(ctx.clone());
+        let v = self.to_v.forward(ctx);
+        self.to_out.forward(cpu_kernels::attention(q, k, v, self.heads))
     }
 
     /// The four projections, for attaching adapters.
@@ -67,10 +60,7 @@ struct FeedForward<B: Backend> {
 
 impl<B: Backend> FeedForward<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let mut parts = self.proj.forward(x).chunk(2, 2);
-        let gate = parts.pop().expect("two halves");
-        let hidden = parts.pop().expect("two halves");
-        self.out.forward(hidden * gelu(gate))
+        self.out.forward(cpu_kernels::geglu(self.proj.forward(x)))
     }
 }
 
@@ -162,7 +152,8 @@ impl<B: Backend> Transformer2D<B> {
     pub fn forward(&self, x: Tensor<B, 4>, context: &Tensor<B, 3>) -> Tensor<B, 4> {
         let [n, c, h, w] = x.dims();
         let y = self.norm.forward(x.clone());
-        let to_seq = |t: Tensor<B, 4>| t.reshape([n, c, h * w]).swap_dims(1, 2);
+        // Contiguous token sequences: the norms and residual adds below then run on plain rows.
+        let to_seq = |t: Tensor<B, 4>| cpu_kernels::transpose(t.reshape([n, c, h * w]));
         let mut y = match &self.proj_in {
             Proj::Conv(p) => to_seq(p.forward(y)),
             Proj::Linear(p) => p.forward(to_seq(y)),
@@ -170,7 +161,7 @@ impl<B: Backend> Transformer2D<B> {
         for b in &self.transformer_blocks {
             y = b.forward(y, context);
         }
-        let to_map = |t: Tensor<B, 3>| t.swap_dims(1, 2).reshape([n, c, h, w]);
+        let to_map = |t: Tensor<B, 3>| cpu_kernels::transpose(t).reshape([n, c, h, w]);
         let y = match &self.proj_out {
             Proj::Conv(p) => p.forward(to_map(y)),
             Proj::Linear(p) => to_map(p.forward(y)),

@@ -2,8 +2,6 @@
 //! norm and a residual connection).
 
 use burn::module::Module;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Tensor};
 use model_io::nn::{GroupNorm, Linear};
 use model_io::{Result, Weights};
@@ -39,14 +37,11 @@ impl<B: Backend> SpatialSelfAttention<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [n, c, h, w] = x.dims();
         let l = h * w;
-        let y = self.group_norm.forward(x.clone()).reshape([n, c, l]).swap_dims(1, 2);
-        let heads = self.heads;
-        let split = |t: Tensor<B, 3>| t.reshape([n, l, heads, c / heads]).swap_dims(1, 2);
-        let q = split(self.to_q.forward(y.clone()));
-        let k = split(self.to_k.forward(y.clone()));
-        let v = split(self.to_v.forward(y));
-        let o = attention(q, k, v, None, None, AttentionModuleOptions::default());
-        let o = self.to_out.forward(o.swap_dims(1, 2).reshape([n, l, c]));
-        x + o.swap_dims(1, 2).reshape([n, c, h, w])
+        let y = cpu_kernels::transpose(self.group_norm.forward(x.clone()).reshape([n, c, l]));
+        let q = self.to_q.forward(y.clone());
+        let k = self.to_k.forward(y.clone());
+        let v = self.to_v.forward(y);
+        let o = self.to_out.forward(cpu_kernels::attention(q, k, v, self.heads));
+        x + cpu_kernels::transpose(o).reshape([n, c, h, w])
     }
 }

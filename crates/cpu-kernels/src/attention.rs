@@ -1,0 +1,162 @@
+//! Multi-head scaled dot-product attention without a mask.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention as burn_attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::Tensor;
+use rayon::prelude::*;
+
+use crate::flex::{data, from_vec, to_flex, Kernel, SharedMut};
+use crate::softmax::exp_row_fn;
+
+/// `softmax(q kᵀ / √d) v` per head, with `q` `[B, Lq, heads·d]`, `k` `[B, Lk, heads·d]` and
+/// `v` `[B, Lk, heads·dv]` (head `h` owns columns `h·d..(h+1)·d`, as the projections of
+/// diffusers' and transformers' attention lay them out). Returns `[B, Lq, heads·dv]`.
+///
+/// ```
+/// use burn::tensor::{Distribution, Tensor};
+/// use burn_flex::{Flex, FlexDevice};
+/// let q = Tensor::<Flex, 3>::random([2, 10, 16], Distribution::Default, &FlexDevice);
+/// let kv = Tensor::<Flex, 3>::random([2, 7, 16], Distribution::Default, &FlexDevice);
+/// assert_eq!(cpu_kernels::attention(q, kv.clone(), kv, 4).dims(), [2, 10, 16]);
+/// ```
+///
+/// # Panics
+/// If the shapes disagree (batch, key/value length, widths not divisible by `heads`): a
+/// programming error, the callers build these tensors.
+pub fn attention<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
+    let [b, lq, cq] = q.dims();
+    let [bk, lk, ck] = k.dims();
+    let [bv, lv, cv] = v.dims();
+    assert!(b == bk && b == bv && lk == lv && cq == ck, "attention: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
+    assert!(heads > 0 && cq % heads == 0 && cv % heads == 0, "attention: widths {cq}/{cv} not divisible by {heads} heads");
+    let (qf, kf, vf) = match (to_flex(q, Kernel::Attention), to_flex(k, Kernel::Attention), to_flex(v, Kernel::Attention)) {
+        (Ok(q), Ok(k), Ok(v)) => (q, k, v),
+        (q, k, v) => {
+            let back = |t: Result<burn_flex::FlexTensor, Tensor<B, 3>>| match t {
+                Err(t) => t,
+                Ok(_) => unreachable!("all three share one backend and dtype"),
+            };
+            return attention_burn(back(q), back(k), back(v), heads);
+        }
+    };
+    let mut out = vec![0f32; b * lq * cv];
+    attention_f32(data(&qf), data(&kf), data(&vf), &mut out, Dims { b, lq, lk, heads, d: cq / heads, dv: cv / heads });
+    from_vec(out, [b, lq, cv])
+}
+
+/// The same maths with Burn's ops, for every other backend.
+fn attention_burn<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, h: usize) -> Tensor<B, 3> {
+    let split = |t: Tensor<B, 3>| {
+        let [b, l, c] = t.dims();
+        t.reshape([b, l, h, c / h]).swap_dims(1, 2)
+    };
+    let [b, lq, _] = q.dims();
+    let cv = v.dims()[2];
+    let o = burn_attention(split(q), split(k), split(v), None, None, AttentionModuleOptions::default());
+    o.swap_dims(1, 2).reshape([b, lq, cv])
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    b: usize,
+    lq: usize,
+    lk: usize,
+    heads: usize,
+    d: usize,
+    dv: usize,
+}
+
+/// Scores of one block of queries against all keys stay under about 1 MiB (L2-sized).
+fn query_block(lk: usize) -> usize {
+    ((1 << 18) / lk.max(1)).clamp(16, 256)
+}
+
+fn attention_f32(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: Dims) {
+    let Dims { b, lq, lk, heads, d, dv } = s;
+    let (cq, cv) = (heads * d, heads * dv);
+    let qb = query_block(lk);
+    let blocks = lq.div_ceil(qb);
+    let scale = 1.0 / (d as f32).sqrt();
+    let exp_row = exp_row_fn();
+    let dst = SharedMut(out.as_mut_ptr());
+    (0..b * heads * blocks).into_par_iter().for_each_init(
+        || (vec![0f32; qb * lk], vec![0f32; qb]),
+        |(scores, inv), unit| {
+            let (bi, h, blk) = (unit / (heads * blocks), unit / blocks % heads, unit % blocks);
+            let q0 = blk * qb;
+            let rows = qb.min(lq - q0);
+            let scores = &mut scores[..rows * lk];
+            // SAFETY: every pointer and stride below stays inside its slice: rows q0..q0+rows
+            // of batch bi, columns of head h. Units write disjoint blocks of `out`.
+            unsafe {
+                let dst = dst;
+                gemm::gemm(
+                    rows, lk, d,
+                    scores.as_mut_ptr(), 1, lk as isize, false,
+                    q.as_ptr().add((bi * lq + q0) * cq + h * d), 1, cq as isize,
+                    // kᵀ: row index = feature (stride 1), column index = key (stride cq).
+                    k.as_ptr().add(bi * lk * cq + h * d), cq as isize, 1,
+                    0.0, scale, false, false, false, gemm::Parallelism::None,
+                );
+                for (r, row) in scores.chunks_exact_mut(lk).enumerate() {
+                    inv[r] = 1.0 / exp_row(row);
+                }
+                let o = dst.0.add((bi * lq + q0) * cv + h * dv);
+                gemm::gemm(
+                    rows, dv, lk,
+                    o, 1, cv as isize, false,
+                    scores.as_ptr(), 1, lk as isize,
+                    v.as_ptr().add(bi * lk * cv + h * dv), 1, cv as isize,
+                    0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                );
+                for (r, &f) in inv[..rows].iter().enumerate() {
+                    for x in std::slice::from_raw_parts_mut(o.add(r * cv), dv) {
+                        *x *= f;
+                    }
+                }
+            }
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Distribution, Tensor};
+    use burn_flex::{Flex, FlexDevice};
+
+    use super::*;
+
+    fn max_diff(a: Tensor<Flex, 3>, b: Tensor<Flex, 3>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    /// Our kernel against Burn's attention, over shapes that hit one and several query
+    /// blocks, a ragged last block, different value width and cross-attention.
+    #[test]
+    fn matches_burn_attention() {
+        let dev = FlexDevice;
+        for &(b, lq, lk, heads, d, dv) in
+            &[(1, 1, 1, 1, 1, 1), (2, 10, 7, 4, 4, 4), (1, 300, 300, 2, 8, 8), (2, 1000, 85, 3, 5, 7), (1, 40, 2000, 1, 16, 16)]
+        {
+            let q = Tensor::<Flex, 3>::random([b, lq, heads * d], Distribution::Normal(0.0, 2.0), &dev);
+            let k = Tensor::<Flex, 3>::random([b, lk, heads * d], Distribution::Normal(0.0, 2.0), &dev);
+            let v = Tensor::<Flex, 3>::random([b, lk, heads * dv], Distribution::Default, &dev);
+            let want = attention_burn(q.clone(), k.clone(), v.clone(), heads);
+            let got = attention(q, k, v, heads);
+            assert_eq!(got.dims(), want.dims());
+            let e = max_diff(got, want);
+            assert!(e < 2e-5, "{b} {lq} {lk} {heads} {d} {dv}: max abs diff {e}");
+        }
+    }
+
+    /// Strided (transposed) inputs are made contiguous first, not misread.
+    #[test]
+    fn reads_strided_inputs() {
+        let dev = FlexDevice;
+        let q = Tensor::<Flex, 3>::random([2, 12, 9], Distribution::Default, &dev).swap_dims(1, 2);
+        let k = Tensor::<Flex, 3>::random([2, 12, 5], Distribution::Default, &dev).swap_dims(1, 2);
+        let want = attention_burn(q.clone(), k.clone(), k.clone(), 3);
+        assert!(max_diff(attention(q, k.clone(), k, 3), want) < 1e-5);
+    }
+}

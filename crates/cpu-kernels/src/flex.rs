@@ -1,0 +1,76 @@
+//! Moving between `Tensor<B, D>` and burn-flex's `FlexTensor` when `B` is burn-flex.
+
+use std::any::Any;
+use std::sync::OnceLock;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
+
+/// `a` as a `T` when `A` is `T`, else `a` back.
+fn cast<A: 'static, T: 'static>(a: A) -> Result<T, A> {
+    let mut slot = Some(a);
+    match (&mut slot as &mut dyn Any).downcast_mut::<Option<T>>() {
+        Some(t) => Ok(t.take().expect("filled just above")),
+        None => Err(slot.expect("left untouched")),
+    }
+}
+
+/// The tensor as a contiguous f32 `FlexTensor`, or the tensor back when the backend is not
+/// burn-flex or the data is not f32.
+pub(crate) fn to_flex<B: Backend, const D: usize>(t: Tensor<B, D>, kernel: Kernel) -> Result<FlexTensor, Tensor<B, D>> {
+    if t.dtype() != DType::F32 || !kernel.enabled() {
+        return Err(t);
+    }
+    match cast::<_, FlexTensor>(t.into_primitive().tensor()) {
+        Ok(f) => Ok(f.to_contiguous()),
+        Err(p) => Err(Tensor::from_primitive(TensorPrimitive::Float(p))),
+    }
+}
+
+/// The kernels, for switching them off one by one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    Conv,
+    Attention,
+    /// [`crate::transpose`] and [`crate::geglu`].
+    Layout,
+}
+
+impl Kernel {
+    /// False when `PERSONALIZE_CPU_KERNELS` leaves this kernel out: `off` (none), or a comma
+    /// list of those to keep (`conv`, `attention`, `layout`). For measuring each kernel's effect, and
+    /// for checking a result against Burn's own ops.
+    pub(crate) fn enabled(self) -> bool {
+        static ON: OnceLock<[bool; 3]> = OnceLock::new();
+        let on = ON.get_or_init(|| match std::env::var("PERSONALIZE_CPU_KERNELS") {
+            Err(_) => [true; 3],
+            Ok(v) => {
+                let has = |k: &str| v.split(',').any(|p| p.trim() == k || p.trim() == "all");
+                [has("conv"), has("attention"), has("layout")]
+            }
+        });
+        on[self as usize]
+    }
+}
+
+/// The f32 data of a contiguous tensor made by [`to_flex`].
+pub(crate) fn data(f: &FlexTensor) -> &[f32] {
+    f.as_slice::<f32>().expect("to_flex made it contiguous f32")
+}
+
+/// A new tensor of backend `B` (which is burn-flex: only called after [`to_flex`] succeeded).
+pub(crate) fn from_vec<B: Backend, const D: usize>(v: Vec<f32>, shape: [usize; D]) -> Tensor<B, D> {
+    let f = FlexTensor::from_data(TensorData::new(v, Shape::new(shape)));
+    match cast::<FlexTensor, B::FloatTensorPrimitive>(f) {
+        Ok(p) => Tensor::from_primitive(TensorPrimitive::Float(p)),
+        Err(_) => unreachable!("from_vec is only called for the burn-flex backend"),
+    }
+}
+
+/// A pointer that rayon tasks may share; each task writes a disjoint part.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(pub *mut f32);
+// SAFETY: every user writes through it to regions no other task touches.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}

@@ -1,0 +1,100 @@
+//! Element-wise and layout kernels around the big GEMMs: the batched transpose between
+//! feature maps and token sequences, and the GEGLU gate.
+
+use burn::tensor::activation::gelu;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use rayon::prelude::*;
+
+use crate::flex::{data, from_vec, to_flex, Kernel};
+
+/// `[N, A, B]` → `[N, B, A]`, laid out contiguously (a feature map `[N, C, H·W]` to tokens
+/// `[N, H·W, C]` and back). Burn's `swap_dims` only changes strides; on burn-flex the next
+/// reduction or element-wise op then walks the strided view one scalar index at a time.
+///
+/// ```
+/// use burn::tensor::{Tensor, TensorData};
+/// use burn_flex::{Flex, FlexDevice};
+/// let x = Tensor::<Flex, 3>::from_data(TensorData::new(vec![1f32, 2., 3., 4., 5., 6.], [1, 2, 3]), &FlexDevice);
+/// let y = cpu_kernels::transpose(x);
+/// assert_eq!(y.into_data().to_vec::<f32>().unwrap(), vec![1., 4., 2., 5., 3., 6.]);
+/// ```
+pub fn transpose<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [n, a, b] = x.dims();
+    let f = match to_flex(x, Kernel::Layout) {
+        Ok(f) => f,
+        Err(x) => return x.swap_dims(1, 2),
+    };
+    let src = data(&f);
+    let mut out = vec![0f32; n * a * b];
+    // Tiles of 32×32 keep both the reads and the writes within a few cache lines.
+    const T: usize = 32;
+    out.par_chunks_mut(b * a).zip(src.par_chunks(a * b)).for_each(|(dst, src)| {
+        for i0 in (0..a).step_by(T) {
+            for j0 in (0..b).step_by(T) {
+                for i in i0..(i0 + T).min(a) {
+                    for j in j0..(j0 + T).min(b) {
+                        dst[j * a + i] = src[i * b + j];
+                    }
+                }
+            }
+        }
+    });
+    from_vec(out, [n, b, a])
+}
+
+/// diffusers' GEGLU gate: `h` `[N, L, 2·F]` split in halves `(x, g)` on the last axis gives
+/// `x · gelu(g)` `[N, L, F]` (exact, erf-based GELU), in one pass on the CPU.
+///
+/// ```
+/// use burn::tensor::{Distribution, Tensor};
+/// use burn_flex::{Flex, FlexDevice};
+/// let h = Tensor::<Flex, 3>::random([2, 5, 8], Distribution::Default, &FlexDevice);
+/// assert_eq!(cpu_kernels::geglu(h).dims(), [2, 5, 4]);
+/// ```
+pub fn geglu<B: Backend>(h: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [n, l, two_f] = h.dims();
+    assert!(two_f % 2 == 0, "geglu: odd last dimension {two_f}");
+    let f = two_f / 2;
+    let t = match to_flex(h, Kernel::Layout) {
+        Ok(t) => t,
+        Err(h) => {
+            let mut parts = h.chunk(2, 2);
+            let gate = parts.pop().expect("two halves");
+            let x = parts.pop().expect("two halves");
+            return x * gelu(gate);
+        }
+    };
+    let mut out = vec![0f32; n * l * f];
+    let row = crate::softmax::geglu_row_fn();
+    out.par_chunks_mut(f).zip(data(&t).par_chunks(two_f)).for_each(|(dst, src)| row(src, dst));
+    from_vec(out, [n, l, f])
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Distribution, Tensor};
+    use burn_flex::{Flex, FlexDevice};
+
+    use super::*;
+
+    #[test]
+    fn transpose_matches_swap_dims() {
+        for dims in [[2, 70, 33], [1, 1, 5], [3, 64, 64]] {
+            let x = Tensor::<Flex, 3>::random(dims, Distribution::Default, &FlexDevice);
+            let want = x.clone().swap_dims(1, 2);
+            let e: f32 = (transpose(x) - want).abs().max().into_scalar();
+            assert_eq!(e, 0.0);
+        }
+    }
+
+    #[test]
+    fn geglu_matches_burn() {
+        let h = Tensor::<Flex, 3>::random([2, 37, 2 * 45], Distribution::Normal(0.0, 3.0), &FlexDevice);
+        let mut parts = h.clone().chunk(2, 2);
+        let gate = parts.pop().unwrap();
+        let want = parts.pop().unwrap() * gelu(gate);
+        let e: f32 = (geglu(h) - want).abs().max().into_scalar();
+        assert!(e < 1e-5, "max abs diff {e}");
+    }
+}

@@ -1,0 +1,43 @@
+//! Fast f32 CPU kernels for the layers that dominate Stable Diffusion and BLIP-2 on the CPU.
+//!
+//! Each public function takes and returns Burn tensors and works on every backend. When the
+//! backend is burn-flex (Burn's CPU backend) and the tensors are f32, it runs a kernel of its
+//! own; otherwise (CUDA, autodiff for training, half precision) it runs the same maths with
+//! Burn's ops, so callers never branch on the backend.
+//!
+//! Why kernels of our own: burn-flex 0.21 converts every convolution input to NHWC and its
+//! weights to a GEMM layout on every call (single-threaded), runs many small single-threaded
+//! GEMMs per convolution, and its attention needs `[B, H, L, D]` inputs (a strided copy each
+//! way) and takes its exponentials one scalar libm call at a time. Here:
+//!
+//! * [`conv2d`]: im2col straight from NCHW into a `[C_in·k·k, tile]` buffer (row copies,
+//!   in parallel), then one multi-threaded GEMM per tile with the published `[C_out, C_in, k,
+//!   k]` weight as it is, writing NCHW output in place; 1×1 convolutions are a plain GEMM.
+//! * [`attention`]: reads queries, keys and values in the `[B, L, heads·D]` layout the
+//!   projections produce and writes the output in the same layout (no transposes); per
+//!   (batch, head, block of queries) one GEMM for the scores, a vectorised softmax, one GEMM
+//!   for the values.
+//! * [`transpose`] and [`geglu`]: the feature-map ↔ token-sequence transpose and the GEGLU
+//!   gate, which Burn expresses as strided views that burn-flex then walks element by element.
+//!
+//! `PERSONALIZE_CPU_KERNELS` picks kernels for measuring and checking: `off`, or a comma list
+//! of those to use (`conv`, `attention`, `layout`; `all`, the default).
+//!
+//! ```
+//! use burn::tensor::{Distribution, Tensor};
+//! use burn_flex::{Flex, FlexDevice};
+//! let dev = FlexDevice;
+//! let x = Tensor::<Flex, 3>::random([1, 16, 8], Distribution::Default, &dev);
+//! let y = cpu_kernels::attention(x.clone(), x.clone(), x, 2);
+//! assert_eq!(y.dims(), [1, 16, 8]);
+//! ```
+
+mod attention;
+mod conv;
+mod flex;
+mod layout;
+mod softmax;
+
+pub use attention::attention;
+pub use conv::conv2d;
+pub use layout::{geglu, transpose};

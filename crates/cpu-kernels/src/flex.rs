@@ -35,19 +35,20 @@ pub(crate) enum Kernel {
     Attention,
     /// [`crate::transpose`] and [`crate::geglu`].
     Layout,
+    Norm,
 }
 
 impl Kernel {
     /// False when `PERSONALIZE_CPU_KERNELS` leaves this kernel out: `off` (none), or a comma
-    /// list of those to keep (`conv`, `attention`, `layout`). For measuring each kernel's effect, and
+    /// list of those to keep (`conv`, `attention`, `layout`, `norm`). For measuring each kernel's effect, and
     /// for checking a result against Burn's own ops.
     pub(crate) fn enabled(self) -> bool {
-        static ON: OnceLock<[bool; 3]> = OnceLock::new();
+        static ON: OnceLock<[bool; 4]> = OnceLock::new();
         let on = ON.get_or_init(|| match std::env::var("PERSONALIZE_CPU_KERNELS") {
-            Err(_) => [true; 3],
+            Err(_) => [true; 4],
             Ok(v) => {
                 let has = |k: &str| v.split(',').any(|p| p.trim() == k || p.trim() == "all");
-                [has("conv"), has("attention"), has("layout")]
+                [has("conv"), has("attention"), has("layout"), has("norm")]
             }
         });
         on[self as usize]

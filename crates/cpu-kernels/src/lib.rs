@@ -19,9 +19,10 @@
 //!   for the values.
 //! * [`transpose`] and [`geglu`]: the feature-map ↔ token-sequence transpose and the GEGLU
 //!   gate, which Burn expresses as strided views that burn-flex then walks element by element.
+//! * [`group_norm`]: group norm (and the SiLU after it) in two passes instead of about eight.
 //!
 //! `PERSONALIZE_CPU_KERNELS` picks kernels for measuring and checking: `off`, or a comma list
-//! of those to use (`conv`, `attention`, `layout`; `all`, the default).
+//! of those to use (`conv`, `attention`, `layout`, `norm`; `all`, the default).
 //!
 //! ```
 //! use burn::tensor::{Distribution, Tensor};
@@ -36,8 +37,10 @@ mod attention;
 mod conv;
 mod flex;
 mod layout;
+mod norm;
 mod softmax;
 
 pub use attention::attention;
 pub use conv::conv2d;
 pub use layout::{geglu, transpose};
+pub use norm::group_norm;

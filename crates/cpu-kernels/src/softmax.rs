@@ -126,6 +126,44 @@ pub(crate) fn geglu_row_fn() -> fn(&[f32], &mut [f32]) {
     geglu_row_portable
 }
 
+/// `dst = x·a + s`, then SiLU (`y · sigmoid(y)`) when `silu` is set.
+#[inline(always)]
+fn norm_row_body(src: &[f32], dst: &mut [f32], a: f32, s: f32, silu: bool) {
+    if silu {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            let y = x.mul_add(a, s);
+            // sigmoid from exp(−|y|) ≤ 1, so the exp never overflows.
+            let e = exp_nonpositive(-y.abs());
+            let sig = if y >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+            *d = y * sig;
+        }
+    } else {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = x.mul_add(a, s);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn norm_row_avx2(src: &[f32], dst: &mut [f32], a: f32, s: f32, silu: bool) {
+    norm_row_body(src, dst, a, s, silu)
+}
+
+fn norm_row_portable(src: &[f32], dst: &mut [f32], a: f32, s: f32, silu: bool) {
+    norm_row_body(src, dst, a, s, silu)
+}
+
+/// The best normalisation row kernel for this CPU (see [`exp_row_fn`]).
+pub(crate) fn norm_row_fn() -> fn(&[f32], &mut [f32], f32, f32, bool) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the features it was compiled for are present.
+        return |src, dst, a, s, silu| unsafe { norm_row_avx2(src, dst, a, s, silu) };
+    }
+    norm_row_portable
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -115,14 +115,20 @@ impl<B: Backend> GroupNorm<B> {
         })
     }
 
-    /// Normalises `[N, C, H, W]`.
+    /// Normalises `[N, C, H, W]` ([`cpu_kernels::group_norm`]: two passes on the CPU).
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.apply(x, false)
+    }
+
+    /// `silu(self.forward(x))`, fused on the CPU (the resnet blocks' pre-activation).
+    pub fn forward_silu(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: Tensor<B, 4>, silu: bool) -> Tensor<B, 4> {
         let [n, c, h, wd] = x.dims();
-        let g = x.reshape([n, self.groups, (c / self.groups) * h * wd]);
-        let (var, mean) = g.clone().var_mean_bias(2);
-        let g = (g - mean) / (var + self.eps).sqrt();
-        let x = g.reshape([n, c, h, wd]);
-        x * self.weight.val().reshape([1, c, 1, 1]) + self.bias.val().reshape([1, c, 1, 1])
+        let y = cpu_kernels::group_norm(x.reshape([n, c, h * wd]), self.weight.val(), self.bias.val(), self.groups, self.eps, silu);
+        y.reshape([n, c, h, wd])
     }
 
     /// Normalises `[N, C, L]` (channels first, as in a 1-D sequence).

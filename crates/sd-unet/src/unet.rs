@@ -3,7 +3,6 @@
 use std::path::Path;
 
 use burn::module::Module;
-use burn::tensor::activation::silu;
 use burn::tensor::{backend::Backend, Tensor};
 use model_io::nn::{Conv2d, GroupNorm};
 use model_io::{Checkpoint, Error, Result, Weights};
@@ -165,7 +164,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
             });
             x = blk.forward(x, &temb, &context, &mut skips, size);
         }
-        Ok(self.conv_out.forward(silu(self.conv_norm_out.forward(x))))
+        Ok(self.conv_out.forward(self.conv_norm_out.forward_silu(x)))
     }
 
     /// Every attention layer with its module path (`down_blocks.0.attentions.0.transformer_blocks.0.attn1`).

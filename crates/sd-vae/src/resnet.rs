@@ -45,7 +45,7 @@ impl<B: Backend> ResnetBlock2D<B> {
 
     /// `x` `[N, C_in, H, W]`, `temb` `[N, T]` when the block takes a time embedding.
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<&Tensor<B, 2>>) -> Tensor<B, 4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let h = self.conv1.forward(self.norm1.forward_silu(x.clone()));
         let h = match (&self.time_emb_proj, temb) {
             (Some(p), Some(t)) => {
                 let t = p.forward(silu(t.clone()));
@@ -54,7 +54,7 @@ impl<B: Backend> ResnetBlock2D<B> {
             }
             _ => h,
         };
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv2.forward(self.norm2.forward_silu(h));
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x),
             None => x,

@@ -3,7 +3,6 @@
 use std::path::Path;
 
 use burn::module::Module;
-use burn::tensor::activation::silu;
 use burn::tensor::{backend::Backend, Tensor};
 use model_io::nn::{Conv2d, GroupNorm};
 use model_io::{Checkpoint, Error, Result, Weights};
@@ -196,7 +195,7 @@ impl<B: Backend> AutoencoderKl<B> {
             x = b.forward(x);
         }
         let x = e.mid_block.forward(x);
-        let x = e.conv_out.forward(silu(e.conv_norm_out.forward(x)));
+        let x = e.conv_out.forward(e.conv_norm_out.forward_silu(x));
         let x = match &e.quant_conv {
             Some(q) => q.forward(x),
             None => x,
@@ -226,6 +225,6 @@ impl<B: Backend> AutoencoderKl<B> {
         for b in &d.up_blocks {
             x = b.forward(x);
         }
-        Ok(d.conv_out.forward(silu(d.conv_norm_out.forward(x))))
+        Ok(d.conv_out.forward(d.conv_norm_out.forward_silu(x)))
     }
 }

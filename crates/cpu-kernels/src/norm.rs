@@ -1,0 +1,95 @@
+//! Group normalisation, optionally followed by SiLU, in two passes over the data.
+
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use rayon::prelude::*;
+
+use crate::flex::{data, from_vec, to_flex, Kernel};
+
+/// `torch.nn.GroupNorm` (affine) over `x` `[N, C, ...]` viewed as `[N, C, L]`, then SiLU when
+/// `silu` is set (the resnet blocks' `silu(norm(x))`). Burn's version makes some eight passes
+/// over the tensor (mean, variance, subtract, divide, scale, shift, sigmoid, product); this makes
+/// two, in parallel over (sample, group), with f64 sums.
+///
+/// ```
+/// use burn::tensor::{Distribution, Tensor};
+/// use burn_flex::{Flex, FlexDevice};
+/// let x = Tensor::<Flex, 3>::random([2, 8, 5], Distribution::Default, &FlexDevice);
+/// let (w, b) = (Tensor::ones([8], &FlexDevice), Tensor::zeros([8], &FlexDevice));
+/// assert_eq!(cpu_kernels::group_norm(x, w, b, 4, 1e-6, true).dims(), [2, 8, 5]);
+/// ```
+///
+/// # Panics
+/// If `groups` does not divide the channels or the affine parameters are not `[C]`.
+pub fn group_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, bias: Tensor<B, 1>, groups: usize, eps: f64, silu_after: bool) -> Tensor<B, 3> {
+    let [n, c, l] = x.dims();
+    assert!(groups > 0 && c % groups == 0 && weight.dims() == [c] && bias.dims() == [c], "group_norm: {c} channels, {groups} groups");
+    let flex = match to_flex(x, Kernel::Norm) {
+        Ok(f) => Ok((f, to_flex(weight, Kernel::Norm), to_flex(bias, Kernel::Norm))),
+        Err(x) => Err((x, weight, bias)),
+    };
+    let (xf, wf, bf) = match flex {
+        Ok((xf, Ok(wf), Ok(bf))) => (xf, wf, bf),
+        Ok((xf, w, b)) => {
+            let back = |t: Result<burn_flex::FlexTensor, Tensor<B, 1>>| t.unwrap_or_else(|_| unreachable!("same backend as x"));
+            let (w, b) = (back(w), back(b));
+            let x: Tensor<B, 3> = from_vec(data(&xf).to_vec(), [n, c, l]);
+            let w: Tensor<B, 1> = from_vec(data(&w).to_vec(), [c]);
+            let b: Tensor<B, 1> = from_vec(data(&b).to_vec(), [c]);
+            return group_norm_burn(x, w, b, groups, eps, silu_after);
+        }
+        Err((x, w, b)) => return group_norm_burn(x, w, b, groups, eps, silu_after),
+    };
+    let (w, b) = (data(&wf), data(&bf));
+    let cg = c / groups;
+    let mut out = vec![0f32; n * c * l];
+    let row = crate::softmax::norm_row_fn();
+    out.par_chunks_mut(cg * l).zip(data(&xf).par_chunks(cg * l)).enumerate().for_each(|(i, (dst, src))| {
+        let count = src.len() as f64;
+        let mean = src.iter().map(|&v| v as f64).sum::<f64>() / count;
+        let var = src.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / count;
+        let rstd = 1.0 / (var + eps).sqrt();
+        let c0 = (i % groups) * cg;
+        for (j, (d, s)) in dst.chunks_exact_mut(l).zip(src.chunks_exact(l)).enumerate() {
+            // y = x·a + s with a = w·rstd, s = b − mean·a.
+            let a = w[c0 + j] as f64 * rstd;
+            row(s, d, a as f32, (b[c0 + j] as f64 - mean * a) as f32, silu_after);
+        }
+    });
+    from_vec(out, [n, c, l])
+}
+
+fn group_norm_burn<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, bias: Tensor<B, 1>, groups: usize, eps: f64, silu_after: bool) -> Tensor<B, 3> {
+    let [n, c, l] = x.dims();
+    let g = x.reshape([n, groups, (c / groups) * l]);
+    let (var, mean) = g.clone().var_mean_bias(2);
+    let y = ((g - mean) / (var + eps).sqrt()).reshape([n, c, l]);
+    let y = y * weight.reshape([1, c, 1]) + bias.reshape([1, c, 1]);
+    if silu_after {
+        silu(y)
+    } else {
+        y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Distribution, Tensor};
+    use burn_flex::{Flex, FlexDevice};
+
+    use super::*;
+
+    #[test]
+    fn matches_burn_group_norm() {
+        let dev = FlexDevice;
+        for &(n, c, l, groups, silu_after) in &[(2, 8, 50, 4, false), (1, 32, 4096, 32, true), (2, 6, 1, 3, true)] {
+            let x = Tensor::<Flex, 3>::random([n, c, l], Distribution::Normal(3.0, 5.0), &dev);
+            let w = Tensor::<Flex, 1>::random([c], Distribution::Normal(1.0, 0.5), &dev);
+            let b = Tensor::<Flex, 1>::random([c], Distribution::Default, &dev);
+            let want = group_norm_burn(x.clone(), w.clone(), b.clone(), groups, 1e-5, silu_after);
+            let e: f32 = (group_norm(x, w, b, groups, 1e-5, silu_after) - want).abs().max().into_scalar();
+            assert!(e < 2e-5, "{n} {c} {l} {groups} {silu_after}: max abs diff {e}");
+        }
+    }
+}

@@ -1,6 +1,6 @@
 use std::path::Path;
 
-use burn::tensor::activation::{gelu, gelu_approximate, relu, sigmoid, silu};
+use burn::tensor::activation::{gelu_approximate, relu, sigmoid, silu};
 use burn::tensor::{backend::Backend, Tensor};
 use model_io::{Error, Result};
 use serde::Deserialize;
@@ -212,7 +212,7 @@ impl Activation {
 
     pub(crate) fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
-            Self::Gelu => gelu(x),
+            Self::Gelu => cpu_kernels::gelu(x),
             Self::GeluTanh => gelu_approximate(x),
             Self::QuickGelu => x.clone() * sigmoid(x * 1.702),
             Self::Relu => relu(x),

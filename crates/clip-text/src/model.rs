@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use burn::module::Module;
-use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::activation::sigmoid;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Int, Tensor};
@@ -99,7 +99,7 @@ impl<B: Backend> EncoderLayer<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
         let h = self.fc1.forward(self.layer_norm2.forward(x.clone()));
-        let h = if self.quick_gelu { h.clone() * sigmoid(h * 1.702) } else { gelu(h) };
+        let h = if self.quick_gelu { h.clone() * sigmoid(h * 1.702) } else { cpu_kernels::gelu(h) };
         x + self.fc2.forward(h)
     }
 }

@@ -7,7 +7,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use crate::flex::{data, from_vec, to_flex, Kernel, SharedMut};
-use crate::softmax::exp_row_fn;
+use crate::rows::exp_row_fn;
 
 /// `softmax(q kᵀ / √d) v` per head, with `q` `[B, Lq, heads·d]`, `k` `[B, Lk, heads·d]` and
 /// `v` `[B, Lk, heads·dv]` (head `h` owns columns `h·d..(h+1)·d`, as the projections of

@@ -33,8 +33,9 @@ pub(crate) fn to_flex<B: Backend, const D: usize>(t: Tensor<B, D>, kernel: Kerne
 pub(crate) enum Kernel {
     Conv,
     Attention,
-    /// [`crate::transpose`] and [`crate::geglu`].
+    /// [`crate::transpose`], [`crate::geglu`] and [`crate::gelu`].
     Layout,
+    /// [`crate::group_norm`] and [`crate::layer_norm`].
     Norm,
 }
 

@@ -1,7 +1,7 @@
 //! Element-wise and layout kernels around the big GEMMs: the batched transpose between
-//! feature maps and token sequences, and the GEGLU gate.
+//! feature maps and token sequences, the GEGLU gate and GELU.
 
-use burn::tensor::activation::gelu;
+use burn::tensor::activation::gelu as burn_gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
@@ -62,13 +62,33 @@ pub fn geglu<B: Backend>(h: Tensor<B, 3>) -> Tensor<B, 3> {
             let mut parts = h.chunk(2, 2);
             let gate = parts.pop().expect("two halves");
             let x = parts.pop().expect("two halves");
-            return x * gelu(gate);
+            return x * burn_gelu(gate);
         }
     };
     let mut out = vec![0f32; n * l * f];
-    let row = crate::softmax::geglu_row_fn();
+    let row = crate::rows::geglu_row_fn();
     out.par_chunks_mut(f).zip(data(&t).par_chunks(two_f)).for_each(|(dst, src)| row(src, dst));
     from_vec(out, [n, l, f])
+}
+
+/// Exact (erf) GELU, element-wise, for any rank (burn-flex calls libm's scalar `erff`).
+///
+/// ```
+/// use burn::tensor::{Distribution, Tensor};
+/// use burn_flex::{Flex, FlexDevice};
+/// let x = Tensor::<Flex, 2>::random([3, 5], Distribution::Default, &FlexDevice);
+/// assert_eq!(cpu_kernels::gelu(x).dims(), [3, 5]);
+/// ```
+pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let dims = x.dims();
+    let t = match to_flex(x, Kernel::Layout) {
+        Ok(t) => t,
+        Err(x) => return burn_gelu(x),
+    };
+    let mut out = vec![0f32; dims.iter().product()];
+    let row = crate::rows::gelu_row_fn();
+    out.par_chunks_mut(1 << 14).zip(data(&t).par_chunks(1 << 14)).for_each(|(dst, src)| row(src, dst));
+    from_vec(out, dims)
 }
 
 #[cfg(test)]
@@ -89,11 +109,18 @@ mod tests {
     }
 
     #[test]
+    fn gelu_matches_burn() {
+        let x = Tensor::<Flex, 2>::random([3, 20_000], Distribution::Normal(0.0, 4.0), &FlexDevice);
+        let e: f32 = (gelu(x.clone()) - burn_gelu(x)).abs().max().into_scalar();
+        assert!(e < 1e-5, "max abs diff {e}");
+    }
+
+    #[test]
     fn geglu_matches_burn() {
         let h = Tensor::<Flex, 3>::random([2, 37, 2 * 45], Distribution::Normal(0.0, 3.0), &FlexDevice);
         let mut parts = h.clone().chunk(2, 2);
         let gate = parts.pop().unwrap();
-        let want = parts.pop().unwrap() * gelu(gate);
+        let want = parts.pop().unwrap() * burn_gelu(gate);
         let e: f32 = (geglu(h) - want).abs().max().into_scalar();
         assert!(e < 1e-5, "max abs diff {e}");
     }

@@ -19,7 +19,8 @@
 //!   for the values.
 //! * [`transpose`] and [`geglu`]: the feature-map ↔ token-sequence transpose and the GEGLU
 //!   gate, which Burn expresses as strided views that burn-flex then walks element by element.
-//! * [`group_norm`]: group norm (and the SiLU after it) in two passes instead of about eight.
+//! * [`group_norm`] (and the SiLU after it) and [`layer_norm`]: two passes instead of about
+//!   eight; [`gelu`] on a vectorised erf.
 //!
 //! `PERSONALIZE_CPU_KERNELS` picks kernels for measuring and checking: `off`, or a comma list
 //! of those to use (`conv`, `attention`, `layout`, `norm`; `all`, the default).
@@ -38,9 +39,9 @@ mod conv;
 mod flex;
 mod layout;
 mod norm;
-mod softmax;
+mod rows;
 
 pub use attention::attention;
 pub use conv::conv2d;
-pub use layout::{geglu, transpose};
-pub use norm::group_norm;
+pub use layout::{gelu, geglu, transpose};
+pub use norm::{group_norm, layer_norm};

@@ -1,8 +1,8 @@
-//! Group normalisation, optionally followed by SiLU, in two passes over the data.
+//! Group normalisation (optionally followed by SiLU) and layer normalisation.
 
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::flex::{data, from_vec, to_flex, Kernel};
@@ -44,11 +44,10 @@ pub fn group_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, bias: Tenso
     let (w, b) = (data(&wf), data(&bf));
     let cg = c / groups;
     let mut out = vec![0f32; n * c * l];
-    let row = crate::softmax::norm_row_fn();
+    let row = crate::rows::norm_row_fn();
+    let stats = crate::rows::mean_var_fn();
     out.par_chunks_mut(cg * l).zip(data(&xf).par_chunks(cg * l)).enumerate().for_each(|(i, (dst, src))| {
-        let count = src.len() as f64;
-        let mean = src.iter().map(|&v| v as f64).sum::<f64>() / count;
-        let var = src.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / count;
+        let (mean, var) = stats(src);
         let rstd = 1.0 / (var + eps).sqrt();
         let c0 = (i % groups) * cg;
         for (j, (d, s)) in dst.chunks_exact_mut(l).zip(src.chunks_exact(l)).enumerate() {
@@ -58,6 +57,57 @@ pub fn group_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, bias: Tenso
         }
     });
     from_vec(out, [n, c, l])
+}
+
+/// `torch.nn.LayerNorm` over the last dimension of `x` (any rank), with `weight` and `bias`
+/// `[D]`: one pass for the statistics and one for the output per row, rows in parallel.
+///
+/// ```
+/// use burn::tensor::{Distribution, Tensor};
+/// use burn_flex::{Flex, FlexDevice};
+/// let x = Tensor::<Flex, 3>::random([2, 4, 6], Distribution::Default, &FlexDevice);
+/// let y = cpu_kernels::layer_norm(x, Tensor::ones([6], &FlexDevice), None, 1e-5);
+/// assert_eq!(y.dims(), [2, 4, 6]);
+/// ```
+///
+/// # Panics
+/// If `weight` or `bias` is not `[D]`.
+pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 1>, bias: Option<Tensor<B, 1>>, eps: f64) -> Tensor<B, D> {
+    let dims = x.dims();
+    let d = dims[D - 1];
+    assert!(weight.dims() == [d] && bias.as_ref().is_none_or(|b| b.dims() == [d]), "layer_norm: last dimension {d}");
+    let all_f32 = weight.dtype() == DType::F32 && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32);
+    let xf = match to_flex(x, Kernel::Norm) {
+        Ok(xf) if all_f32 => xf,
+        Ok(xf) => return layer_norm_burn(from_vec(data(&xf).to_vec(), dims), weight, bias, eps),
+        Err(x) => return layer_norm_burn(x, weight, bias, eps),
+    };
+    let wf = to_flex(weight, Kernel::Norm).unwrap_or_else(|_| unreachable!("weight shares the input's backend and dtype"));
+    let bf = bias.map(|b| to_flex(b, Kernel::Norm).unwrap_or_else(|_| unreachable!("bias shares the input's backend and dtype")));
+    let zeros;
+    let b = match &bf {
+        Some(b) => data(b),
+        None => {
+            zeros = vec![0f32; d];
+            &zeros
+        }
+    };
+    let w = data(&wf);
+    let row = crate::rows::layer_norm_row_fn();
+    let mut out = vec![0f32; dims.iter().product()];
+    out.par_chunks_mut(d).zip(data(&xf).par_chunks(d)).for_each(|(dst, src)| row(src, dst, w, b, eps));
+    from_vec(out, dims)
+}
+
+fn layer_norm_burn<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 1>, bias: Option<Tensor<B, 1>>, eps: f64) -> Tensor<B, D> {
+    let (var, mean) = x.clone().var_mean_bias(D - 1);
+    let mut shape = [1usize; D];
+    shape[D - 1] = weight.dims()[0];
+    let y = (x - mean) / (var + eps).sqrt() * weight.reshape(shape);
+    match bias {
+        Some(b) => y + b.reshape(shape),
+        None => y,
+    }
 }
 
 fn group_norm_burn<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, bias: Tensor<B, 1>, groups: usize, eps: f64, silu_after: bool) -> Tensor<B, 3> {
@@ -79,6 +129,19 @@ mod tests {
     use burn_flex::{Flex, FlexDevice};
 
     use super::*;
+
+    #[test]
+    fn matches_burn_layer_norm() {
+        let dev = FlexDevice;
+        for (d, bias) in [(1408, true), (7, false), (1, true)] {
+            let x = Tensor::<Flex, 3>::random([2, 9, d], Distribution::Normal(-2.0, 4.0), &dev);
+            let w = Tensor::<Flex, 1>::random([d], Distribution::Normal(1.0, 0.5), &dev);
+            let b = bias.then(|| Tensor::<Flex, 1>::random([d], Distribution::Default, &dev));
+            let want = layer_norm_burn(x.clone(), w.clone(), b.clone(), 1e-6);
+            let e: f32 = (layer_norm(x, w, b, 1e-6) - want).abs().max().into_scalar();
+            assert!(e < 1e-5, "{d} {bias}: max abs diff {e}");
+        }
+    }
 
     #[test]
     fn matches_burn_group_norm() {

@@ -156,18 +156,9 @@ impl<B: Backend> LayerNorm<B> {
         })
     }
 
-    /// Normalises the last dimension.
+    /// Normalises the last dimension ([`cpu_kernels::layer_norm`]: two passes on the CPU).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let (var, mean) = x.clone().var_mean_bias(D - 1);
-        let y = (x - mean) / (var + self.eps).sqrt();
-        let dim = self.weight.dims()[0];
-        let mut shape = [1usize; D];
-        shape[D - 1] = dim;
-        let y = y * self.weight.val().reshape(shape);
-        match &self.bias {
-            Some(b) => y + b.val().reshape(shape),
-            None => y,
-        }
+        cpu_kernels::layer_norm(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()), self.eps)
     }
 }
 

@@ -1,5 +1,30 @@
-//! Row kernels with a vectorised `exp`: the softmax of attention and the GELU of GEGLU (libm's
-//! `expf` and `erff` are scalar calls and dominated both).
+//! Row kernels: softmax, GELU/GEGLU, group- and layer-norm rows, on a vectorised `exp` and `erf`
+//! (libm's `expf` and `erff` are scalar calls), each compiled for AVX2+FMA as well and picked
+//! at run time.
+
+/// Defines `$select()`, returning `$body` compiled for AVX2+FMA when the CPU has them (chosen
+/// at run time, so one binary serves every x86-64 machine) and as plain code otherwise.
+macro_rules! best_for_cpu {
+    ($select:ident, $body:ident, fn($($a:ident: $t:ty),*) $(-> $r:ty)?) => {
+        pub(crate) fn $select() -> fn($($t),*) $(-> $r)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($a: $t),*) $(-> $r)? {
+                    $body($($a),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the features it was compiled for are present.
+                    return |$($a),*| unsafe { avx2($($a),*) };
+                }
+            }
+            fn portable($($a: $t),*) $(-> $r)? {
+                $body($($a),*)
+            }
+            portable
+        }
+    };
+}
 
 /// `exp(x)` for `x <= 0` to about 1 ulp (Cephes' `expf` polynomial), written branch-free so
 /// that loops over it vectorise. Inputs below −87 give `exp(−87)` (1.6e-38) instead of
@@ -12,7 +37,11 @@ fn exp_nonpositive(x: f32) -> f32 {
     // Adding and taking away 1.5·2^23 rounds to the nearest integer without a call.
     const ROUND: f32 = 12_582_912.0;
     let x = if x < -87.0 { -87.0 } else { x };
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let v = x * LOG2E + ROUND;
+    let n = v - ROUND;
+    // The integer n sits in v's low mantissa bits: reading it there instead of with `as i32`
+    // (a saturating conversion LLVM will not vectorise) keeps the loops vectorised.
+    let ni = (v.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let r = x - n * C1 - n * C2;
     let mut p = 1.987_569_1e-4f32;
     p = p.mul_add(r, 1.398_199_9e-3);
@@ -21,7 +50,7 @@ fn exp_nonpositive(x: f32) -> f32 {
     p = p.mul_add(r, 1.666_666_5e-1);
     p = p.mul_add(r, 5.000_000_1e-1);
     let y = p.mul_add(r * r, r) + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    y * f32::from_bits((ni.wrapping_add(127) as u32) << 23)
 }
 
 /// Replaces `row` by `exp(row − max(row))` and returns the sum (the caller divides).
@@ -48,27 +77,6 @@ fn exp_row_body(row: &mut [f32]) -> f32 {
         }
     }
     s.iter().chain(rest).sum()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_row_avx2(row: &mut [f32]) -> f32 {
-    exp_row_body(row)
-}
-
-fn exp_row_portable(row: &mut [f32]) -> f32 {
-    exp_row_body(row)
-}
-
-/// The best [`exp_row`] this CPU runs: AVX2+FMA where present (chosen at run time, so one
-/// binary serves every x86-64 machine).
-pub(crate) fn exp_row_fn() -> fn(&mut [f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the features it was compiled for are present.
-        return |row| unsafe { exp_row_avx2(row) };
-    }
-    exp_row_portable
 }
 
 /// `erf(x)` to about 2e-7 absolute: Abramowitz & Stegun 7.1.26 on the vectorised exp, and
@@ -106,26 +114,6 @@ fn geglu_row_body(src: &[f32], dst: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn geglu_row_avx2(src: &[f32], dst: &mut [f32]) {
-    geglu_row_body(src, dst)
-}
-
-fn geglu_row_portable(src: &[f32], dst: &mut [f32]) {
-    geglu_row_body(src, dst)
-}
-
-/// The best GEGLU row kernel for this CPU (see [`exp_row_fn`]).
-pub(crate) fn geglu_row_fn() -> fn(&[f32], &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the features it was compiled for are present.
-        return |src, dst| unsafe { geglu_row_avx2(src, dst) };
-    }
-    geglu_row_portable
-}
-
 /// `dst = x·a + s`, then SiLU (`y · sigmoid(y)`) when `silu` is set.
 #[inline(always)]
 fn norm_row_body(src: &[f32], dst: &mut [f32], a: f32, s: f32, silu: bool) {
@@ -144,25 +132,52 @@ fn norm_row_body(src: &[f32], dst: &mut [f32], a: f32, s: f32, silu: bool) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn norm_row_avx2(src: &[f32], dst: &mut [f32], a: f32, s: f32, silu: bool) {
-    norm_row_body(src, dst, a, s, silu)
-}
-
-fn norm_row_portable(src: &[f32], dst: &mut [f32], a: f32, s: f32, silu: bool) {
-    norm_row_body(src, dst, a, s, silu)
-}
-
-/// The best normalisation row kernel for this CPU (see [`exp_row_fn`]).
-pub(crate) fn norm_row_fn() -> fn(&[f32], &mut [f32], f32, f32, bool) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the features it was compiled for are present.
-        return |src, dst, a, s, silu| unsafe { norm_row_avx2(src, dst, a, s, silu) };
+/// `Σ f(v)` over `src` in f64, on four independent lanes.
+#[inline(always)]
+fn sum_f64(src: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; 4];
+    let chunks = src.chunks_exact(4);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..4 {
+            acc[i] += f(c[i] as f64);
+        }
     }
-    norm_row_portable
+    acc.iter().sum::<f64>() + rest.iter().map(|&v| f(v as f64)).sum::<f64>()
 }
+
+/// Mean and (biased) variance of `src`, two passes in f64.
+#[inline(always)]
+fn mean_var(src: &[f32]) -> (f64, f64) {
+    let n = src.len().max(1) as f64;
+    let mean = sum_f64(src, |v| v) / n;
+    (mean, sum_f64(src, |v| (v - mean) * (v - mean)) / n)
+}
+
+/// One row of `torch.nn.LayerNorm`: `dst = (src − mean) / √(var + eps) · w + b`.
+#[inline(always)]
+fn layer_norm_row(src: &[f32], dst: &mut [f32], w: &[f32], b: &[f32], eps: f64) {
+    let (mean, var) = mean_var(src);
+    let (mean, rstd) = (mean as f32, (1.0 / (var + eps).sqrt()) as f32);
+    for (((d, &x), &w), &b) in dst.iter_mut().zip(src).zip(w).zip(b) {
+        *d = ((x - mean) * rstd).mul_add(w, b);
+    }
+}
+
+/// Exact (erf) GELU.
+#[inline(always)]
+fn gelu_row(src: &[f32], dst: &mut [f32]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+best_for_cpu!(exp_row_fn, exp_row_body, fn(row: &mut [f32]) -> f32);
+best_for_cpu!(geglu_row_fn, geglu_row_body, fn(src: &[f32], dst: &mut [f32]));
+best_for_cpu!(norm_row_fn, norm_row_body, fn(src: &[f32], dst: &mut [f32], a: f32, s: f32, silu: bool));
+best_for_cpu!(mean_var_fn, mean_var, fn(src: &[f32]) -> (f64, f64));
+best_for_cpu!(layer_norm_row_fn, layer_norm_row, fn(src: &[f32], dst: &mut [f32], w: &[f32], b: &[f32], eps: f64));
+best_for_cpu!(gelu_row_fn, gelu_row, fn(src: &[f32], dst: &mut [f32]));
 
 #[cfg(test)]
 mod tests {
@@ -216,7 +231,7 @@ mod tests {
 
     #[test]
     fn row_softmax_sums() {
-        for f in [exp_row_fn(), exp_row_portable as fn(&mut [f32]) -> f32] {
+        for f in [exp_row_fn(), exp_row_body as fn(&mut [f32]) -> f32] {
             let mut row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
             let want: Vec<f32> = {
                 let m = row.iter().cloned().fold(f32::MIN, f32::max);

@@ -221,7 +221,7 @@ impl Checkpoint {
         let info = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
         let b = self.bytes(info);
         let data = match info.dtype.as_str() {
-            "F32" => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            "F32" => f32_from_le(b),
             "F16" => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             "BF16" => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             "F64" => b
@@ -237,7 +237,24 @@ impl Checkpoint {
                 })
             }
         };
+        self.release(info);
         Ok((data, info.shape.clone()))
+    }
+
+    /// Drops a tensor's pages, once copied out, from this process's resident memory (the page
+    /// cache keeps them). Without it a load holds every page of the file next to the copy:
+    /// twice the weights at the peak.
+    fn release(&self, info: &TensorInfo) {
+        #[cfg(unix)]
+        {
+            let s = &self.shards[info.shard];
+            // SAFETY: the map is read-only and backed by the file, so MADV_DONTNEED only drops
+            // page-table entries: a later read of the range faults the same bytes back in from
+            // the page cache or the file. Best effort: an error leaves the pages mapped.
+            let _ = unsafe {
+                s.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s.data_start + info.start, info.end - info.start)
+            };
+        }
     }
 
     /// Reads an integer tensor (I64, I32, I16, I8, U8 or BOOL on disk) as i64 values and its shape.
@@ -320,4 +337,17 @@ fn parse_header(path: &Path, buf: &[u8], shard: usize) -> Result<Header> {
         infos.push((k, TensorInfo { dtype: raw.dtype, shape: raw.shape, shard, start, end }));
     }
     Ok((8 + n, infos, meta))
+}
+
+/// Little-endian f32 bytes to values: one memcpy on little-endian machines.
+fn f32_from_le(b: &[u8]) -> Vec<f32> {
+    if cfg!(target_endian = "little") {
+        let mut v = vec![0f32; b.len() / 4];
+        // SAFETY: `v` holds exactly `b.len() / 4 * 4` bytes, f32 has no invalid bit patterns,
+        // and the byte order matches.
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), v.as_mut_ptr().cast::<u8>(), v.len() * 4) };
+        v
+    } else {
+        b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    }
 }

@@ -48,6 +48,26 @@ fn reads_f32_f16_bf16_as_f32() {
     for (x, y) in c.iter().zip(vals) {
         assert_eq!(*x, half::bf16::from_f32(y).to_f32());
     }
+    // A read releases the tensor's mapped pages; reading it again faults the same bytes back.
+    assert_eq!(ckpt.read_f32("a").unwrap(), (vals.to_vec(), vec![2, 2]));
+    assert_eq!(ckpt.read_f32("c").unwrap().0, c);
+}
+
+/// A large tensor spanning many pages, at an offset that is not page-aligned, reads back
+/// exactly twice in a row (the first read releases its pages).
+#[test]
+fn large_tensor_reads_back_after_its_pages_are_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let big: Vec<f32> = (0..300_001).map(|i| i as f32 * 0.5 - 7.0).collect();
+    write_raw(
+        &dir.path().join("model.safetensors"),
+        &[("small", "F32", vec![3], f32_bytes(&[1.0, 2.0, 3.0])), ("big", "F32", vec![300_001], f32_bytes(&big))],
+    );
+    let ckpt = Checkpoint::open_dir(dir.path(), &["model"]).unwrap();
+    for _ in 0..2 {
+        assert_eq!(ckpt.read_f32("big").unwrap().0, big);
+        assert_eq!(ckpt.read_f32("small").unwrap().0, vec![1.0, 2.0, 3.0]);
+    }
 }
 
 #[test]

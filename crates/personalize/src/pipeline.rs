@@ -274,12 +274,14 @@ impl<B: Backend> Pipeline<B> {
         let mut noise = BurnNoise::seeded::<B>(&self.device, opts.seed.wrapping_add(1));
         let mut x = latents.scale(sched.init_noise_sigma());
         let timesteps = sched.timesteps().to_vec();
+        // Every step's timestep features in one upload: the loop below sends nothing from the
+        // host to the device and reads nothing back.
+        let t_features = self.unet.timestep_features(Tensor::from_data(TensorData::new(timesteps.clone(), [timesteps.len()]), &self.device));
         let serr = |e: scheduler::SchedulerError| Error::invalid(e.to_string());
         for (i, &t) in timesteps.iter().enumerate() {
             let input = if guided { Tensor::cat(vec![x.clone(), x.clone()], 0) } else { x.clone() };
             let input = sched.scale_model_input(&input, t).map_err(serr)?;
-            let tt = Tensor::<B, 1>::from_data(TensorData::new(vec![t], [1]), &self.device);
-            let pred = self.unet.forward(input, tt, ctx.clone())?;
+            let pred = self.unet.forward_features(input, t_features.clone().slice([i..i + 1]), ctx.clone())?;
             let pred = if guided {
                 let mut halves = pred.chunk(2, 0);
                 let text = halves.pop().expect("two halves");

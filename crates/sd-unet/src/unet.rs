@@ -122,6 +122,28 @@ impl<B: Backend> UNet2DConditionModel<B> {
     /// Predicts noise (or v, or the sample, per the model) for `sample` `[B, C, H, W]` at
     /// `timestep` `[B]` (or `[1]`, broadcast) given `context` `[B, S, D]` for any `S`.
     pub fn forward(&self, sample: Tensor<B, 4>, timestep: Tensor<B, 1>, context: Tensor<B, 3>) -> Result<Tensor<B, 4>> {
+        let [b, ..] = sample.dims();
+        let nt = timestep.dims()[0];
+        if nt != b && nt != 1 {
+            return Err(Error::invalid(format!("timestep has {nt} values; expected 1 or the batch size {b}")));
+        }
+        self.forward_features(sample, self.timestep_features(timestep), context)
+    }
+
+    /// diffusers' sinusoidal timestep features (`get_timestep_embedding` with this model's
+    /// `flip_sin_to_cos` and `freq_shift`) of `timesteps` `[N]`: `[N, time_channels]`.
+    ///
+    /// A sampler computes every step's features at once before its loop and hands row `i` to
+    /// [`UNet2DConditionModel::forward_features`], so that the loop sends nothing from the host
+    /// to the device.
+    pub fn timestep_features(&self, timesteps: Tensor<B, 1>) -> Tensor<B, 2> {
+        timestep_embedding(timesteps, self.time_channels, self.flip_sin_to_cos, self.freq_shift)
+    }
+
+    /// [`UNet2DConditionModel::forward`] with the timestep given as its features from
+    /// [`UNet2DConditionModel::timestep_features`], `[B, time_channels]` or `[1, time_channels]`
+    /// (broadcast).
+    pub fn forward_features(&self, sample: Tensor<B, 4>, t_features: Tensor<B, 2>, context: Tensor<B, 3>) -> Result<Tensor<B, 4>> {
         let [b, c, h, w] = sample.dims();
         if c != self.in_channels || h == 0 || w == 0 {
             return Err(Error::invalid(format!("unet input `sample` has shape {:?}; expected [B, {}, H, W]", sample.dims(), self.in_channels)));
@@ -136,13 +158,17 @@ impl<B: Backend> UNet2DConditionModel<B> {
         if cb != b || s == 0 {
             return Err(Error::invalid(format!("encoder_hidden_states has shape {:?}; expected [{b}, S, {d}] with S > 0", context.dims())));
         }
-        let nt = timestep.dims()[0];
-        let timestep = match nt {
-            n if n == b => timestep,
-            1 => timestep.repeat_dim(0, b),
-            _ => return Err(Error::invalid(format!("timestep has {nt} values; expected 1 or the batch size {b}"))),
+        let t_features = match t_features.dims() {
+            [n, f] if f == self.time_channels && n == b => t_features,
+            [1, f] if f == self.time_channels => t_features.repeat_dim(0, b),
+            dims => {
+                return Err(Error::invalid(format!(
+                    "timestep features have shape {dims:?}; expected [1 or {b}, {}]",
+                    self.time_channels
+                )))
+            }
         };
-        let temb = self.time_embedding.forward(timestep_embedding(timestep, self.time_channels, self.flip_sin_to_cos, self.freq_shift));
+        let temb = self.time_embedding.forward(t_features);
         let sample = if self.center_input_sample { sample * 2.0 - 1.0 } else { sample };
 
         let mut x = self.conv_in.forward(sample);

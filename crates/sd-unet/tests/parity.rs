@@ -88,6 +88,29 @@ fn context_width_mismatch_gives_both_numbers() {
     assert!(msg.contains("768") && msg.contains("24"), "{msg}");
 }
 
+/// What a sampler does (every step's features at once, then row i per step) gives exactly
+/// what `forward` gives with that step's timestep; wrong feature shapes are named.
+#[test]
+fn precomputed_timestep_features_match_forward() {
+    let unet = UNet2DConditionModel::<Flex>::load(&fixture("sd1"), &FlexDevice).unwrap();
+    let x = Tensor::<Flex, 4>::random([2, 4, 8, 8], burn::tensor::Distribution::Default, &FlexDevice);
+    let c = Tensor::<Flex, 3>::random([2, 85, 24], burn::tensor::Distribution::Default, &FlexDevice);
+    let steps = [981.0f32, 500.0, 1.0];
+    let table = unet.timestep_features(Tensor::from_floats(steps, &FlexDevice));
+    assert_eq!(table.dims()[0], 3);
+    for (i, &t) in steps.iter().enumerate() {
+        let want = HostTensor::from_tensor(unet.forward(x.clone(), Tensor::from_floats([t], &FlexDevice), c.clone()).unwrap());
+        let got = HostTensor::from_tensor(unet.forward_features(x.clone(), table.clone().slice([i..i + 1]), c.clone()).unwrap());
+        assert_eq!(got.max_abs_diff(&want), 0.0, "step {i}");
+    }
+    let width = table.dims()[1];
+    let bad = Tensor::<Flex, 2>::zeros([3, width], &FlexDevice);
+    let msg = unet.forward_features(x.clone(), bad, c.clone()).err().unwrap().to_string();
+    assert!(msg.contains("timestep features") && msg.contains("[3, "), "{msg}");
+    let bad = Tensor::<Flex, 2>::zeros([1, width + 1], &FlexDevice);
+    assert!(unet.forward_features(x, bad, c).is_err());
+}
+
 #[test]
 fn any_context_length_from_77_to_109() {
     let unet = UNet2DConditionModel::<Flex>::load(&fixture("sd1"), &FlexDevice).unwrap();

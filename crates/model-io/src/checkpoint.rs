@@ -2,7 +2,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use burn::tensor::{AllocationProperty, Bytes, DType, TensorData};
 use memmap2::Mmap;
 use serde::Deserialize;
 
@@ -21,15 +23,27 @@ pub struct TensorInfo {
 
 struct Shard {
     path: PathBuf,
-    map: Mmap,
+    map: Arc<Mmap>,
+    /// The same mapping as reference-counted bytes, for tensors that borrow it.
+    shared: bytes::Bytes,
     data_start: usize,
+}
+
+/// A mapping as the owner of `bytes::Bytes` (which keeps it alive while any tensor uses it).
+struct SharedMap(Arc<Mmap>);
+
+impl AsRef<[u8]> for SharedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// A checkpoint: one or more memory-mapped safetensors files and the index of their tensors.
 ///
 /// Opening reads and validates every header (offsets inside the file, byte counts matching
 /// shapes), so a truncated download fails here with the file's name rather than later with a
-/// wrong tensor. Tensor data stays on disk until [`Checkpoint::read_f32`] asks for it.
+/// wrong tensor. Tensor data stays on disk until [`Checkpoint::read_f32`] asks for it, or, for
+/// [`Checkpoint::tensor_data_f32`], until a tensor borrowing the map first reads it.
 pub struct Checkpoint {
     name: String,
     shards: Vec<Shard>,
@@ -132,14 +146,15 @@ impl Checkpoint {
             let file = std::fs::File::open(path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
             // SAFETY: the map is read-only; a file changed underneath us while loading is a user
             // error we cannot guard against without copying the whole model into memory.
-            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::Io { path: path.clone(), source: e })?;
+            let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::Io { path: path.clone(), source: e })?);
             let shard = ckpt.shards.len();
             let (data_start, infos, meta) = parse_header(path, &map, shard)?;
             for (k, info) in infos {
                 ckpt.tensors.insert(k, info);
             }
             ckpt.metadata.extend(meta);
-            ckpt.shards.push(Shard { path: path.clone(), map, data_start });
+            let shared = bytes::Bytes::from_owner(SharedMap(map.clone()));
+            ckpt.shards.push(Shard { path: path.clone(), map, shared, data_start });
         }
         Ok(ckpt)
     }
@@ -239,6 +254,24 @@ impl Checkpoint {
         };
         self.release(info);
         Ok((data, info.shape.clone()))
+    }
+
+    /// A floating-point tensor as f32 [`TensorData`]. Little-endian F32 data aligned for f32
+    /// (every F32 checkpoint in practice) is not copied: the data borrows the memory map, which
+    /// stays alive while any tensor uses it, and is copied only if something writes to it. As
+    /// with PyTorch's `from_pretrained`, the bytes are read from disk when first used, and the
+    /// process holds one copy of the weights. Other dtypes are converted ([`Self::read_f32`]).
+    pub fn tensor_data_f32(&self, name: &str) -> Result<TensorData> {
+        let info = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
+        let s = &self.shards[info.shard];
+        let (start, end) = (s.data_start + info.start, s.data_start + info.end);
+        let aligned = (s.shared.as_ptr() as usize + start) % std::mem::align_of::<f32>() == 0;
+        if info.dtype == "F32" && cfg!(target_endian = "little") && aligned {
+            let bytes = Bytes::from_shared(s.shared.slice(start..end), AllocationProperty::File);
+            return Ok(TensorData::from_bytes(bytes, info.shape.clone(), DType::F32));
+        }
+        let (data, shape) = self.read_f32(name)?;
+        Ok(TensorData::new(data, shape))
     }
 
     /// Drops a tensor's pages, once copied out, from this process's resident memory (the page

@@ -4,7 +4,7 @@ use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::rc::Rc;
 
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor};
 
 use crate::tensor_file::HostTensor;
 use crate::{Checkpoint, Error, Result};
@@ -147,9 +147,9 @@ impl<'a, B: Backend> Weights<'a, B> {
 
     fn read<const D: usize>(&self, key: &str) -> Result<Tensor<B, D>> {
         let ckpt = self.ckpt.ok_or_else(|| Error::invalid(format!("`{key}`: random weights need a known shape")))?;
-        let (data, shape) = ckpt.read_f32(key)?;
+        let data = ckpt.tensor_data_f32(key)?;
         self.used.borrow_mut().insert(key.to_string());
-        Ok(Tensor::from_data(TensorData::new(data, shape), &self.device))
+        Ok(Tensor::from_data(data, &self.device))
     }
 
     /// Fails if the checkpoint holds tensors that were never read, ignoring keys that start

@@ -135,6 +135,28 @@ fn truncated_file_is_rejected_with_its_name() {
     assert!(Checkpoint::open_dir(dir.path(), &["model"]).is_err());
 }
 
+/// F32 weights borrow the memory map instead of being copied; writing to such a tensor (here
+/// an in-place add on a tensor nobody else holds) copies it first: the file and the other
+/// tensors that share the map keep their values, and the model outlives the `Checkpoint`.
+#[test]
+fn mapped_weights_are_copied_on_write_and_outlive_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("model.safetensors");
+    write_raw(&p, &[("a", "F32", vec![4], f32_bytes(&[1.0, 2.0, 3.0, 4.0])), ("b", "F32", vec![2], f32_bytes(&[5.0, 6.0]))]);
+    let before = std::fs::read(&p).unwrap();
+    let (a, b) = {
+        let ckpt = Checkpoint::open_dir(dir.path(), &["model"]).unwrap();
+        let w = model_io::Weights::<Flex>::new(&ckpt, &FlexDevice);
+        (w.get::<1>("a", [4]).unwrap(), w.get::<1>("b", [2]).unwrap())
+    };
+    let a2 = a + 10.0;
+    assert_eq!(a2.into_data().to_vec::<f32>().unwrap(), vec![11.0, 12.0, 13.0, 14.0]);
+    assert_eq!(b.into_data().to_vec::<f32>().unwrap(), vec![5.0, 6.0]);
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+    let ckpt = Checkpoint::open_dir(dir.path(), &["model"]).unwrap();
+    assert_eq!(ckpt.read_f32("a").unwrap().0, vec![1.0, 2.0, 3.0, 4.0]);
+}
+
 #[test]
 fn no_weights_names_what_was_looked_for() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,8 +2,6 @@
 //! only (no text input).
 
 use burn::module::{Module, Param};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Tensor};
 use model_io::nn::{LayerNorm, Linear};
 use model_io::{Result, Weights};
@@ -42,15 +40,11 @@ impl<B: Backend> BertAttention<B> {
     /// `x` `[B, Q, D]` attends to `context` (`x` itself when `None`). The Q-Former's masks are
     /// all ones for the queries and the image tokens, so no mask is applied.
     fn forward(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
-        let [b, l, d] = x.dims();
-        let h = self.heads;
         let kv = context.unwrap_or_else(|| x.clone());
-        let s = kv.dims()[1];
-        let q = self.query.forward(x.clone()).reshape([b, l, h, d / h]).swap_dims(1, 2);
-        let k = self.key.forward(kv.clone()).reshape([b, s, h, d / h]).swap_dims(1, 2);
-        let v = self.value.forward(kv).reshape([b, s, h, d / h]).swap_dims(1, 2);
-        let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
-        let o = attention(q, k, v, None, None, opts).swap_dims(1, 2).reshape([b, l, d]);
+        let q = self.query.forward(x.clone());
+        let k = self.key.forward(kv.clone());
+        let v = self.value.forward(kv);
+        let o = cpu_kernels::attention(q, k, v, self.heads);
         self.layer_norm.forward(self.dense.forward(o) + x)
     }
 }

@@ -6,7 +6,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use crate::flex::{data, from_vec, to_flex, Kernel, SharedMut};
+use crate::flex::{data, from_vec, operand, to_flex, Kernel, SharedMut};
 use crate::rows::exp_row_fn;
 
 /// `softmax(q kᵀ / √d) v` per head, with `q` `[B, Lq, heads·d]`, `k` `[B, Lk, heads·d]` and
@@ -30,16 +30,11 @@ pub fn attention<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, 
     let [bv, lv, cv] = v.dims();
     assert!(b == bk && b == bv && lk == lv && cq == ck, "attention: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
     assert!(heads > 0 && cq % heads == 0 && cv % heads == 0, "attention: widths {cq}/{cv} not divisible by {heads} heads");
-    let (qf, kf, vf) = match (to_flex(q, Kernel::Attention), to_flex(k, Kernel::Attention), to_flex(v, Kernel::Attention)) {
-        (Ok(q), Ok(k), Ok(v)) => (q, k, v),
-        (q, k, v) => {
-            let back = |t: Result<burn_flex::FlexTensor, Tensor<B, 3>>| match t {
-                Err(t) => t,
-                Ok(_) => unreachable!("all three share one backend and dtype"),
-            };
-            return attention_burn(back(q), back(k), back(v), heads);
-        }
+    let qf = match to_flex(q, Kernel::Attention, &[k.dtype(), v.dtype()]) {
+        Ok(q) => q,
+        Err(q) => return attention_burn(q, k, v, heads),
     };
+    let (kf, vf) = (operand(k), operand(v));
     let mut out = vec![0f32; b * lq * cv];
     attention_f32(data(&qf), data(&kf), data(&vf), &mut out, Dims { b, lq, lk, heads, d: cq / heads, dv: cv / heads });
     from_vec(out, [b, lq, cv])

@@ -6,7 +6,7 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::flex::{data, from_vec, to_flex, Kernel, SharedMut};
+use crate::flex::{data, from_vec, operand, to_flex, Kernel, SharedMut};
 
 /// `torch.nn.functional.conv2d` with a square kernel, equal stride and padding on both axes,
 /// no dilation and no groups: `x` `[N, C_in, H, W]`, `weight` `[C_out, C_in, k, k]`,
@@ -34,24 +34,16 @@ pub fn conv2d<B: Backend>(
     let [cout, wcin, kh, kw] = weight.dims();
     assert!(cin == wcin && kh == kw && stride > 0, "conv2d: input {:?}, weight {:?}, stride {stride}", x.dims(), weight.dims());
     assert!(h + 2 * padding >= kh && w + 2 * padding >= kw, "conv2d: kernel {kh} larger than padded input {h}×{w}");
-    let all_f32 = [x.dtype(), weight.dtype()].into_iter().chain(bias.as_ref().map(|b| b.dtype())).all(|d| d == DType::F32);
-    let x = match to_flex(x, Kernel::Conv) {
-        Ok(x) if all_f32 => x,
-        Ok(x) => return burn_conv2d(back(x), weight, bias, ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1)),
+    let others: Vec<DType> = std::iter::once(weight.dtype()).chain(bias.as_ref().map(|b| b.dtype())).collect();
+    let x = match to_flex(x, Kernel::Conv, &others) {
+        Ok(x) => x,
         Err(x) => return burn_conv2d(x, weight, bias, ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1)),
     };
-    // Same backend and all f32: these conversions cannot fail.
-    let wt = to_flex(weight, Kernel::Conv).unwrap_or_else(|_| unreachable!("weight shares the input's backend and dtype"));
-    let b = bias.map(|b| to_flex(b, Kernel::Conv).unwrap_or_else(|_| unreachable!("bias shares the input's backend and dtype")));
+    let wt = operand(weight);
+    let b = bias.map(operand);
     let s = Shape { n, cin, h, w, cout, k: kh, stride, pad: padding };
     let out = conv2d_f32(data(&x), data(&wt), b.as_ref().map(data), s);
     from_vec(out, [n, cout, s.out_h(), s.out_w()])
-}
-
-/// A converted input back as a tensor (when another operand rules the kernel out).
-fn back<B: Backend, const D: usize>(f: burn_flex::FlexTensor) -> Tensor<B, D> {
-    let shape: [usize; D] = f.layout().shape().dims();
-    from_vec(data(&f).to_vec(), shape)
 }
 
 #[derive(Clone, Copy, Debug)]

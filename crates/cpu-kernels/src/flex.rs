@@ -16,15 +16,26 @@ fn cast<A: 'static, T: 'static>(a: A) -> Result<T, A> {
     }
 }
 
-/// The tensor as a contiguous f32 `FlexTensor`, or the tensor back when the backend is not
-/// burn-flex or the data is not f32.
-pub(crate) fn to_flex<B: Backend, const D: usize>(t: Tensor<B, D>, kernel: Kernel) -> Result<FlexTensor, Tensor<B, D>> {
-    if t.dtype() != DType::F32 || !kernel.enabled() {
+/// A kernel's first operand as a contiguous f32 `FlexTensor`, or the tensor back when the
+/// kernel is switched off, the backend is not burn-flex, or this operand or one of the
+/// `others` (the dtypes of the kernel's further operands) is not f32. The further operands
+/// then convert with [`operand`].
+pub(crate) fn to_flex<B: Backend, const D: usize>(t: Tensor<B, D>, kernel: Kernel, others: &[DType]) -> Result<FlexTensor, Tensor<B, D>> {
+    if !kernel.enabled() || t.dtype() != DType::F32 || others.iter().any(|&d| d != DType::F32) {
         return Err(t);
     }
     match cast::<_, FlexTensor>(t.into_primitive().tensor()) {
         Ok(f) => Ok(f.to_contiguous()),
         Err(p) => Err(Tensor::from_primitive(TensorPrimitive::Float(p))),
+    }
+}
+
+/// A further operand of a kernel whose first operand [`to_flex`] converted: same backend and
+/// an f32 dtype it checked, so this cannot fail.
+pub(crate) fn operand<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {
+    match cast::<_, FlexTensor>(t.into_primitive().tensor()) {
+        Ok(f) => f.to_contiguous(),
+        Err(_) => unreachable!("a kernel's operands share one backend"),
     }
 }
 

@@ -21,7 +21,7 @@ use crate::flex::{data, from_vec, to_flex, Kernel};
 /// ```
 pub fn transpose<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [n, a, b] = x.dims();
-    let f = match to_flex(x, Kernel::Layout) {
+    let f = match to_flex(x, Kernel::Layout, &[]) {
         Ok(f) => f,
         Err(x) => return x.swap_dims(1, 2),
     };
@@ -56,7 +56,7 @@ pub fn geglu<B: Backend>(h: Tensor<B, 3>) -> Tensor<B, 3> {
     let [n, l, two_f] = h.dims();
     assert!(two_f % 2 == 0, "geglu: odd last dimension {two_f}");
     let f = two_f / 2;
-    let t = match to_flex(h, Kernel::Layout) {
+    let t = match to_flex(h, Kernel::Layout, &[]) {
         Ok(t) => t,
         Err(h) => {
             let mut parts = h.chunk(2, 2);
@@ -81,7 +81,7 @@ pub fn geglu<B: Backend>(h: Tensor<B, 3>) -> Tensor<B, 3> {
 /// ```
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let dims = x.dims();
-    let t = match to_flex(x, Kernel::Layout) {
+    let t = match to_flex(x, Kernel::Layout, &[]) {
         Ok(t) => t,
         Err(x) => return burn_gelu(x),
     };

@@ -5,7 +5,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::flex::{data, from_vec, to_flex, Kernel};
+use crate::flex::{data, from_vec, operand, to_flex, Kernel};
 
 /// `torch.nn.GroupNorm` (affine) over `x` `[N, C, ...]` viewed as `[N, C, L]`, then SiLU when
 /// `silu` is set (the resnet blocks' `silu(norm(x))`). Burn's version makes some eight passes
@@ -25,22 +25,11 @@ use crate::flex::{data, from_vec, to_flex, Kernel};
 pub fn group_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, bias: Tensor<B, 1>, groups: usize, eps: f64, silu_after: bool) -> Tensor<B, 3> {
     let [n, c, l] = x.dims();
     assert!(groups > 0 && c % groups == 0 && weight.dims() == [c] && bias.dims() == [c], "group_norm: {c} channels, {groups} groups");
-    let flex = match to_flex(x, Kernel::Norm) {
-        Ok(f) => Ok((f, to_flex(weight, Kernel::Norm), to_flex(bias, Kernel::Norm))),
-        Err(x) => Err((x, weight, bias)),
+    let xf = match to_flex(x, Kernel::Norm, &[weight.dtype(), bias.dtype()]) {
+        Ok(x) => x,
+        Err(x) => return group_norm_burn(x, weight, bias, groups, eps, silu_after),
     };
-    let (xf, wf, bf) = match flex {
-        Ok((xf, Ok(wf), Ok(bf))) => (xf, wf, bf),
-        Ok((xf, w, b)) => {
-            let back = |t: Result<burn_flex::FlexTensor, Tensor<B, 1>>| t.unwrap_or_else(|_| unreachable!("same backend as x"));
-            let (w, b) = (back(w), back(b));
-            let x: Tensor<B, 3> = from_vec(data(&xf).to_vec(), [n, c, l]);
-            let w: Tensor<B, 1> = from_vec(data(&w).to_vec(), [c]);
-            let b: Tensor<B, 1> = from_vec(data(&b).to_vec(), [c]);
-            return group_norm_burn(x, w, b, groups, eps, silu_after);
-        }
-        Err((x, w, b)) => return group_norm_burn(x, w, b, groups, eps, silu_after),
-    };
+    let (wf, bf) = (operand(weight), operand(bias));
     let (w, b) = (data(&wf), data(&bf));
     let cg = c / groups;
     let mut out = vec![0f32; n * c * l];
@@ -76,14 +65,13 @@ pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B,
     let dims = x.dims();
     let d = dims[D - 1];
     assert!(weight.dims() == [d] && bias.as_ref().is_none_or(|b| b.dims() == [d]), "layer_norm: last dimension {d}");
-    let all_f32 = weight.dtype() == DType::F32 && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32);
-    let xf = match to_flex(x, Kernel::Norm) {
-        Ok(xf) if all_f32 => xf,
-        Ok(xf) => return layer_norm_burn(from_vec(data(&xf).to_vec(), dims), weight, bias, eps),
+    let others: Vec<DType> = std::iter::once(weight.dtype()).chain(bias.as_ref().map(|b| b.dtype())).collect();
+    let xf = match to_flex(x, Kernel::Norm, &others) {
+        Ok(x) => x,
         Err(x) => return layer_norm_burn(x, weight, bias, eps),
     };
-    let wf = to_flex(weight, Kernel::Norm).unwrap_or_else(|_| unreachable!("weight shares the input's backend and dtype"));
-    let bf = bias.map(|b| to_flex(b, Kernel::Norm).unwrap_or_else(|_| unreachable!("bias shares the input's backend and dtype")));
+    let wf = operand(weight);
+    let bf = bias.map(operand);
     let zeros;
     let b = match &bf {
         Some(b) => data(b),

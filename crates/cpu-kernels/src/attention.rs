@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use crate::flex::{data, from_vec, operand, to_flex, Kernel, SharedMut};
 use crate::rows::exp_row_fn;
+use crate::sgemm::{sgemm, BSource, MatRef, PackedB};
 
 /// `softmax(q kᵀ / √d) v` per head, with `q` `[B, Lq, heads·d]`, `k` `[B, Lk, heads·d]` and
 /// `v` `[B, Lk, heads·dv]` (head `h` owns columns `h·d..(h+1)·d`, as the projections of
@@ -62,7 +63,8 @@ struct Dims {
     dv: usize,
 }
 
-/// Scores of one block of queries against all keys stay under about 1 MiB (L2-sized).
+/// Scores of one block of queries against all keys stay under about 1 MiB: on the UNet's
+/// shapes 256 KiB, 512 KiB and 2 MiB blocks measured slower.
 fn query_block(lk: usize) -> usize {
     ((1 << 18) / lk.max(1)).clamp(16, 256)
 }
@@ -74,37 +76,38 @@ fn attention_f32(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: Dims) {
     let blocks = lq.div_ceil(qb);
     let scale = 1.0 / (d as f32).sqrt();
     let exp_row = exp_row_fn();
+    // Keys (as kᵀ) and values of each (batch, head), packed once for all its query blocks.
+    let packed: Vec<(PackedB, PackedB)> = (0..b * heads)
+        .into_par_iter()
+        .map(|unit| {
+            let (bi, h) = (unit / heads, unit % heads);
+            // kᵀ: row index = feature (stride 1), column index = key (stride cq).
+            let kt = MatRef::new(k[bi * lk * cq + h * d..].as_ptr(), 1, cq);
+            let vh = MatRef::new(v[bi * lk * cv + h * dv..].as_ptr(), cv, 1);
+            (PackedB::new(d, lk, kt), PackedB::new(lk, dv, vh))
+        })
+        .collect();
     let dst = SharedMut(out.as_mut_ptr());
     (0..b * heads * blocks).into_par_iter().for_each_init(
         || (vec![0f32; qb * lk], vec![0f32; qb]),
-        |(scores, inv), unit| {
-            let (bi, h, blk) = (unit / (heads * blocks), unit / blocks % heads, unit % blocks);
+        |(scores, inv), task| {
+            let (unit, blk) = (task / blocks, task % blocks);
+            let (bi, h) = (unit / heads, unit % heads);
+            let (kt, vp) = &packed[unit];
             let q0 = blk * qb;
             let rows = qb.min(lq - q0);
             let scores = &mut scores[..rows * lk];
             // SAFETY: every pointer and stride below stays inside its slice: rows q0..q0+rows
-            // of batch bi, columns of head h. Units write disjoint blocks of `out`.
+            // of batch bi, columns of head h. Tasks write disjoint blocks of `out`.
             unsafe {
                 let dst = dst;
-                gemm::gemm(
-                    rows, lk, d,
-                    scores.as_mut_ptr(), 1, lk as isize, false,
-                    q.as_ptr().add((bi * lq + q0) * cq + h * d), 1, cq as isize,
-                    // kᵀ: row index = feature (stride 1), column index = key (stride cq).
-                    k.as_ptr().add(bi * lk * cq + h * d), cq as isize, 1,
-                    0.0, scale, false, false, false, gemm::Parallelism::None,
-                );
+                let qm = MatRef::new(q.as_ptr().add((bi * lq + q0) * cq + h * d), cq, 1);
+                sgemm(rows, lk, d, qm, BSource::Packed(kt), scores.as_mut_ptr(), lk, scale, false, false);
                 for (r, row) in scores.chunks_exact_mut(lk).enumerate() {
                     inv[r] = 1.0 / exp_row(row);
                 }
                 let o = dst.0.add((bi * lq + q0) * cv + h * dv);
-                gemm::gemm(
-                    rows, dv, lk,
-                    o, 1, cv as isize, false,
-                    scores.as_ptr(), 1, lk as isize,
-                    v.as_ptr().add(bi * lk * cv + h * dv), 1, cv as isize,
-                    0.0, 1.0, false, false, false, gemm::Parallelism::None,
-                );
+                sgemm(rows, dv, lk, MatRef::new(scores.as_ptr(), lk, 1), BSource::Packed(vp), o, cv, 1.0, false, false);
                 for (r, &f) in inv[..rows].iter().enumerate() {
                     for x in std::slice::from_raw_parts_mut(o.add(r * cv), dv) {
                         *x *= f;

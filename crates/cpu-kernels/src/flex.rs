@@ -39,11 +39,35 @@ pub(crate) fn operand<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor
     }
 }
 
+/// A further operand as an f32 `FlexTensor` in whatever layout it has (a transposed view
+/// stays a view); read it with [`strided_2d`].
+pub(crate) fn operand_view<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {
+    match cast::<_, FlexTensor>(t.into_primitive().tensor()) {
+        Ok(f) => f,
+        Err(_) => unreachable!("a kernel's operands share one backend"),
+    }
+}
+
+/// A 2-D f32 tensor's storage from its first element, with its row and column strides; `None`
+/// for negative strides (flipped views), which [`FlexTensor::to_contiguous`] then resolves.
+pub(crate) fn strided_2d(f: &FlexTensor) -> Option<(&[f32], usize, usize)> {
+    let l = f.layout();
+    let (&[rs, cs], &[rows, cols]) = (l.strides(), &l.shape()[..]) else { return None };
+    if rs < 0 || cs < 0 {
+        return None;
+    }
+    let storage = &f.storage::<f32>()[l.start_offset()..];
+    let span = if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs as usize + (cols - 1) * cs as usize + 1 };
+    (storage.len() >= span).then_some((storage, rs as usize, cs as usize))
+}
+
 /// The kernels, for switching them off one by one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kernel {
     Conv,
     Attention,
+    /// [`crate::linear`].
+    Linear,
     /// [`crate::transpose`], [`crate::geglu`] and [`crate::gelu`].
     Layout,
     /// [`crate::group_norm`] and [`crate::layer_norm`].
@@ -52,15 +76,15 @@ pub(crate) enum Kernel {
 
 impl Kernel {
     /// False when `PERSONALIZE_CPU_KERNELS` leaves this kernel out: `off` (none), or a comma
-    /// list of those to keep (`conv`, `attention`, `layout`, `norm`). For measuring each kernel's effect, and
-    /// for checking a result against Burn's own ops.
+    /// list of those to keep (`conv`, `attention`, `linear`, `layout`, `norm`). For measuring
+    /// each kernel's effect, and for checking a result against Burn's own ops.
     pub(crate) fn enabled(self) -> bool {
-        static ON: OnceLock<[bool; 4]> = OnceLock::new();
+        static ON: OnceLock<[bool; 5]> = OnceLock::new();
         let on = ON.get_or_init(|| match std::env::var("PERSONALIZE_CPU_KERNELS") {
-            Err(_) => [true; 4],
+            Err(_) => [true; 5],
             Ok(v) => {
                 let has = |k: &str| v.split(',').any(|p| p.trim() == k || p.trim() == "all");
-                [has("conv"), has("attention"), has("layout"), has("norm")]
+                [has("conv"), has("attention"), has("linear"), has("layout"), has("norm")]
             }
         });
         on[self as usize]

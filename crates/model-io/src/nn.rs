@@ -39,20 +39,16 @@ impl<B: Backend> Linear<B> {
 
     /// Applies the layer on the last dimension.
     ///
-    /// The leading dimensions are folded into rows for one 2-D matmul: the weight stays the
-    /// transposed view of the published `[out, in]` tensor, which a 2-D matmul reads through
-    /// its strides. (Burn's `linear` unsqueezes the weight to the input's rank, and on
-    /// burn-flex reshaping a strided view copies it: every linear weight was copied on every
-    /// call.)
+    /// The leading dimensions are folded into rows for one GEMM ([`cpu_kernels::linear`] on
+    /// the CPU, a 2-D matmul elsewhere): the weight stays the transposed view of the published
+    /// `[out, in]` tensor, read through its strides. (Burn's `linear` unsqueezes the weight to
+    /// the input's rank, and on burn-flex reshaping a strided view copies it: every linear
+    /// weight was copied on every call.)
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let mut dims = x.dims();
         let (d_in, d_out) = self.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
-        let y = x.reshape([rows, d_in]).matmul(self.weight.val());
-        let y = match &self.bias {
-            Some(b) => y + b.val().unsqueeze::<2>(),
-            None => y,
-        };
+        let y = cpu_kernels::linear(x.reshape([rows, d_in]), self.weight.val(), self.bias.as_ref().map(|b| b.val()));
         dims[D - 1] = d_out;
         y.reshape(dims)
     }

@@ -3,9 +3,6 @@
 use std::path::Path;
 
 use burn::module::Module;
-use burn::tensor::activation::sigmoid;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Int, Tensor};
 use model_io::nn::{Embedding, LayerNorm, Linear};
 use model_io::{Checkpoint, Error, Result, Weights};
@@ -73,15 +70,11 @@ struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, l, d] = x.dims();
-        let h = self.heads;
-        let split = |t: Tensor<B, 3>| t.reshape([b, l, h, d / h]).swap_dims(1, 2);
-        let q = split(self.q_proj.forward(x.clone()));
-        let k = split(self.k_proj.forward(x.clone()));
-        let v = split(self.v_proj.forward(x));
-        let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
-        let o = attention(q, k, v, None, None, opts).swap_dims(1, 2).reshape([b, l, d]);
-        self.out_proj.forward(o)
+        // Projections in their [B, L, heads·d] layout; the kernel splits the heads itself.
+        let q = self.q_proj.forward(x.clone());
+        let k = self.k_proj.forward(x.clone());
+        let v = self.v_proj.forward(x);
+        self.out_proj.forward(cpu_kernels::causal_attention(q, k, v, self.heads))
     }
 }
 
@@ -99,7 +92,7 @@ impl<B: Backend> EncoderLayer<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
         let h = self.fc1.forward(self.layer_norm2.forward(x.clone()));
-        let h = if self.quick_gelu { h.clone() * sigmoid(h * 1.702) } else { cpu_kernels::gelu(h) };
+        let h = if self.quick_gelu { cpu_kernels::quick_gelu(h) } else { cpu_kernels::gelu(h) };
         x + self.fc2.forward(h)
     }
 }

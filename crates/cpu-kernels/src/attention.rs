@@ -26,6 +26,26 @@ use crate::sgemm::{sgemm, BSource, MatRef, PackedB};
 /// If the shapes disagree (batch, key/value length, widths not divisible by `heads`): a
 /// programming error, the callers build these tensors.
 pub fn attention<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
+    attention_impl(q, k, v, heads, false)
+}
+
+/// [`attention`] where query `i` sees keys `0..=i` only (PyTorch's `is_causal`, the mask of
+/// CLIP's text encoder).
+///
+/// ```
+/// use burn::tensor::{Distribution, Tensor};
+/// use burn_flex::{Flex, FlexDevice};
+/// let x = Tensor::<Flex, 3>::random([2, 77, 64], Distribution::Default, &FlexDevice);
+/// assert_eq!(cpu_kernels::causal_attention(x.clone(), x.clone(), x, 4).dims(), [2, 77, 64]);
+/// ```
+///
+/// # Panics
+/// As [`attention`].
+pub fn causal_attention<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
+    attention_impl(q, k, v, heads, true)
+}
+
+fn attention_impl<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, heads: usize, causal: bool) -> Tensor<B, 3> {
     let [b, lq, cq] = q.dims();
     let [bk, lk, ck] = k.dims();
     let [bv, lv, cv] = v.dims();
@@ -33,23 +53,24 @@ pub fn attention<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, 
     assert!(heads > 0 && cq % heads == 0 && cv % heads == 0, "attention: widths {cq}/{cv} not divisible by {heads} heads");
     let qf = match to_flex(q, Kernel::Attention, &[k.dtype(), v.dtype()]) {
         Ok(q) => q,
-        Err(q) => return attention_burn(q, k, v, heads),
+        Err(q) => return attention_burn(q, k, v, heads, causal),
     };
     let (kf, vf) = (operand(k), operand(v));
     let mut out = vec![0f32; b * lq * cv];
-    attention_f32(data(&qf), data(&kf), data(&vf), &mut out, Dims { b, lq, lk, heads, d: cq / heads, dv: cv / heads });
+    attention_f32(data(&qf), data(&kf), data(&vf), &mut out, Dims { b, lq, lk, heads, d: cq / heads, dv: cv / heads, causal });
     from_vec(out, [b, lq, cv])
 }
 
 /// The same maths with Burn's ops, for every other backend.
-fn attention_burn<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, h: usize) -> Tensor<B, 3> {
+fn attention_burn<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, h: usize, causal: bool) -> Tensor<B, 3> {
     let split = |t: Tensor<B, 3>| {
         let [b, l, c] = t.dims();
         t.reshape([b, l, h, c / h]).swap_dims(1, 2)
     };
     let [b, lq, _] = q.dims();
     let cv = v.dims()[2];
-    let o = burn_attention(split(q), split(k), split(v), None, None, AttentionModuleOptions::default());
+    let opts = AttentionModuleOptions { is_causal: causal, ..Default::default() };
+    let o = burn_attention(split(q), split(k), split(v), None, None, opts);
     o.swap_dims(1, 2).reshape([b, lq, cv])
 }
 
@@ -61,6 +82,7 @@ struct Dims {
     heads: usize,
     d: usize,
     dv: usize,
+    causal: bool,
 }
 
 /// Scores of one block of queries against all keys stay under about 1 MiB: on the UNet's
@@ -70,7 +92,7 @@ fn query_block(lk: usize) -> usize {
 }
 
 fn attention_f32(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: Dims) {
-    let Dims { b, lq, lk, heads, d, dv } = s;
+    let Dims { b, lq, lk, heads, d, dv, causal } = s;
     let (cq, cv) = (heads * d, heads * dv);
     let qb = query_block(lk);
     let blocks = lq.div_ceil(qb);
@@ -96,18 +118,22 @@ fn attention_f32(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: Dims) {
             let (kt, vp) = &packed[unit];
             let q0 = blk * qb;
             let rows = qb.min(lq - q0);
+            // Under a causal mask this block sees only the keys up to its last query.
+            let keys = if causal { lk.min(q0 + rows) } else { lk };
             let scores = &mut scores[..rows * lk];
             // SAFETY: every pointer and stride below stays inside its slice: rows q0..q0+rows
             // of batch bi, columns of head h. Tasks write disjoint blocks of `out`.
             unsafe {
                 let dst = dst;
                 let qm = MatRef::new(q.as_ptr().add((bi * lq + q0) * cq + h * d), cq, 1);
-                sgemm(rows, lk, d, qm, BSource::Packed(kt), scores.as_mut_ptr(), lk, scale, false, false);
+                sgemm(rows, keys, d, qm, BSource::Packed(kt), scores.as_mut_ptr(), lk, scale, false, false);
                 for (r, row) in scores.chunks_exact_mut(lk).enumerate() {
-                    inv[r] = 1.0 / exp_row(row);
+                    let seen = if causal { keys.min(q0 + r + 1) } else { keys };
+                    inv[r] = 1.0 / exp_row(&mut row[..seen]);
+                    row[seen..keys].fill(0.0);
                 }
                 let o = dst.0.add((bi * lq + q0) * cv + h * dv);
-                sgemm(rows, dv, lk, MatRef::new(scores.as_ptr(), lk, 1), BSource::Packed(vp), o, cv, 1.0, false, false);
+                sgemm(rows, dv, keys, MatRef::new(scores.as_ptr(), lk, 1), BSource::Packed(vp), o, cv, 1.0, false, false);
                 for (r, &f) in inv[..rows].iter().enumerate() {
                     for x in std::slice::from_raw_parts_mut(o.add(r * cv), dv) {
                         *x *= f;
@@ -130,21 +156,28 @@ mod tests {
     }
 
     /// Our kernel against Burn's attention, over shapes that hit one and several query
-    /// blocks, a ragged last block, different value width and cross-attention.
+    /// blocks, a ragged last block, different value width and cross-attention; with a causal
+    /// mask where queries and keys are as many (one block of CLIP's 77, several of 300 and
+    /// 1100 with keys past one GEMM depth block).
     #[test]
     fn matches_burn_attention() {
         let dev = FlexDevice;
         for &(b, lq, lk, heads, d, dv) in
-            &[(1, 1, 1, 1, 1, 1), (2, 10, 7, 4, 4, 4), (1, 300, 300, 2, 8, 8), (2, 1000, 85, 3, 5, 7), (1, 40, 2000, 1, 16, 16)]
+            &[(1, 1, 1, 1, 1, 1), (2, 10, 7, 4, 4, 4), (1, 300, 300, 2, 8, 8), (2, 1000, 85, 3, 5, 7), (1, 40, 2000, 1, 16, 16), (2, 77, 77, 3, 8, 8), (1, 1100, 1100, 1, 8, 4)]
         {
             let q = Tensor::<Flex, 3>::random([b, lq, heads * d], Distribution::Normal(0.0, 2.0), &dev);
             let k = Tensor::<Flex, 3>::random([b, lk, heads * d], Distribution::Normal(0.0, 2.0), &dev);
             let v = Tensor::<Flex, 3>::random([b, lk, heads * dv], Distribution::Default, &dev);
-            let want = attention_burn(q.clone(), k.clone(), v.clone(), heads);
-            let got = attention(q, k, v, heads);
+            let want = attention_burn(q.clone(), k.clone(), v.clone(), heads, false);
+            let got = attention(q.clone(), k.clone(), v.clone(), heads);
             assert_eq!(got.dims(), want.dims());
             let e = max_diff(got, want);
             assert!(e < 2e-5, "{b} {lq} {lk} {heads} {d} {dv}: max abs diff {e}");
+            if lq == lk {
+                let want = attention_burn(q.clone(), k.clone(), v.clone(), heads, true);
+                let e = max_diff(causal_attention(q, k, v, heads), want);
+                assert!(e < 2e-5, "causal {b} {lq} {heads} {d} {dv}: max abs diff {e}");
+            }
         }
     }
 
@@ -154,7 +187,7 @@ mod tests {
         let dev = FlexDevice;
         let q = Tensor::<Flex, 3>::random([2, 12, 9], Distribution::Default, &dev).swap_dims(1, 2);
         let k = Tensor::<Flex, 3>::random([2, 12, 5], Distribution::Default, &dev).swap_dims(1, 2);
-        let want = attention_burn(q.clone(), k.clone(), k.clone(), 3);
+        let want = attention_burn(q.clone(), k.clone(), k.clone(), 3, false);
         assert!(max_diff(attention(q, k.clone(), k, 3), want) < 1e-5);
     }
 }

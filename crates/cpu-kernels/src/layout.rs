@@ -1,7 +1,7 @@
 //! Element-wise and layout kernels around the big GEMMs: the batched transpose between
 //! feature maps and token sequences, the GEGLU gate and GELU.
 
-use burn::tensor::activation::gelu as burn_gelu;
+use burn::tensor::activation::{gelu as burn_gelu, sigmoid};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
@@ -91,6 +91,27 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     from_vec(out, dims)
 }
 
+/// CLIP's "quick GELU", `x · sigmoid(1.702 x)`, element-wise, for any rank (three Burn ops
+/// and a scalar libm `expf` per element on burn-flex).
+///
+/// ```
+/// use burn::tensor::{Distribution, Tensor};
+/// use burn_flex::{Flex, FlexDevice};
+/// let x = Tensor::<Flex, 2>::random([3, 5], Distribution::Default, &FlexDevice);
+/// assert_eq!(cpu_kernels::quick_gelu(x).dims(), [3, 5]);
+/// ```
+pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let dims = x.dims();
+    let t = match to_flex(x, Kernel::Layout, &[]) {
+        Ok(t) => t,
+        Err(x) => return x.clone() * sigmoid(x * 1.702),
+    };
+    let mut out = vec![0f32; dims.iter().product()];
+    let row = crate::rows::quick_gelu_row_fn();
+    out.par_chunks_mut(1 << 14).zip(data(&t).par_chunks(1 << 14)).for_each(|(dst, src)| row(src, dst));
+    from_vec(out, dims)
+}
+
 #[cfg(test)]
 mod tests {
     use burn::tensor::{Distribution, Tensor};
@@ -112,6 +133,14 @@ mod tests {
     fn gelu_matches_burn() {
         let x = Tensor::<Flex, 2>::random([3, 20_000], Distribution::Normal(0.0, 4.0), &FlexDevice);
         let e: f32 = (gelu(x.clone()) - burn_gelu(x)).abs().max().into_scalar();
+        assert!(e < 1e-5, "max abs diff {e}");
+    }
+
+    #[test]
+    fn quick_gelu_matches_burn() {
+        let x = Tensor::<Flex, 2>::random([3, 20_000], Distribution::Normal(0.0, 30.0), &FlexDevice);
+        let want = x.clone() * sigmoid(x.clone() * 1.702);
+        let e: f32 = (quick_gelu(x) - want).abs().max().into_scalar();
         assert!(e < 1e-5, "max abs diff {e}");
     }
 

@@ -26,7 +26,7 @@
 //! * [`transpose`] and [`geglu`]: the feature-map ↔ token-sequence transpose and the GEGLU
 //!   gate, which Burn expresses as strided views that burn-flex then walks element by element.
 //! * [`group_norm`] (and the SiLU after it) and [`layer_norm`]: two passes instead of about
-//!   eight; [`gelu`] on a vectorised erf.
+//!   eight; [`gelu`] on a vectorised erf, [`quick_gelu`] on the vectorised exp.
 //!
 //! `PERSONALIZE_CPU_KERNELS` picks kernels for measuring and checking: `off`, or a comma list
 //! of those to use (`conv`, `attention`, `linear`, `layout`, `norm`; `all`, the default).
@@ -49,8 +49,8 @@ mod norm;
 mod rows;
 mod sgemm;
 
-pub use attention::attention;
+pub use attention::{attention, causal_attention};
 pub use conv::conv2d;
-pub use layout::{gelu, geglu, transpose};
+pub use layout::{gelu, geglu, quick_gelu, transpose};
 pub use linear::linear;
 pub use norm::{group_norm, layer_norm};

@@ -172,12 +172,25 @@ fn gelu_row(src: &[f32], dst: &mut [f32]) {
     }
 }
 
+/// `x · sigmoid(1.702 x)`, the "quick GELU" of OpenAI's CLIP.
+#[inline(always)]
+fn quick_gelu_row(src: &[f32], dst: &mut [f32]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        let y = 1.702 * x;
+        // sigmoid from exp(−|y|) ≤ 1, so the exp never overflows.
+        let e = exp_nonpositive(-y.abs());
+        let sig = if y >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+        *d = x * sig;
+    }
+}
+
 best_for_cpu!(exp_row_fn, exp_row_body, fn(row: &mut [f32]) -> f32);
 best_for_cpu!(geglu_row_fn, geglu_row_body, fn(src: &[f32], dst: &mut [f32]));
 best_for_cpu!(norm_row_fn, norm_row_body, fn(src: &[f32], dst: &mut [f32], a: f32, s: f32, silu: bool));
 best_for_cpu!(mean_var_fn, mean_var, fn(src: &[f32]) -> (f64, f64));
 best_for_cpu!(layer_norm_row_fn, layer_norm_row, fn(src: &[f32], dst: &mut [f32], w: &[f32], b: &[f32], eps: f64));
 best_for_cpu!(gelu_row_fn, gelu_row, fn(src: &[f32], dst: &mut [f32]));
+best_for_cpu!(quick_gelu_row_fn, quick_gelu_row, fn(src: &[f32], dst: &mut [f32]));
 
 #[cfg(test)]
 mod tests {

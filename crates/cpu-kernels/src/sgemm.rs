@@ -71,7 +71,8 @@ fn aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buf[skip..skip + len]
 }
 
-/// A whole `k × n` matrix `B` in packed blocks, for reuse across several products.
+/// A whole `k × n` matrix `B` in packed blocks, for reuse across several products, also of
+/// its top-left parts (fewer rows or columns).
 pub(crate) struct PackedB {
     data: Vec<f32>,
     k: usize,
@@ -98,11 +99,14 @@ impl PackedB {
         &self.data[skip..skip + self.k * self.n.div_ceil(NR) * NR]
     }
 
-    /// The packed block of rows `k0..k0 + kc`, columns `j0..j0 + nc` (`j0` a multiple of
-    /// [`NR`]): its panels are contiguous inside the block of all columns.
-    fn block(&self, k0: usize, kc: usize, j0: usize, nc: usize) -> &[f32] {
+    /// The packed block from row `k0` (a multiple of [`KC`]), columns `j0..j0 + nc` (`j0` a
+    /// multiple of [`NR`]), and the distance between its panels: its panels are contiguous
+    /// inside the block of all columns, each as deep as the block was packed (a product over
+    /// fewer rows reads the top of each).
+    fn block(&self, k0: usize, j0: usize, nc: usize) -> (&[f32], usize) {
+        let kc = KC.min(self.k - k0);
         let base = k0 * self.n.div_ceil(NR) * NR;
-        &self.all()[base + j0 * kc..base + (j0 + nc).div_ceil(NR) * NR * kc]
+        (&self.all()[base + j0 * kc..base + (j0 + nc).div_ceil(NR) * NR * kc], kc * NR)
     }
 }
 
@@ -273,20 +277,20 @@ pub(crate) unsafe fn sgemm(
         let direct = a.cs == 1 && (a.in_place || per_chunk < 8);
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
-            let block: &[f32] = match &b {
+            let (block, panel_stride): (&[f32], usize) = match &b {
                 BSource::Packed(p) => {
-                    debug_assert!(p.k == k && p.n == n);
-                    p.block(k0, kc, j0, nc)
+                    assert!(p.k >= k && p.n >= n, "sgemm: {k}×{n} from a packed {}×{}", p.k, p.n);
+                    p.block(k0, j0, nc)
                 }
                 BSource::Mat(bm) => {
                     let buf = aligned(&mut bbuf, panels * kc * NR);
                     pack_b(*bm, k0, kc, j0, nc, buf, parallel);
-                    buf
+                    (buf, kc * NR)
                 }
                 BSource::Fill(f) => {
                     let buf = aligned(&mut bbuf, panels * kc * NR);
                     f(k0, kc, j0, nc, buf);
-                    buf
+                    (buf, kc * NR)
                 }
             };
             let acc = accumulate || k0 > 0;
@@ -302,7 +306,7 @@ pub(crate) unsafe fn sgemm(
                     }
                     let c = c;
                     for p in jb * per_chunk..((jb + 1) * per_chunk).min(panels) {
-                        let bp = block[p * kc * NR..].as_ptr();
+                        let bp = block[p * panel_stride..].as_ptr();
                         let col = j0 + p * NR;
                         let cols = NR.min(j0 + nc - col);
                         for q in 0..mc.div_ceil(MR) {
@@ -596,7 +600,15 @@ mod tests {
                     let mut c = prior.clone();
                     let am = if acs == 1 && case == 3 { MatRef::in_place(a.as_ptr(), ars) } else { MatRef::new(a.as_ptr(), ars, acs) };
                     let bm = MatRef::new(b.as_ptr(), brs, bcs);
-                    let packed = PackedB::new(k, n, bm);
+                    // The packed B is larger than the product's: only its top-left part is read.
+                    let big = rand((k + 300) * (n + 20), 2);
+                    let bbig: Vec<f32> = (0..(k + 300) * (n + 20))
+                        .map(|e| {
+                            let (r, c) = (e / (n + 20), e % (n + 20));
+                            if r < k && c < n { b[r * brs + c * bcs] } else { big[e] }
+                        })
+                        .collect();
+                    let packed = PackedB::new(k + 300, n + 20, MatRef::new(bbig.as_ptr(), n + 20, 1));
                     let fill = |k0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]| unsafe { pack_b(bm, k0, kc, j0, nc, dst, false) };
                     let src = match case {
                         0 | 3 => BSource::Mat(bm),

@@ -29,8 +29,8 @@ pub fn attention<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, 
     attention_impl(q, k, v, heads, false)
 }
 
-/// [`attention`] where query `i` sees keys `0..=i` only (PyTorch's `is_causal`, the mask of
-/// CLIP's text encoder).
+/// [`attention`] where query `i` sees keys `0..=i` only: the mask of CLIP's text encoder,
+/// for self-attention (as many queries as keys, where PyTorch's and Burn's `is_causal` agree).
 ///
 /// ```
 /// use burn::tensor::{Distribution, Tensor};
@@ -40,8 +40,10 @@ pub fn attention<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, 
 /// ```
 ///
 /// # Panics
-/// As [`attention`].
+/// As [`attention`], and when queries and keys are not as many.
 pub fn causal_attention<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
+    // With fewer queries than keys PyTorch aligns the mask top-left and Burn bottom-right.
+    assert_eq!(q.dims()[1], k.dims()[1], "causal_attention: {} queries, {} keys", q.dims()[1], k.dims()[1]);
     attention_impl(q, k, v, heads, true)
 }
 
@@ -93,6 +95,10 @@ fn query_block(lk: usize) -> usize {
 
 fn attention_f32(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: Dims) {
     let Dims { b, lq, lk, heads, d, dv, causal } = s;
+    if lk == 0 {
+        // No keys: every output is an empty sum (out is zeroed).
+        return;
+    }
     let (cq, cv) = (heads * d, heads * dv);
     let qb = query_block(lk);
     let blocks = lq.div_ceil(qb);
@@ -163,7 +169,7 @@ mod tests {
     fn matches_burn_attention() {
         let dev = FlexDevice;
         for &(b, lq, lk, heads, d, dv) in
-            &[(1, 1, 1, 1, 1, 1), (2, 10, 7, 4, 4, 4), (1, 300, 300, 2, 8, 8), (2, 1000, 85, 3, 5, 7), (1, 40, 2000, 1, 16, 16), (2, 77, 77, 3, 8, 8), (1, 1100, 1100, 1, 8, 4)]
+            &[(1, 1, 1, 1, 1, 1), (1, 3, 0, 1, 2, 2), (2, 10, 7, 4, 4, 4), (1, 300, 300, 2, 8, 8), (2, 1000, 85, 3, 5, 7), (1, 40, 2000, 1, 16, 16), (2, 77, 77, 3, 8, 8), (1, 1100, 1100, 1, 8, 4)]
         {
             let q = Tensor::<Flex, 3>::random([b, lq, heads * d], Distribution::Normal(0.0, 2.0), &dev);
             let k = Tensor::<Flex, 3>::random([b, lk, heads * d], Distribution::Normal(0.0, 2.0), &dev);
@@ -179,6 +185,16 @@ mod tests {
                 assert!(e < 2e-5, "causal {b} {lq} {heads} {d} {dv}: max abs diff {e}");
             }
         }
+    }
+
+    /// A causal mask over fewer queries than keys has two conventions (PyTorch top-left,
+    /// Burn bottom-right): refused rather than picked silently.
+    #[test]
+    #[should_panic(expected = "2 queries, 4 keys")]
+    fn causal_needs_as_many_queries_as_keys() {
+        let q = Tensor::<Flex, 3>::random([1, 2, 8], Distribution::Default, &FlexDevice);
+        let kv = Tensor::<Flex, 3>::random([1, 4, 8], Distribution::Default, &FlexDevice);
+        causal_attention(q, kv.clone(), kv, 1);
     }
 
     /// Strided (transposed) inputs are made contiguous first, not misread.

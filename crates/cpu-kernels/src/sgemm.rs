@@ -265,6 +265,7 @@ pub(crate) unsafe fn sgemm(
     let mblocks = m.div_ceil(mb);
     let c = crate::flex::SharedMut(c);
     let mut bbuf = Vec::new();
+    let mut apacks: Vec<Vec<f32>> = Vec::new();
     for j0 in (0..n).step_by(NC) {
         let nc = NC.min(n - j0);
         let panels = nc.div_ceil(NR);
@@ -294,6 +295,22 @@ pub(crate) unsafe fn sgemm(
                 }
             };
             let acc = accumulate || k0 > 0;
+            // When several column chunks share a row block, its A is packed once for all of
+            // them (in parallel over row blocks) instead of once per task.
+            let shared = !direct && jchunks > 1;
+            if shared {
+                apacks.resize_with(mblocks, Vec::new);
+                let pack = |(ib, v): (usize, &mut Vec<f32>)| {
+                    // SAFETY: rows ib·mb.. and columns k0..k0+kc of A exist.
+                    unsafe { pack_a(a, ib * mb, mb.min(m - ib * mb), k0, kc, v) }
+                };
+                if threads > 1 {
+                    apacks.par_iter_mut().enumerate().for_each(pack);
+                } else {
+                    apacks.iter_mut().enumerate().for_each(pack);
+                }
+            }
+            let apacks = &apacks;
             let task = |t: usize, apack: &mut Vec<f32>| {
                 let (ib, jb) = (t / jchunks, t % jchunks);
                 let i0 = ib * mb;
@@ -301,9 +318,14 @@ pub(crate) unsafe fn sgemm(
                 // SAFETY: rows i0..i0+mc and columns k0..k0+kc of A exist; tasks write
                 // disjoint tiles of C (their own rows × their own panels).
                 unsafe {
-                    if !direct {
-                        pack_a(a, i0, mc, k0, kc, apack);
-                    }
+                    let apack: &Vec<f32> = if shared {
+                        &apacks[ib]
+                    } else {
+                        if !direct {
+                            pack_a(a, i0, mc, k0, kc, apack);
+                        }
+                        apack
+                    };
                     let c = c;
                     for p in jb * per_chunk..((jb + 1) * per_chunk).min(panels) {
                         let bp = block[p * panel_stride..].as_ptr();

@@ -5,7 +5,7 @@ use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::flex::{data, from_vec, operand, operand_view, strided_2d, to_flex, Kernel};
-use crate::sgemm::{sgemm, BSource, MatRef};
+use crate::sgemm::{sgemm, untranspose_rows, BSource, MatRef};
 
 /// `x · weight + bias` with `x` `[rows, in]`, `weight` `[in, out]` and `bias` `[out]`.
 ///
@@ -103,15 +103,14 @@ fn swapped(x: &[f32], w: &[f32], w_rs: usize, bias: Option<&[f32]>, out: &mut [f
             true,
         );
     }
-    // Eight output rows at a time: reads of yt stay 8 floats wide, writes sequential.
+    // Eight output rows at a time, through 8×8 transposes.
     out.par_chunks_mut(8 * d_out).enumerate().for_each(|(blk, o)| {
-        let r0 = blk * 8;
-        let n = o.len() / d_out;
-        for c in 0..d_out {
-            let b = bias.map_or(0.0, |b| b[c]);
-            let src = &yt[c * rows + r0..c * rows + r0 + n];
-            for (i, &v) in src.iter().enumerate() {
-                o[i * d_out + c] = v + b;
+        untranspose_rows(&yt, rows, d_out, blk * 8, o.len() / d_out, o);
+        if let Some(b) = bias {
+            for row in o.chunks_exact_mut(d_out) {
+                for (v, &b) in row.iter_mut().zip(b) {
+                    *v += b;
+                }
             }
         }
     });
@@ -132,7 +131,7 @@ mod tests {
         let dev = FlexDevice;
         // Few rows (the transposed product) and many, with and without bias.
         for &(rows, d_in, d_out, bias) in
-            &[(1, 1, 1, true), (5, 7, 3, false), (170, 768, 320, true), (300, 33, 1000, true), (257, 300, 600, false), (1100, 40, 50, true)]
+            &[(1, 1, 1, true), (5, 7, 3, false), (170, 768, 320, true), (300, 33, 1000, true), (257, 300, 600, false), (8, 64, 77, true), (1100, 40, 50, true)]
         {
             let x = Tensor::<Flex, 2>::random([rows, d_in], Distribution::Default, &dev);
             let w_torch = Tensor::<Flex, 2>::random([d_out, d_in + 2], Distribution::Default, &dev);

@@ -435,6 +435,29 @@ unsafe fn portable(kc: usize, a: impl Fn(usize, usize) -> f32, b: *const f32, c:
     store_tile(&acc, c, ldc, rows, cols, accumulate);
 }
 
+/// Rows `r0..r0 + n` (`n ≤ 8`) of the row-major `rows × cols` matrix whose column-major copy
+/// is `src` (`src[c·rows + r]`), written to `dst` (`n × cols`): the output of a transposed
+/// product put back in order, 8×8 blocks at a time.
+pub(crate) fn untranspose_rows(src: &[f32], rows: usize, cols: usize, r0: usize, n: usize, dst: &mut [f32]) {
+    assert!(n <= 8 && r0 + n <= rows && src.len() >= rows * cols && dst.len() >= n * cols);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if n == 8 && avx2_ok() {
+        done = cols / 8 * 8;
+        for c in (0..done).step_by(8) {
+            let s: [*const f32; 8] = std::array::from_fn(|i| src[(c + i) * rows + r0..].as_ptr());
+            // SAFETY: each source row holds 8 floats from r0 (r0 + 8 <= rows); dst rows 0..8
+            // hold columns c..c+8 (c + 8 <= cols); asserted above.
+            unsafe { avx2::transpose8(s, dst.as_mut_ptr().add(c), cols) };
+        }
+    }
+    for c in done..cols {
+        for i in 0..n {
+            dst[i * cols + c] = src[c * rows + r0 + i];
+        }
+    }
+}
+
 /// Whether this CPU runs the AVX2+FMA code (checked once, then a cached load).
 #[cfg(target_arch = "x86_64")]
 fn avx2_ok() -> bool {

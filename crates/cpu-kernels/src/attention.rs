@@ -1,12 +1,13 @@
-//! Multi-head scaled dot-product attention without a mask.
+//! Multi-head scaled dot-product attention, without a mask or with a causal one.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
+use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use crate::flex::{data, from_vec, operand, to_flex, Kernel, SharedMut};
+use crate::flex::{from_vec, operand_view, rows_3d, to_flex_view, Kernel, SharedMut};
 use crate::rows::exp_row_fn;
 use crate::sgemm::{sgemm, BSource, MatRef, PackedB};
 
@@ -53,13 +54,20 @@ fn attention_impl<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>,
     let [bv, lv, cv] = v.dims();
     assert!(b == bk && b == bv && lk == lv && cq == ck, "attention: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
     assert!(heads > 0 && cq % heads == 0 && cv % heads == 0, "attention: widths {cq}/{cv} not divisible by {heads} heads");
-    let qf = match to_flex(q, Kernel::Attention, &[k.dtype(), v.dtype()]) {
+    let qf = match to_flex_view(q, Kernel::Attention, &[k.dtype(), v.dtype()]) {
         Ok(q) => q,
         Err(q) => return attention_burn(q, k, v, heads, causal),
     };
-    let (kf, vf) = (operand(k), operand(v));
+    // Column slices (the parts of a fused qkv projection) are read in place; anything else is
+    // made contiguous first.
+    let fix = |f: FlexTensor| if rows_3d(&f).is_some() { f } else { f.to_contiguous() };
+    let (qf, kf, vf) = (fix(qf), fix(operand_view(k)), fix(operand_view(v)));
+    let rows = |f| {
+        let (data, sb, sl) = rows_3d(f).expect("contiguous tensors have rows");
+        Rows { data, sb, sl }
+    };
     let mut out = vec![0f32; b * lq * cv];
-    attention_f32(data(&qf), data(&kf), data(&vf), &mut out, Dims { b, lq, lk, heads, d: cq / heads, dv: cv / heads, causal });
+    attention_f32(rows(&qf), rows(&kf), rows(&vf), &mut out, Dims { b, lq, lk, heads, d: cq / heads, dv: cv / heads, causal });
     from_vec(out, [b, lq, cv])
 }
 
@@ -74,6 +82,14 @@ fn attention_burn<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>,
     let opts = AttentionModuleOptions { is_causal: causal, ..Default::default() };
     let o = burn_attention(split(q), split(k), split(v), None, None, opts);
     o.swap_dims(1, 2).reshape([b, lq, cv])
+}
+
+/// A `[B, L, C]` operand with contiguous rows: element `(b, l, c)` at `b·sb + l·sl + c`.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    data: &'a [f32],
+    sb: usize,
+    sl: usize,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -93,13 +109,13 @@ fn query_block(lk: usize) -> usize {
     ((1 << 18) / lk.max(1)).clamp(16, 256)
 }
 
-fn attention_f32(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: Dims) {
+fn attention_f32(q: Rows, k: Rows, v: Rows, out: &mut [f32], s: Dims) {
     let Dims { b, lq, lk, heads, d, dv, causal } = s;
     if lk == 0 {
         // No keys: every output is an empty sum (out is zeroed).
         return;
     }
-    let (cq, cv) = (heads * d, heads * dv);
+    let cv = heads * dv;
     let qb = query_block(lk);
     let blocks = lq.div_ceil(qb);
     let scale = 1.0 / (d as f32).sqrt();
@@ -109,9 +125,9 @@ fn attention_f32(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: Dims) {
         .into_par_iter()
         .map(|unit| {
             let (bi, h) = (unit / heads, unit % heads);
-            // kᵀ: row index = feature (stride 1), column index = key (stride cq).
-            let kt = MatRef::new(k[bi * lk * cq + h * d..].as_ptr(), 1, cq);
-            let vh = MatRef::new(v[bi * lk * cv + h * dv..].as_ptr(), cv, 1);
+            // kᵀ: row index = feature (stride 1), column index = key (row stride).
+            let kt = MatRef::new(k.data[bi * k.sb + h * d..].as_ptr(), 1, k.sl);
+            let vh = MatRef::new(v.data[bi * v.sb + h * dv..].as_ptr(), v.sl, 1);
             (PackedB::new(d, lk, kt), PackedB::new(lk, dv, vh))
         })
         .collect();
@@ -131,7 +147,7 @@ fn attention_f32(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: Dims) {
             // of batch bi, columns of head h. Tasks write disjoint blocks of `out`.
             unsafe {
                 let dst = dst;
-                let qm = MatRef::new(q.as_ptr().add((bi * lq + q0) * cq + h * d), cq, 1);
+                let qm = MatRef::new(q.data.as_ptr().add(bi * q.sb + q0 * q.sl + h * d), q.sl, 1);
                 sgemm(rows, keys, d, qm, BSource::Packed(kt), scores.as_mut_ptr(), lk, scale, false, false);
                 for (r, row) in scores.chunks_exact_mut(lk).enumerate() {
                     let seen = if causal { keys.min(q0 + r + 1) } else { keys };
@@ -195,6 +211,19 @@ mod tests {
         let q = Tensor::<Flex, 3>::random([1, 2, 8], Distribution::Default, &FlexDevice);
         let kv = Tensor::<Flex, 3>::random([1, 4, 8], Distribution::Default, &FlexDevice);
         causal_attention(q, kv.clone(), kv, 1);
+    }
+
+    /// Column slices of one fused projection (read in place) give the same result as
+    /// contiguous copies.
+    #[test]
+    fn reads_column_slices_in_place() {
+        let dev = FlexDevice;
+        let qkv = Tensor::<Flex, 3>::random([2, 33, 3 * 24], Distribution::Normal(0.0, 2.0), &dev);
+        let part = |i: usize| qkv.clone().narrow(2, i * 24, 24);
+        let want = attention_burn(part(0), part(1), part(2), 4, false);
+        assert!(max_diff(attention(part(0), part(1), part(2), 4), want.clone()) < 2e-5);
+        let want_c = attention_burn(part(0), part(1), part(2), 4, true);
+        assert!(max_diff(causal_attention(part(0), part(1), part(2), 4), want_c) < 2e-5);
     }
 
     /// Strided (transposed) inputs are made contiguous first, not misread.

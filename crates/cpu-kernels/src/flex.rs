@@ -30,6 +30,32 @@ pub(crate) fn to_flex<B: Backend, const D: usize>(t: Tensor<B, D>, kernel: Kerne
     }
 }
 
+/// [`to_flex`] without making the tensor contiguous (a strided view stays a view; read it
+/// with [`rows_3d`] or [`strided_2d`]).
+pub(crate) fn to_flex_view<B: Backend, const D: usize>(t: Tensor<B, D>, kernel: Kernel, others: &[DType]) -> Result<FlexTensor, Tensor<B, D>> {
+    if !kernel.enabled() || t.dtype() != DType::F32 || others.iter().any(|&d| d != DType::F32) {
+        return Err(t);
+    }
+    match cast::<_, FlexTensor>(t.into_primitive().tensor()) {
+        Ok(f) => Ok(f),
+        Err(p) => Err(Tensor::from_primitive(TensorPrimitive::Float(p))),
+    }
+}
+
+/// A 3-D f32 tensor whose last dimension is contiguous (a column slice such as one of a fused
+/// projection's parts): its storage from the first element, the batch stride and the row
+/// stride. `None` for any other layout, which [`FlexTensor::to_contiguous`] then resolves.
+pub(crate) fn rows_3d(f: &FlexTensor) -> Option<(&[f32], usize, usize)> {
+    let l = f.layout();
+    let (&[sb, sl, sc], &[b, rows, cols]) = (l.strides(), &l.shape()[..]) else { return None };
+    if sb < 0 || sl < 0 || (sc != 1 && cols > 1) {
+        return None;
+    }
+    let storage = &f.storage::<f32>()[l.start_offset()..];
+    let span = if b == 0 || rows == 0 || cols == 0 { 0 } else { (b - 1) * sb as usize + (rows - 1) * sl as usize + cols };
+    (storage.len() >= span).then_some((storage, sb as usize, sl as usize))
+}
+
 /// A further operand of a kernel whose first operand [`to_flex`] converted: same backend and
 /// an f32 dtype it checked, so this cannot fail.
 pub(crate) fn operand<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {

@@ -1,6 +1,6 @@
 use std::path::Path;
 
-use burn::tensor::activation::{gelu_approximate, relu, sigmoid, silu};
+use burn::tensor::activation::{gelu_approximate, relu, silu};
 use burn::tensor::{backend::Backend, Tensor};
 use model_io::{Error, Result};
 use serde::Deserialize;
@@ -214,7 +214,7 @@ impl Activation {
         match self {
             Self::Gelu => cpu_kernels::gelu(x),
             Self::GeluTanh => gelu_approximate(x),
-            Self::QuickGelu => x.clone() * sigmoid(x * 1.702),
+            Self::QuickGelu => cpu_kernels::quick_gelu(x),
             Self::Relu => relu(x),
             Self::Silu => silu(x),
         }

@@ -21,13 +21,7 @@ fn cast<A: 'static, T: 'static>(a: A) -> Result<T, A> {
 /// `others` (the dtypes of the kernel's further operands) is not f32. The further operands
 /// then convert with [`operand`].
 pub(crate) fn to_flex<B: Backend, const D: usize>(t: Tensor<B, D>, kernel: Kernel, others: &[DType]) -> Result<FlexTensor, Tensor<B, D>> {
-    if !kernel.enabled() || t.dtype() != DType::F32 || others.iter().any(|&d| d != DType::F32) {
-        return Err(t);
-    }
-    match cast::<_, FlexTensor>(t.into_primitive().tensor()) {
-        Ok(f) => Ok(f.to_contiguous()),
-        Err(p) => Err(Tensor::from_primitive(TensorPrimitive::Float(p))),
-    }
+    to_flex_view(t, kernel, others).map(|f| f.to_contiguous())
 }
 
 /// [`to_flex`] without making the tensor contiguous (a strided view stays a view; read it
@@ -59,10 +53,7 @@ pub(crate) fn rows_3d(f: &FlexTensor) -> Option<(&[f32], usize, usize)> {
 /// A further operand of a kernel whose first operand [`to_flex`] converted: same backend and
 /// an f32 dtype it checked, so this cannot fail.
 pub(crate) fn operand<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {
-    match cast::<_, FlexTensor>(t.into_primitive().tensor()) {
-        Ok(f) => f.to_contiguous(),
-        Err(_) => unreachable!("a kernel's operands share one backend"),
-    }
+    operand_view(t).to_contiguous()
 }
 
 /// A further operand as an f32 `FlexTensor` in whatever layout it has (a transposed view
@@ -94,7 +85,7 @@ pub(crate) enum Kernel {
     Attention,
     /// [`crate::linear`].
     Linear,
-    /// [`crate::transpose`], [`crate::geglu`] and [`crate::gelu`].
+    /// [`crate::transpose`], [`crate::geglu`], [`crate::gelu`] and [`crate::quick_gelu`].
     Layout,
     /// [`crate::group_norm`] and [`crate::layer_norm`].
     Norm,

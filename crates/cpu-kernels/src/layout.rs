@@ -80,15 +80,7 @@ pub fn geglu<B: Backend>(h: Tensor<B, 3>) -> Tensor<B, 3> {
 /// assert_eq!(cpu_kernels::gelu(x).dims(), [3, 5]);
 /// ```
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let dims = x.dims();
-    let t = match to_flex(x, Kernel::Layout, &[]) {
-        Ok(t) => t,
-        Err(x) => return burn_gelu(x),
-    };
-    let mut out = vec![0f32; dims.iter().product()];
-    let row = crate::rows::gelu_row_fn();
-    out.par_chunks_mut(1 << 14).zip(data(&t).par_chunks(1 << 14)).for_each(|(dst, src)| row(src, dst));
-    from_vec(out, dims)
+    elementwise(x, crate::rows::gelu_row_fn(), burn_gelu)
 }
 
 /// CLIP's "quick GELU", `x · sigmoid(1.702 x)`, element-wise, for any rank (three Burn ops
@@ -101,13 +93,21 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 /// assert_eq!(cpu_kernels::quick_gelu(x).dims(), [3, 5]);
 /// ```
 pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    elementwise(x, crate::rows::quick_gelu_row_fn(), |x| x.clone() * sigmoid(x * 1.702))
+}
+
+/// `row` over the elements of `x` in parallel chunks on burn-flex f32, `fallback` elsewhere.
+fn elementwise<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    row: fn(&[f32], &mut [f32]),
+    fallback: impl FnOnce(Tensor<B, D>) -> Tensor<B, D>,
+) -> Tensor<B, D> {
     let dims = x.dims();
     let t = match to_flex(x, Kernel::Layout, &[]) {
         Ok(t) => t,
-        Err(x) => return x.clone() * sigmoid(x * 1.702),
+        Err(x) => return fallback(x),
     };
     let mut out = vec![0f32; dims.iter().product()];
-    let row = crate::rows::quick_gelu_row_fn();
     out.par_chunks_mut(1 << 14).zip(data(&t).par_chunks(1 << 14)).for_each(|(dst, src)| row(src, dst));
     from_vec(out, dims)
 }

@@ -53,6 +53,13 @@ fn exp_nonpositive(x: f32) -> f32 {
     y * f32::from_bits((ni.wrapping_add(127) as u32) << 23)
 }
 
+/// `1 / (1 + exp(−y))` from `exp(−|y|) ≤ 1`, so the exp never overflows.
+#[inline(always)]
+fn sigmoid(y: f32) -> f32 {
+    let e = exp_nonpositive(-y.abs());
+    if y >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) }
+}
+
 /// Replaces `row` by `exp(row − max(row))` and returns the sum (the caller divides).
 #[inline(always)]
 fn exp_row_body(row: &mut [f32]) -> f32 {
@@ -120,10 +127,7 @@ fn norm_row_body(src: &[f32], dst: &mut [f32], a: f32, s: f32, silu: bool) {
     if silu {
         for (d, &x) in dst.iter_mut().zip(src) {
             let y = x.mul_add(a, s);
-            // sigmoid from exp(−|y|) ≤ 1, so the exp never overflows.
-            let e = exp_nonpositive(-y.abs());
-            let sig = if y >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
-            *d = y * sig;
+            *d = y * sigmoid(y);
         }
     } else {
         for (d, &x) in dst.iter_mut().zip(src) {
@@ -176,11 +180,7 @@ fn gelu_row(src: &[f32], dst: &mut [f32]) {
 #[inline(always)]
 fn quick_gelu_row(src: &[f32], dst: &mut [f32]) {
     for (d, &x) in dst.iter_mut().zip(src) {
-        let y = 1.702 * x;
-        // sigmoid from exp(−|y|) ≤ 1, so the exp never overflows.
-        let e = exp_nonpositive(-y.abs());
-        let sig = if y >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
-        *d = x * sig;
+        *d = x * sigmoid(1.702 * x);
     }
 }
 

@@ -2,10 +2,11 @@
 //!
 //! Why not the `gemm` crate that burn-flex uses: on AVX2 its f32 microkernel reads one
 //! operand unpacked through a chain of address additions, and reached about 40 % of the FMA
-//! peak inside the UNet (2-core AMD EPYC, Zen 3); this one about 50 % there and 66 % alone. Here both operands are packed into the order the
-//! microkernel reads them (a 6×16 tile of `C` in twelve registers; per step two vector loads
-//! of `B` and six broadcasts of `A`), blocked so that a `B` micropanel (256×16) stays in L1
-//! and an `A` block (up to 144×256) in L2. Callers can hand over `B` already packed (the keys
+//! peak inside the UNet (2-core AMD EPYC, Zen 3); this one about 50 % there and 66 % alone.
+//! Here both operands are packed into the order the microkernel reads them (a 6×16 tile of
+//! `C` in twelve registers; per step two vector loads of `B` and six broadcasts of `A`),
+//! blocked so that a `B` micropanel (256×16) stays in L1 and an `A` block (up to 144×256) in
+//! L2. Callers can hand over `B` already packed (the keys
 //! and values of an attention head, packed once for all query blocks) or a function that
 //! writes it packed (im2col straight into the layout, with no buffer of its own).
 
@@ -382,7 +383,7 @@ impl Kernels {
 
 fn kernel_fn() -> Kernels {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if avx2_ok() {
         return Kernels { packed: avx2::packed, direct: avx2::direct };
     }
     Kernels { packed: portable_packed, direct: portable_direct }

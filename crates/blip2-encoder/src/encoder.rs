@@ -72,7 +72,9 @@ impl<B: Backend> Blip2Encoder<B> {
                 hint: " (the checkpoint has no Q-Former weights: no `qformer.*` tensors)".into(),
             });
         }
-        let w = Weights::new(&ckpt, device);
+        // Frozen: its linear weights are packed at load (`Linear::load_frozen`), so nothing
+        // should keep the file's pages resident.
+        let w = Weights::new(&ckpt, device).copied();
         let mut enc = Self::from_weights(&cfg, &w)?;
         let text_branch: Vec<String> = (0..cfg.qformer_config.num_hidden_layers)
             .flat_map(|i| {

@@ -32,9 +32,14 @@ impl<B: Backend> Attention<B> {
         } else {
             Some(w.get::<1>("qkv.bias", [3 * d])?)
         };
+        // Frozen: laid out once for the CPU GEMM, the mapped original released.
+        let mut qkv = Linear::from_torch(weight, bias);
+        if qkv.pack() {
+            w.release("qkv.weight");
+        }
         Ok(Self {
-            qkv: Linear::from_torch(weight, bias),
-            projection: Linear::load(&w.pp("projection"), d, d, true)?,
+            qkv,
+            projection: Linear::load_frozen(&w.pp("projection"), d, d, true)?,
             heads: cfg.num_attention_heads,
         })
     }
@@ -95,8 +100,8 @@ impl<B: Backend> VisionModel<B> {
                 layer_norm1: LayerNorm::load(&lw.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
                 self_attn: Attention::load(&lw.pp("self_attn"), cfg)?,
                 layer_norm2: LayerNorm::load(&lw.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
-                fc1: Linear::load(&lw.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
-                fc2: Linear::load(&lw.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
+                fc1: Linear::load_frozen(&lw.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
+                fc2: Linear::load_frozen(&lw.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
                 act,
             });
         }

@@ -124,7 +124,9 @@ impl<B: Backend> ClipTextModel<B> {
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         let cfg = ClipTextConfig::load(dir)?;
         let ckpt = Checkpoint::open_dir(dir, &["model"])?;
-        let w = Weights::new(&ckpt, device);
+        // Frozen: its linear weights are packed at load (`Linear::load_frozen`), so nothing
+        // should keep the file's pages resident.
+        let w = Weights::new(&ckpt, device).copied();
         let m = Self::from_weights(&cfg, &w.pp("text_model"))?;
         // Buffers and heads the encoder does not use.
         w.finish(&["text_model.embeddings.position_ids", "text_projection"])?;
@@ -142,15 +144,15 @@ impl<B: Backend> ClipTextModel<B> {
             layers.push(EncoderLayer {
                 layer_norm1: LayerNorm::load(&lw.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
                 self_attn: Attention {
-                    q_proj: Linear::load(&a.pp("q_proj"), d, d, true)?,
-                    k_proj: Linear::load(&a.pp("k_proj"), d, d, true)?,
-                    v_proj: Linear::load(&a.pp("v_proj"), d, d, true)?,
-                    out_proj: Linear::load(&a.pp("out_proj"), d, d, true)?,
+                    q_proj: Linear::load_frozen(&a.pp("q_proj"), d, d, true)?,
+                    k_proj: Linear::load_frozen(&a.pp("k_proj"), d, d, true)?,
+                    v_proj: Linear::load_frozen(&a.pp("v_proj"), d, d, true)?,
+                    out_proj: Linear::load_frozen(&a.pp("out_proj"), d, d, true)?,
                     heads: cfg.num_attention_heads,
                 },
                 layer_norm2: LayerNorm::load(&lw.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
-                fc1: Linear::load(&lw.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
-                fc2: Linear::load(&lw.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
+                fc1: Linear::load_frozen(&lw.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
+                fc2: Linear::load_frozen(&lw.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
                 quick_gelu: cfg.hidden_act == "quick_gelu",
             });
         }

@@ -128,7 +128,7 @@ fn attention_f32(q: Rows, k: Rows, v: Rows, out: &mut [f32], s: Dims) {
             // kᵀ: row index = feature (stride 1), column index = key (row stride).
             let kt = MatRef::new(k.data[bi * k.sb + h * d..].as_ptr(), 1, k.sl);
             let vh = MatRef::new(v.data[bi * v.sb + h * dv..].as_ptr(), v.sl, 1);
-            (PackedB::new(d, lk, kt), PackedB::new(lk, dv, vh))
+            (PackedB::new(d, lk, kt, false), PackedB::new(lk, dv, vh, false))
         })
         .collect();
     let dst = SharedMut(out.as_mut_ptr());

@@ -18,7 +18,9 @@
 //!   (no im2col buffer), against the published `[C_out, C_in, k, k]` weight as it is, writing
 //!   NCHW output in place; 1×1 convolutions are a plain GEMM.
 //! * [`linear`]: the weight read through its strides (the transposed view of PyTorch's
-//!   `[out, in]`), bias added by the GEMM.
+//!   `[out, in]`), bias added by the GEMM. [`linear_packed`] takes a [`PackedLinear`]: a
+//!   frozen layer's weight packed once at load in the GEMM's order (1.15–1.45× on BLIP-2's
+//!   layers, which otherwise copy or transpose the whole weight on every call).
 //! * [`attention`]: reads queries, keys and values in the `[B, L, heads·D]` layout the
 //!   projections produce and writes the output in the same layout (no transposes); keys and
 //!   values packed once per (batch, head), then per block of queries one GEMM for the
@@ -52,5 +54,5 @@ mod sgemm;
 pub use attention::{attention, causal_attention};
 pub use conv::conv2d;
 pub use layout::{gelu, geglu, quick_gelu, transpose};
-pub use linear::linear;
+pub use linear::{linear, linear_packed, PackedLinear};
 pub use norm::{group_norm, layer_norm};

@@ -7,7 +7,8 @@
 //! `C` in twelve registers; per step two vector loads of `B` and six broadcasts of `A`),
 //! blocked so that a `B` micropanel (256×16) stays in L1 and an `A` block (up to 144×256) in
 //! L2. Callers can hand over `B` already packed (the keys
-//! and values of an attention head, packed once for all query blocks) or a function that
+//! and values of an attention head, packed once for all query blocks; a frozen layer's weight,
+//! packed at load) or a function that
 //! writes it packed (im2col straight into the layout, with no buffer of its own).
 
 use rayon::prelude::*;
@@ -76,13 +77,13 @@ fn aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 /// its top-left parts (fewer rows or columns).
 pub(crate) struct PackedB {
     data: Vec<f32>,
-    k: usize,
-    n: usize,
+    pub(crate) k: usize,
+    pub(crate) n: usize,
 }
 
 impl PackedB {
-    /// Packs `b` (`k × n`) once.
-    pub(crate) fn new(k: usize, n: usize, b: MatRef) -> Self {
+    /// Packs `b` (`k × n`) once; `parallel` spreads the packing over rayon's threads.
+    pub(crate) fn new(k: usize, n: usize, b: MatRef, parallel: bool) -> Self {
         let panels = n.div_ceil(NR);
         let mut data = Vec::new();
         let all = aligned(&mut data, k * panels * NR);
@@ -90,9 +91,25 @@ impl PackedB {
             let kc = KC.min(k - k0);
             let block = &mut all[k0 * panels * NR..(k0 + kc) * panels * NR];
             // SAFETY: the caller's `b` covers k × n.
-            unsafe { pack_b(b, k0, kc, 0, n, block, false) };
+            unsafe { pack_b(b, k0, kc, 0, n, block, parallel) };
         }
         Self { data, k, n }
+    }
+
+    /// The matrix back, row-major `k × n`.
+    pub(crate) fn unpack(&self) -> Vec<f32> {
+        let (k, n, panels) = (self.k, self.n, self.n.div_ceil(NR));
+        let all = self.all();
+        let mut b = vec![0f32; k * n];
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            for kk in 0..kc {
+                for (j, v) in b[(k0 + kk) * n..(k0 + kk + 1) * n].iter_mut().enumerate() {
+                    *v = all[k0 * panels * NR + (j / NR) * kc * NR + kk * NR + j % NR];
+                }
+            }
+        }
+        b
     }
 
     fn all(&self) -> &[f32] {
@@ -655,7 +672,7 @@ mod tests {
                             if r < k && c < n { b[r * brs + c * bcs] } else { big[e] }
                         })
                         .collect();
-                    let packed = PackedB::new(k + 300, n + 20, MatRef::new(bbig.as_ptr(), n + 20, 1));
+                    let packed = PackedB::new(k + 300, n + 20, MatRef::new(bbig.as_ptr(), n + 20, 1), case == 1);
                     let fill = |k0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]| unsafe { pack_b(bm, k0, kc, j0, nc, dst, false) };
                     let src = match case {
                         0 | 3 => BSource::Mat(bm),

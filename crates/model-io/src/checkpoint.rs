@@ -274,6 +274,15 @@ impl Checkpoint {
         Ok(TensorData::new(data, shape))
     }
 
+    /// Drops the pages of tensor `name` from this process's resident memory (the page cache
+    /// keeps them; a later read faults them back in), for a caller that copied it out and
+    /// dropped the tensor. Unknown names are ignored.
+    pub fn release_tensor(&self, name: &str) {
+        if let Some(info) = self.tensors.get(name) {
+            self.release(info);
+        }
+    }
+
     /// Drops a tensor's pages, once copied out, from this process's resident memory (the page
     /// cache keeps them). Without it a load holds every page of the file next to the copy:
     /// twice the weights at the peak.

@@ -36,19 +36,21 @@ pub struct Weights<'a, B: Backend> {
     /// Random weights only: `Some((seed, made))` draws each tensor from a generator seeded by
     /// `seed` and the key (so the values do not depend on load order) and keeps a copy.
     seeded: Option<(u64, Recorded)>,
+    /// Copy each tensor out of the checkpoint's memory map (see [`Weights::copied`]).
+    copy: bool,
 }
 
 impl<'a, B: Backend> Weights<'a, B> {
     /// A view at the root of `ckpt`, creating tensors on `device`.
     pub fn new(ckpt: &'a Checkpoint, device: &B::Device) -> Self {
-        Self { ckpt: Some(ckpt), prefix: String::new(), device: device.clone(), used: Rc::default(), seeded: None }
+        Self { ckpt: Some(ckpt), prefix: String::new(), device: device.clone(), used: Rc::default(), seeded: None, copy: false }
     }
 
     /// A source of random weights (normal, scaled by `1/sqrt(fan_in)`) of whatever shape the
     /// model asks for: builds a full-size model from its config alone, for benchmarks.
     /// Optional tensors (those probed with [`Weights::contains`]) are absent.
     pub fn random(device: &B::Device) -> Weights<'static, B> {
-        Weights { ckpt: None, prefix: String::new(), device: device.clone(), used: Rc::default(), seeded: None }
+        Weights { ckpt: None, prefix: String::new(), device: device.clone(), used: Rc::default(), seeded: None, copy: false }
     }
 
     /// Deterministic random weights that are also recorded, so a model built from a config can
@@ -75,6 +77,23 @@ impl<'a, B: Backend> Weights<'a, B> {
 
     fn checkpoint_name(&self) -> String {
         self.ckpt.map_or_else(|| "random weights".to_string(), |c| c.name().to_string())
+    }
+
+    /// The same view, but every tensor read from here on is copied out of the checkpoint's
+    /// memory map and its pages released at once, so the model holds no part of the mapping.
+    /// For a frozen model whose large weights are laid out anew at load
+    /// ([`crate::nn::Linear::load_frozen`]): its small tensors (biases, norms) read through the
+    /// mapping on every forward would otherwise fault back whole page-cache folios (up to
+    /// 2 MiB on ext4 and XFS) of the released weights around them.
+    ///
+    /// ```no_run
+    /// # fn f(ckpt: &model_io::Checkpoint) -> model_io::Result<()> {
+    /// let w = model_io::Weights::<burn_flex::Flex>::new(ckpt, &burn_flex::FlexDevice).copied();
+    /// let fc = model_io::nn::Linear::load_frozen(&w.pp("fc"), 1408, 6144, true)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn copied(&self) -> Self {
+        Self { copy: true, ..self.clone() }
     }
 
     /// The view one level down (`push prefix`).
@@ -147,9 +166,22 @@ impl<'a, B: Backend> Weights<'a, B> {
 
     fn read<const D: usize>(&self, key: &str) -> Result<Tensor<B, D>> {
         let ckpt = self.ckpt.ok_or_else(|| Error::invalid(format!("`{key}`: random weights need a known shape")))?;
-        let data = ckpt.tensor_data_f32(key)?;
+        let data = if self.copy {
+            let (data, shape) = ckpt.read_f32(key)?;
+            burn::tensor::TensorData::new(data, shape)
+        } else {
+            ckpt.tensor_data_f32(key)?
+        };
         self.used.borrow_mut().insert(key.to_string());
         Ok(Tensor::from_data(data, &self.device))
+    }
+
+    /// Drops the pages of `name` (under this prefix) from resident memory once a copy of it is
+    /// all that is used (see [`Checkpoint::release_tensor`]); nothing for random weights.
+    pub fn release(&self, name: &str) {
+        if let Some(ckpt) = self.ckpt {
+            ckpt.release_tensor(&self.key(name));
+        }
     }
 
     /// Fails if the checkpoint holds tensors that were never read, ignoring keys that start

@@ -437,7 +437,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             let b = 1.0 / (i as f64).sqrt();
             let w = Tensor::<B, 2>::from_data(TensorData::new(uniform(&mut init, i * o, b), [i, o]), device);
             let bias = Tensor::<B, 1>::from_data(TensorData::new(uniform(&mut init, o, b), [o]), device);
-            Linear { weight: Param::from_tensor(w), bias: Some(Param::from_tensor(bias)) }
+            Linear::new(w, Some(bias))
         };
         aligner.fc1 = lin(dq, hidden);
         aligner.fc2 = lin(hidden, d_text);

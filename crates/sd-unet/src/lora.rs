@@ -1,6 +1,6 @@
 //! LoRA adapters on the attention projections (`to_q`, `to_k`, `to_v`, `to_out.0`).
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 use model_io::nn::Linear;
 
@@ -25,8 +25,8 @@ impl<B: Backend> Lora<B> {
         let a = Tensor::<B, 2>::random([d_in, rank], Distribution::Uniform(-bound, bound), device);
         let b = Tensor::<B, 2>::zeros([rank, d_out], device);
         Self {
-            down: Linear { weight: Param::from_tensor(a), bias: None },
-            up: Linear { weight: Param::from_tensor(b), bias: None },
+            down: Linear::new(a, None),
+            up: Linear::new(b, None),
             scale: alpha / rank as f64,
         }
     }

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::Param;
 use burn::tensor::{backend::Backend, Tensor};
 use model_io::nn::Linear;
 use model_io::tensor_file::HostTensor;
@@ -61,8 +60,8 @@ pub fn load_lora<B: Backend>(unet: &mut UNet2DConditionModel<B>, tensors: &BTree
             let down: Tensor<B, 2> = la.to_float(&format!("{key}.lora_A.weight"), &device)?;
             let up: Tensor<B, 2> = lb.to_float(&format!("{key}.lora_B.weight"), &device)?;
             p.lora = Some(Lora {
-                down: Linear { weight: Param::from_tensor(down.transpose()), bias: None },
-                up: Linear { weight: Param::from_tensor(up.transpose()), bias: None },
+                down: Linear::new(down.transpose(), None),
+                up: Linear::new(up.transpose(), None),
                 scale: alpha.unwrap_or(r as f64) / r as f64,
             });
             used += 2;

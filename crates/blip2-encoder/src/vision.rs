@@ -19,7 +19,8 @@ struct Attention<B: Backend> {
 impl<B: Backend> Attention<B> {
     fn load(w: &Weights<B>, cfg: &Blip2VisionConfig) -> Result<Self> {
         let d = cfg.hidden_size;
-        let weight = w.get::<2>("qkv.weight", [3 * d, d])?;
+        // Through the map even when `w` copies: packed below, then released.
+        let weight = w.mapped().get::<2>("qkv.weight", [3 * d, d])?;
         // transformers stores the fused bias `qkv.bias` = cat(q_bias, 0, v_bias); checkpoints
         // converted by other tools may keep EVA's separate `q_bias`/`v_bias`. Random weights
         // (benchmarks) report no optional tensors and take the first branch.

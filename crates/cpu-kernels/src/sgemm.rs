@@ -66,7 +66,10 @@ pub(crate) enum BSource<'a> {
 /// `len` floats of `buf` starting on a 64-byte boundary: the microkernel's two 32-byte loads
 /// per step then never straddle cache lines (a split load costs two).
 fn aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if buf.len() < len + 16 {
+    if buf.is_empty() {
+        // Zeroed by the allocator: a large buffer comes as fresh zero pages, not written twice.
+        *buf = vec![0.0; len + 16];
+    } else if buf.len() < len + 16 {
         buf.resize(len + 16, 0.0);
     }
     let skip = buf.as_ptr().align_offset(64).min(15);

@@ -51,8 +51,14 @@ impl<B: Backend> Linear<B> {
     /// [`Linear::load`] for a layer that is never trained (a frozen encoder): the weight is
     /// packed at once ([`Linear::pack`]) and its pages in the checkpoint's memory map released,
     /// so the process holds one copy of it.
+    ///
+    /// The weight is read through the memory map even from [`Weights::copied`] (packing
+    /// copies it anyway: a copy first would cost a pass and the page faults of a second
+    /// buffer); the bias as `w` reads it.
     pub fn load_frozen(w: &Weights<B>, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
-        let mut layer = Self::load(w, d_in, d_out, bias)?;
+        let weight = w.mapped().get::<2>("weight", [d_out, d_in])?.transpose();
+        let bias = if bias { Some(w.get::<1>("bias", [d_out])?) } else { None };
+        let mut layer = Self::new(weight, bias);
         if layer.pack() {
             w.release("weight");
         }

@@ -96,6 +96,12 @@ impl<'a, B: Backend> Weights<'a, B> {
         Self { copy: true, ..self.clone() }
     }
 
+    /// The same view reading through the memory map again (undoes [`Weights::copied`]), for
+    /// a tensor that is laid out anew at once and then released.
+    pub fn mapped(&self) -> Self {
+        Self { copy: false, ..self.clone() }
+    }
+
     /// The view one level down (`push prefix`).
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
         let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };

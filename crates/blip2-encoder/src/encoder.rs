@@ -72,8 +72,9 @@ impl<B: Backend> Blip2Encoder<B> {
                 hint: " (the checkpoint has no Q-Former weights: no `qformer.*` tensors)".into(),
             });
         }
-        // Frozen: its linear weights are packed at load (`Linear::load_frozen`), so nothing
-        // should keep the file's pages resident.
+        // Frozen: its linear weights are packed at load (`Linear::load_frozen`) and their mapped
+        // pages released; the small tensors are copied so that reading them does not fault the
+        // released pages back in (see `Weights::copied`).
         let w = Weights::new(&ckpt, device).copied();
         let mut enc = Self::from_weights(&cfg, &w)?;
         let text_branch: Vec<String> = (0..cfg.qformer_config.num_hidden_layers)

@@ -124,8 +124,9 @@ impl<B: Backend> ClipTextModel<B> {
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         let cfg = ClipTextConfig::load(dir)?;
         let ckpt = Checkpoint::open_dir(dir, &["model"])?;
-        // Frozen: its linear weights are packed at load (`Linear::load_frozen`), so nothing
-        // should keep the file's pages resident.
+        // Frozen: its linear weights are packed at load (`Linear::load_frozen`) and their mapped
+        // pages released; the small tensors are copied so that reading them does not fault the
+        // released pages back in (see `Weights::copied`).
         let w = Weights::new(&ckpt, device).copied();
         let m = Self::from_weights(&cfg, &w.pp("text_model"))?;
         // Buffers and heads the encoder does not use.
@@ -157,7 +158,8 @@ impl<B: Backend> ClipTextModel<B> {
             });
         }
         Ok(Self {
-            token_embedding: Embedding::load(&emb.pp("token_embedding"), cfg.vocab_size, d)?,
+            // Borrowed from the map: a prompt reads a few of its rows (copied, 145 MiB resident).
+            token_embedding: Embedding::load(&emb.mapped().pp("token_embedding"), cfg.vocab_size, d)?,
             position_embedding: Embedding::load(&emb.pp("position_embedding"), cfg.max_position_embeddings, d)?,
             layers,
             final_layer_norm: LayerNorm::load(&w.pp("final_layer_norm"), d, cfg.layer_norm_eps)?,

@@ -80,11 +80,12 @@ impl<'a, B: Backend> Weights<'a, B> {
     }
 
     /// The same view, but every tensor read from here on is copied out of the checkpoint's
-    /// memory map and its pages released at once, so the model holds no part of the mapping.
-    /// For a frozen model whose large weights are laid out anew at load
-    /// ([`crate::nn::Linear::load_frozen`]): its small tensors (biases, norms) read through the
-    /// mapping on every forward would otherwise fault back whole page-cache folios (up to
-    /// 2 MiB on ext4 and XFS) of the released weights around them.
+    /// memory map and its pages released at once. For a frozen model whose large weights are
+    /// laid out anew at load ([`crate::nn::Linear::load_frozen`], which still reads those
+    /// through the map, then releases them once packed): its small tensors (biases, norms)
+    /// read through the mapping on every forward would otherwise fault back whole page-cache
+    /// folios (up to 2 MiB on ext4 and XFS) of the released weights around them. A large
+    /// table read a few rows at a time (token embeddings) is better read [`Weights::mapped`].
     ///
     /// ```no_run
     /// # fn f(ckpt: &model_io::Checkpoint) -> model_io::Result<()> {
@@ -96,8 +97,9 @@ impl<'a, B: Backend> Weights<'a, B> {
         Self { copy: true, ..self.clone() }
     }
 
-    /// The same view reading through the memory map again (undoes [`Weights::copied`]), for
-    /// a tensor that is laid out anew at once and then released.
+    /// The same view reading through the memory map again (undoes [`Weights::copied`]): for a
+    /// tensor that is laid out anew at once and then released, or a large table of which each
+    /// forward touches a few rows.
     pub fn mapped(&self) -> Self {
         Self { copy: false, ..self.clone() }
     }

@@ -35,9 +35,7 @@ impl<B: Backend> Attention<B> {
         };
         // Frozen: laid out once for the CPU GEMM, the mapped original released.
         let mut qkv = Linear::from_torch(weight, bias);
-        if qkv.pack() {
-            w.release("qkv.weight");
-        }
+        qkv.freeze(w, "qkv.weight");
         Ok(Self {
             qkv,
             projection: Linear::load_frozen(&w.pp("projection"), d, d, true)?,

@@ -2,6 +2,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
+use burn_flex::FlexTensor;
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -43,18 +44,14 @@ pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Te
             };
         }
     };
-    let mut wf = operand_view(weight);
-    if strided_2d(&wf).is_none() {
-        wf = wf.to_contiguous();
-    }
-    let (w, w_rs, w_cs) = strided_2d(&wf).expect("a contiguous 2-D tensor has a strided form");
+    let wf = strided(operand_view(weight));
+    let (w, w_rs, w_cs) = strided_2d(&wf).expect("strided() made it readable");
     let bias = bias.map(operand);
-    if w_rs == 1 && rows < SWAP_ROWS.min(d_out) {
-        let mut out = vec![0f32; rows * d_out];
-        swapped(data(&xf), w, w_cs, bias.as_ref().map(data), &mut out, rows, d_in, d_out);
-        return from_vec(out, [rows, d_out]);
-    }
-    let out = product(data(&xf), BSource::Mat(MatRef::new(w.as_ptr(), w_rs, w_cs)), bias.as_ref().map(data), rows, d_in, d_out);
+    let out = if w_rs == 1 && rows < SWAP_ROWS.min(d_out) {
+        swapped(data(&xf), w, w_cs, bias.as_ref().map(data), rows, d_in, d_out)
+    } else {
+        product(data(&xf), BSource::Mat(MatRef::new(w.as_ptr(), w_rs, w_cs)), bias.as_ref().map(data), rows, d_in, d_out)
+    };
     from_vec(out, [rows, d_out])
 }
 
@@ -92,11 +89,8 @@ impl PackedLinear {
     /// (`PERSONALIZE_CPU_KERNELS`): keep the weight as it is then.
     pub fn new<B: Backend>(weight: &Tensor<B, 2>) -> Option<Self> {
         let [d_in, d_out] = weight.dims();
-        let mut wf = to_flex_view(weight.clone(), Kernel::Linear, &[]).ok()?;
-        if strided_2d(&wf).is_none() {
-            wf = wf.to_contiguous();
-        }
-        let (w, w_rs, w_cs) = strided_2d(&wf).expect("a contiguous 2-D tensor has a strided form");
+        let wf = strided(to_flex_view(weight.clone(), Kernel::Linear, &[]).ok()?);
+        let (w, w_rs, w_cs) = strided_2d(&wf).expect("strided() made it readable");
         // SAFETY: strided_2d checked that w covers [d_in, d_out] through its strides.
         let b = PackedB::new(d_in, d_out, MatRef::new(w.as_ptr(), w_rs, w_cs), true);
         Some(Self { b: Arc::new(b) })
@@ -139,6 +133,11 @@ pub fn linear_packed<B: Backend>(x: Tensor<B, 2>, weight: &PackedLinear, bias: O
     from_vec(out, [rows, d_out])
 }
 
+/// A 2-D weight as [`strided_2d`] reads it: as it is, or made contiguous (a flipped view).
+fn strided(f: FlexTensor) -> FlexTensor {
+    if strided_2d(&f).is_some() { f } else { f.to_contiguous() }
+}
+
 /// `x · B + bias` with `x` `[rows, d_in]` and `B` `[d_in, d_out]`.
 fn product(x: &[f32], b: BSource<'_>, bias: Option<&[f32]>, rows: usize, d_in: usize, d_out: usize) -> Vec<f32> {
     let mut out = vec![0f32; rows * d_out];
@@ -161,7 +160,8 @@ const SWAP_ROWS: usize = 1024;
 /// whole weight on every call) cost about 15 % of a BLIP-2 encode; packing `x` and
 /// transposing the small output instead costs a fraction of that.
 #[allow(clippy::too_many_arguments)]
-fn swapped(x: &[f32], w: &[f32], w_rs: usize, bias: Option<&[f32]>, out: &mut [f32], rows: usize, d_in: usize, d_out: usize) {
+fn swapped(x: &[f32], w: &[f32], w_rs: usize, bias: Option<&[f32]>, rows: usize, d_in: usize, d_out: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * d_out];
     let mut yt = vec![0f32; d_out * rows];
     // SAFETY: w holds d_out rows of d_in contiguous floats at stride w_rs (strided_2d checked
     // the span); x is [rows, d_in]; yt is [d_out, rows].
@@ -190,6 +190,7 @@ fn swapped(x: &[f32], w: &[f32], w_rs: usize, bias: Option<&[f32]>, out: &mut [f
             }
         }
     });
+    out
 }
 
 #[cfg(test)]

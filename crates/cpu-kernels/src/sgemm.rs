@@ -101,14 +101,13 @@ impl PackedB {
 
     /// The matrix back, row-major `k × n`.
     pub(crate) fn unpack(&self) -> Vec<f32> {
-        let (k, n, panels) = (self.k, self.n, self.n.div_ceil(NR));
-        let all = self.all();
+        let (k, n) = (self.k, self.n);
         let mut b = vec![0f32; k * n];
         for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0);
-            for kk in 0..kc {
-                for (j, v) in b[(k0 + kk) * n..(k0 + kk + 1) * n].iter_mut().enumerate() {
-                    *v = all[k0 * panels * NR + (j / NR) * kc * NR + kk * NR + j % NR];
+            let (block, panel) = self.block(k0, 0, n);
+            for (kk, row) in b[k0 * n..].chunks_exact_mut(n).take(KC.min(k - k0)).enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = block[(j / NR) * panel + kk * NR + j % NR];
                 }
             }
         }

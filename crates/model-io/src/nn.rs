@@ -60,10 +60,17 @@ impl<B: Backend> Linear<B> {
         let weight = w.mapped().get::<2>("weight", [d_out, d_in])?.transpose();
         let bias = if bias { Some(w.get::<1>("bias", [d_out])?) } else { None };
         let mut layer = Self::new(weight, bias);
-        if layer.pack() {
-            w.release("weight");
-        }
+        layer.freeze(w, "weight");
         Ok(layer)
+    }
+
+    /// [`Linear::pack`], then, if it packed, drops the checkpoint pages of `name` under `w`
+    /// (the tensor the weight was read from) from resident memory: for a frozen layer built
+    /// from a weight read some other way than [`Linear::load_frozen`] does.
+    pub fn freeze(&mut self, w: &Weights<B>, name: &str) {
+        if self.pack() {
+            w.release(name);
+        }
     }
 
     /// Builds a layer from a PyTorch-layout weight `[out, in]`.

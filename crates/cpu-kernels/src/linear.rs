@@ -120,8 +120,8 @@ pub fn linear_packed<B: Backend>(x: Tensor<B, 2>, weight: &PackedLinear, bias: O
     if let Some(b) = &bias {
         assert_eq!(b.dims(), [d_out], "linear: bias for {d_out} outputs");
     }
-    let others: Vec<DType> = bias.as_ref().map(|b| b.dtype()).into_iter().collect();
-    let xf = match to_flex(x, Kernel::Linear, &others) {
+    let bias_dtype = bias.as_ref().map(|b| b.dtype());
+    let xf = match to_flex(x, Kernel::Linear, bias_dtype.as_slice()) {
         Ok(x) => x,
         Err(x) => {
             let w = weight.unpack::<B>(&x.device()).cast(x.dtype());

@@ -153,6 +153,10 @@ mod tests {
         (y, scale)
     }
 
+    fn floats<const D: usize>(t: &Tensor<Flex, D>) -> Vec<f32> {
+        t.to_data().to_vec().unwrap()
+    }
+
     /// Largest error in units of `2^-24 · scale` (f32 rounding of the terms that form each
     /// output), so a well-rounded f32 computation scores a small constant however badly the
     /// group is conditioned.
@@ -172,9 +176,7 @@ mod tests {
             let x = Tensor::<Flex, 3>::random([n, c, l], Distribution::Normal(3.0, 5.0), &dev);
             let w = Tensor::<Flex, 1>::random([c], Distribution::Normal(1.0, 0.5), &dev);
             let b = Tensor::<Flex, 1>::random([c], Distribution::Default, &dev);
-            let v = |t: &Tensor<Flex, 3>| t.to_data().to_vec::<f32>().unwrap();
-            let v1 = |t: &Tensor<Flex, 1>| t.to_data().to_vec::<f32>().unwrap();
-            let (want, scale) = group_norm_f64(&v(&x), &v1(&w), &v1(&b), [n, c, l], groups, 1e-5, silu_after);
+            let (want, scale) = group_norm_f64(&floats(&x), &floats(&w), &floats(&b), [n, c, l], groups, 1e-5, silu_after);
             let ours = ulps_of_scale(group_norm(x.clone(), w.clone(), b.clone(), groups, 1e-5, silu_after), &want, &scale);
             assert!(ours < 4.0, "{n} {c} {l} {groups} {silu_after}: kernel off by {ours} roundings");
             // Burn sums the mean and variance in f32, so its error grows with the group size.
@@ -183,11 +185,10 @@ mod tests {
             assert!(burn < allowed, "{n} {c} {l} {groups} {silu_after}: fallback off by {burn} roundings (allowed {allowed})");
         }
         // A group whose spread (1e-4) is far below √eps, next to one far above it.
-        let xs = [3.0f32, 3.0001, -20.0, 7.5];
-        let (w, b) = ([1.5f32, 0.5], [0.25f32, -1.0]);
-        let (want, scale) = group_norm_f64(&xs, &w, &b, [1, 2, 2], 2, 1e-5, true);
         let x = Tensor::<Flex, 3>::from_floats([[[3.0, 3.0001], [-20.0, 7.5]]], &dev);
-        let got = group_norm(x, Tensor::from_floats(w, &dev), Tensor::from_floats(b, &dev), 2, 1e-5, true);
+        let (w, b) = (Tensor::<Flex, 1>::from_floats([1.5, 0.5], &dev), Tensor::from_floats([0.25, -1.0], &dev));
+        let (want, scale) = group_norm_f64(&floats(&x), &floats(&w), &floats(&b), [1, 2, 2], 2, 1e-5, true);
+        let got = group_norm(x, w, b, 2, 1e-5, true);
         let ours = ulps_of_scale(got, &want, &scale);
         assert!(ours < 4.0, "ill-conditioned group: kernel off by {ours} roundings");
     }

@@ -11,12 +11,12 @@
 //! use clip_text::{ClipTextModel, ClipTokenizer};
 //! let tok = ClipTokenizer::from_dir("sd/tokenizer".as_ref())?;
 //! let enc = ClipTextModel::<Flex>::load("sd/text_encoder".as_ref(), &FlexDevice)?;
-//! let emb = enc.forward(enc.ids_tensor(&[tok.encode("a watercolor fox")]))?;
+//! let emb = enc.forward(enc.ids_tensor(&[tok.encode("a watercolor fox")?]))?;
 //! # Ok::<(), model_io::Error>(())
 //! ```
 
 mod model;
 mod tokenizer;
 
-pub use model::{ClipTextConfig, ClipTextModel};
+pub use model::{key_prefix, ClipTextConfig, ClipTextModel};
 pub use tokenizer::ClipTokenizer;

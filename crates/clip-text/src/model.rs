@@ -59,6 +59,23 @@ impl ClipTextConfig {
     }
 }
 
+/// Where a checkpoint keeps the encoder's tensors: `"text_model."` in the layout of the
+/// published SD repositories (transformers 4 and `CLIPTextModelWithProjection` in 5), `""`
+/// for a `CLIPTextModel` saved by transformers 5, which writes its keys without the prefix.
+///
+/// ```no_run
+/// let ckpt = model_io::Checkpoint::open_dir("sd/text_encoder".as_ref(), &["model"])?;
+/// assert!(matches!(clip_text::key_prefix(&ckpt), "text_model." | ""));
+/// # Ok::<(), model_io::Error>(())
+/// ```
+pub fn key_prefix(ckpt: &Checkpoint) -> &'static str {
+    if ckpt.info("final_layer_norm.weight").is_some() && ckpt.info("text_model.final_layer_norm.weight").is_none() {
+        ""
+    } else {
+        "text_model."
+    }
+}
+
 #[derive(Module, Debug)]
 struct Attention<B: Backend> {
     q_proj: Linear<B>,
@@ -105,7 +122,7 @@ impl<B: Backend> EncoderLayer<B> {
 /// use burn_flex::{Flex, FlexDevice};
 /// let enc = clip_text::ClipTextModel::<Flex>::load("sd/text_encoder".as_ref(), &FlexDevice)?;
 /// let tok = clip_text::ClipTokenizer::from_dir("sd/tokenizer".as_ref())?;
-/// let ids = enc.ids_tensor(&[tok.encode("a photo of a cat")]);
+/// let ids = enc.ids_tensor(&[tok.encode("a photo of a cat")?]);
 /// let hidden = enc.forward(ids)?; // [1, 77, 768]
 /// # Ok::<(), model_io::Error>(())
 /// ```
@@ -128,13 +145,15 @@ impl<B: Backend> ClipTextModel<B> {
         // pages released; the small tensors are copied so that reading them does not fault the
         // released pages back in (see `Weights::copied`).
         let w = Weights::new(&ckpt, device).copied();
-        let m = Self::from_weights(&cfg, &w.pp("text_model"))?;
+        let prefix = key_prefix(&ckpt);
+        let m = Self::from_weights(&cfg, &w.pp(prefix.trim_end_matches('.')))?;
         // Buffers and heads the encoder does not use.
-        w.finish(&["text_model.embeddings.position_ids", "text_projection"])?;
+        w.finish(&[&format!("{prefix}embeddings.position_ids"), "text_projection"])?;
         Ok(m)
     }
 
-    /// Builds the model from weights under `w` (the `text_model` prefix).
+    /// Builds the model from weights under `w` (the checkpoint's `text_model` prefix, or the
+    /// root for checkpoints saved by transformers 5; see [`key_prefix`]).
     pub fn from_weights(cfg: &ClipTextConfig, w: &Weights<B>) -> Result<Self> {
         let d = cfg.hidden_size;
         let emb = w.pp("embeddings");

@@ -1,80 +1,55 @@
-//! The CLIP byte-level BPE tokenizer, as transformers' `CLIPTokenizer` runs it.
+//! The CLIP tokenizer, as transformers 5 runs it: the `tokenizers` library, set up as
+//! transformers' `CLIPTokenizer` sets it up.
 //!
-//! Text goes through the same clean-up as transformers' slow tokenizer when `ftfy` is not
-//! installed (its default): control characters dropped, whitespace runs folded, spaces put
-//! around CJK ideographs, NFC normalisation, lower case. Then CLIP's regex splits words,
-//! bytes are mapped to printable characters and merged by rank.
+//! From `vocab.json` + `merges.txt` this builds what `transformers.CLIPTokenizer.__init__`
+//! builds: NFC, whitespace runs to one space and lower case; CLIP's regex split, then byte-level
+//! mapping; a BPE model with the `</w>` word suffix; BOS/EOS added by a RoBERTa-style
+//! post-processor; and the special tokens of the folder's configs as added tokens, matched
+//! before normalisation unless their config says `normalized`. A folder with `tokenizer.json`
+//! is read as it is, as transformers does. transformers 4's slow tokenizer (a hand-written
+//! BPE with BasicTokenizer's clean-up) gave other ids on CJK, Indic and similar text; we match
+//! the one transformers runs today.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
 
 use model_io::{Error, Result};
-use regex::Regex;
 use serde_json::Value;
-use unicode_normalization::UnicodeNormalization;
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormSeq, NFC};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreSeq;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::roberta::RobertaProcessing;
+use tokenizers::{
+    AddedToken, NormalizerWrapper, PaddingDirection, PaddingParams, PaddingStrategy, PreTokenizerWrapper, SplitDelimiterBehavior,
+    Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
-/// CLIP uses the first 49152 - 256 - 2 merges of its list.
-const NUM_MERGES: usize = 49152 - 256 - 2;
+/// CLIP's pre-tokenizer pattern (transformers' `CLIPTokenizer`).
+const PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+/// The special-token keys of a tokenizer config, in the order transformers adds them (a later
+/// key with the same text replaces the earlier one's flags).
+const SPECIAL_KEYS: [&str; 7] = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
-/// A CLIP tokenizer: vocabulary, merge ranks, special tokens and the context length.
+/// A CLIP tokenizer: the `tokenizers` pipeline, the special ids and the context length.
 ///
 /// ```no_run
 /// let tok = clip_text::ClipTokenizer::from_dir("sd/tokenizer".as_ref())?;
-/// let ids = tok.encode("a photo of a cat"); // 77 ids: BOS, tokens, EOS, padding
+/// let ids = tok.encode("a photo of a cat")?; // 77 ids: BOS, tokens, EOS, padding
 /// assert_eq!(ids[0], 49406);
 /// # Ok::<(), model_io::Error>(())
 /// ```
 pub struct ClipTokenizer {
-    encoder: HashMap<String, i64>,
-    ranks: HashMap<(String, String), usize>,
-    byte_encoder: [char; 256],
-    pat: Regex,
-    control: Regex,
-    space_sep: Regex,
+    /// Without truncation or padding: the ids of the text alone.
+    plain: Tokenizer,
+    /// `padding="max_length", truncation=True, max_length`: what pipelines feed the encoder.
+    fixed: Tokenizer,
     bos: i64,
     eos: i64,
     pad: i64,
-    /// Special tokens split off the text before BPE, as transformers' added-token trie does:
-    /// BOS, EOS and the pad token (SD 2's `!` is one, so every `!` in a prompt becomes id 0).
-    specials: Vec<(String, i64)>,
     max_length: usize,
-    cache: Mutex<HashMap<String, Vec<String>>>,
-}
-
-/// GPT-2's reversible map from bytes to printable unicode characters.
-fn bytes_to_unicode() -> [char; 256] {
-    let mut table = ['\0'; 256];
-    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
-    let mut n = 0;
-    for b in 0..256u32 {
-        table[b as usize] = if printable(b) {
-            char::from_u32(b).expect("latin-1")
-        } else {
-            n += 1;
-            char::from_u32(255 + n).expect("valid char")
-        };
-    }
-    table
-}
-
-fn is_cjk(c: char) -> bool {
-    let cp = c as u32;
-    matches!(cp,
-        0x4E00..=0x9FFF | 0x3400..=0x4DBF | 0x20000..=0x2A6DF | 0x2A700..=0x2B73F
-        | 0x2B740..=0x2B81F | 0x2B820..=0x2CEAF | 0xF900..=0xFAFF | 0x2F800..=0x2FA1F)
-}
-
-/// Reads a special-token entry of tokenizer_config.json / special_tokens_map.json: either a
-/// string or `{"content": ...}`.
-fn token_content(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
-        _ => None,
-    }
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -82,101 +57,214 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).map_err(|e| Error::Json { path: path.into(), source: e })
 }
 
+/// A special token as a config states it: a string (added with `normalized: false`, as
+/// transformers 5 does) or an object with `content` and its flags.
+fn added_token(v: &Value) -> Option<AddedToken> {
+    let (content, o) = match v {
+        Value::String(s) => return Some(AddedToken::from(s.clone(), true).normalized(false)),
+        Value::Object(o) => (o.get("content")?.as_str()?.to_string(), o),
+        _ => return None,
+    };
+    let flag = |k: &str, default: bool| o.get(k).and_then(Value::as_bool).unwrap_or(default);
+    let special = flag("special", true);
+    Some(
+        AddedToken::from(content, special)
+            .single_word(flag("single_word", false))
+            .lstrip(flag("lstrip", false))
+            .rstrip(flag("rstrip", false))
+            .normalized(flag("normalized", !special)),
+    )
+}
+
+/// The folder's special tokens by key: `tokenizer_config.json`, then `special_tokens_map.json`
+/// over it. A plain string that names an entry of `added_tokens_decoder` takes that entry's
+/// flags, as transformers maps it.
+struct SpecialTokens {
+    by_key: Vec<(&'static str, AddedToken)>,
+    max_length: usize,
+}
+
+impl SpecialTokens {
+    fn read(dir: &Path) -> Result<Self> {
+        let mut values: Vec<(&'static str, Value)> = Vec::new();
+        let mut decoder: Vec<AddedToken> = Vec::new();
+        let mut max_length = 77;
+        for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+            let p = dir.join(f);
+            if !p.is_file() {
+                continue;
+            }
+            let v = read_json(&p)?;
+            if let Some(d) = v.get("added_tokens_decoder").and_then(Value::as_object) {
+                decoder.extend(d.values().filter_map(added_token));
+            }
+            if let Some(m) = v.get("model_max_length").and_then(Value::as_u64) {
+                // Some configs store "no limit" as a huge number; CLIP's position table is 77.
+                if m < 100_000 {
+                    max_length = m as usize;
+                }
+            }
+            for key in SPECIAL_KEYS {
+                if let Some(t) = v.get(key).filter(|t| !t.is_null()) {
+                    values.retain(|(k, _)| *k != key);
+                    values.push((key, t.clone()));
+                }
+            }
+        }
+        let mut by_key = Vec::new();
+        for key in SPECIAL_KEYS {
+            let Some((_, v)) = values.iter().find(|(k, _)| *k == key) else { continue };
+            let tok = match v {
+                Value::String(s) => decoder.iter().find(|t| &t.content == s).cloned().or_else(|| added_token(v)),
+                _ => added_token(v),
+            };
+            let tok = tok.ok_or_else(|| Error::Config {
+                path: dir.join("tokenizer_config.json"),
+                message: format!("`{key}` is neither a string nor an object with `content`"),
+            })?;
+            if !tok.content.is_empty() {
+                by_key.push((key, tok));
+            }
+        }
+        Ok(Self { by_key, max_length })
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.by_key.iter().find(|(k, _)| *k == key).map(|(_, t)| t.content.as_str())
+    }
+}
+
+/// The merges of `merges.txt`: one `a b` pair a line after the `#version` header.
+fn read_merges(path: &Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
+    let mut merges = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if (i == 0 && line.starts_with("#version")) || line.trim().is_empty() {
+            continue;
+        }
+        let (a, b) = line.split_once(' ').ok_or_else(|| Error::Config {
+            path: path.into(),
+            message: format!("line {}: expected two tokens separated by a space, found {line:?}", i + 1),
+        })?;
+        merges.push((a.to_string(), b.to_string()));
+    }
+    Ok(merges)
+}
+
+fn lib_err<'a>(path: &'a Path, what: &str) -> impl Fn(tokenizers::Error) -> Error + 'a {
+    let what = what.to_string();
+    move |e| Error::Config { path: path.into(), message: format!("{what}: {e}") }
+}
+
 impl ClipTokenizer {
     /// Loads a tokenizer folder as the Stable Diffusion repositories publish it
     /// (`vocab.json` + `merges.txt`, with `tokenizer_config.json` / `special_tokens_map.json`
-    /// for the pad token and length), or a folder holding only `tokenizer.json`.
+    /// for the special tokens and length), or as transformers 5 saves it (`tokenizer.json`,
+    /// read directly when present).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let vocab = dir.join("vocab.json");
         let merges = dir.join("merges.txt");
         let tj = dir.join("tokenizer.json");
-        let mut pad = None;
-        let mut max_length = 77;
-        for f in ["tokenizer_config.json", "special_tokens_map.json"] {
-            let p = dir.join(f);
-            if p.is_file() {
-                let v = read_json(&p)?;
-                if let Some(t) = v.get("pad_token").and_then(token_content) {
-                    pad = Some(t);
-                }
-                if let Some(m) = v.get("model_max_length").and_then(Value::as_u64) {
-                    // Some configs store "no limit" as a huge number; CLIP's position table is 77.
-                    if m < 100_000 {
-                        max_length = m as usize;
-                    }
-                }
-            }
-        }
-        let mut tok = if vocab.is_file() && merges.is_file() {
-            let enc = read_json(&vocab)?;
-            let merges_text =
-                std::fs::read_to_string(&merges).map_err(|e| Error::Io { path: merges.clone(), source: e })?;
-            let merges: Vec<(String, String)> = merges_text
-                .trim()
-                .lines()
-                .skip(1)
-                .take(NUM_MERGES)
-                .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
-                .collect();
-            Self::from_parts(&vocab, &enc, merges, pad.as_deref())?
-        } else if tj.is_file() {
-            let v = read_json(&tj)?;
-            let model = v.get("model").ok_or_else(|| Error::Config { path: tj.clone(), message: "no `model` section".into() })?;
-            let enc = model.get("vocab").cloned().unwrap_or(Value::Null);
-            let merges = model
-                .get("merges")
-                .and_then(Value::as_array)
-                .ok_or_else(|| Error::Config { path: tj.clone(), message: "no `model.merges` list (not a BPE tokenizer?)".into() })?
-                .iter()
-                .filter_map(|m| match m {
-                    Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())),
-                    Value::Array(a) if a.len() == 2 => Some((a[0].as_str()?.to_string(), a[1].as_str()?.to_string())),
-                    _ => None,
-                })
-                .collect();
-            // tokenizer.json carries no pad token of its own; its padding section may.
-            let pad = pad.or_else(|| v.pointer("/padding/pad_token").and_then(Value::as_str).map(str::to_string));
-            Self::from_parts(&tj, &enc, merges, pad.as_deref())?
+        let specials = SpecialTokens::read(dir)?;
+        let mut tok = if tj.is_file() {
+            Tokenizer::from_file(&tj).map_err(lib_err(&tj, "not a tokenizers file"))?
+        } else if vocab.is_file() && merges.is_file() {
+            Self::build(&vocab, &merges, &specials)?
         } else {
             return Err(Error::NoWeights { dir: dir.into(), expected: "vocab.json + merges.txt, or tokenizer.json".into() });
         };
-        tok.max_length = max_length;
-        Ok(tok)
-    }
-
-    fn from_parts(path: &Path, enc: &Value, merges: Vec<(String, String)>, pad: Option<&str>) -> Result<Self> {
-        let enc = enc.as_object().ok_or_else(|| Error::Config { path: path.into(), message: "vocabulary is not a JSON object".into() })?;
-        let encoder: HashMap<String, i64> = enc.iter().filter_map(|(k, v)| Some((k.clone(), v.as_i64()?))).collect();
-        let special = |t: &str| {
-            encoder.get(t).copied().ok_or_else(|| Error::Config {
-                path: path.into(),
+        // transformers adds the configs' special tokens to whatever the backend holds; when
+        // two keys name the same text (eos, unk and pad are all `<|endoftext|>` in SD 1.x), the
+        // last one's flags hold there, while this crate's `add_special_tokens` keeps the first.
+        let mut added: Vec<AddedToken> = Vec::new();
+        for (_, t) in &specials.by_key {
+            added.retain(|a| a.content != t.content);
+            added.push(t.clone());
+        }
+        tok.add_special_tokens(&added);
+        let source = if tj.is_file() { tj.clone() } else { vocab.clone() };
+        let id = |t: &str| {
+            tok.token_to_id(t).map(i64::from).ok_or_else(|| Error::Config {
+                path: source.clone(),
                 message: format!("vocabulary lacks the special token {t}"),
             })
         };
-        let bos = special(BOS)?;
-        let eos = special(EOS)?;
-        let pad_text = pad.unwrap_or(EOS).to_string();
-        let pad = special(&pad_text)?;
-        let mut specials = vec![(BOS.to_string(), bos), (EOS.to_string(), eos)];
-        if pad_text != BOS && pad_text != EOS && !pad_text.is_empty() {
-            specials.push((pad_text, pad));
+        let bos = id(specials.get("bos_token").unwrap_or(BOS))?;
+        let eos = id(specials.get("eos_token").unwrap_or(EOS))?;
+        let pad_text = specials.get("pad_token").unwrap_or(EOS).to_string();
+        let pad = id(&pad_text)?;
+        let max_length = specials.max_length;
+        if max_length < 2 {
+            return Err(Error::Config { path: dir.join("tokenizer_config.json"), message: "model_max_length must be at least 2".into() });
         }
-        let ranks = merges.into_iter().enumerate().map(|(i, m)| (m, i)).collect();
-        Ok(Self {
-            encoder,
-            ranks,
-            byte_encoder: bytes_to_unicode(),
-            pat: Regex::new(r"(?i)<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
-                .expect("CLIP pattern compiles"),
-            control: Regex::new(r"^\p{C}$").expect("category regex"),
-            space_sep: Regex::new(r"^\p{Zs}$").expect("category regex"),
-            bos,
-            eos,
-            pad,
-            specials,
-            max_length: 77,
-            cache: Mutex::default(),
-        })
+        let plain = tok.clone();
+        let mut fixed = tok;
+        fixed
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(lib_err(&source, "truncation"))?
+            .with_padding(Some(PaddingParams {
+                strategy: PaddingStrategy::Fixed(max_length),
+                direction: PaddingDirection::Right,
+                pad_to_multiple_of: None,
+                pad_id: pad as u32,
+                pad_type_id: 0,
+                pad_token: pad_text,
+            }));
+        Ok(Self { plain, fixed, bos, eos, pad, max_length })
+    }
+
+    /// The pipeline transformers' `CLIPTokenizer.__init__` builds from a vocabulary and merges.
+    fn build(vocab_path: &Path, merges_path: &Path, specials: &SpecialTokens) -> Result<Tokenizer> {
+        let v = read_json(vocab_path)?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::Config { path: vocab_path.into(), message: "vocabulary is not a JSON object".into() })?;
+        let mut vocab = ahash_map(obj.len());
+        for (k, id) in obj {
+            let id = id.as_u64().and_then(|i| u32::try_from(i).ok()).ok_or_else(|| Error::Config {
+                path: vocab_path.into(),
+                message: format!("token {k:?} has id {id}, expected a non-negative integer"),
+            })?;
+            vocab.insert(k.clone(), id);
+        }
+        let merges = read_merges(merges_path)?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .continuing_subword_prefix(String::new())
+            .end_of_word_suffix("</w>".into())
+            .fuse_unk(false)
+            .unk_token(specials.get("unk_token").unwrap_or(EOS).to_string())
+            .build()
+            .map_err(lib_err(merges_path, "BPE model"))?;
+        let mut tok = Tokenizer::new(bpe);
+        let ws = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
+            .map_err(lib_err(vocab_path, "normalizer"))?;
+        tok.with_normalizer(Some(NormalizerWrapper::Sequence(NormSeq::new(vec![
+            NormalizerWrapper::NFC(NFC),
+            NormalizerWrapper::Replace(ws),
+            NormalizerWrapper::Lowercase(Lowercase),
+        ]))));
+        let split = Split::new(SplitPattern::Regex(PATTERN.into()), SplitDelimiterBehavior::Removed, true)
+            .map_err(lib_err(vocab_path, "pre-tokenizer"))?;
+        tok.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(PreSeq::new(vec![
+            PreTokenizerWrapper::Split(split),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+        ]))));
+        tok.with_decoder(Some(ByteLevel::new(true, true, true)));
+        let bos = specials.get("bos_token").unwrap_or(BOS);
+        let eos = specials.get("eos_token").unwrap_or(EOS);
+        let id = |t: &str| tok.token_to_id(t);
+        // The ids come from the vocabulary; a missing one is reported by `from_dir`.
+        if let (Some(b), Some(e)) = (id(bos), id(eos)) {
+            let post = RobertaProcessing::new((eos.to_string(), e), (bos.to_string(), b)).trim_offsets(false).add_prefix_space(false);
+            tok.with_post_processor(Some(post));
+        }
+        Ok(tok)
     }
 
     /// The context length (`model_max_length`, 77 for CLIP).
@@ -189,129 +277,29 @@ impl ClipTokenizer {
         (self.bos, self.eos, self.pad)
     }
 
-    /// BasicTokenizer's clean-up (no ftfy): drop controls, fold whitespace, isolate CJK,
-    /// NFC, lower case.
-    fn normalize(&self, text: &str) -> String {
-        let mut buf = [0u8; 4];
-        let mut s = String::with_capacity(text.len());
-        for c in text.chars() {
-            let is_ws = matches!(c, ' ' | '\t' | '\n' | '\r') || self.space_sep.is_match(c.encode_utf8(&mut buf));
-            if is_ws {
-                s.push(' ');
-                continue;
-            }
-            if c == '\0' || c == '\u{fffd}' || self.control.is_match(c.encode_utf8(&mut buf)) {
-                continue;
-            }
-            if is_cjk(c) {
-                s.push(' ');
-                s.push(c);
-                s.push(' ');
-            } else {
-                s.push(c);
-            }
-        }
-        let s: String = s.nfc().collect();
-        s.split_whitespace().map(str::to_lowercase).collect::<Vec<_>>().join(" ")
-    }
-
-    fn bpe(&self, token: &str) -> Vec<String> {
-        if let Some(hit) = self.cache.lock().expect("cache lock").get(token) {
-            return hit.clone();
-        }
-        let chars: Vec<char> = token.chars().collect();
-        let mut word: Vec<String> = chars.iter().map(|c| c.to_string()).collect();
-        if let Some(last) = word.last_mut() {
-            last.push_str("</w>");
-        }
-        while word.len() > 1 {
-            let best = word
-                .windows(2)
-                .filter_map(|p| self.ranks.get(&(p[0].clone(), p[1].clone())).map(|&r| (r, p[0].clone(), p[1].clone())))
-                .min_by_key(|(r, _, _)| *r);
-            let Some((_, first, second)) = best else { break };
-            let mut merged = Vec::with_capacity(word.len());
-            let mut i = 0;
-            while i < word.len() {
-                if i + 1 < word.len() && word[i] == first && word[i + 1] == second {
-                    merged.push(format!("{first}{second}"));
-                    i += 2;
-                } else {
-                    merged.push(word[i].clone());
-                    i += 1;
-                }
-            }
-            word = merged;
-        }
-        self.cache.lock().expect("cache lock").insert(token.to_string(), word.clone());
-        word
-    }
-
     /// Token ids of `text`, without BOS/EOS or padding.
-    pub fn tokenize(&self, text: &str) -> Vec<i64> {
-        let mut ids = Vec::new();
-        // Literal special tokens are split off first, as transformers' added-token trie does
-        // (earliest match first, the longest at the same position).
-        let mut rest = text;
-        loop {
-            let next = self
-                .specials
-                .iter()
-                .filter_map(|(t, id)| rest.find(t.as_str()).map(|i| (i, std::cmp::Reverse(t.len()), *id)))
-                .min();
-            match next {
-                Some((i, std::cmp::Reverse(len), id)) => {
-                    self.tokenize_plain(&rest[..i], &mut ids);
-                    ids.push(id);
-                    rest = &rest[i + len..];
-                }
-                None => {
-                    self.tokenize_plain(rest, &mut ids);
-                    break;
-                }
-            }
-        }
-        ids
-    }
-
-    fn tokenize_plain(&self, text: &str, ids: &mut Vec<i64>) {
-        let text = self.normalize(text);
-        for m in self.pat.find_iter(&text) {
-            let piece = m.as_str();
-            if piece.eq_ignore_ascii_case(BOS) || piece.eq_ignore_ascii_case(EOS) {
-                ids.push(self.encoder.get(piece).copied().unwrap_or(self.eos));
-                continue;
-            }
-            let mapped: String = piece.bytes().map(|b| self.byte_encoder[b as usize]).collect();
-            for t in self.bpe(&mapped) {
-                // Every BPE piece of a byte-level vocabulary exists; fall back to unk (EOS) as CLIP does.
-                ids.push(self.encoder.get(&t).copied().unwrap_or(self.eos));
-            }
-        }
+    pub fn tokenize(&self, text: &str) -> Result<Vec<i64>> {
+        let e = self.plain.encode(text, false).map_err(|e| Error::invalid(format!("tokenizing {text:?}: {e}")))?;
+        Ok(e.get_ids().iter().map(|&i| i64::from(i)).collect())
     }
 
     /// `max_length` ids: BOS, the tokens, EOS, then padding; a prompt that is too long is
     /// truncated keeping EOS last (as `padding="max_length", truncation=True`).
-    pub fn encode(&self, text: &str) -> Vec<i64> {
-        let mut toks = self.tokenize(text);
-        let room = self.max_length.saturating_sub(2);
-        if toks.len() > room {
-            tracing::warn!(
-                "prompt is {} tokens; CLIP reads at most {room}, the rest is dropped",
-                toks.len()
-            );
-            toks.truncate(room);
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        let over = self.overflow(text)?;
+        if over > 0 {
+            tracing::warn!("prompt is {over} tokens too long; CLIP reads at most {}, the rest is dropped", self.max_length - 2);
         }
-        let mut ids = Vec::with_capacity(self.max_length);
-        ids.push(self.bos);
-        ids.extend(toks);
-        ids.push(self.eos);
-        ids.resize(self.max_length, self.pad);
-        ids
+        let e = self.fixed.encode(text, true).map_err(|e| Error::invalid(format!("tokenizing {text:?}: {e}")))?;
+        Ok(e.get_ids().iter().map(|&i| i64::from(i)).collect())
     }
 
     /// How many tokens of `text` do not fit in the context (0 when it fits).
-    pub fn overflow(&self, text: &str) -> usize {
-        self.tokenize(text).len().saturating_sub(self.max_length.saturating_sub(2))
+    pub fn overflow(&self, text: &str) -> Result<usize> {
+        Ok(self.tokenize(text)?.len().saturating_sub(self.max_length.saturating_sub(2)))
     }
+}
+
+fn ahash_map(n: usize) -> tokenizers::models::bpe::Vocab {
+    tokenizers::models::bpe::Vocab::with_capacity_and_hasher(n, Default::default())
 }

@@ -1,5 +1,5 @@
 //! `personalize stage`: runs one pipeline stage on named tensors from a safetensors file and
-//! writes its outputs (the contract in DESIGN.md).
+//! writes its outputs (the contract in the README's stage-runner table).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -125,7 +125,7 @@ pub fn run(args: &StageArgs) -> Result<()> {
             }
             let (tok, load) = loading("tokenizer", || Ok(clip_text::ClipTokenizer::from_dir(model)?))?;
             let ids = timed("tokenizer", args.repeat, Some(&load), || {
-                Ok(args.prompts.iter().flat_map(|p| tok.encode(p)).collect::<Vec<_>>())
+                Ok(args.prompts.iter().map(|p| tok.encode(p)).collect::<Result<Vec<_>, _>>()?.concat())
             })?;
             let n = args.prompts.len();
             BTreeMap::from([("input_ids".to_string(), HostTensor::i64(vec![n, ids.len() / n], ids))])

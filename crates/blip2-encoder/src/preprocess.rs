@@ -29,7 +29,8 @@ pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 /// Files are decoded with the `image` crate (PNG, JPEG, WebP, BMP, GIF, TIFF), EXIF
 /// orientation is applied (BlipImageProcessor leaves it to the caller; photos from phones are
 /// usually stored sideways), and images are converted to RGB as Pillow's `convert("RGB")`
-/// does: grey replicated, palettes expanded, alpha dropped (not composited), CMYK JPEGs
+/// does: grey replicated, palettes expanded, transparency composited onto white (as
+/// transformers 5 does; 4 dropped the alpha channel), CMYK JPEGs
 /// converted, 16-bit samples reduced to their high byte (as Pillow reads 16-bit RGB PNGs; for
 /// 16-bit greyscale Pillow clips to 255 instead, which would turn most photos white).
 ///
@@ -274,24 +275,43 @@ pub fn decode_rgb8(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
     Ok((w, h, to_rgb8_like_pillow(img)))
 }
 
-/// Pillow's `convert("RGB")` for what the decoders produce: grey replicated, alpha dropped,
-/// 16-bit samples reduced to their high byte.
+/// transformers 5's `convert_to_rgb` for what the decoders produce: transparency (an alpha
+/// channel, or a palette or colour key expanded to one) composited onto white with Pillow's
+/// `alpha_composite`, grey replicated, 16-bit samples reduced to their high byte (as Pillow
+/// reads them). transformers 4 dropped the alpha channel instead.
 fn to_rgb8_like_pillow(img: DynamicImage) -> Vec<u8> {
     fn hi(v: u16) -> u8 {
         (v >> 8) as u8
     }
+    let rgba = |p: [u8; 4]| [over_white(p[0], p[3]), over_white(p[1], p[3]), over_white(p[2], p[3])];
     match img {
         DynamicImage::ImageRgb8(b) => b.into_raw(),
-        DynamicImage::ImageRgba8(b) => b.into_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        DynamicImage::ImageRgba8(b) => b.into_raw().chunks_exact(4).flat_map(|p| rgba([p[0], p[1], p[2], p[3]])).collect(),
         DynamicImage::ImageLuma8(b) => b.into_raw().into_iter().flat_map(|v| [v; 3]).collect(),
-        DynamicImage::ImageLumaA8(b) => b.into_raw().chunks_exact(2).flat_map(|p| [p[0]; 3]).collect(),
+        DynamicImage::ImageLumaA8(b) => b.into_raw().chunks_exact(2).flat_map(|p| [over_white(p[0], p[1]); 3]).collect(),
         DynamicImage::ImageRgb16(b) => b.into_raw().into_iter().map(hi).collect(),
         DynamicImage::ImageRgba16(b) => {
-            b.into_raw().chunks_exact(4).flat_map(|p| [hi(p[0]), hi(p[1]), hi(p[2])]).collect()
+            b.into_raw().chunks_exact(4).flat_map(|p| rgba([hi(p[0]), hi(p[1]), hi(p[2]), hi(p[3])])).collect()
         }
         DynamicImage::ImageLuma16(b) => b.into_raw().into_iter().flat_map(|v| [hi(v); 3]).collect(),
-        DynamicImage::ImageLumaA16(b) => b.into_raw().chunks_exact(2).flat_map(|p| [hi(p[0]); 3]).collect(),
-        // Float images (from TIFF): clamp to [0, 1] and round, as the image crate does.
+        DynamicImage::ImageLumaA16(b) => b.into_raw().chunks_exact(2).flat_map(|p| [over_white(hi(p[0]), hi(p[1])); 3]).collect(),
+        // Float images (from TIFF): clamped and rounded as the image crate does, then
+        // composited like the others.
+        other if other.color().has_alpha() => {
+            other.to_rgba8().into_raw().chunks_exact(4).flat_map(|p| rgba([p[0], p[1], p[2], p[3]])).collect()
+        }
         other => other.to_rgb8().into_raw(),
     }
+}
+
+/// One channel of Pillow's `alpha_composite(white, src)`, its integer arithmetic exactly
+/// (libImaging/AlphaComposite.c with an opaque destination: coefficients `a·128` and
+/// `(255-a)·128`, rounded division by 255 through shifts).
+fn over_white(c: u8, a: u8) -> u8 {
+    if a == 0 {
+        return 255;
+    }
+    let (c, a) = (u32::from(c), u32::from(a));
+    let t = 128 * (c * a + 255 * (255 - a)) + (0x80 << 7);
+    ((((t >> 8) + t) >> 8) >> 7).min(255) as u8
 }

@@ -8,7 +8,7 @@ use burn::tensor::{Tensor, TensorData};
 use burn_flex::{Flex, FlexDevice};
 use model_io::tensor_file::{read_tensors, write_tensors, HostTensor};
 
-/// The project's f32 tolerance (DESIGN.md), tighter than the 5e-4; observed errors
+/// The project's f32 tolerance (README, Tests and fixtures), tighter than the 5e-4; observed errors
 /// are about 2e-6 and printed by each test.
 const TOL: f32 = 1e-4;
 

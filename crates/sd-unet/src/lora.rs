@@ -71,4 +71,4 @@ impl<B: Backend> LoraLinear<B> {
     }
 }
 
-pub use crate::lora_io::{attach, load_lora, lora_tensors};
+pub use crate::lora_io::{attach, load_lora, load_lora_scaled, lora_tensors, PeftLoraConfig, LORA_ADAPTER_METADATA_KEY};

@@ -40,6 +40,110 @@ pub fn lora_tensors<B: Backend>(unet: &UNet2DConditionModel<B>) -> BTreeMap<Stri
 /// `unet.` is optional) with the given `alpha` (the rank when `None`, as diffusers assumes
 /// when a file carries no alpha). Every projection named must exist and every key be used.
 pub fn load_lora<B: Backend>(unet: &mut UNet2DConditionModel<B>, tensors: &BTreeMap<String, HostTensor>, alpha: Option<f64>) -> Result<()> {
+    load_lora_scaled(unet, tensors, &|_, r| alpha.unwrap_or(r as f64) / r as f64)
+}
+
+/// The adapter settings current diffusers (0.34 and later) and peft store in a LoRA file's
+/// safetensors metadata, under `lora_adapter_metadata` as JSON with `unet.`-prefixed keys:
+/// the rank `r`, `lora_alpha`, per-module `rank_pattern` / `alpha_pattern`, and rsLoRA/DoRA.
+/// `load_lora_weights` builds the adapter from them, so a file with `lora_alpha != r` is
+/// scaled by `alpha / r` there (and must be here), not by 1 as a file without metadata.
+///
+/// ```
+/// let meta = std::collections::BTreeMap::from([(
+///     "lora_adapter_metadata".to_string(),
+///     r#"{"unet.r": 4, "unet.lora_alpha": 2, "unet.alpha_pattern": {"to_k": 6}}"#.to_string(),
+/// )]);
+/// let cfg = sd_unet::lora::PeftLoraConfig::from_metadata(&meta, "unet").unwrap().unwrap();
+/// assert_eq!(cfg.scale("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 4), 0.5);
+/// assert_eq!(cfg.scale("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k", 2), 3.0);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeftLoraConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub rank_pattern: BTreeMap<String, usize>,
+    pub alpha_pattern: BTreeMap<String, f64>,
+    pub use_rslora: bool,
+}
+
+/// The metadata key diffusers writes the adapter config under.
+pub const LORA_ADAPTER_METADATA_KEY: &str = "lora_adapter_metadata";
+
+impl PeftLoraConfig {
+    /// Reads the `prefix` (`unet`) adapter's config from a file's metadata; `None` when the
+    /// file has none (older diffusers, kohya, our own files before this release).
+    pub fn from_metadata(meta: &BTreeMap<String, String>, prefix: &str) -> Result<Option<Self>> {
+        let Some(raw) = meta.get(LORA_ADAPTER_METADATA_KEY) else { return Ok(None) };
+        let bad = |m: String| Error::invalid(format!("LoRA metadata `{LORA_ADAPTER_METADATA_KEY}`: {m}"));
+        let v: serde_json::Value = serde_json::from_str(raw).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let get = |k: &str| v.get(format!("{prefix}.{k}")).or_else(|| v.get(k));
+        let Some(r) = get("r") else { return Ok(None) };
+        let r = r.as_u64().filter(|&r| r > 0).ok_or_else(|| bad(format!("`{prefix}.r` is {r}, expected a positive integer")))? as usize;
+        let lora_alpha = match get("lora_alpha") {
+            None => 8.0, // peft's LoraConfig default
+            Some(a) => a.as_f64().filter(|a| a.is_finite()).ok_or_else(|| bad(format!("`{prefix}.lora_alpha` is {a}, expected a number")))?,
+        };
+        if get("use_dora").and_then(serde_json::Value::as_bool) == Some(true) {
+            return Err(bad("DoRA adapters (`use_dora: true`) are not supported".into()));
+        }
+        let map = |k: &str| -> Result<BTreeMap<String, f64>> {
+            let mut out = BTreeMap::new();
+            if let Some(o) = get(k).and_then(serde_json::Value::as_object) {
+                for (name, x) in o {
+                    let x = x.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| bad(format!("`{prefix}.{k}.{name}` is {x}, expected a positive number")))?;
+                    out.insert(name.clone(), x);
+                }
+            }
+            Ok(out)
+        };
+        Ok(Some(Self {
+            r,
+            lora_alpha,
+            rank_pattern: map("rank_pattern")?.into_iter().map(|(k, v)| (k, v as usize)).collect(),
+            alpha_pattern: map("alpha_pattern")?,
+            use_rslora: get("use_rslora").and_then(serde_json::Value::as_bool).unwrap_or(false),
+        }))
+    }
+
+    /// The metadata diffusers writes for an adapter of `rank` and `alpha` on `target_modules`.
+    pub fn metadata(prefix: &str, rank: usize, alpha: f64, target_modules: &[&str]) -> BTreeMap<String, String> {
+        let cfg = serde_json::json!({
+            format!("{prefix}.r"): rank,
+            format!("{prefix}.lora_alpha"): alpha,
+            format!("{prefix}.target_modules"): target_modules,
+            format!("{prefix}.rank_pattern"): {},
+            format!("{prefix}.alpha_pattern"): {},
+            format!("{prefix}.use_rslora"): false,
+            format!("{prefix}.use_dora"): false,
+            format!("{prefix}.peft_type"): "LORA",
+        });
+        BTreeMap::from([
+            ("format".to_string(), "pt".to_string()),
+            (LORA_ADAPTER_METADATA_KEY.to_string(), cfg.to_string()),
+        ])
+    }
+
+    /// The scale of the adapter on `module` (its diffusers path) of rank `r`: `alpha / r`, or
+    /// `alpha / sqrt(r)` with rsLoRA; a pattern matches as peft's does, on a whole trailing
+    /// run of path components (`(.*\.)?<pattern>$`).
+    pub fn scale(&self, module: &str, r: usize) -> f64 {
+        let matches = |pat: &str| module == pat || module.ends_with(&format!(".{pat}"));
+        let alpha = self.alpha_pattern.iter().find(|(p, _)| matches(p)).map_or(self.lora_alpha, |(_, a)| *a);
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+}
+
+/// Attaches adapters as [`load_lora`] does, the scale of each given by `scale(module, rank)`.
+pub fn load_lora_scaled<B: Backend>(
+    unet: &mut UNet2DConditionModel<B>,
+    tensors: &BTreeMap<String, HostTensor>,
+    scale: &dyn Fn(&str, usize) -> f64,
+) -> Result<()> {
     let paths: Vec<String> = unet.attentions().into_iter().map(|(p, _)| p).collect();
     let mut used = 0;
     let device = unet.attentions().first().map(|(_, a)| a.to_q.base.weight.device());
@@ -62,7 +166,7 @@ pub fn load_lora<B: Backend>(unet: &mut UNet2DConditionModel<B>, tensors: &BTree
             p.lora = Some(Lora {
                 down: Linear::new(down.transpose(), None),
                 up: Linear::new(up.transpose(), None),
-                scale: alpha.unwrap_or(r as f64) / r as f64,
+                scale: scale(&key, r),
             });
             used += 2;
         }

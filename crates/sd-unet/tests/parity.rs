@@ -139,3 +139,47 @@ fn unsupported_block_type_and_missing_tensor_are_named() {
     let msg = UNet2DConditionModel::<Flex>::load(d.path(), &FlexDevice).err().unwrap().to_string();
     assert!(msg.contains(key), "{msg}");
 }
+
+/// A LoRA as diffusers 0.42 + peft write it (`save_lora_weights` with the adapter config in
+/// the metadata: rank 4, alpha 2, and rank 2 / alpha 6 on `to_k` through the patterns), on the
+/// pipeline fixture's UNet: the same output as diffusers' `load_lora_weights`. Without the
+/// metadata's alpha (scale 1, what a file without metadata means) it differs.
+#[test]
+fn lora_with_peft_metadata_matches_diffusers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let lora = dir.join("lora/peft_metadata");
+    let (tensors, meta) = model_io::tensor_file::read_tensors_with_metadata(&lora.join("pytorch_lora_weights.safetensors")).unwrap();
+    let cfg = sd_unet::lora::PeftLoraConfig::from_metadata(&meta, "unet").unwrap().expect("diffusers wrote the adapter config");
+    assert_eq!((cfg.r, cfg.lora_alpha), (4, 2.0));
+    assert_eq!(cfg.alpha_pattern.get("to_k"), Some(&6.0));
+    let io = read_tensors(&lora.join("io.safetensors")).unwrap();
+    let x = io["sample"].to_float::<Flex, 4>("sample", &FlexDevice).unwrap();
+    let t = io["timestep"].to_float::<Flex, 1>("timestep", &FlexDevice).unwrap();
+    let c = io["encoder_hidden_states"].to_float::<Flex, 3>("ctx", &FlexDevice).unwrap();
+    let run = |scaled: bool| {
+        let mut unet = UNet2DConditionModel::<Flex>::load(&dir.join("pipeline/unet"), &FlexDevice).unwrap();
+        if scaled {
+            sd_unet::lora::load_lora_scaled(&mut unet, &tensors, &|m, r| cfg.scale(m, r)).unwrap();
+        } else {
+            sd_unet::lora::load_lora(&mut unet, &tensors, None).unwrap();
+        }
+        HostTensor::from_tensor(unet.forward(x.clone(), t.clone(), c.clone()).unwrap()).max_abs_diff(&io["out"])
+    };
+    let (err, unscaled) = (run(true), run(false));
+    eprintln!("peft-metadata LoRA: max abs error {err:e} (ignoring the metadata: {unscaled:e})");
+    assert!(err <= 1e-4, "max abs error {err}");
+    assert!(unscaled > 1e-2, "the metadata's alpha made no difference: the test would be weak");
+}
+
+#[test]
+fn lora_metadata_errors_are_named() {
+    let meta = |s: &str| std::collections::BTreeMap::from([(sd_unet::lora::LORA_ADAPTER_METADATA_KEY.to_string(), s.to_string())]);
+    let err = |s: &str| sd_unet::lora::PeftLoraConfig::from_metadata(&meta(s), "unet").err().unwrap().to_string();
+    assert!(err("{not json").contains("lora_adapter_metadata"));
+    assert!(err(r#"{"unet.r": 0}"#).contains("unet.r"));
+    assert!(err(r#"{"unet.r": 4, "unet.use_dora": true}"#).contains("DoRA"));
+    assert!(sd_unet::lora::PeftLoraConfig::from_metadata(&Default::default(), "unet").unwrap().is_none());
+    let round = sd_unet::lora::PeftLoraConfig::metadata("unet", 4, 4.0, &["to_q"]);
+    let cfg = sd_unet::lora::PeftLoraConfig::from_metadata(&round, "unet").unwrap().unwrap();
+    assert_eq!(cfg.scale("a.to_q", 4), 1.0);
+}

@@ -6,6 +6,8 @@
 //! 2. `personalize generate` with the concept, twice with the same seed: 64×64 RGB PNGs with the
 //!    settings in text chunks, not blank, identical across the two runs.
 //! 3. `personalize generate` with a new reference image through BLIP-2 (`--image --blip2`).
+//! 4. `personalize generate` with a prompt in Japanese and an emoji: its text chunks (UTF-8
+//!    `iTXt`) read back; then `--params-from` that image makes the same pixels again.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -63,6 +65,21 @@ pub fn run(root: &Path, exe: &Path, work: &Path) -> Result<()> {
         &"--out", &out,
     ])?;
     check_images(&out, 1, "a sketch of sks")?;
+
+    // Text that Latin-1 cannot hold goes into UTF-8 chunks, and the settings re-run.
+    let utf8 = "sks の水彩画 🎨";
+    let out = work.join("out-utf8");
+    personalize(exe, &[
+        &"generate", &"--base", &base, &"--concept", &concept,
+        &"--prompt", &utf8, &"--steps", &"10", &"--seed", &"2", &"--out", &out,
+    ])?;
+    check_images(&out, 1, utf8)?;
+    let again = work.join("out-again");
+    personalize(exe, &[&"generate", &"--params-from", &out.join("0000.png"), &"--out", &again])?;
+    check_images(&again, 1, utf8)?;
+    let (a, _) = personalize::read_png(&out.join("0000.png"))?;
+    let (b, _) = personalize::read_png(&again.join("0000.png"))?;
+    ensure!(a == b, "generate --params-from {}: different pixels", out.join("0000.png").display());
     eprintln!("e2e: all checks passed ({})", work.display());
     Ok(())
 }
@@ -127,15 +144,28 @@ pub fn loss_falls(csv: &str) -> Result<()> {
     Ok(())
 }
 
-/// `n` PNGs `0000.png`.. of 64×64 RGB, with the prompt in a text chunk, not a flat colour.
+/// `n` PNGs `0000.png`.. of 64×64 RGB, not a flat colour, with the settings in text chunks:
+/// `personalize` (JSON: the prompt, the image's index, the size) and the A1111 `parameters`
+/// (starting with the prompt line), and no `prompt` chunk (ComfyUI's workflow keyword).
 pub fn check_images(dir: &Path, n: usize, prompt: &str) -> Result<()> {
     for i in 0..n {
         let path: PathBuf = dir.join(format!("{i:04}.png"));
         let (img, text) = personalize::read_png(&path).with_context(|| format!("{}", path.display()))?;
         ensure!((img.width, img.height) == (64, 64), "{}: {}×{}, expected 64×64", path.display(), img.width, img.height);
-        if !text.iter().any(|(k, v)| k == "prompt" && v == prompt) {
-            bail!("{}: no `prompt` text chunk with {prompt:?} (found {text:?})", path.display());
-        }
+        let chunk = |key: &str| text.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        let Some(json) = chunk(personalize::SETTINGS_KEY) else {
+            bail!("{}: no `personalize` text chunk (found {text:?})", path.display());
+        };
+        let s = personalize::ImageSettings::from_json(json).with_context(|| format!("{}", path.display()))?;
+        ensure!(s.prompt == prompt, "{}: the settings' prompt is {:?}, expected {prompt:?}", path.display(), s.prompt);
+        ensure!(s.image_index == i && (s.width, s.height) == (Some(64), Some(64)), "{}: settings of another image: {json}", path.display());
+        let params = chunk(personalize::PARAMETERS_KEY).unwrap_or_default();
+        ensure!(
+            params.starts_with(&format!("{prompt}\n")) && params.contains(&format!("Seed: {}, Size: 64x64", s.seed)),
+            "{}: `parameters` chunk {params:?} is not the A1111 text of {prompt:?}",
+            path.display()
+        );
+        ensure!(chunk("prompt").is_none(), "{}: a `prompt` chunk (ComfyUI would read it as a workflow)", path.display());
         let (lo, hi) = img.data.iter().fold((255u8, 0u8), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         ensure!(hi - lo > 10, "{}: a flat image (values {lo}..{hi})", path.display());
     }
@@ -166,11 +196,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(check_images(dir.path(), 1, "p").is_err(), "missing file");
         let mut img = personalize::RgbImage { width: 64, height: 64, data: vec![0; 64 * 64 * 3] };
-        personalize::write_png(&dir.path().join("0000.png"), &img, &[("prompt", "p".into())]).unwrap();
-        assert!(check_images(dir.path(), 1, "p").unwrap_err().to_string().contains("flat"));
+        let s = personalize::ImageSettings { prompt: "p の 🎨".into(), height: Some(64), width: Some(64), ..Default::default() };
+        let path = dir.path().join("0000.png");
+        personalize::write_png(&path, &img, &s.png_text().unwrap()).unwrap();
+        assert!(check_images(dir.path(), 1, "p の 🎨").unwrap_err().to_string().contains("flat"));
         img.data[5] = 200;
-        personalize::write_png(&dir.path().join("0000.png"), &img, &[("prompt", "p".into())]).unwrap();
-        check_images(dir.path(), 1, "p").unwrap();
+        personalize::write_png(&path, &img, &s.png_text().unwrap()).unwrap();
+        check_images(dir.path(), 1, "p の 🎨").unwrap();
         assert!(check_images(dir.path(), 1, "q").unwrap_err().to_string().contains("prompt"));
+        personalize::write_png(&path, &img, &[("prompt", "p".into())]).unwrap();
+        assert!(check_images(dir.path(), 1, "p").unwrap_err().to_string().contains("no `personalize`"));
+        let mut text = s.png_text().unwrap();
+        text.push(("prompt", "{}".into()));
+        personalize::write_png(&path, &img, &text).unwrap();
+        assert!(check_images(dir.path(), 1, "p の 🎨").unwrap_err().to_string().contains("ComfyUI"));
     }
 }

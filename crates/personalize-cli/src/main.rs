@@ -81,68 +81,10 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Generate images from a prompt, optionally with a trained concept (visual prompt).
-    ///
-    /// Defaults follow diffusers' StableDiffusionPipeline: 50 steps, guidance 7.5, the model's
-    /// scheduler, and the UNet's sample size times the VAE factor (512 for SD 1.5).
-    /// Images are written as OUT/0000.png, OUT/0001.png, ... with the settings in PNG text chunks.
-    Generate {
-        /// The base model, a diffusers Stable Diffusion pipeline (model_index.json, unet/, vae/, ...):
-        /// a folder, a preset (sd-v1-5, sd-2-1-base, sd-2-1) or a repo id already fetched
-        /// (`cargo xtask fetch`).
-        #[arg(long)]
-        base: PathBuf,
-        /// What to draw.
-        #[arg(long)]
-        prompt: String,
-        /// What to steer away from (the unconditional branch of guidance).
-        #[arg(long)]
-        negative_prompt: Option<String>,
-        /// Denoising steps.
-        #[arg(long, default_value_t = 50)]
-        steps: usize,
-        /// Classifier-free guidance scale; 1 disables guidance (one UNet pass per step).
-        #[arg(long, default_value_t = 7.5)]
-        guidance: f64,
-        /// Scheduler: ddim, ddpm, pndm, euler, euler-a, dpm++2m, dpm++2m-karras (default: the model's).
-        #[arg(long)]
-        scheduler: Option<String>,
-        /// Random seed for the initial noise (default: a fresh one, recorded in the PNGs).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Number of images.
-        #[arg(long, default_value_t = 1)]
-        num_images: usize,
-        /// Image height in pixels (a multiple of 8).
-        #[arg(long)]
-        height: Option<usize>,
-        /// Image width in pixels (a multiple of 8).
-        #[arg(long)]
-        width: Option<usize>,
-        /// Initial noise: a safetensors file with tensor `latents` [N,4,h,w], before scaling by the
-        /// scheduler's init_noise_sigma (as diffusers' `latents=`); its batch sets the image count.
-        #[arg(long)]
-        latents: Option<PathBuf>,
-        /// A concept folder from `personalize train` (aligner, LoRA or UNet, cached queries).
-        #[arg(long)]
-        concept: Option<PathBuf>,
-        /// A new reference image for the concept's visual prompt (repeatable; averaged). Needs --blip2.
-        #[arg(long = "image")]
-        images: Vec<PathBuf>,
-        /// The BLIP-2 model, for --image: a folder, a preset (blip2, blip2-itm-vit-g) or a repo id
-        /// already fetched.
-        #[arg(long)]
-        blip2: Option<PathBuf>,
-        /// Use a concept even if it was trained on another base model.
-        #[arg(long)]
-        allow_base_mismatch: bool,
-        /// Output folder.
-        #[arg(long)]
-        out: PathBuf,
-    },
+    Generate(generate::GenerateCli),
     /// Run one pipeline stage on tensors from a safetensors file and write its outputs.
     ///
-    /// Stages: tokenizer, text-encoder, unet, vae-encode, vae-decode, scheduler, aligner, blip2. See DESIGN.md for the
+    /// Stages: tokenizer, text-encoder, unet, vae-encode, vae-decode, scheduler, aligner, blip2. See the README's stage-runner table for the
     /// tensor names each reads and writes.
     Stage {
         /// The stage to run: tokenizer, text-encoder, unet, vae-encode, vae-decode, scheduler, aligner or blip2.
@@ -190,9 +132,9 @@ fn resolve_models(command: &mut Command) -> Result<(), hub::Error> {
             resolve(&mut a.blip2)
         }
         Command::Encode { blip2, .. } => resolve(blip2),
-        Command::Generate { base, blip2, .. } => {
-            resolve(base)?;
-            blip2.as_mut().map_or(Ok(()), resolve)
+        Command::Generate(a) => {
+            a.base.as_mut().map_or(Ok(()), resolve)?;
+            a.blip2.as_mut().map_or(Ok(()), resolve)
         }
         Command::Stage { model, .. } => resolve(model),
         _ => Ok(()),
@@ -229,30 +171,7 @@ fn main() -> ExitCode {
         Command::BenchGenerate(a) => bench::generate(&a),
         Command::BenchWriteUnet { unet_config, out } => bench::write_unet(&unet_config, &out),
         Command::Encode { blip2, images, out } => encode::run(&blip2, &images, &out),
-        Command::Generate {
-            base, prompt, negative_prompt, steps, guidance, scheduler, seed, num_images, height, width, latents, concept,
-            images, blip2, allow_base_mismatch, out,
-        } => generate::run(generate::GenerateArgs {
-            base,
-            opts: personalize::GenerateOptions {
-                prompt,
-                negative_prompt,
-                steps,
-                guidance,
-                scheduler,
-                seed: seed.unwrap_or(0),
-                num_images,
-                height,
-                width,
-            },
-            seed_given: seed.is_some(),
-            latents,
-            concept,
-            images,
-            blip2,
-            allow_base_mismatch,
-            out,
-        }),
+        Command::Generate(a) => generate::run(a),
         Command::Stage { stage, model, input, output, repeat, prompt, random_weights, scheduler } => stage::run(&stage::StageArgs {
             stage,
             model,

@@ -15,6 +15,11 @@ fn run(args: &[&str]) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// The text of chunk `key`.
+fn chunk(text: &[(String, String)], key: &str) -> Option<String> {
+    text.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+}
+
 fn one_line_error(err: &str, needles: &[&str]) {
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "one line expected: {err}");
@@ -44,13 +49,17 @@ fn generate_with_latents_writes_the_diffusers_images_with_text_chunks() {
         assert_eq!((img.width, img.height), (32, 40));
         let max = img.data.iter().zip(&reference[i * per..(i + 1) * per]).map(|(a, b)| a.abs_diff((b * 255.0).round() as u8)).max().unwrap();
         assert!(max <= 3, "image {i}: {max} levels");
-        let get = |k: &str| text.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
-        assert_eq!(get("prompt").as_deref(), Some("an astronaut riding a horse"));
-        assert_eq!(get("negative_prompt").as_deref(), Some("lowres"));
-        assert_eq!(get("seed").as_deref(), Some("3"));
-        assert_eq!(get("steps").as_deref(), Some("5"));
-        assert_eq!(get("guidance").as_deref(), Some("5"));
-        assert_eq!(get("scheduler").as_deref(), Some("dpm++2m"));
+        assert_eq!(
+            chunk(&text, "parameters").as_deref(),
+            Some("an astronaut riding a horse\nNegative prompt: lowres\nSteps: 5, Sampler: DPM++ 2M, Schedule type: Automatic, CFG scale: 5, Seed: 3, Size: 32x40, Model: pipeline")
+        );
+        assert!(chunk(&text, "prompt").is_none(), "ComfyUI reads a `prompt` chunk as its workflow");
+        let s = personalize::ImageSettings::from_json(&chunk(&text, "personalize").unwrap()).unwrap();
+        assert_eq!((s.prompt.as_str(), s.negative_prompt.as_deref()), ("an astronaut riding a horse", Some("lowres")));
+        assert_eq!((s.seed, s.steps, s.guidance, s.scheduler.as_deref()), (3, 5, 5.0, Some("dpm++2m")));
+        assert_eq!((s.height, s.width, s.num_images, s.image_index), (Some(40), Some(32), 2, i));
+        assert_eq!(s.base.as_deref(), base.to_str());
+        assert_eq!(s.latents.as_deref(), lat.to_str());
     }
     assert!(!out.join("0002.png").exists(), "the latents' batch sets the image count");
 }
@@ -126,8 +135,8 @@ fn concept_for_another_base_model_is_refused_unless_overridden() {
     with_flag.push("--allow-base-mismatch");
     let (ok, err) = run(&with_flag);
     assert!(ok, "{err}");
-    let (_, text) = personalize::read_png(&out.join("0000.png")).unwrap();
-    assert!(text.iter().any(|(k, v)| k == "concept" && v.contains("concept")));
+    let s = personalize::ImageSettings::from_png(&out.join("0000.png")).unwrap();
+    assert_eq!(s.concept.as_deref(), concept.to_str());
 }
 
 /// BLIP-2 fixture (tiny, 6 queries of width 32) and a reference image.
@@ -237,4 +246,115 @@ fn bench_write_unet_writes_a_loadable_diffusers_folder() {
     assert!(s["load_s"].parse::<f64>().unwrap() > 0.0, "{err}");
     assert!(s["load_peak_mib"].parse::<f64>().unwrap() > 0.0, "{err}");
     assert!(s["peak_mib"].parse::<f64>().unwrap() >= s["load_peak_mib"].parse::<f64>().unwrap(), "{err}");
+}
+
+/// The bundled tiny Stable Diffusion (the README's main job).
+fn tiny_sd() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/tiny-sd")
+}
+
+/// The chunk types of a PNG file, in order.
+fn chunk_types(bytes: &[u8]) -> Vec<String> {
+    let (mut types, mut at) = (Vec::new(), 8);
+    while at + 8 <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        types.push(String::from_utf8_lossy(&bytes[at + 4..at + 8]).into_owned());
+        at += 12 + len;
+    }
+    types
+}
+
+#[test]
+fn a_utf8_prompt_is_written_in_both_chunks_and_params_from_makes_the_same_image() {
+    let d = tempfile::tempdir().unwrap();
+    let base = tiny_sd();
+    let out = d.path().join("出力");
+    let prompt = "日本語のテキスト 🐱";
+    let (ok, err) = run(&[
+        "generate", "--base", base.to_str().unwrap(), "--prompt", prompt, "--steps", "2", "--height", "32", "--width", "32",
+        "--seed", "5", "--num-images", "2", "--out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    for i in 0..2 {
+        let path = out.join(format!("{i:04}.png"));
+        let (img, text) = personalize::read_png(&path).unwrap();
+        assert_eq!((img.width, img.height), (32, 32));
+        assert_eq!(
+            chunk(&text, "parameters").as_deref(),
+            Some(&*format!("{prompt}\nSteps: 2, Sampler: PLMS, Schedule type: Automatic, CFG scale: 7.5, Seed: 5, Size: 32x32, Model: tiny-sd"))
+        );
+        let s = personalize::ImageSettings::from_json(&chunk(&text, "personalize").unwrap()).unwrap();
+        assert_eq!((s.prompt.as_str(), s.seed, s.steps, s.image_index, s.num_images), (prompt, 5, 2, i, 2));
+        assert_eq!((s.scheduler.as_deref(), s.scheduler_class.as_deref()), (None, Some("PNDMScheduler")));
+        let types = chunk_types(&std::fs::read(&path).unwrap());
+        assert_eq!(types.iter().filter(|t| *t == "iTXt").count(), 2, "both chunks in UTF-8: {types:?}");
+    }
+    assert!(!out.join("0002.png").exists());
+
+    // The settings of each image make it again, pixel for pixel: image 1 is the second of a
+    // batch of two (one noise stream), so both are sampled and the second written.
+    for i in 0..2 {
+        let again = d.path().join(format!("again-{i}"));
+        let from = out.join(format!("{i:04}.png"));
+        let (ok, err) = run(&["generate", "--params-from", from.to_str().unwrap(), "--out", again.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        let (a, ta) = personalize::read_png(&from).unwrap();
+        let (b, tb) = personalize::read_png(&again.join("0000.png")).unwrap();
+        assert_eq!(a, b, "image {i}: the same pixels");
+        assert_eq!(chunk(&ta, "parameters"), chunk(&tb, "parameters"));
+        assert!(!again.join("0001.png").exists(), "only the image asked for");
+    }
+
+    // Flags given override the image's settings.
+    let other = d.path().join("other");
+    let from = out.join("0000.png");
+    let (ok, err) = run(&["generate", "--params-from", from.to_str().unwrap(), "--seed", "6", "--negative-prompt", "ぼやけた", "--out", other.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let s = personalize::ImageSettings::from_png(&other.join("0000.png")).unwrap();
+    assert_eq!((s.prompt.as_str(), s.seed, s.negative_prompt.as_deref(), s.num_images), (prompt, 6, Some("ぼやけた"), 1));
+    assert_ne!(personalize::read_png(&other.join("0000.png")).unwrap().0, personalize::read_png(&from).unwrap().0);
+}
+
+#[test]
+fn params_from_an_image_without_settings_is_refused_or_reads_a1111_parameters() {
+    let d = tempfile::tempdir().unwrap();
+    let img = personalize::RgbImage { width: 1, height: 1, data: vec![0, 0, 0] };
+    let plain = d.path().join("plain.png");
+    personalize::write_png(&plain, &img, &[("Title", "a photo".into())]).unwrap();
+    let out = d.path().join("o");
+    let (ok, err) = run(&["generate", "--params-from", plain.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!ok);
+    one_line_error(&err, &["plain.png", "has no `personalize` settings"]);
+
+    // A1111's parameters: prompt, steps, CFG scale, seed and size; the base must be given.
+    let a1111 = d.path().join("a1111.png");
+    let params = "a red fox\nNegative prompt: blurry\nSteps: 2, Sampler: DDIM, Schedule type: Automatic, CFG scale: 3.5, Seed: 11, Size: 32x24, Model: v1-5";
+    personalize::write_png(&a1111, &img, &[("parameters", params.into())]).unwrap();
+    let (ok, err) = run(&["generate", "--params-from", a1111.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!ok);
+    one_line_error(&err, &["a1111.png", "--base"]);
+    let base = tiny_sd();
+    let (ok, err) = run(&["generate", "--params-from", a1111.to_str().unwrap(), "--base", base.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let s = personalize::ImageSettings::from_png(&out.join("0000.png")).unwrap();
+    assert_eq!((s.prompt.as_str(), s.negative_prompt.as_deref()), ("a red fox", Some("blurry")));
+    assert_eq!((s.steps, s.guidance, s.seed, s.width, s.height, s.scheduler.as_deref()), (2, 3.5, 11, Some(32), Some(24), Some("ddim")));
+}
+
+#[test]
+fn a_failed_write_names_the_images_written_and_not_written() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o");
+    // 0001.png is a folder that is not empty: renaming the finished file onto it fails.
+    std::fs::create_dir_all(out.join("0001.png/x")).unwrap();
+    let base = tiny_sd();
+    let (ok, err) = run(&[
+        "generate", "--base", base.to_str().unwrap(), "--prompt", "a cat", "--steps", "1", "--height", "32", "--width", "32",
+        "--seed", "1", "--num-images", "3", "--out", out.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    let (p0, p1, p2) = (out.join("0000.png"), out.join("0001.png"), out.join("0002.png"));
+    one_line_error(&err, &[&format!("wrote {}; failed on {}: ", p0.display(), p1.display()), &format!("; {} not written", p2.display())]);
+    assert!(p0.is_file() && !p2.exists());
+    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")), "no temp files left");
 }

@@ -7,17 +7,21 @@
 //! use personalize::{GenerateOptions, Pipeline};
 //! let pipe = Pipeline::<Flex>::load("sd-v1-5".as_ref(), &FlexDevice)?;
 //! let opts = GenerateOptions { prompt: "a watercolor fox".into(), steps: 25, ..Default::default() };
+//! let settings = pipe.image_settings(&opts)?;
 //! for (i, img) in pipe.generate(&opts, None, None, &mut |_, _| {})?.iter().enumerate() {
-//!     personalize::write_png(format!("{i:04}.png").as_ref(), img, &[("prompt", opts.prompt.clone())])?;
+//!     let text = personalize::ImageSettings { image_index: i, ..settings.clone() }.png_text()?;
+//!     personalize::write_png(format!("{i:04}.png").as_ref(), img, &text)?;
 //! }
 //! # Ok::<(), model_io::Error>(())
 //! ```
 
 mod concept;
 mod image_out;
+mod metadata;
 mod pipeline;
 pub mod train;
 
 pub use concept::{Concept, ConceptInfo};
-pub use image_out::{read_png, write_png, RgbImage};
+pub use image_out::{check_png_text, read_png, read_png_text, write_png, RgbImage};
+pub use metadata::{model_name, scheduler_in_use, ImageSettings, PARAMETERS_KEY, SETTINGS_KEY};
 pub use pipeline::{GenerateOptions, Pipeline, PipelineParts, VisualPrompt};

@@ -13,6 +13,7 @@ use sd_vae::{AutoencoderKl, AutoencoderKlConfig};
 
 use crate::concept::Concept;
 use crate::image_out::RgbImage;
+use crate::metadata::ImageSettings;
 
 /// A Stable Diffusion pipeline loaded from a diffusers folder (`model_index.json`,
 /// `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
@@ -146,9 +147,38 @@ impl<B: Backend> Pipeline<B> {
         self.unet_sample_size.unwrap_or(64) * self.vae.downscale_factor()
     }
 
+    /// The folder with `scheduler_config.json` the model's scheduler is built from.
+    pub fn scheduler_dir(&self) -> &Path {
+        &self.scheduler_dir
+    }
+
+    /// The settings a generation with `opts` records in its images' text chunks (image 0 of
+    /// `opts.num_images`, no concept): the size it resolves to and the scheduler class that
+    /// runs, checked as [`Pipeline::generate`] checks them, so an error comes before sampling.
+    pub fn image_settings(&self, opts: &GenerateOptions) -> Result<ImageSettings> {
+        let [_, _, h, w] = self.latent_shape(opts)?;
+        let f = self.vae.downscale_factor();
+        let (class, sigmas) = crate::metadata::scheduler_in_use(&self.scheduler_dir, opts.scheduler.as_deref())?;
+        Ok(ImageSettings {
+            prompt: opts.prompt.clone(),
+            negative_prompt: opts.negative_prompt.clone(),
+            seed: opts.seed,
+            steps: opts.steps,
+            guidance: opts.guidance,
+            scheduler: opts.scheduler.clone(),
+            scheduler_class: Some(class),
+            sigmas,
+            height: Some(h * f),
+            width: Some(w * f),
+            base: Some(self.base_dir.display().to_string()),
+            num_images: opts.num_images,
+            ..Default::default()
+        })
+    }
+
     /// CLIP embeddings of `prompts`: `[N, 77, D]`.
     pub fn encode_prompts(&self, prompts: &[String]) -> Result<Tensor<B, 3>> {
-        let rows: Vec<Vec<i64>> = prompts.iter().map(|p| self.tokenizer.encode(p)).collect();
+        let rows: Vec<Vec<i64>> = prompts.iter().map(|p| self.tokenizer.encode(p)).collect::<Result<_>>()?;
         self.text_encoder.forward(self.text_encoder.ids_tensor(&rows))
     }
 
@@ -174,9 +204,14 @@ impl<B: Backend> Pipeline<B> {
         match concept.info.unet.as_str() {
             "lora" => {
                 let path = concept.dir.join("unet_lora.safetensors");
-                let t = model_io::tensor_file::read_tensors(&path)?;
-                sd_unet::lora::load_lora(&mut self.unet, &t, concept.info.lora_alpha)
-                    .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+                let (t, meta) = model_io::tensor_file::read_tensors_with_metadata(&path)?;
+                let on = |e: Error| Error::invalid(format!("{}: {e}", path.display()));
+                // The adapter config current diffusers writes into the file holds over concept.json.
+                match sd_unet::lora::PeftLoraConfig::from_metadata(&meta, "unet").map_err(on)? {
+                    Some(cfg) => sd_unet::lora::load_lora_scaled(&mut self.unet, &t, &|m, r| cfg.scale(m, r)),
+                    None => sd_unet::lora::load_lora(&mut self.unet, &t, concept.info.lora_alpha),
+                }
+                .map_err(on)?;
             }
             "full" => self.unet = UNet2DConditionModel::load(&concept.dir.join("unet"), &self.device)?,
             _ => {}

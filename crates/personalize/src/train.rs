@@ -51,6 +51,7 @@ use sd_unet::UNet2DConditionModel;
 
 use crate::concept::{Concept, ConceptInfo};
 use crate::image_out::{write_png, RgbImage};
+use crate::metadata::ImageSettings;
 use crate::pipeline::{GenerateOptions, Pipeline, VisualPrompt};
 #[path = "train_data.rs"]
 mod train_data;
@@ -769,7 +770,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         (n > 0).then(|| self.losses[self.losses.len() - n..].iter().map(|r| r.loss as f64).sum::<f64>() / n as f64)
     }
 
-    /// Writes the concept folder (DESIGN.md): `concept.json`, `aligner.safetensors`,
+    /// Writes the concept folder (docs/ARCHITECTURE.md): `concept.json`, `aligner.safetensors`,
     /// `unet_lora.safetensors` or `unet/`, `visual_queries.safetensors`, `loss.csv`,
     /// `loss.png`. Each file is written atomically.
     pub fn write_concept(&mut self) -> Result<()> {
@@ -779,7 +780,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         write_tensors(&dir.join("visual_queries.safetensors"), &BTreeMap::from([("queries".to_string(), self.queries.clone())]), &BTreeMap::new())?;
         let (rank, alpha) = match self.cfg.unet_mode {
             UnetMode::Lora { rank, .. } => {
-                let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+                // The scale is folded into lora_B: the adapter config diffusers reads says alpha = rank.
+                let meta = sd_unet::lora::PeftLoraConfig::metadata("unet", rank, rank as f64, &["to_q", "to_k", "to_v", "to_out.0"]);
                 write_tensors(&dir.join("unet_lora.safetensors"), &self.lora_file_tensors(), &meta)?;
                 // The scale is folded into lora_B, so the file's alpha is its rank.
                 (Some(rank), Some(rank as f64))
@@ -853,19 +855,21 @@ impl<B: AutodiffBackend> Trainer<B> {
             width: Some(self.cfg.resolution),
             ..Default::default()
         };
+        // The concept folder (recorded with the step) holds the weights of its last save and
+        // the training queries as its cached visual prompt: `generate --params-from` a sample
+        // re-runs it with the concept as it is then.
+        let settings = ImageSettings {
+            concept: Some(self.out_dir.display().to_string()),
+            training_step: Some(self.step),
+            ..self.pipe.image_settings(&opts)?
+        };
+        let text = settings.png_text()?;
         let q = self.queries.to_float::<B::InnerBackend, 3>("queries", &self.device)?;
         let vp = VisualPrompt { aligner: &aligner, queries: q };
         let img = self.pipe.generate(&opts, Some(&vp), None, &mut |_, _| {})?;
         let dir = self.out_dir.join("samples");
         std::fs::create_dir_all(&dir).map_err(|e| Error::Io { path: dir.clone(), source: e })?;
         let path = dir.join(format!("{}.png", ckpt_name(self.step)));
-        let text = [
-            ("prompt", opts.prompt.clone()),
-            ("seed", opts.seed.to_string()),
-            ("steps", opts.steps.to_string()),
-            ("guidance", opts.guidance.to_string()),
-            ("training_step", self.step.to_string()),
-        ];
         write_png(&path, &img[0], &text)?;
         Ok(Some(path))
     }
@@ -965,8 +969,8 @@ pub fn generate_class_images<B: burn::tensor::backend::Backend>(
                 width: Some(resolution),
                 ..Default::default()
             };
+            let text = p.image_settings(&opts)?.png_text()?;
             let img = p.generate(&opts, None, None, &mut |_, _| {})?;
-            let text = [("prompt", opts.prompt.clone()), ("seed", opts.seed.to_string()), ("steps", steps.to_string())];
             write_png(&path, &img[0], &text)?;
         }
         on_image(i + 1, n);

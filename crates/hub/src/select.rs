@@ -49,8 +49,8 @@ pub const BLIP2_PREFIXES: &[&str] = &["vision_model.", "qformer.", "query_tokens
 const DIFFUSERS_FILES: &[(&str, bool)] = &[
     ("model_index.json", true),
     ("scheduler/scheduler_config.json", true),
-    ("tokenizer/vocab.json", true),
-    ("tokenizer/merges.txt", true),
+    // The tokenizer: vocab.json + merges.txt as the SD repositories publish it, or the
+    // tokenizer.json transformers 5 saves (see `tokenizer_files`).
     ("tokenizer/tokenizer_config.json", false),
     ("tokenizer/special_tokens_map.json", false),
     ("text_encoder/config.json", true),
@@ -114,6 +114,9 @@ pub fn plan(
             p.missing.push(f.to_string());
         }
     }
+    if layout == Layout::Diffusers {
+        tokenizer_files(has, &mut p);
+    }
     for stem in stems {
         match weights(stem, variant, has) {
             Ok(Weights::Single(f)) => p.files.push(f),
@@ -132,6 +135,22 @@ pub fn plan(
         }
     }
     Ok(p)
+}
+
+/// `tokenizer/tokenizer.json` when the repository has it (what transformers 5 saves, and what
+/// it reads first), else `vocab.json` + `merges.txt`.
+fn tokenizer_files(has: &dyn Fn(&str) -> bool, p: &mut Plan) {
+    if has("tokenizer/tokenizer.json") {
+        p.files.push("tokenizer/tokenizer.json".into());
+        return;
+    }
+    for f in ["tokenizer/vocab.json", "tokenizer/merges.txt"] {
+        if has(f) {
+            p.files.push(f.into());
+        } else {
+            p.missing.push(format!("{f} (or tokenizer/tokenizer.json)"));
+        }
+    }
 }
 
 enum Weights {
@@ -204,6 +223,7 @@ mod tests {
 
     fn sd_files(weights: &[&str]) -> Vec<String> {
         let mut v: Vec<String> = DIFFUSERS_FILES.iter().map(|(f, _)| f.to_string()).collect();
+        v.extend(["tokenizer/vocab.json".to_string(), "tokenizer/merges.txt".to_string()]);
         v.extend(weights.iter().map(|s| s.to_string()));
         v
     }
@@ -215,7 +235,7 @@ mod tests {
         let has = |f: &str| files.iter().any(|x| x == f);
         let p = plan(Layout::Diffusers, Variant::Full, &has, &mut |_| unreachable!()).unwrap();
         assert!(p.missing.is_empty(), "{:?}", p.missing);
-        assert_eq!(p.files.len(), DIFFUSERS_FILES.len() + 3);
+        assert_eq!(p.files.len(), DIFFUSERS_FILES.len() + 5);
         // Where fp16 is published it is taken; elsewhere the full weights are.
         let mixed = sd_files(&[full[0], "unet/diffusion_pytorch_model.fp16.safetensors", full[2], "vae/diffusion_pytorch_model.fp16.safetensors"]);
         let has = |f: &str| mixed.iter().any(|x| x == f);
@@ -229,6 +249,23 @@ mod tests {
         let has = |f: &str| none.iter().any(|x| x == f);
         let p = plan(Layout::Diffusers, Variant::Fp16, &has, &mut |_| unreachable!()).unwrap();
         assert_eq!(p.missing, ["unet/diffusion_pytorch_model(.fp16).safetensors"]);
+    }
+
+    /// A pipeline saved by transformers 5 has `tokenizer/tokenizer.json` and no vocab.json:
+    /// that is what is read. With neither, both alternatives are named.
+    #[test]
+    fn tokenizer_json_or_vocab_and_merges() {
+        let w = ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"];
+        let mut files: Vec<String> = sd_files(&w).into_iter().filter(|f| !f.ends_with("vocab.json") && !f.ends_with("merges.txt")).collect();
+        files.push("tokenizer/tokenizer.json".into());
+        let has = |f: &str| files.iter().any(|x| x == f);
+        let p = plan(Layout::Diffusers, Variant::Full, &has, &mut |_| unreachable!()).unwrap();
+        assert!(p.missing.is_empty(), "{:?}", p.missing);
+        assert!(p.files.contains(&"tokenizer/tokenizer.json".to_string()));
+        files.pop();
+        let has = |f: &str| files.iter().any(|x| x == f);
+        let p = plan(Layout::Diffusers, Variant::Full, &has, &mut |_| unreachable!()).unwrap();
+        assert_eq!(p.missing, ["tokenizer/vocab.json (or tokenizer/tokenizer.json)", "tokenizer/merges.txt (or tokenizer/tokenizer.json)"]);
     }
 
     #[test]

@@ -200,7 +200,7 @@ mod tests {
 
     use super::*;
 
-    /// Against Burn's matmul, [`linear`] and [`linear_packed`] (whose weight must also unpack
+    /// Against the exact product, [`linear`] and [`linear_packed`] (whose weight must also unpack
     /// to what went in): a transposed view (as model-io holds PyTorch weights), a flipped view
     /// (negative strides: made contiguous first), a contiguous weight, with and without bias,
     /// few rows (the transposed product) and many, shapes off every block size, more outputs
@@ -227,22 +227,43 @@ mod tests {
                 w_torch.slice([0..d_out, 0..d_in]).transpose().flip([1]),
                 Tensor::<Flex, 2>::random([d_in, d_out], Distribution::Default, &dev),
             ];
+            let xs: Vec<f32> = x.clone().into_data().to_vec().expect("f32");
+            let bs: Option<Vec<f32>> = b.clone().map(|b| b.into_data().to_vec().expect("f32"));
             for w in views {
-                let want = x.clone().matmul(w.clone());
-                let want = match &b {
-                    Some(b) => want + b.clone().unsqueeze::<2>(),
-                    None => want,
-                };
+                // The exact product (f64) and, per output, the sum of |terms|: a rounding-error
+                // bound that holds for any summation order (Higham's gamma_n, n = d_in + 1 with
+                // the bias), so the check does not depend on the order Burn's matmul uses on
+                // this CPU. A wrong index or block gives errors of the size of the output.
+                let ws: Vec<f32> = w.clone().into_data().to_vec().expect("f32");
+                let (mut exact, mut mag) = (vec![0f64; rows * d_out], vec![0f64; rows * d_out]);
+                for r in 0..rows {
+                    for o in 0..d_out {
+                        let (mut s, mut m) = bs.as_ref().map_or((0.0, 0.0), |b| (b[o] as f64, (b[o] as f64).abs()));
+                        for k in 0..d_in {
+                            let t = xs[r * d_in + k] as f64 * ws[k * d_out + o] as f64;
+                            s += t;
+                            m += t.abs();
+                        }
+                        exact[r * d_out + o] = s;
+                        mag[r * d_out + o] = m;
+                    }
+                }
+                let n = (d_in + 1) as f64;
+                let u = f32::EPSILON as f64 / 2.0;
+                let gamma = n * u / (1.0 - n * u);
                 let packed = PackedLinear::new(&w).expect("burn-flex, f32");
                 assert_eq!(packed.dims(), (d_in, d_out));
                 let back: Tensor<Flex, 2> = packed.unpack(&dev);
                 assert_eq!(back.into_data(), w.clone().into_data(), "{d_in}×{d_out} unpacked");
                 for (how, got) in [("linear", linear(x.clone(), w, b.clone())), ("packed", linear_packed(x.clone(), &packed, b.clone()))] {
                     assert_eq!(got.dims(), [rows, d_out]);
-                    // Relative to the largest output: f32 sums of d_in terms in another order.
-                    let scale: f32 = want.clone().abs().max().into_scalar();
-                    let e: f32 = (got - want.clone()).abs().max().into_scalar() / scale.max(1e-30);
-                    assert!(e < 2e-6, "{how} {rows}×{d_in}→{d_out}: max relative diff {e}");
+                    let got: Vec<f32> = got.into_data().to_vec().expect("f32");
+                    let worst = got
+                        .iter()
+                        .zip(exact.iter().zip(&mag))
+                        .map(|(&g, (&e, &m))| (g as f64 - e).abs() / (gamma * m).max(f64::MIN_POSITIVE))
+                        .fold(0.0, f64::max);
+                    assert!(worst <= 1.0, "{how} {rows}×{d_in}→{d_out}: error {worst:.2}× the rounding bound");
                 }
             }
         }

@@ -13,7 +13,7 @@
 //!   [`NoiseQueue`], or `BurnNoise` on the device).
 //! * [`from_dir`] / [`load`] read a folder's `scheduler_config.json`; an override name
 //!   ([`CLI_NAMES`]) builds another class from the same config, as diffusers' `from_config`.
-//! * [`run_stage`] is the `scheduler` stage of the stage runner (see DESIGN.md).
+//! * [`run_stage`] is the `scheduler` stage of the stage runner (see the README).
 //!
 //! ```
 //! use scheduler::{HostSample, NoNoise, Scheduler, SchedulerConfig};

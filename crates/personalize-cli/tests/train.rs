@@ -53,3 +53,25 @@ fn train_then_generate_with_the_concept() {
     assert!(!ok);
     assert!(err.contains("bad.png") && err.lines().filter(|l| !l.trim().is_empty()).count() == 1, "{err}");
 }
+
+/// A prompt and an output folder outside Latin-1 once stopped training at its first sample
+/// image (PNG tEXt takes Latin-1 only): the samples are written, with the prompt in UTF-8.
+#[test]
+fn training_with_a_non_latin1_prompt_writes_its_samples() {
+    let d = tempfile::tempdir().unwrap();
+    let concept = d.path().join("概念");
+    let base = fixtures().join("pipeline");
+    let blip2 = fixtures().join("blip2/opt_sharded");
+    let image = fixtures().join("blip2/preprocess/photo.png");
+    let prompt = "一只 sks 猫 🐱";
+    let (ok, err) = run(&[
+        "train", "--base", base.to_str().unwrap(), "--blip2", blip2.to_str().unwrap(), "--image", image.to_str().unwrap(),
+        "--prompt", prompt, "--out", concept.to_str().unwrap(), "--steps", "2", "--resolution", "32",
+        "--queries", "4", "--unet", "lora", "--lora-rank", "2", "--sample-steps", "2", "--seed", "1",
+    ]);
+    assert!(ok, "{err}");
+    let samples: Vec<PathBuf> = std::fs::read_dir(concept.join("samples")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(!samples.is_empty(), "no sample image; stderr: {err}");
+    let (_, text) = personalize::read_png(&samples[0]).unwrap();
+    assert!(text.iter().any(|(k, v)| k == "parameters" && v.starts_with(prompt)), "{text:?}");
+}

@@ -55,7 +55,8 @@ fn tokenizer_matches_transformers_5_on_the_corpus() {
             "tf5_saved" => None,
             _ => Some(tokenizer_dir(layout)),
         };
-        let path = dir.as_ref().map_or_else(|| root().join("tests/fixtures/tokenizer/tf5_saved"), |d| d.path().to_path_buf());
+        // The pipeline fixture's tokenizer/ is what transformers 5's save_pretrained writes.
+        let path = dir.as_ref().map_or_else(|| root().join("tests/fixtures/pipeline/tokenizer"), |d| d.path().to_path_buf());
         let tok = ClipTokenizer::from_dir(&path).unwrap();
         let want = &c["layouts"][layout];
         let pad = want["pad_id"].as_i64().unwrap();

@@ -88,7 +88,11 @@ pub fn parse_args(args: &[String]) -> Result<BenchArgs, String> {
 
 /// Timed runs of `name` when `--repeat` is not given.
 fn default_repeat(name: &str) -> usize {
-    if matches!(name, "generate" | "train-step") { 1 } else { 3 }
+    if matches!(name, "generate" | "train-step") {
+        1
+    } else {
+        3
+    }
 }
 
 /// A median time and a peak memory.
@@ -105,7 +109,12 @@ pub fn fields(line: &str) -> BTreeMap<&str, &str> {
 
 /// The last summary line of ours that starts with `prefix:`, as a measurement of `time_key`
 /// and `peak_key`, with all its fields.
-pub fn ours_result(lines: &[String], prefix: &str, time_key: &str, peak_key: &str) -> Option<(Measured, BTreeMap<String, String>)> {
+pub fn ours_result(
+    lines: &[String],
+    prefix: &str,
+    time_key: &str,
+    peak_key: &str,
+) -> Option<(Measured, BTreeMap<String, String>)> {
     let line = lines.iter().rev().find(|l| l.starts_with(&format!("{prefix}: ")))?;
     let f = fields(line);
     let median_s = f.get(time_key)?.parse().ok()?;
@@ -153,7 +162,8 @@ fn peak(m: Option<Measured>) -> String {
 /// The results table: bench, ours median, torch median, ratio, ours peak, torch peak; then the
 /// rows' notes.
 pub fn table(rows: &[Row]) -> String {
-    let mut cells = vec![["bench", "ours median", "torch median", "ours/torch", "ours peak", "torch peak"].map(String::from)];
+    let mut cells =
+        vec![["bench", "ours median", "torch median", "ours/torch", "ours peak", "torch peak"].map(String::from)];
     for r in rows {
         cells.push([
             r.bench.clone(),
@@ -200,19 +210,30 @@ fn uniform(shape: Vec<usize>, seed: u64) -> HostTensor {
 fn stage_case(name: &str) -> Option<(&'static str, &'static str, Vec<(&'static str, HostTensor)>)> {
     Some(match name {
         // Batch 2 (conditional + unconditional), 64×64 latents, 77 text + 8 visual tokens.
-        "unet" => ("unet", "sd15-unet", vec![
-            ("sample", uniform(vec![2, 4, 64, 64], 1)),
-            ("timestep", HostTensor::f32(vec![2], vec![981.0, 981.0])),
-            ("encoder_hidden_states", uniform(vec![2, 85, 768], 2)),
-        ]),
+        "unet" => (
+            "unet",
+            "sd15-unet",
+            vec![
+                ("sample", uniform(vec![2, 4, 64, 64], 1)),
+                ("timestep", HostTensor::f32(vec![2], vec![981.0, 981.0])),
+                ("encoder_hidden_states", uniform(vec![2, 85, 768], 2)),
+            ],
+        ),
         "vae" => ("vae-decode", "sd15-vae", vec![("latent", uniform(vec![1, 4, 64, 64], 3))]),
         // One 224×224 image through ViT-g and the Q-Former (blip2-opt-2.7b's config).
         "blip2" => ("blip2", "blip2-vitg", vec![("pixel_values", uniform(vec![1, 3, 224, 224], 4))]),
         // The same ids as torch_bench.py's text_ids.
-        "text" => ("text-encoder", "sd15-text", vec![(
-            "input_ids",
-            HostTensor::i64(vec![2, 77], (0..154).map(|i| if i % 77 == 0 { 49406 } else { 320 + i as i64 % 1000 }).collect()),
-        )]),
+        "text" => (
+            "text-encoder",
+            "sd15-text",
+            vec![(
+                "input_ids",
+                HostTensor::i64(
+                    vec![2, 77],
+                    (0..154).map(|i| if i % 77 == 0 { 49406 } else { 320 + i as i64 % 1000 }).collect(),
+                ),
+            )],
+        ),
         _ => return None,
     })
 }
@@ -308,9 +329,13 @@ fn run_one(name: &str, exe: &Path, tmp: &Path, a: &BenchArgs) -> Result<Row, Str
         "train-step" => {
             eprintln!("bench train-step: sd15-unet, LoRA rank 4, 512x512, batch 1, random weights, {repeat} step(s) after a warm-up");
             let mut cmd = Command::new(exe);
-            cmd.arg("bench-train-step").arg("--unet-config").arg(configs.join("sd15-unet")).args(["--steps", &repeat.to_string()]);
+            cmd.arg("bench-train-step")
+                .arg("--unet-config")
+                .arg(configs.join("sd15-unet"))
+                .args(["--steps", &repeat.to_string()]);
             let lines = run_ours(cmd, "bench train-step")?;
-            let (m, _) = ours_result(&lines, "train-step", "median_s", "peak_mib").ok_or("bench train-step printed no summary line")?;
+            let (m, _) = ours_result(&lines, "train-step", "median_s", "peak_mib")
+                .ok_or("bench train-step printed no summary line")?;
             row.ours = Some(m);
         }
         "generate" => {
@@ -329,7 +354,8 @@ fn run_one(name: &str, exe: &Path, tmp: &Path, a: &BenchArgs) -> Result<Row, Str
                 .arg(root().join("assets/clip-tokenizer"))
                 .args(["--steps", &a.steps.to_string(), "--repeat", &repeat.to_string()]);
             let lines = run_ours(cmd, "bench generate")?;
-            let (m, f) = ours_result(&lines, "generate", "median_s", "peak_mib").ok_or("bench generate printed no summary line")?;
+            let (m, f) = ours_result(&lines, "generate", "median_s", "peak_mib")
+                .ok_or("bench generate printed no summary line")?;
             row.ours = Some(m);
             let get = |k: &str| f.get(k).cloned().unwrap_or_else(|| "-".into());
             row.notes.push(format!(
@@ -349,7 +375,11 @@ fn run_one(name: &str, exe: &Path, tmp: &Path, a: &BenchArgs) -> Result<Row, Str
                 ("encoder_hidden_states".to_string(), uniform(vec![1, 1, 768], 6)),
             ]);
             write_tensors(&input, &tensors, &Default::default()).map_err(|e| e.to_string())?;
-            eprintln!("bench load: {} ({:.2} GB), {repeat} load(s) in fresh processes after a warm-up one", dir.display(), size as f64 / 1e9);
+            eprintln!(
+                "bench load: {} ({:.2} GB), {repeat} load(s) in fresh processes after a warm-up one",
+                dir.display(),
+                size as f64 / 1e9
+            );
             let (mut times, mut peaks) = (vec![], vec![]);
             for i in 0..=repeat {
                 let mut cmd = Command::new(exe);
@@ -360,7 +390,8 @@ fn run_one(name: &str, exe: &Path, tmp: &Path, a: &BenchArgs) -> Result<Row, Str
                     .arg("--output")
                     .arg(tmp.join("load-out.safetensors"));
                 let lines = run_ours(cmd, "bench load")?;
-                let (m, _) = ours_result(&lines, "unet", "load_s", "load_peak_mib").ok_or("bench load: the stage printed no summary line")?;
+                let (m, _) = ours_result(&lines, "unet", "load_s", "load_peak_mib")
+                    .ok_or("bench load: the stage printed no summary line")?;
                 if i > 0 {
                     times.push(m.median_s);
                     peaks.extend(m.peak_mib);
@@ -389,7 +420,8 @@ fn run_one(name: &str, exe: &Path, tmp: &Path, a: &BenchArgs) -> Result<Row, Str
                 .arg("--output")
                 .arg(tmp.join(format!("{name}-out.safetensors")));
             let lines = run_ours(cmd, &format!("bench {name}"))?;
-            let (m, _) = ours_result(&lines, stage, "median_s", "peak_mib").ok_or_else(|| format!("bench {name}: no summary line"))?;
+            let (m, _) = ours_result(&lines, stage, "median_s", "peak_mib")
+                .ok_or_else(|| format!("bench {name}: no summary line"))?;
             row.ours = Some(m);
         }
     }
@@ -424,7 +456,8 @@ pub fn run(args: &[String]) -> ExitCode {
         eprintln!("error: {}: {e}", tmp.display());
         return ExitCode::FAILURE;
     }
-    let build = Command::new("cargo").args(["build", "--release", "-p", "personalize-cli"]).current_dir(root()).status();
+    let build =
+        Command::new("cargo").args(["build", "--release", "-p", "personalize-cli"]).current_dir(root()).status();
     if !build.is_ok_and(|s| s.success()) {
         eprintln!("error: release build of personalize-cli failed");
         return ExitCode::FAILURE;
@@ -467,11 +500,22 @@ mod tests {
     #[test]
     fn parses_names_flags_and_defaults() {
         let a = parse_args(&args("generate --steps 2 unet --repeat 5 --torch /venv/bin/python unet")).unwrap();
-        assert_eq!(a, BenchArgs { names: vec!["generate".into(), "unet".into()], repeat: Some(5), steps: 2, torch: Some("/venv/bin/python".into()) });
+        assert_eq!(
+            a,
+            BenchArgs {
+                names: vec!["generate".into(), "unet".into()],
+                repeat: Some(5),
+                steps: 2,
+                torch: Some("/venv/bin/python".into())
+            }
+        );
         let a = parse_args(&[]).unwrap();
         assert_eq!(a.names, ["unet", "vae", "text", "blip2"]);
         assert_eq!((a.repeat, a.steps, a.torch), (None, 4, None));
-        assert_eq!((default_repeat("unet"), default_repeat("load"), default_repeat("generate"), default_repeat("train-step")), (3, 3, 1, 1));
+        assert_eq!(
+            (default_repeat("unet"), default_repeat("load"), default_repeat("generate"), default_repeat("train-step")),
+            (3, 3, 1, 1)
+        );
         for (bad, needle) in [
             ("unett", "unknown bench or flag `unett`"),
             ("--repeat", "--repeat needs a number"),
@@ -537,12 +581,17 @@ mod tests {
                 torch: Some(Measured { median_s: 10.0, peak_mib: Some(4800.0) }),
                 notes: vec!["torch unet what=x".into()],
             },
-            Row { bench: "train-step".into(), ours: Some(Measured { median_s: 50.0, peak_mib: None }), ..Default::default() },
+            Row {
+                bench: "train-step".into(),
+                ours: Some(Measured { median_s: 50.0, peak_mib: None }),
+                ..Default::default()
+            },
         ];
         let t = table(&rows);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 4, "{t}");
-        let cols = |l: &str| l.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(String::from).collect::<Vec<_>>();
+        let cols =
+            |l: &str| l.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(String::from).collect::<Vec<_>>();
         assert_eq!(cols(lines[0]), ["bench", "ours median", "torch median", "ours/torch", "ours peak", "torch peak"]);
         assert_eq!(cols(lines[1]), ["unet", "12.346 s", "10.000 s", "1.23x", "5000 MiB", "4800 MiB"]);
         assert_eq!(cols(lines[2]), ["train-step", "50.000 s", "-", "-", "-", "-"]);

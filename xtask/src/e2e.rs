@@ -29,13 +29,32 @@ pub fn run(root: &Path, exe: &Path, work: &Path) -> Result<()> {
     let steps = TRAIN_STEPS.to_string();
 
     let t = Instant::now();
-    personalize(exe, &[
-        &"train", &"--base", &base, &"--blip2", &blip2,
-        &"--image", &img1, &"--image", &img2,
-        &"--prompt", &"a photo of sks", &"--steps", &steps,
-        &"--resolution", &"64", &"--lr", &"1e-3", &"--unet-lr", &"1e-3",
-        &"--out", &concept,
-    ])?;
+    personalize(
+        exe,
+        &[
+            &"train",
+            &"--base",
+            &base,
+            &"--blip2",
+            &blip2,
+            &"--image",
+            &img1,
+            &"--image",
+            &img2,
+            &"--prompt",
+            &"a photo of sks",
+            &"--steps",
+            &steps,
+            &"--resolution",
+            &"64",
+            &"--lr",
+            &"1e-3",
+            &"--unet-lr",
+            &"1e-3",
+            &"--out",
+            &concept,
+        ],
+    )?;
     eprintln!("e2e: trained in {:.1} s", t.elapsed().as_secs_f64());
     check_concept(&concept)?;
 
@@ -43,11 +62,26 @@ pub fn run(root: &Path, exe: &Path, work: &Path) -> Result<()> {
     for run in ["out-a", "out-b"] {
         let out = work.join(run);
         let t = Instant::now();
-        personalize(exe, &[
-            &"generate", &"--base", &base, &"--concept", &concept,
-            &"--prompt", &"a watercolor of sks", &"--steps", &"20",
-            &"--seed", &"0", &"--num-images", &"2", &"--out", &out,
-        ])?;
+        personalize(
+            exe,
+            &[
+                &"generate",
+                &"--base",
+                &base,
+                &"--concept",
+                &concept,
+                &"--prompt",
+                &"a watercolor of sks",
+                &"--steps",
+                &"20",
+                &"--seed",
+                &"0",
+                &"--num-images",
+                &"2",
+                &"--out",
+                &out,
+            ],
+        )?;
         eprintln!("e2e: generated 2 images in {:.1} s", t.elapsed().as_secs_f64());
         check_images(&out, 2, "a watercolor of sks")?;
         outs.push(out);
@@ -58,21 +92,51 @@ pub fn run(root: &Path, exe: &Path, work: &Path) -> Result<()> {
     }
 
     let out = work.join("out-ref");
-    personalize(exe, &[
-        &"generate", &"--base", &base, &"--concept", &concept,
-        &"--image", &img2, &"--blip2", &blip2,
-        &"--prompt", &"a sketch of sks", &"--steps", &"10", &"--seed", &"1",
-        &"--out", &out,
-    ])?;
+    personalize(
+        exe,
+        &[
+            &"generate",
+            &"--base",
+            &base,
+            &"--concept",
+            &concept,
+            &"--image",
+            &img2,
+            &"--blip2",
+            &blip2,
+            &"--prompt",
+            &"a sketch of sks",
+            &"--steps",
+            &"10",
+            &"--seed",
+            &"1",
+            &"--out",
+            &out,
+        ],
+    )?;
     check_images(&out, 1, "a sketch of sks")?;
 
     // Text that Latin-1 cannot hold goes into UTF-8 chunks, and the settings re-run.
     let utf8 = "sks の水彩画 🎨";
     let out = work.join("out-utf8");
-    personalize(exe, &[
-        &"generate", &"--base", &base, &"--concept", &concept,
-        &"--prompt", &utf8, &"--steps", &"10", &"--seed", &"2", &"--out", &out,
-    ])?;
+    personalize(
+        exe,
+        &[
+            &"generate",
+            &"--base",
+            &base,
+            &"--concept",
+            &concept,
+            &"--prompt",
+            &utf8,
+            &"--steps",
+            &"10",
+            &"--seed",
+            &"2",
+            &"--out",
+            &out,
+        ],
+    )?;
     check_images(&out, 1, utf8)?;
     let again = work.join("out-again");
     personalize(exe, &[&"generate", &"--params-from", &out.join("0000.png"), &"--out", &again])?;
@@ -86,7 +150,10 @@ pub fn run(root: &Path, exe: &Path, work: &Path) -> Result<()> {
 
 /// Runs `personalize` with `args` (strings and paths alike).
 fn personalize(exe: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Result<()> {
-    let status = Command::new(exe).args(args.iter().map(|a| a.as_ref())).status().with_context(|| format!("running {}", exe.display()))?;
+    let status = Command::new(exe)
+        .args(args.iter().map(|a| a.as_ref()))
+        .status()
+        .with_context(|| format!("running {}", exe.display()))?;
     ensure!(status.success(), "personalize {} failed ({status})", args[0].as_ref().to_string_lossy());
     Ok(())
 }
@@ -101,8 +168,13 @@ fn shape_of(t: &BTreeMap<String, HostTensor>, file: &Path, name: &str) -> Result
 
 /// The concept folder of the tiny models: widths 32 (Q-Former and text), 32 queries, k = 8.
 pub fn check_concept(dir: &Path) -> Result<()> {
-    let info: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("concept.json")).context("concept.json")?)?;
-    ensure!(info["steps_done"] == TRAIN_STEPS, "concept.json: steps_done is {}, expected {TRAIN_STEPS}", info["steps_done"]);
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("concept.json")).context("concept.json")?)?;
+    ensure!(
+        info["steps_done"] == TRAIN_STEPS,
+        "concept.json: steps_done is {}, expected {TRAIN_STEPS}",
+        info["steps_done"]
+    );
     ensure!(info["num_queries"] == 8 && info["unet"] == "lora", "concept.json: expected k = 8 and a LoRA UNet: {info}");
 
     let f = dir.join("aligner.safetensors");
@@ -114,13 +186,21 @@ pub fn check_concept(dir: &Path) -> Result<()> {
     let f = dir.join("visual_queries.safetensors");
     let q = tensors(&f)?;
     let shapes: Vec<Vec<usize>> = q.values().map(|t| t.shape.clone()).collect();
-    ensure!(shapes == vec![vec![2, 32, 32]], "{}: expected one [2, 32, 32] tensor (2 images), found {shapes:?}", f.display());
+    ensure!(
+        shapes == vec![vec![2, 32, 32]],
+        "{}: expected one [2, 32, 32] tensor (2 images), found {shapes:?}",
+        f.display()
+    );
 
     let f = dir.join("unet_lora.safetensors");
     let l = tensors(&f)?;
     let a_keys = l.keys().filter(|k| k.starts_with("unet.") && k.ends_with("lora_A.weight")).count();
     let b_keys = l.keys().filter(|k| k.starts_with("unet.") && k.ends_with("lora_B.weight")).count();
-    ensure!(a_keys > 0 && a_keys == b_keys, "{}: expected matching unet.*.lora_A/lora_B keys, found {a_keys}/{b_keys}", f.display());
+    ensure!(
+        a_keys > 0 && a_keys == b_keys,
+        "{}: expected matching unet.*.lora_A/lora_B keys, found {a_keys}/{b_keys}",
+        f.display()
+    );
 
     let csv = std::fs::read_to_string(dir.join("loss.csv")).context("loss.csv")?;
     loss_falls(&csv)
@@ -151,21 +231,35 @@ pub fn check_images(dir: &Path, n: usize, prompt: &str) -> Result<()> {
     for i in 0..n {
         let path: PathBuf = dir.join(format!("{i:04}.png"));
         let (img, text) = personalize::read_png(&path).with_context(|| format!("{}", path.display()))?;
-        ensure!((img.width, img.height) == (64, 64), "{}: {}×{}, expected 64×64", path.display(), img.width, img.height);
+        ensure!(
+            (img.width, img.height) == (64, 64),
+            "{}: {}×{}, expected 64×64",
+            path.display(),
+            img.width,
+            img.height
+        );
         let chunk = |key: &str| text.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
         let Some(json) = chunk(personalize::SETTINGS_KEY) else {
             bail!("{}: no `personalize` text chunk (found {text:?})", path.display());
         };
         let s = personalize::ImageSettings::from_json(json).with_context(|| format!("{}", path.display()))?;
         ensure!(s.prompt == prompt, "{}: the settings' prompt is {:?}, expected {prompt:?}", path.display(), s.prompt);
-        ensure!(s.image_index == i && (s.width, s.height) == (Some(64), Some(64)), "{}: settings of another image: {json}", path.display());
+        ensure!(
+            s.image_index == i && (s.width, s.height) == (Some(64), Some(64)),
+            "{}: settings of another image: {json}",
+            path.display()
+        );
         let params = chunk(personalize::PARAMETERS_KEY).unwrap_or_default();
         ensure!(
             params.starts_with(&format!("{prompt}\n")) && params.contains(&format!("Seed: {}, Size: 64x64", s.seed)),
             "{}: `parameters` chunk {params:?} is not the A1111 text of {prompt:?}",
             path.display()
         );
-        ensure!(chunk("prompt").is_none(), "{}: a `prompt` chunk (ComfyUI would read it as a workflow)", path.display());
+        ensure!(
+            chunk("prompt").is_none(),
+            "{}: a `prompt` chunk (ComfyUI would read it as a workflow)",
+            path.display()
+        );
         let (lo, hi) = img.data.iter().fold((255u8, 0u8), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         ensure!(hi - lo > 10, "{}: a flat image (values {lo}..{hi})", path.display());
     }
@@ -196,7 +290,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(check_images(dir.path(), 1, "p").is_err(), "missing file");
         let mut img = personalize::RgbImage { width: 64, height: 64, data: vec![0; 64 * 64 * 3] };
-        let s = personalize::ImageSettings { prompt: "p の 🎨".into(), height: Some(64), width: Some(64), ..Default::default() };
+        let s = personalize::ImageSettings {
+            prompt: "p の 🎨".into(),
+            height: Some(64),
+            width: Some(64),
+            ..Default::default()
+        };
         let path = dir.path().join("0000.png");
         personalize::write_png(&path, &img, &s.png_text().unwrap()).unwrap();
         assert!(check_images(dir.path(), 1, "p の 🎨").unwrap_err().to_string().contains("flat"));

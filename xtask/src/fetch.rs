@@ -5,7 +5,8 @@
 use std::process::ExitCode;
 
 fn usage() -> ExitCode {
-    let presets: String = hub::PRESETS.iter().map(|p| format!("\n  {:16} {}  ({})", p.name, p.repo_id, p.about)).collect();
+    let presets: String =
+        hub::PRESETS.iter().map(|p| format!("\n  {:16} {}  ({})", p.name, p.repo_id, p.about)).collect();
     eprintln!(
         "usage: cargo xtask fetch <preset|owner/name>... [--revision R] [--fp16] [--offline]\n\n\
          presets:{presets}\n\n\
@@ -87,9 +88,14 @@ pub fn run(args: &[String]) -> ExitCode {
                 human(f.bytes),
                 snap.files.len() - f.downloaded.len()
             ),
-            hub::Source::Offline => eprintln!("{name}: {} @ {commit}: all {} file(s) cached (offline)", snap.repo_id, snap.files.len()),
+            hub::Source::Offline => {
+                eprintln!("{name}: {} @ {commit}: all {} file(s) cached (offline)", snap.repo_id, snap.files.len())
+            }
             hub::Source::Unreachable(why) => {
-                eprintln!("warning: cannot reach {} ({why}); using the cached {} @ {commit}", opts.endpoint, snap.repo_id)
+                eprintln!(
+                    "warning: cannot reach {} ({why}); using the cached {} @ {commit}",
+                    opts.endpoint, snap.repo_id
+                )
             }
         }
         let flag = match snap.layout {

@@ -8,8 +8,8 @@
 //!   with peak memory, optionally against PyTorch (see `bench.rs`).
 
 mod bench;
-mod fetch;
 mod e2e;
+mod fetch;
 mod tiny;
 
 use std::path::PathBuf;
@@ -83,7 +83,10 @@ fn run_e2e(args: &[String]) -> ExitCode {
                 }
             };
             let profile = if release { "release" } else { "test" };
-            let build = Command::new("cargo").args(["build", "--profile", profile, "-p", "personalize-cli"]).current_dir(root()).status();
+            let build = Command::new("cargo")
+                .args(["build", "--profile", profile, "-p", "personalize-cli"])
+                .current_dir(root())
+                .status();
             if !build.is_ok_and(|s| s.success()) {
                 eprintln!("error: building personalize-cli ({profile} profile) failed");
                 return ExitCode::FAILURE;
@@ -101,7 +104,8 @@ fn run_e2e(args: &[String]) -> ExitCode {
     }
     let work = root().join("target/e2e");
     let _ = std::fs::remove_dir_all(&work);
-    let result = std::fs::create_dir_all(&work).map_err(anyhow::Error::from).and_then(|()| e2e::run(&root(), &exe, &work));
+    let result =
+        std::fs::create_dir_all(&work).map_err(anyhow::Error::from).and_then(|()| e2e::run(&root(), &exe, &work));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

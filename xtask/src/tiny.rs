@@ -258,7 +258,11 @@ pub fn build(root: &Path) -> Result<BTreeMap<PathBuf, Vec<u8>>> {
 /// A drawn 256×256 picture of one toy (an orange ball with eyes and a green hat), on one of two
 /// backgrounds, slightly shifted: the "concept" of the quick start.
 fn example_image(variant: u32) -> Result<Vec<u8>> {
-    let (bg_a, bg_b) = if variant == 0 { ([200.0, 220.0, 245.0], [120.0, 160.0, 220.0]) } else { ([245.0, 235.0, 200.0], [170.0, 200.0, 120.0]) };
+    let (bg_a, bg_b) = if variant == 0 {
+        ([200.0, 220.0, 245.0], [120.0, 160.0, 220.0])
+    } else {
+        ([245.0, 235.0, 200.0], [170.0, 200.0, 120.0])
+    };
     let (cx, cy) = if variant == 0 { (128.0, 140.0) } else { (112.0, 132.0) };
     let img = image::RgbImage::from_fn(256, 256, |x, y| {
         let (fx, fy) = (x as f32, y as f32);
@@ -278,7 +282,9 @@ fn example_image(variant: u32) -> Result<Vec<u8>> {
             }
         }
         // A hat: a green band and crown above the ball.
-        if (fx - cx).abs() < 50.0 && (cy - 78.0..cy - 66.0).contains(&fy) || (fx - cx).abs() < 30.0 && (cy - 118.0..cy - 78.0).contains(&fy) {
+        if (fx - cx).abs() < 50.0 && (cy - 78.0..cy - 66.0).contains(&fy)
+            || (fx - cx).abs() < 30.0 && (cy - 118.0..cy - 78.0).contains(&fy)
+        {
             c = [40.0, 140.0, 70.0];
         }
         image::Rgb(c.map(|v| v.round().clamp(0.0, 255.0) as u8))
@@ -318,7 +324,8 @@ mod tests {
         let mut total = 0;
         for (rel, bytes) in &files {
             let committed = root().join("assets").join(rel);
-            let on_disk = std::fs::read(&committed).unwrap_or_else(|e| panic!("{}: {e} (run `cargo xtask tiny-model`)", committed.display()));
+            let on_disk = std::fs::read(&committed)
+                .unwrap_or_else(|e| panic!("{}: {e} (run `cargo xtask tiny-model`)", committed.display()));
             assert!(on_disk == *bytes, "{} differs from what `cargo xtask tiny-model` makes", committed.display());
             total += bytes.len();
         }

@@ -85,10 +85,8 @@ impl<B: Backend> Blip2Encoder<B> {
         let skip: Vec<&str> = SKIPPED_PREFIXES.iter().copied().chain(text_branch.iter().map(String::as_str)).collect();
         w.finish(&skip)?;
         let processor = ImageProcessor::load(dir, enc.image_size)?;
-        enc.set_processor(processor).map_err(|e| Error::Config {
-            path: dir.join("preprocessor_config.json"),
-            message: e.to_string(),
-        })?;
+        enc.set_processor(processor)
+            .map_err(|e| Error::Config { path: dir.join("preprocessor_config.json"), message: e.to_string() })?;
         Ok(enc)
     }
 

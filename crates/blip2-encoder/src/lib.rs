@@ -24,8 +24,8 @@
 mod config;
 mod encoder;
 mod preprocess;
-pub mod resample;
 mod qformer;
+pub mod resample;
 mod vision;
 
 pub use config::{Blip2Config, Blip2QFormerConfig, Blip2VisionConfig};

@@ -126,7 +126,9 @@ impl ImageProcessor {
         let triple = |v: &Option<serde_json::Value>, default: [f32; 3], name: &str| -> Result<[f32; 3]> {
             match v {
                 None => Ok(default),
-                Some(v) => parse_triple(v).ok_or_else(|| bad(format!("{name} must be a number or a list of 3 numbers"))),
+                Some(v) => {
+                    parse_triple(v).ok_or_else(|| bad(format!("{name} must be a number or a list of 3 numbers")))
+                }
             }
         };
         let image_mean = triple(&raw.image_mean, CLIP_MEAN, "image_mean")?;
@@ -252,7 +254,9 @@ pub fn decode_rgb8(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
     limits.max_alloc = Some(MAX_PIXELS * 8 + (64 << 20));
     reader.limits(limits);
     let name = format!("{format:?}").to_uppercase();
-    let bad = |e: image::ImageError| Error::invalid(format!("{}: not a readable {name} image: {}", path.display(), one_line(e)));
+    let bad = |e: image::ImageError| {
+        Error::invalid(format!("{}: not a readable {name} image: {}", path.display(), one_line(e)))
+    };
     let mut decoder = reader.into_decoder().map_err(bad)?;
     let (w, h) = decoder.dimensions();
     let pixels = w as u64 * h as u64;
@@ -286,15 +290,21 @@ fn to_rgb8_like_pillow(img: DynamicImage) -> Vec<u8> {
     let rgba = |p: [u8; 4]| [over_white(p[0], p[3]), over_white(p[1], p[3]), over_white(p[2], p[3])];
     match img {
         DynamicImage::ImageRgb8(b) => b.into_raw(),
-        DynamicImage::ImageRgba8(b) => b.into_raw().chunks_exact(4).flat_map(|p| rgba([p[0], p[1], p[2], p[3]])).collect(),
+        DynamicImage::ImageRgba8(b) => {
+            b.into_raw().chunks_exact(4).flat_map(|p| rgba([p[0], p[1], p[2], p[3]])).collect()
+        }
         DynamicImage::ImageLuma8(b) => b.into_raw().into_iter().flat_map(|v| [v; 3]).collect(),
-        DynamicImage::ImageLumaA8(b) => b.into_raw().chunks_exact(2).flat_map(|p| [over_white(p[0], p[1]); 3]).collect(),
+        DynamicImage::ImageLumaA8(b) => {
+            b.into_raw().chunks_exact(2).flat_map(|p| [over_white(p[0], p[1]); 3]).collect()
+        }
         DynamicImage::ImageRgb16(b) => b.into_raw().into_iter().map(hi).collect(),
         DynamicImage::ImageRgba16(b) => {
             b.into_raw().chunks_exact(4).flat_map(|p| rgba([hi(p[0]), hi(p[1]), hi(p[2]), hi(p[3])])).collect()
         }
         DynamicImage::ImageLuma16(b) => b.into_raw().into_iter().flat_map(|v| [hi(v); 3]).collect(),
-        DynamicImage::ImageLumaA16(b) => b.into_raw().chunks_exact(2).flat_map(|p| [over_white(hi(p[0]), hi(p[1])); 3]).collect(),
+        DynamicImage::ImageLumaA16(b) => {
+            b.into_raw().chunks_exact(2).flat_map(|p| [over_white(hi(p[0]), hi(p[1])); 3]).collect()
+        }
         // Float images (from TIFF): clamped and rounded as the image crate does, then
         // composited like the others.
         other if other.color().has_alpha() => {

@@ -104,7 +104,12 @@ impl<B: Backend> QFormer<B> {
                 attention: BertAttention::load(&lw.pp("attention"), cfg, d)?,
                 crossattention,
                 ffn: FeedForward {
-                    intermediate: Linear::load_frozen(&lw.pp("intermediate_query.dense"), d, cfg.intermediate_size, true)?,
+                    intermediate: Linear::load_frozen(
+                        &lw.pp("intermediate_query.dense"),
+                        d,
+                        cfg.intermediate_size,
+                        true,
+                    )?,
                     output: Linear::load_frozen(&lw.pp("output_query.dense"), cfg.intermediate_size, d, true)?,
                     layer_norm: LayerNorm::load(&lw.pp("output_query.LayerNorm"), d, cfg.layer_norm_eps)?,
                     act,

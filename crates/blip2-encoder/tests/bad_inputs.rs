@@ -136,7 +136,9 @@ fn one_bad_file_among_many_is_named() {
 }
 
 /// A copy of the `itm` fixture with its tensors passed through `edit`.
-fn edited_itm(edit: impl FnOnce(&mut std::collections::BTreeMap<String, model_io::tensor_file::HostTensor>)) -> tempfile::TempDir {
+fn edited_itm(
+    edit: impl FnOnce(&mut std::collections::BTreeMap<String, model_io::tensor_file::HostTensor>),
+) -> tempfile::TempDir {
     let src = fixtures().join("itm");
     let d = tempfile::tempdir().unwrap();
     std::fs::copy(src.join("config.json"), d.path().join("config.json")).unwrap();

@@ -130,7 +130,10 @@ fn random_weights_build_and_run_for_benchmarks() {
 #[test]
 fn default_config_is_the_published_vit_g_and_qformer() {
     let c = Blip2Config::default();
-    assert_eq!((c.vision_config.hidden_size, c.vision_config.num_hidden_layers, c.vision_config.image_size), (1408, 39, 224));
+    assert_eq!(
+        (c.vision_config.hidden_size, c.vision_config.num_hidden_layers, c.vision_config.image_size),
+        (1408, 39, 224)
+    );
     assert_eq!((c.qformer_config.hidden_size, c.qformer_config.num_hidden_layers, c.num_query_tokens), (768, 12, 32));
     assert_eq!(c.num_image_tokens(), 257);
     c.check().unwrap();

@@ -84,7 +84,17 @@ fn sixteen_bit_greyscale_is_its_high_byte() {
 #[test]
 fn parallel_processing_matches_one_by_one() {
     let p = processor();
-    let names = ["photo.png", "photo.jpg", "gray.png", "rgba.png", "palette.png", "rgb16.png", "cmyk.jpg", "exif.jpg", "small.png"];
+    let names = [
+        "photo.png",
+        "photo.jpg",
+        "gray.png",
+        "rgba.png",
+        "palette.png",
+        "rgb16.png",
+        "cmyk.jpg",
+        "exif.jpg",
+        "small.png",
+    ];
     let paths: Vec<PathBuf> = (0..3).flat_map(|_| names.iter().map(|n| dir().join(n))).collect();
     let (batch, shape) = p.process(&paths).unwrap();
     assert_eq!(shape, [paths.len(), 3, 64, 48]);

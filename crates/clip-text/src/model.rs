@@ -50,7 +50,10 @@ impl ClipTextConfig {
         };
         let cfg: Self = serde_json::from_value(body).map_err(|e| Error::Json { path: path.clone(), source: e })?;
         if !matches!(cfg.hidden_act.as_str(), "quick_gelu" | "gelu") {
-            return Err(Error::Config { path, message: format!("hidden_act `{}` unsupported (quick_gelu or gelu)", cfg.hidden_act) });
+            return Err(Error::Config {
+                path,
+                message: format!("hidden_act `{}` unsupported (quick_gelu or gelu)", cfg.hidden_act),
+            });
         }
         if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
             return Err(Error::Config { path, message: "hidden_size is not a multiple of num_attention_heads".into() });
@@ -212,7 +215,8 @@ impl<B: Backend> ClipTextModel<B> {
         }
         let max = ids.clone().max().into_scalar();
         let min = ids.clone().min().into_scalar();
-        let (lo, hi): (i64, i64) = (burn::tensor::ElementConversion::elem(min), burn::tensor::ElementConversion::elem(max));
+        let (lo, hi): (i64, i64) =
+            (burn::tensor::ElementConversion::elem(min), burn::tensor::ElementConversion::elem(max));
         if lo < 0 || hi >= self.vocab_size as i64 {
             return Err(Error::invalid(format!(
                 "input_ids holds id {} outside the vocabulary of {}",

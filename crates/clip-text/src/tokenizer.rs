@@ -21,8 +21,8 @@ use tokenizers::pre_tokenizers::sequence::Sequence as PreSeq;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::{
-    AddedToken, NormalizerWrapper, PaddingDirection, PaddingParams, PaddingStrategy, PreTokenizerWrapper, SplitDelimiterBehavior,
-    Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+    AddedToken, NormalizerWrapper, PaddingDirection, PaddingParams, PaddingStrategy, PreTokenizerWrapper,
+    SplitDelimiterBehavior, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
 const BOS: &str = "<|startoftext|>";
@@ -31,7 +31,8 @@ const EOS: &str = "<|endoftext|>";
 const PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 /// The special-token keys of a tokenizer config, in the order transformers adds them (a later
 /// key with the same text replaces the earlier one's flags).
-const SPECIAL_KEYS: [&str; 7] = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
+const SPECIAL_KEYS: [&str; 7] =
+    ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
 /// A CLIP tokenizer: the `tokenizers` pipeline, the special ids and the context length.
 ///
@@ -171,7 +172,10 @@ impl ClipTokenizer {
         } else if vocab.is_file() && merges.is_file() {
             Self::build(&vocab, &merges, &specials)?
         } else {
-            return Err(Error::NoWeights { dir: dir.into(), expected: "vocab.json + merges.txt, or tokenizer.json".into() });
+            return Err(Error::NoWeights {
+                dir: dir.into(),
+                expected: "vocab.json + merges.txt, or tokenizer.json".into(),
+            });
         };
         // transformers adds the configs' special tokens to whatever the backend holds; when
         // two keys name the same text (eos, unk and pad are all `<|endoftext|>` in SD 1.x), the
@@ -195,7 +199,10 @@ impl ClipTokenizer {
         let pad = id(&pad_text)?;
         let max_length = specials.max_length;
         if max_length < 2 {
-            return Err(Error::Config { path: dir.join("tokenizer_config.json"), message: "model_max_length must be at least 2".into() });
+            return Err(Error::Config {
+                path: dir.join("tokenizer_config.json"),
+                message: "model_max_length must be at least 2".into(),
+            });
         }
         let plain = tok.clone();
         let mut fixed = tok;
@@ -221,9 +228,10 @@ impl ClipTokenizer {
     /// The pipeline transformers' `CLIPTokenizer.__init__` builds from a vocabulary and merges.
     fn build(vocab_path: &Path, merges_path: &Path, specials: &SpecialTokens) -> Result<Tokenizer> {
         let v = read_json(vocab_path)?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| Error::Config { path: vocab_path.into(), message: "vocabulary is not a JSON object".into() })?;
+        let obj = v.as_object().ok_or_else(|| Error::Config {
+            path: vocab_path.into(),
+            message: "vocabulary is not a JSON object".into(),
+        })?;
         let mut vocab = ahash_map(obj.len());
         for (k, id) in obj {
             let id = id.as_u64().and_then(|i| u32::try_from(i).ok()).ok_or_else(|| Error::Config {
@@ -261,7 +269,9 @@ impl ClipTokenizer {
         let id = |t: &str| tok.token_to_id(t);
         // The ids come from the vocabulary; a missing one is reported by `from_dir`.
         if let (Some(b), Some(e)) = (id(bos), id(eos)) {
-            let post = RobertaProcessing::new((eos.to_string(), e), (bos.to_string(), b)).trim_offsets(false).add_prefix_space(false);
+            let post = RobertaProcessing::new((eos.to_string(), e), (bos.to_string(), b))
+                .trim_offsets(false)
+                .add_prefix_space(false);
             tok.with_post_processor(Some(post));
         }
         Ok(tok)
@@ -288,7 +298,10 @@ impl ClipTokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
         let over = self.overflow(text)?;
         if over > 0 {
-            tracing::warn!("prompt is {over} tokens too long; CLIP reads at most {}, the rest is dropped", self.max_length - 2);
+            tracing::warn!(
+                "prompt is {over} tokens too long; CLIP reads at most {}, the rest is dropped",
+                self.max_length - 2
+            );
         }
         let e = self.fixed.encode(text, true).map_err(|e| Error::invalid(format!("tokenizing {text:?}: {e}")))?;
         Ok(e.get_ids().iter().map(|&i| i64::from(i)).collect())

@@ -25,7 +25,8 @@ fn tokenizer_dir(layout: &str) -> tempfile::TempDir {
 }
 
 fn corpus() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/tokenizer/corpus.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/tokenizer/corpus.json")).unwrap())
+        .unwrap()
 }
 
 fn ids(v: &serde_json::Value) -> Vec<i64> {
@@ -56,7 +57,8 @@ fn tokenizer_matches_transformers_5_on_the_corpus() {
             _ => Some(tokenizer_dir(layout)),
         };
         // The pipeline fixture's tokenizer/ is what transformers 5's save_pretrained writes.
-        let path = dir.as_ref().map_or_else(|| root().join("tests/fixtures/pipeline/tokenizer"), |d| d.path().to_path_buf());
+        let path =
+            dir.as_ref().map_or_else(|| root().join("tests/fixtures/pipeline/tokenizer"), |d| d.path().to_path_buf());
         let tok = ClipTokenizer::from_dir(&path).unwrap();
         let want = &c["layouts"][layout];
         let pad = want["pad_id"].as_i64().unwrap();
@@ -70,7 +72,13 @@ fn tokenizer_matches_transformers_5_on_the_corpus() {
                 mismatches.push(format!("{p:?}: got {:?}, transformers {:?}", &got[..12.min(got.len())], &want[..12]));
             }
         }
-        assert!(mismatches.is_empty(), "{layout}: {} of {} prompts differ, e.g. {}", mismatches.len(), prompts.len(), mismatches[0]);
+        assert!(
+            mismatches.is_empty(),
+            "{layout}: {} of {} prompts differ, e.g. {}",
+            mismatches.len(),
+            prompts.len(),
+            mismatches[0]
+        );
     }
 }
 
@@ -78,7 +86,10 @@ fn tokenizer_matches_transformers_5_on_the_corpus() {
 #[test]
 fn cjk_ids_are_those_of_transformers_5() {
     let tok = ClipTokenizer::from_dir(&root().join("assets/clip-tokenizer")).unwrap();
-    assert_eq!(tok.tokenize("日本語のテキスト").unwrap(), vec![39121, 44353, 34002, 252, 21575, 2429, 228, 47121, 32421, 486]);
+    assert_eq!(
+        tok.tokenize("日本語のテキスト").unwrap(),
+        vec![39121, 44353, 34002, 252, 21575, 2429, 228, 47121, 32421, 486]
+    );
 }
 
 /// transformers 4's slow tokenizer (tests/fixtures/tokenizer/ids_tf4.json): we agree with it
@@ -86,7 +97,8 @@ fn cjk_ids_are_those_of_transformers_5() {
 #[test]
 fn transformers_4_ids_differ_only_where_transformers_5_changed_them() {
     let old: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/tokenizer/ids_tf4.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/tokenizer/ids_tf4.json")).unwrap())
+            .unwrap();
     let c = corpus();
     let prompts: Vec<&str> = c["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
     let (mut same, mut changed) = (0, 0);
@@ -103,7 +115,8 @@ fn transformers_4_ids_differ_only_where_transformers_5_changed_them() {
                 continue;
             }
             changed += 1;
-            let i = prompts.iter().position(|p| *p == prompt).unwrap_or_else(|| panic!("{prompt:?} is not in the corpus"));
+            let i =
+                prompts.iter().position(|p| *p == prompt).unwrap_or_else(|| panic!("{prompt:?} is not in the corpus"));
             let mut tf5 = ids(&c["layouts"][layout]["ids"][i]);
             tf5.resize(77, pad);
             assert_eq!(got, tf5, "{style}: {prompt:?}");
@@ -186,7 +199,8 @@ fn text_encoder_with_projection_loads() {
 #[test]
 fn text_encoder_layouts_are_the_ones_each_release_writes() {
     let keys = |name: &str| {
-        let ckpt = model_io::Checkpoint::open_dir(&root().join("tests/fixtures/text_encoder").join(name), &["model"]).unwrap();
+        let ckpt =
+            model_io::Checkpoint::open_dir(&root().join("tests/fixtures/text_encoder").join(name), &["model"]).unwrap();
         let has_prefix = ckpt.names().any(|n| n == "text_model.final_layer_norm.weight");
         (clip_text::key_prefix(&ckpt), has_prefix)
     };

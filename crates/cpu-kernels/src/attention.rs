@@ -48,12 +48,27 @@ pub fn causal_attention<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<
     attention_impl(q, k, v, heads, true)
 }
 
-fn attention_impl<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, heads: usize, causal: bool) -> Tensor<B, 3> {
+fn attention_impl<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    causal: bool,
+) -> Tensor<B, 3> {
     let [b, lq, cq] = q.dims();
     let [bk, lk, ck] = k.dims();
     let [bv, lv, cv] = v.dims();
-    assert!(b == bk && b == bv && lk == lv && cq == ck, "attention: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
-    assert!(heads > 0 && cq % heads == 0 && cv % heads == 0, "attention: widths {cq}/{cv} not divisible by {heads} heads");
+    assert!(
+        b == bk && b == bv && lk == lv && cq == ck,
+        "attention: q {:?}, k {:?}, v {:?}",
+        q.dims(),
+        k.dims(),
+        v.dims()
+    );
+    assert!(
+        heads > 0 && cq % heads == 0 && cv % heads == 0,
+        "attention: widths {cq}/{cv} not divisible by {heads} heads"
+    );
     let qf = match to_flex_view(q, Kernel::Attention, &[k.dtype(), v.dtype()]) {
         Ok(q) => q,
         Err(q) => return attention_burn(q, k, v, heads, causal),
@@ -67,12 +82,24 @@ fn attention_impl<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>,
         Rows { data, sb, sl }
     };
     let mut out = vec![0f32; b * lq * cv];
-    attention_f32(rows(&qf), rows(&kf), rows(&vf), &mut out, Dims { b, lq, lk, heads, d: cq / heads, dv: cv / heads, causal });
+    attention_f32(
+        rows(&qf),
+        rows(&kf),
+        rows(&vf),
+        &mut out,
+        Dims { b, lq, lk, heads, d: cq / heads, dv: cv / heads, causal },
+    );
     from_vec(out, [b, lq, cv])
 }
 
 /// The same maths with Burn's ops, for every other backend.
-fn attention_burn<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, h: usize, causal: bool) -> Tensor<B, 3> {
+fn attention_burn<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    h: usize,
+    causal: bool,
+) -> Tensor<B, 3> {
     let split = |t: Tensor<B, 3>| {
         let [b, l, c] = t.dims();
         t.reshape([b, l, h, c / h]).swap_dims(1, 2)
@@ -155,7 +182,18 @@ fn attention_f32(q: Rows, k: Rows, v: Rows, out: &mut [f32], s: Dims) {
                     row[seen..keys].fill(0.0);
                 }
                 let o = dst.0.add((bi * lq + q0) * cv + h * dv);
-                sgemm(rows, dv, keys, MatRef::new(scores.as_ptr(), lk, 1), BSource::Packed(vp), o, cv, 1.0, false, false);
+                sgemm(
+                    rows,
+                    dv,
+                    keys,
+                    MatRef::new(scores.as_ptr(), lk, 1),
+                    BSource::Packed(vp),
+                    o,
+                    cv,
+                    1.0,
+                    false,
+                    false,
+                );
                 for (r, &f) in inv[..rows].iter().enumerate() {
                     for x in std::slice::from_raw_parts_mut(o.add(r * cv), dv) {
                         *x *= f;
@@ -184,9 +222,16 @@ mod tests {
     #[test]
     fn matches_burn_attention() {
         let dev = FlexDevice;
-        for &(b, lq, lk, heads, d, dv) in
-            &[(1, 1, 1, 1, 1, 1), (1, 3, 0, 1, 2, 2), (2, 10, 7, 4, 4, 4), (1, 300, 300, 2, 8, 8), (2, 1000, 85, 3, 5, 7), (1, 40, 2000, 1, 16, 16), (2, 77, 77, 3, 8, 8), (1, 1100, 1100, 1, 8, 4)]
-        {
+        for &(b, lq, lk, heads, d, dv) in &[
+            (1, 1, 1, 1, 1, 1),
+            (1, 3, 0, 1, 2, 2),
+            (2, 10, 7, 4, 4, 4),
+            (1, 300, 300, 2, 8, 8),
+            (2, 1000, 85, 3, 5, 7),
+            (1, 40, 2000, 1, 16, 16),
+            (2, 77, 77, 3, 8, 8),
+            (1, 1100, 1100, 1, 8, 4),
+        ] {
             let q = Tensor::<Flex, 3>::random([b, lq, heads * d], Distribution::Normal(0.0, 2.0), &dev);
             let k = Tensor::<Flex, 3>::random([b, lk, heads * d], Distribution::Normal(0.0, 2.0), &dev);
             let v = Tensor::<Flex, 3>::random([b, lk, heads * dv], Distribution::Default, &dev);

@@ -33,7 +33,12 @@ pub fn conv2d<B: Backend>(
 ) -> Tensor<B, 4> {
     let [n, cin, h, w] = x.dims();
     let [cout, wcin, kh, kw] = weight.dims();
-    assert!(cin == wcin && kh == kw && stride > 0, "conv2d: input {:?}, weight {:?}, stride {stride}", x.dims(), weight.dims());
+    assert!(
+        cin == wcin && kh == kw && stride > 0,
+        "conv2d: input {:?}, weight {:?}, stride {stride}",
+        x.dims(),
+        weight.dims()
+    );
     assert!(h + 2 * padding >= kh && w + 2 * padding >= kw, "conv2d: kernel {kh} larger than padded input {h}×{w}");
     let others: Vec<DType> = std::iter::once(weight.dtype()).chain(bias.as_ref().map(|b| b.dtype())).collect();
     let x = match to_flex(x, Kernel::Conv, &others) {
@@ -78,7 +83,8 @@ fn conv2d_f32(x: &[f32], wt: &[f32], bias: Option<&[f32]>, s: Shape) -> Vec<f32>
     let pointwise = s.k == 1 && s.stride == 1 && s.pad == 0;
     for n in 0..s.n {
         let xn = &x[n * s.cin * s.h * s.w..(n + 1) * s.cin * s.h * s.w];
-        let fill = |k0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]| im2col_packed(xn, s, k0, kc, j0, nc, dst);
+        let fill =
+            |k0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]| im2col_packed(xn, s, k0, kc, j0, nc, dst);
         let b = if pointwise { BSource::Mat(MatRef::new(xn.as_ptr(), plane, 1)) } else { BSource::Fill(&fill) };
         // SAFETY: the weight is [cout, kk] row-major, out[n] is [cout, plane]; a 1×1 input is
         // [cin, plane] and im2col writes only the blocks it is asked for.
@@ -114,7 +120,10 @@ fn im2col_packed(x: &[f32], s: Shape, k0: usize, kc: usize, j0: usize, nc: usize
         let (ci, ky, kx) = (r / (s.k * s.k), r / s.k % s.k, r % s.k);
         let src = &x[ci * s.h * s.w..(ci + 1) * s.h * s.w];
         let at = |col: usize| -> f32 {
-            let (iy, ix) = ((col / ow * s.stride + ky) as isize - s.pad as isize, (col % ow * s.stride + kx) as isize - s.pad as isize);
+            let (iy, ix) = (
+                (col / ow * s.stride + ky) as isize - s.pad as isize,
+                (col % ow * s.stride + kx) as isize - s.pad as isize,
+            );
             if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize {
                 0.0
             } else {
@@ -131,7 +140,8 @@ fn im2col_packed(x: &[f32], s: Shape, k0: usize, kc: usize, j0: usize, nc: usize
             let iy = (oy * s.stride + ky) as isize - s.pad as isize;
             let ix = (ox + kx) as isize - s.pad as isize;
             // Usually all 16 pixels lie in one output row and inside the input: one copy.
-            if s.stride == 1 && ox + cols <= ow && iy >= 0 && iy < s.h as isize && ix >= 0 && ix as usize + cols <= s.w {
+            if s.stride == 1 && ox + cols <= ow && iy >= 0 && iy < s.h as isize && ix >= 0 && ix as usize + cols <= s.w
+            {
                 let start = iy as usize * s.w + ix as usize;
                 seg[..cols].copy_from_slice(&src[start..start + cols]);
             } else {
@@ -171,7 +181,8 @@ mod tests {
             let x = Tensor::<Flex, 4>::random([n, cin, h, w], Distribution::Default, &dev);
             let wt = Tensor::<Flex, 4>::random([cout, cin, k, k], Distribution::Default, &dev);
             let b = bias.then(|| Tensor::<Flex, 1>::random([cout], Distribution::Default, &dev));
-            let want = burn_conv2d(x.clone(), wt.clone(), b.clone(), ConvOptions::new([stride; 2], [pad; 2], [1, 1], 1));
+            let want =
+                burn_conv2d(x.clone(), wt.clone(), b.clone(), ConvOptions::new([stride; 2], [pad; 2], [1, 1], 1));
             let got = conv2d(x, wt, b, stride, pad);
             assert_eq!(got.dims(), want.dims(), "{n} {cin} {h} {w} {cout} {k} {stride} {pad}");
             let scale: f32 = want.clone().abs().max().into_scalar();

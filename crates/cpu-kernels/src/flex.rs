@@ -20,13 +20,21 @@ fn cast<A: 'static, T: 'static>(a: A) -> Result<T, A> {
 /// kernel is switched off, the backend is not burn-flex, or this operand or one of the
 /// `others` (the dtypes of the kernel's further operands) is not f32. The further operands
 /// then convert with [`operand`].
-pub(crate) fn to_flex<B: Backend, const D: usize>(t: Tensor<B, D>, kernel: Kernel, others: &[DType]) -> Result<FlexTensor, Tensor<B, D>> {
+pub(crate) fn to_flex<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+    kernel: Kernel,
+    others: &[DType],
+) -> Result<FlexTensor, Tensor<B, D>> {
     to_flex_view(t, kernel, others).map(|f| f.to_contiguous())
 }
 
 /// [`to_flex`] without making the tensor contiguous (a strided view stays a view; read it
 /// with [`rows_3d`] or [`strided_2d`]).
-pub(crate) fn to_flex_view<B: Backend, const D: usize>(t: Tensor<B, D>, kernel: Kernel, others: &[DType]) -> Result<FlexTensor, Tensor<B, D>> {
+pub(crate) fn to_flex_view<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+    kernel: Kernel,
+    others: &[DType],
+) -> Result<FlexTensor, Tensor<B, D>> {
     if !kernel.enabled() || t.dtype() != DType::F32 || others.iter().any(|&d| d != DType::F32) {
         return Err(t);
     }
@@ -46,7 +54,8 @@ pub(crate) fn rows_3d(f: &FlexTensor) -> Option<(&[f32], usize, usize)> {
         return None;
     }
     let storage = &f.storage::<f32>()[l.start_offset()..];
-    let span = if b == 0 || rows == 0 || cols == 0 { 0 } else { (b - 1) * sb as usize + (rows - 1) * sl as usize + cols };
+    let span =
+        if b == 0 || rows == 0 || cols == 0 { 0 } else { (b - 1) * sb as usize + (rows - 1) * sl as usize + cols };
     (storage.len() >= span).then_some((storage, sb as usize, sl as usize))
 }
 

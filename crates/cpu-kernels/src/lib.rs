@@ -53,6 +53,6 @@ mod sgemm;
 
 pub use attention::{attention, causal_attention};
 pub use conv::conv2d;
-pub use layout::{gelu, geglu, quick_gelu, transpose};
+pub use layout::{geglu, gelu, quick_gelu, transpose};
 pub use linear::{linear, linear_packed, PackedLinear};
 pub use norm::{group_norm, layer_norm};

@@ -50,7 +50,14 @@ pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Te
     let out = if w_rs == 1 && rows < SWAP_ROWS.min(d_out) {
         swapped(data(&xf), w, w_cs, bias.as_ref().map(data), rows, d_in, d_out)
     } else {
-        product(data(&xf), BSource::Mat(MatRef::new(w.as_ptr(), w_rs, w_cs)), bias.as_ref().map(data), rows, d_in, d_out)
+        product(
+            data(&xf),
+            BSource::Mat(MatRef::new(w.as_ptr(), w_rs, w_cs)),
+            bias.as_ref().map(data),
+            rows,
+            d_in,
+            d_out,
+        )
     };
     from_vec(out, [rows, d_out])
 }
@@ -135,7 +142,11 @@ pub fn linear_packed<B: Backend>(x: Tensor<B, 2>, weight: &PackedLinear, bias: O
 
 /// A 2-D weight as [`strided_2d`] reads it: as it is, or made contiguous (a flipped view).
 fn strided(f: FlexTensor) -> FlexTensor {
-    if strided_2d(&f).is_some() { f } else { f.to_contiguous() }
+    if strided_2d(&f).is_some() {
+        f
+    } else {
+        f.to_contiguous()
+    }
 }
 
 /// `x · B + bias` with `x` `[rows, d_in]` and `B` `[d_in, d_out]`.
@@ -146,7 +157,20 @@ fn product(x: &[f32], b: BSource<'_>, bias: Option<&[f32]>, rows: usize, d_in: u
     }
     // SAFETY: x is [rows, d_in] contiguous, b covers [d_in, d_out] (callers' contract), out is
     // [rows, d_out].
-    unsafe { sgemm(rows, d_out, d_in, MatRef::new(x.as_ptr(), d_in, 1), b, out.as_mut_ptr(), d_out, 1.0, bias.is_some(), true) };
+    unsafe {
+        sgemm(
+            rows,
+            d_out,
+            d_in,
+            MatRef::new(x.as_ptr(), d_in, 1),
+            b,
+            out.as_mut_ptr(),
+            d_out,
+            1.0,
+            bias.is_some(),
+            true,
+        )
+    };
     out
 }
 
@@ -160,7 +184,15 @@ const SWAP_ROWS: usize = 1024;
 /// whole weight on every call) cost about 15 % of a BLIP-2 encode; packing `x` and
 /// transposing the small output instead costs a fraction of that.
 #[allow(clippy::too_many_arguments)]
-fn swapped(x: &[f32], w: &[f32], w_rs: usize, bias: Option<&[f32]>, rows: usize, d_in: usize, d_out: usize) -> Vec<f32> {
+fn swapped(
+    x: &[f32],
+    w: &[f32],
+    w_rs: usize,
+    bias: Option<&[f32]>,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+) -> Vec<f32> {
     let mut out = vec![0f32; rows * d_out];
     let mut yt = vec![0f32; d_out * rows];
     // SAFETY: w holds d_out rows of d_in contiguous floats at stride w_rs (strided_2d checked
@@ -255,7 +287,10 @@ mod tests {
                 assert_eq!(packed.dims(), (d_in, d_out));
                 let back: Tensor<Flex, 2> = packed.unpack(&dev);
                 assert_eq!(back.into_data(), w.clone().into_data(), "{d_in}×{d_out} unpacked");
-                for (how, got) in [("linear", linear(x.clone(), w, b.clone())), ("packed", linear_packed(x.clone(), &packed, b.clone()))] {
+                for (how, got) in [
+                    ("linear", linear(x.clone(), w, b.clone())),
+                    ("packed", linear_packed(x.clone(), &packed, b.clone())),
+                ] {
                     assert_eq!(got.dims(), [rows, d_out]);
                     let got: Vec<f32> = got.into_data().to_vec().expect("f32");
                     let worst = got

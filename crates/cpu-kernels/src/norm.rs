@@ -22,9 +22,19 @@ use crate::flex::{data, from_vec, operand, to_flex, Kernel};
 ///
 /// # Panics
 /// If `groups` does not divide the channels or the affine parameters are not `[C]`.
-pub fn group_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, bias: Tensor<B, 1>, groups: usize, eps: f64, silu_after: bool) -> Tensor<B, 3> {
+pub fn group_norm<B: Backend>(
+    x: Tensor<B, 3>,
+    weight: Tensor<B, 1>,
+    bias: Tensor<B, 1>,
+    groups: usize,
+    eps: f64,
+    silu_after: bool,
+) -> Tensor<B, 3> {
     let [n, c, l] = x.dims();
-    assert!(groups > 0 && c % groups == 0 && weight.dims() == [c] && bias.dims() == [c], "group_norm: {c} channels, {groups} groups");
+    assert!(
+        groups > 0 && c % groups == 0 && weight.dims() == [c] && bias.dims() == [c],
+        "group_norm: {c} channels, {groups} groups"
+    );
     let xf = match to_flex(x, Kernel::Norm, &[weight.dtype(), bias.dtype()]) {
         Ok(x) => x,
         Err(x) => return group_norm_burn(x, weight, bias, groups, eps, silu_after),
@@ -61,7 +71,12 @@ pub fn group_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, bias: Tenso
 ///
 /// # Panics
 /// If `weight` or `bias` is not `[D]`.
-pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 1>, bias: Option<Tensor<B, 1>>, eps: f64) -> Tensor<B, D> {
+pub fn layer_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    bias: Option<Tensor<B, 1>>,
+    eps: f64,
+) -> Tensor<B, D> {
     let dims = x.dims();
     let d = dims[D - 1];
     assert!(weight.dims() == [d] && bias.as_ref().is_none_or(|b| b.dims() == [d]), "layer_norm: last dimension {d}");
@@ -87,7 +102,12 @@ pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B,
     from_vec(out, dims)
 }
 
-fn layer_norm_burn<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 1>, bias: Option<Tensor<B, 1>>, eps: f64) -> Tensor<B, D> {
+fn layer_norm_burn<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    bias: Option<Tensor<B, 1>>,
+    eps: f64,
+) -> Tensor<B, D> {
     let (var, mean) = x.clone().var_mean_bias(D - 1);
     let mut shape = [1usize; D];
     shape[D - 1] = weight.dims()[0];
@@ -98,7 +118,14 @@ fn layer_norm_burn<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B
     }
 }
 
-fn group_norm_burn<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, bias: Tensor<B, 1>, groups: usize, eps: f64, silu_after: bool) -> Tensor<B, 3> {
+fn group_norm_burn<B: Backend>(
+    x: Tensor<B, 3>,
+    weight: Tensor<B, 1>,
+    bias: Tensor<B, 1>,
+    groups: usize,
+    eps: f64,
+    silu_after: bool,
+) -> Tensor<B, 3> {
     let [n, c, l] = x.dims();
     let g = x.reshape([n, groups, (c / groups) * l]);
     let (var, mean) = g.clone().var_mean_bias(2);
@@ -134,7 +161,15 @@ mod tests {
     /// Group norm in f64 from the f32 inputs, and for each output the size of the f32 terms
     /// that any f32 formulation rounds: `|x − mean|·rstd·|w|` (or `|x·a|` and `|b − mean·a|`
     /// for PyTorch's `x·a + s`) plus `|b|`.
-    fn group_norm_f64(x: &[f32], w: &[f32], b: &[f32], [n, c, l]: [usize; 3], groups: usize, eps: f64, silu_after: bool) -> (Vec<f64>, Vec<f64>) {
+    fn group_norm_f64(
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        [n, c, l]: [usize; 3],
+        groups: usize,
+        eps: f64,
+        silu_after: bool,
+    ) -> (Vec<f64>, Vec<f64>) {
         let cg = c / groups;
         let (mut y, mut scale) = (vec![0f64; n * c * l], vec![0f64; n * c * l]);
         for (i, src) in x.chunks(cg * l).enumerate() {
@@ -162,7 +197,11 @@ mod tests {
     /// group is conditioned.
     fn ulps_of_scale(got: Tensor<Flex, 3>, want: &[f64], scale: &[f64]) -> f64 {
         let got = got.into_data().to_vec::<f32>().unwrap();
-        got.iter().zip(want).zip(scale).map(|((&g, &w), &s)| (g as f64 - w).abs() / (s.max(f64::MIN_POSITIVE) * 2f64.powi(-24))).fold(0.0, f64::max)
+        got.iter()
+            .zip(want)
+            .zip(scale)
+            .map(|((&g, &w), &s)| (g as f64 - w).abs() / (s.max(f64::MIN_POSITIVE) * 2f64.powi(-24)))
+            .fold(0.0, f64::max)
     }
 
     #[test]
@@ -172,17 +211,24 @@ mod tests {
         // the mean and rstd large: f32 then loses digits to cancellation in both our x·a + s and
         // burn's (x − mean)/σ, and an absolute tolerance against burn failed now and then. An
         // f64 reference with an error scaled to the rounded terms checks both fairly.
-        for &(n, c, l, groups, silu_after) in &[(2, 8, 50, 4, false), (1, 32, 4096, 32, true), (2, 6, 1, 3, true), (64, 6, 1, 3, false)] {
+        for &(n, c, l, groups, silu_after) in
+            &[(2, 8, 50, 4, false), (1, 32, 4096, 32, true), (2, 6, 1, 3, true), (64, 6, 1, 3, false)]
+        {
             let x = Tensor::<Flex, 3>::random([n, c, l], Distribution::Normal(3.0, 5.0), &dev);
             let w = Tensor::<Flex, 1>::random([c], Distribution::Normal(1.0, 0.5), &dev);
             let b = Tensor::<Flex, 1>::random([c], Distribution::Default, &dev);
-            let (want, scale) = group_norm_f64(&floats(&x), &floats(&w), &floats(&b), [n, c, l], groups, 1e-5, silu_after);
-            let ours = ulps_of_scale(group_norm(x.clone(), w.clone(), b.clone(), groups, 1e-5, silu_after), &want, &scale);
+            let (want, scale) =
+                group_norm_f64(&floats(&x), &floats(&w), &floats(&b), [n, c, l], groups, 1e-5, silu_after);
+            let ours =
+                ulps_of_scale(group_norm(x.clone(), w.clone(), b.clone(), groups, 1e-5, silu_after), &want, &scale);
             assert!(ours < 4.0, "{n} {c} {l} {groups} {silu_after}: kernel off by {ours} roundings");
             // Burn sums the mean and variance in f32, so its error grows with the group size.
             let burn = ulps_of_scale(group_norm_burn(x, w, b, groups, 1e-5, silu_after), &want, &scale);
             let allowed = 8.0 * ((c / groups * l) as f64).sqrt();
-            assert!(burn < allowed, "{n} {c} {l} {groups} {silu_after}: fallback off by {burn} roundings (allowed {allowed})");
+            assert!(
+                burn < allowed,
+                "{n} {c} {l} {groups} {silu_after}: fallback off by {burn} roundings (allowed {allowed})"
+            );
         }
         // A group whose spread (1e-4) is far below √eps, next to one far above it.
         let x = Tensor::<Flex, 3>::from_floats([[[3.0, 3.0001], [-20.0, 7.5]]], &dev);

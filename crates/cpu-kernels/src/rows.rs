@@ -57,7 +57,11 @@ fn exp_nonpositive(x: f32) -> f32 {
 #[inline(always)]
 fn sigmoid(y: f32) -> f32 {
     let e = exp_nonpositive(-y.abs());
-    if y >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) }
+    if y >= 0.0 {
+        1.0 / (1.0 + e)
+    } else {
+        e / (1.0 + e)
+    }
 }
 
 /// Replaces `row` by `exp(row − max(row))` and returns the sum (the caller divides).
@@ -109,7 +113,11 @@ fn erf(x: f32) -> f32 {
     s = s.mul_add(x2, 1.0);
     let series = s * a * std::f32::consts::FRAC_2_SQRT_PI;
     let y = if a < 0.6 { series } else { tail };
-    if x < 0.0 { -y } else { y }
+    if x < 0.0 {
+        -y
+    } else {
+        y
+    }
 }
 
 /// `dst = x · gelu(g)` for `src = [x | g]`.

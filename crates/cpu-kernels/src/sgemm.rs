@@ -358,7 +358,17 @@ pub(crate) unsafe fn sgemm(
                                 let ap = a.ptr.add((i0 + q * MR) * a.rs + k0);
                                 kernel.direct(kc, ap, a.rs, bp, dst, ldc, rows, cols, alpha, acc);
                             } else {
-                                kernel.packed(kc, apack.as_ptr().add(q * kc * MR), bp, dst, ldc, rows, cols, alpha, acc);
+                                kernel.packed(
+                                    kc,
+                                    apack.as_ptr().add(q * kc * MR),
+                                    bp,
+                                    dst,
+                                    ldc,
+                                    rows,
+                                    cols,
+                                    alpha,
+                                    acc,
+                                );
                             }
                         }
                     }
@@ -390,12 +400,35 @@ struct Kernels {
 impl Kernels {
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn packed(&self, kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, alpha: f32, acc: bool) {
+    unsafe fn packed(
+        &self,
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        alpha: f32,
+        acc: bool,
+    ) {
         (self.packed)(kc, a, b, c, ldc, rows, cols, alpha, acc)
     }
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn direct(&self, kc: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, alpha: f32, acc: bool) {
+    unsafe fn direct(
+        &self,
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        alpha: f32,
+        acc: bool,
+    ) {
         (self.direct)(kc, a, lda, b, c, ldc, rows, cols, alpha, acc)
     }
 }
@@ -427,18 +460,49 @@ unsafe fn store_tile(tile: &[f32; MR * NR], c: *mut f32, ldc: usize, rows: usize
 /// The microkernels in plain Rust, for CPUs without AVX2+FMA (LLVM vectorises them for SSE
 /// or NEON).
 #[allow(clippy::too_many_arguments)]
-unsafe fn portable_packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, alpha: f32, acc: bool) {
+unsafe fn portable_packed(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    alpha: f32,
+    acc: bool,
+) {
     portable(kc, |kk, i| *a.add(kk * MR + i), b, c, ldc, rows, cols, alpha, acc)
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn portable_direct(kc: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, alpha: f32, acc: bool) {
+unsafe fn portable_direct(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    alpha: f32,
+    acc: bool,
+) {
     portable(kc, |kk, i| *a.add(i.min(rows - 1) * lda + kk), b, c, ldc, rows, cols, alpha, acc)
 }
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn portable(kc: usize, a: impl Fn(usize, usize) -> f32, b: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, alpha: f32, accumulate: bool) {
+unsafe fn portable(
+    kc: usize,
+    a: impl Fn(usize, usize) -> f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    alpha: f32,
+    accumulate: bool,
+) {
     let b = std::slice::from_raw_parts(b, kc * NR);
     let mut acc = [0f32; MR * NR];
     for (kk, bk) in b.chunks_exact(NR).enumerate() {
@@ -528,14 +592,35 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, alpha: f32, acc: bool) {
+    pub(super) unsafe fn packed(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        alpha: f32,
+        acc: bool,
+    ) {
         let t = tile(kc, b, c, ldc, rows, cols, |k, i| a.add(k * MR + i));
         store(t, c, ldc, rows, cols, alpha, acc);
     }
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn direct(kc: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, alpha: f32, acc: bool) {
+    pub(super) unsafe fn direct(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        alpha: f32,
+        acc: bool,
+    ) {
         // Rows past the tile's last repeat it (their sums are computed and dropped).
         let r = |i: usize| a.add(i.min(rows - 1) * lda);
         let p = [r(0), r(1), r(2), r(3), r(4), r(5)];
@@ -600,7 +685,15 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn store(acc: [[__m256; 2]; MR], c: *mut f32, ldc: usize, rows: usize, cols: usize, alpha: f32, accumulate: bool) {
+    unsafe fn store(
+        acc: [[__m256; 2]; MR],
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        alpha: f32,
+        accumulate: bool,
+    ) {
         let al = _mm256_set1_ps(alpha);
         if rows == MR && cols == NR {
             for (i, r) in acc.iter().enumerate() {
@@ -628,7 +721,17 @@ mod avx2 {
 mod tests {
     use super::*;
 
-    fn naive(m: usize, n: usize, k: usize, a: &[f32], ars: usize, acs: usize, b: &[f32], brs: usize, bcs: usize) -> Vec<f64> {
+    fn naive(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        ars: usize,
+        acs: usize,
+        b: &[f32],
+        brs: usize,
+        bcs: usize,
+    ) -> Vec<f64> {
         let mut c = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -653,7 +756,16 @@ mod tests {
     /// and parallel: against an f64 reference.
     #[test]
     fn matches_naive_product() {
-        for &(m, n, k) in &[(1, 1, 1), (7, 17, 3), (6, 16, 256), (13, 40, 300), (150, 33, 520), (290, 4100, 20), (5, 9000, 7), (150, 300, 520)] {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (7, 17, 3),
+            (6, 16, 256),
+            (13, 40, 300),
+            (150, 33, 520),
+            (290, 4100, 20),
+            (5, 9000, 7),
+            (150, 300, 520),
+        ] {
             for &(ta, tb) in &[(false, false), (true, true)] {
                 let a = rand(m * k, 1);
                 let b = rand(k * n, 2);
@@ -664,18 +776,28 @@ mod tests {
                 let prior = rand(m * ldc, 3);
                 for (case, parallel) in [(0, false), (1, true), (2, true), (3, false)] {
                     let mut c = prior.clone();
-                    let am = if acs == 1 && case == 3 { MatRef::in_place(a.as_ptr(), ars) } else { MatRef::new(a.as_ptr(), ars, acs) };
+                    let am = if acs == 1 && case == 3 {
+                        MatRef::in_place(a.as_ptr(), ars)
+                    } else {
+                        MatRef::new(a.as_ptr(), ars, acs)
+                    };
                     let bm = MatRef::new(b.as_ptr(), brs, bcs);
                     // The packed B is larger than the product's: only its top-left part is read.
                     let big = rand((k + 300) * (n + 20), 2);
                     let bbig: Vec<f32> = (0..(k + 300) * (n + 20))
                         .map(|e| {
                             let (r, c) = (e / (n + 20), e % (n + 20));
-                            if r < k && c < n { b[r * brs + c * bcs] } else { big[e] }
+                            if r < k && c < n {
+                                b[r * brs + c * bcs]
+                            } else {
+                                big[e]
+                            }
                         })
                         .collect();
                     let packed = PackedB::new(k + 300, n + 20, MatRef::new(bbig.as_ptr(), n + 20, 1), case == 1);
-                    let fill = |k0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]| unsafe { pack_b(bm, k0, kc, j0, nc, dst, false) };
+                    let fill = |k0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]| unsafe {
+                        pack_b(bm, k0, kc, j0, nc, dst, false)
+                    };
                     let src = match case {
                         0 | 3 => BSource::Mat(bm),
                         1 => BSource::Packed(&packed),
@@ -687,8 +809,15 @@ mod tests {
                         for j in 0..ldc {
                             let got = c[i * ldc + j] as f64;
                             let old = prior[i * ldc + j] as f64;
-                            let exp = if j >= n { old } else { alpha as f64 * want[i * n + j] + if accumulate { old } else { 0.0 } };
-                            assert!((got - exp).abs() < 1e-4 * (1.0 + (k as f64).sqrt()), "{m}×{n}×{k} case {case} ({i},{j}): {got} vs {exp}");
+                            let exp = if j >= n {
+                                old
+                            } else {
+                                alpha as f64 * want[i * n + j] + if accumulate { old } else { 0.0 }
+                            };
+                            assert!(
+                                (got - exp).abs() < 1e-4 * (1.0 + (k as f64).sqrt()),
+                                "{m}×{n}×{k} case {case} ({i},{j}): {got} vs {exp}"
+                            );
                         }
                     }
                 }
@@ -722,8 +851,13 @@ mod tests {
             for i in 0..MR {
                 for j in 0..20 {
                     let inside = i < rows && j < cols;
-                    let dot = |a: &dyn Fn(usize) -> f32| (0..kc).map(|k| a(k) as f64 * b[k * NR + j] as f64).sum::<f64>();
-                    let packed = if inside { 0.7 * dot(&|k| ap[k * MR + i]) + prior[i * 20 + j] as f64 } else { prior[i * 20 + j] as f64 };
+                    let dot =
+                        |a: &dyn Fn(usize) -> f32| (0..kc).map(|k| a(k) as f64 * b[k * NR + j] as f64).sum::<f64>();
+                    let packed = if inside {
+                        0.7 * dot(&|k| ap[k * MR + i]) + prior[i * 20 + j] as f64
+                    } else {
+                        prior[i * 20 + j] as f64
+                    };
                     let direct = if inside { 0.7 * dot(&|k| ad[i * 50 + k]) } else { prior[i * 20 + j] as f64 };
                     assert!((c1[i * 20 + j] as f64 - packed).abs() < 1e-5, "packed ({i},{j})");
                     assert!((c3[i * 20 + j] as f64 - direct).abs() < 1e-5, "direct ({i},{j})");
@@ -732,4 +866,3 @@ mod tests {
         }
     }
 }
-

@@ -128,7 +128,8 @@ impl HubCache {
         };
         let repo = self.repo_dir(&target.repo_id);
         let folder = repo.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let commit = self.commit(&target.repo_id, revision).ok_or_else(|| not_cached(format!("no {folder}/refs/{revision}")))?;
+        let commit =
+            self.commit(&target.repo_id, revision).ok_or_else(|| not_cached(format!("no {folder}/refs/{revision}")))?;
         let dir = self.snapshot_dir(&target.repo_id, &commit);
         if !dir.is_dir() {
             return Err(not_cached(format!("no {folder}/snapshots/{commit}")));
@@ -213,16 +214,27 @@ mod tests {
         for f in files {
             let p = snap.join(f);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(&p, if f.ends_with(".index.json") { r#"{"weight_map": {"qformer.x": "m-2.safetensors"}}"# } else { "x" }).unwrap();
+            std::fs::write(
+                &p,
+                if f.ends_with(".index.json") { r#"{"weight_map": {"qformer.x": "m-2.safetensors"}}"# } else { "x" },
+            )
+            .unwrap();
         }
         std::fs::create_dir_all(cache.repo_dir(repo).join("refs")).unwrap();
         std::fs::write(cache.repo_dir(repo).join("refs/main"), commit).unwrap();
     }
 
     const SD: &[&str] = &[
-        "model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
-        "text_encoder/config.json", "unet/config.json", "vae/config.json", "text_encoder/model.fp16.safetensors",
-        "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors",
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "text_encoder/config.json",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
     ];
 
     #[test]
@@ -235,7 +247,10 @@ mod tests {
         assert_eq!(resolve_model_in(&cache, "sd-v1-5").unwrap(), snap);
         assert_eq!(resolve_model_in(&cache, "stable-diffusion-v1-5/stable-diffusion-v1-5").unwrap(), snap);
         assert_eq!(resolve_model_in(&cache, "sd-v1-5/unet").unwrap(), snap.join("unet"));
-        assert_eq!(resolve_model_in(&cache, "stable-diffusion-v1-5/stable-diffusion-v1-5/vae").unwrap(), snap.join("vae"));
+        assert_eq!(
+            resolve_model_in(&cache, "stable-diffusion-v1-5/stable-diffusion-v1-5/vae").unwrap(),
+            snap.join("vae")
+        );
         assert!(matches!(resolve_model_in(&cache, "sd-v1-5/unte"), Err(Error::NoSuchFolder(_))));
         assert!(matches!(resolve_model_in(&cache, "sd-v1-5/../x"), Err(Error::NoSuchFolder(_))));
         // An existing path wins, even when it looks like a preset.
@@ -260,7 +275,10 @@ mod tests {
         assert!(err.contains("lacks m-2.safetensors") && err.contains("cargo xtask fetch blip2"), "{err}");
         assert!(err.contains(&tmp.path().display().to_string()), "{err}");
         let err = resolve_model_in(&cache, "someone/model").unwrap_err().to_string();
-        assert!(err.contains("no models--someone--model/refs/main") && err.contains("cargo xtask fetch someone/model"), "{err}");
+        assert!(
+            err.contains("no models--someone--model/refs/main") && err.contains("cargo xtask fetch someone/model"),
+            "{err}"
+        );
         assert!(err.contains("nor is there a folder `someone/model`"), "{err}");
         assert!(matches!(resolve_model_in(&cache, "/no/such/dir"), Err(Error::NoSuchFolder(_))));
         assert!(matches!(resolve_model_in(&cache, "./rel"), Err(Error::NoSuchFolder(_))));

@@ -127,7 +127,12 @@ pub fn fetch(name: &str, opts: &FetchOptions) -> Result<Fetched> {
     let cache = HubCache::new(&opts.cache_dir);
     let variant = if opts.fp16 { Variant::Fp16 } else { Variant::Full };
     let from_cache = |source: Source| {
-        cache.snapshot(&target, &opts.revision, variant).map(|snapshot| Fetched { snapshot, downloaded: vec![], bytes: 0, source })
+        cache.snapshot(&target, &opts.revision, variant).map(|snapshot| Fetched {
+            snapshot,
+            downloaded: vec![],
+            bytes: 0,
+            source,
+        })
     };
     if opts.offline {
         return from_cache(Source::Offline);
@@ -157,9 +162,13 @@ pub fn fetch(name: &str, opts: &FetchOptions) -> Result<Fetched> {
     let request = repo.info_request().query("blobs", "true");
     let url = request.url().to_string();
     let listing: Listing = match request.call() {
-        Ok(resp) => serde_json::from_reader(resp.into_reader()).map_err(|e| Error::Invalid { what: url, msg: e.to_string() })?,
+        Ok(resp) => {
+            serde_json::from_reader(resp.into_reader()).map_err(|e| Error::Invalid { what: url, msg: e.to_string() })?
+        }
         Err(ureq::Error::Transport(t)) => return unreachable(t.to_string()),
-        Err(ureq::Error::Status(status, _)) if status >= 500 => return unreachable(format!("HTTP {status} from {url}")),
+        Err(ureq::Error::Status(status, _)) if status >= 500 => {
+            return unreachable(format!("HTTP {status} from {url}"))
+        }
         Err(ureq::Error::Status(status, _)) => {
             let hint = match status {
                 404 => format!("no such repository, or no revision `{}`", opts.revision),
@@ -327,7 +336,10 @@ impl Downloader<'_> {
         if path != pointer {
             return Err(Error::Download {
                 file: file.into(),
-                reason: format!("the repository changed during the fetch (the file landed in {}); rerun", path.display()),
+                reason: format!(
+                    "the repository changed during the fetch (the file landed in {}); rerun",
+                    path.display()
+                ),
                 url,
             });
         }
@@ -374,7 +386,9 @@ impl Downloader<'_> {
             ApiError::RequestError(e) => match *e {
                 ureq::Error::Status(404, _) => Error::FileNotFound { file, url },
                 ureq::Error::Status(status, _) => Error::Download { file, reason: format!("HTTP {status}"), url },
-                ureq::Error::Transport(t) => Error::Download { file, reason: format!("cannot reach the server: {t}"), url },
+                ureq::Error::Transport(t) => {
+                    Error::Download { file, reason: format!("cannot reach the server: {t}"), url }
+                }
             },
             ApiError::IoError(io) => {
                 let part = part.map_or_else(|| self.blobs.clone(), Path::to_path_buf);
@@ -453,7 +467,6 @@ impl hf_hub::api::Progress for Bar {
         self.0.finish();
     }
 }
-
 
 #[cfg(test)]
 mod tests {

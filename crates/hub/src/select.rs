@@ -59,7 +59,8 @@ const DIFFUSERS_FILES: &[(&str, bool)] = &[
 ];
 
 /// The weight stems of a diffusers pipeline.
-const DIFFUSERS_WEIGHTS: &[&str] = &["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"];
+const DIFFUSERS_WEIGHTS: &[&str] =
+    &["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"];
 
 /// BLIP-2's files besides the weights: (file, required).
 const BLIP2_FILES: &[(&str, bool)] = &[("config.json", true), ("preprocessor_config.json", false)];
@@ -202,7 +203,10 @@ pub fn shards(index_file: &str, text: &str, prefixes: Option<&[&str]>) -> Result
             continue;
         }
         if shard.contains("..") || shard.starts_with('/') {
-            return Err(Error::Invalid { what: index_file.into(), msg: format!("shard name `{shard}` leaves the folder") });
+            return Err(Error::Invalid {
+                what: index_file.into(),
+                msg: format!("shard name `{shard}` leaves the folder"),
+            });
         }
         let s = format!("{dir}{shard}");
         if !out.contains(&s) {
@@ -230,18 +234,30 @@ mod tests {
 
     #[test]
     fn diffusers_variants() {
-        let full = ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"];
+        let full = [
+            "text_encoder/model.safetensors",
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors",
+        ];
         let files = sd_files(&full);
         let has = |f: &str| files.iter().any(|x| x == f);
         let p = plan(Layout::Diffusers, Variant::Full, &has, &mut |_| unreachable!()).unwrap();
         assert!(p.missing.is_empty(), "{:?}", p.missing);
         assert_eq!(p.files.len(), DIFFUSERS_FILES.len() + 5);
         // Where fp16 is published it is taken; elsewhere the full weights are.
-        let mixed = sd_files(&[full[0], "unet/diffusion_pytorch_model.fp16.safetensors", full[2], "vae/diffusion_pytorch_model.fp16.safetensors"]);
+        let mixed = sd_files(&[
+            full[0],
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            full[2],
+            "vae/diffusion_pytorch_model.fp16.safetensors",
+        ]);
         let has = |f: &str| mixed.iter().any(|x| x == f);
         let p = plan(Layout::Diffusers, Variant::Fp16, &has, &mut |_| unreachable!()).unwrap();
         let weights: Vec<&String> = p.files.iter().filter(|f| f.ends_with(".safetensors")).collect();
-        assert_eq!(weights, [full[0], "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"]);
+        assert_eq!(
+            weights,
+            [full[0], "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"]
+        );
         let p = plan(Layout::Diffusers, Variant::Full, &has, &mut |_| unreachable!()).unwrap();
         assert!(p.files.contains(&full[2].to_string()));
         // Neither variant: the missing file is named.
@@ -255,8 +271,13 @@ mod tests {
     /// that is what is read. With neither, both alternatives are named.
     #[test]
     fn tokenizer_json_or_vocab_and_merges() {
-        let w = ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"];
-        let mut files: Vec<String> = sd_files(&w).into_iter().filter(|f| !f.ends_with("vocab.json") && !f.ends_with("merges.txt")).collect();
+        let w = [
+            "text_encoder/model.safetensors",
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors",
+        ];
+        let mut files: Vec<String> =
+            sd_files(&w).into_iter().filter(|f| !f.ends_with("vocab.json") && !f.ends_with("merges.txt")).collect();
         files.push("tokenizer/tokenizer.json".into());
         let has = |f: &str| files.iter().any(|x| x == f);
         let p = plan(Layout::Diffusers, Variant::Full, &has, &mut |_| unreachable!()).unwrap();
@@ -265,15 +286,28 @@ mod tests {
         files.pop();
         let has = |f: &str| files.iter().any(|x| x == f);
         let p = plan(Layout::Diffusers, Variant::Full, &has, &mut |_| unreachable!()).unwrap();
-        assert_eq!(p.missing, ["tokenizer/vocab.json (or tokenizer/tokenizer.json)", "tokenizer/merges.txt (or tokenizer/tokenizer.json)"]);
+        assert_eq!(
+            p.missing,
+            [
+                "tokenizer/vocab.json (or tokenizer/tokenizer.json)",
+                "tokenizer/merges.txt (or tokenizer/tokenizer.json)"
+            ]
+        );
     }
 
     #[test]
     fn optional_files_and_sharded_unet() {
         let files = [
-            "model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
-            "text_encoder/config.json", "unet/config.json", "vae/config.json", "text_encoder/model.safetensors",
-            "unet/diffusion_pytorch_model.safetensors.index.json", "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "tokenizer/vocab.json",
+            "tokenizer/merges.txt",
+            "text_encoder/config.json",
+            "unet/config.json",
+            "vae/config.json",
+            "text_encoder/model.safetensors",
+            "unet/diffusion_pytorch_model.safetensors.index.json",
+            "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
             "vae/diffusion_pytorch_model.safetensors",
         ];
         let has = |f: &str| files.contains(&f);
@@ -293,13 +327,22 @@ mod tests {
         let index = r#"{"weight_map": {"language_model.x": "model-00001-of-00003.safetensors",
             "vision_model.embeddings.patch": "model-00002-of-00003.safetensors",
             "qformer.layer.0": "model-00003-of-00003.safetensors", "query_tokens": "model-00003-of-00003.safetensors"}}"#;
-        let files = ["config.json", "model.safetensors.index.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"];
+        let files = [
+            "config.json",
+            "model.safetensors.index.json",
+            "model-00001-of-00003.safetensors",
+            "model-00002-of-00003.safetensors",
+        ];
         let has = |f: &str| files.contains(&f);
         let p = plan(Layout::Blip2, Variant::Fp16, &has, &mut |_| Ok(index.into())).unwrap();
         assert_eq!(p.files, ["config.json", "model.safetensors.index.json", "model-00002-of-00003.safetensors"]);
         assert_eq!(p.missing, ["model-00003-of-00003.safetensors"]);
         // An index with no BLIP-2 encoder tensors is not a BLIP-2 checkpoint.
-        let err = shards("model.safetensors.index.json", r#"{"weight_map": {"lm.x": "a.safetensors"}}"#, Some(BLIP2_PREFIXES));
+        let err = shards(
+            "model.safetensors.index.json",
+            r#"{"weight_map": {"lm.x": "a.safetensors"}}"#,
+            Some(BLIP2_PREFIXES),
+        );
         assert!(err.unwrap_err().to_string().contains("maps no vision_model."));
         assert!(shards("i.json", r#"{"weight_map": {"query_tokens": "../x"}}"#, None).is_err());
         assert!(shards("i.json", "not json", None).is_err());

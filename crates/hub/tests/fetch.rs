@@ -72,9 +72,10 @@ fn sd_repo() -> Vec<FakeFile> {
         text("README.md", "never fetched"),
         text("safety_checker/config.json", "{}"),
     ];
-    for (i, (stem, n)) in [("text_encoder/model", 3000), ("unet/diffusion_pytorch_model", 20000), ("vae/diffusion_pytorch_model", 5000)]
-        .into_iter()
-        .enumerate()
+    for (i, (stem, n)) in
+        [("text_encoder/model", 3000), ("unet/diffusion_pytorch_model", 20000), ("vae/diffusion_pytorch_model", 5000)]
+            .into_iter()
+            .enumerate()
     {
         files.push(FakeFile { name: format!("{stem}.safetensors"), data: bytes(i as u64, n) });
         files.push(FakeFile { name: format!("{stem}.fp16.safetensors"), data: bytes(10 + i as u64, n / 2) });
@@ -191,7 +192,13 @@ impl Drop for Server {
     }
 }
 
-fn respond(conn: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8], send: usize) -> std::io::Result<()> {
+fn respond(
+    conn: &mut TcpStream,
+    status: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+    send: usize,
+) -> std::io::Result<()> {
     let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
@@ -203,7 +210,12 @@ fn respond(conn: &mut TcpStream, status: &str, headers: &[(&str, String)], body:
     conn.shutdown(std::net::Shutdown::Both)
 }
 
-fn handle(mut conn: TcpStream, repos: &HashMap<String, Vec<FakeFile>>, log: &Mutex<Vec<Req>>, faults: &Mutex<Faults>) -> std::io::Result<()> {
+fn handle(
+    mut conn: TcpStream,
+    repos: &HashMap<String, Vec<FakeFile>>,
+    log: &Mutex<Vec<Req>>,
+    faults: &Mutex<Faults>,
+) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
@@ -231,18 +243,39 @@ fn handle(mut conn: TcpStream, repos: &HashMap<String, Vec<FakeFile>>, log: &Mut
         let siblings: Vec<String> = files
             .iter()
             .map(|f| {
-                let lfs = if f.lfs() { format!(r#", "lfs": {{"sha256": "{}", "size": {}, "pointerSize": 134}}"#, sha256(&f.data), f.data.len()) } else { String::new() };
-                format!(r#"{{"rfilename": "{}", "size": {}, "blobId": "{}"{lfs}}}"#, f.name, f.data.len(), &sha256(&f.data)[..40])
+                let lfs = if f.lfs() {
+                    format!(
+                        r#", "lfs": {{"sha256": "{}", "size": {}, "pointerSize": 134}}"#,
+                        sha256(&f.data),
+                        f.data.len()
+                    )
+                } else {
+                    String::new()
+                };
+                format!(
+                    r#"{{"rfilename": "{}", "size": {}, "blobId": "{}"{lfs}}}"#,
+                    f.name,
+                    f.data.len(),
+                    &sha256(&f.data)[..40]
+                )
             })
             .collect();
         let body = format!(r#"{{"id": "{repo}", "sha": "{COMMIT}", "siblings": [{}]}}"#, siblings.join(", "));
-        return respond(&mut conn, "200 OK", &[("Content-Type", "application/json".into())], body.as_bytes(), usize::MAX);
+        return respond(
+            &mut conn,
+            "200 OK",
+            &[("Content-Type", "application/json".into())],
+            body.as_bytes(),
+            usize::MAX,
+        );
     }
 
     // A file: /{owner}/{name}/resolve/{rev}/{file}.
     let Some((repo, rest)) = path.trim_start_matches('/').split_once("/resolve/") else { return not_found(&mut conn) };
     let file = rest.split_once('/').map(|(_, f)| f).unwrap_or("");
-    let Some(f) = repos.get(repo).and_then(|fs| fs.iter().find(|x| x.name == file)) else { return not_found(&mut conn) };
+    let Some(f) = repos.get(repo).and_then(|fs| fs.iter().find(|x| x.name == file)) else {
+        return not_found(&mut conn);
+    };
     let mut faults = faults.lock().unwrap();
     if faults.missing.contains(file) {
         return not_found(&mut conn);
@@ -265,7 +298,8 @@ fn handle(mut conn: TcpStream, repos: &HashMap<String, Vec<FakeFile>>, log: &Mut
     if start >= data.len() {
         return respond(&mut conn, "416 Range Not Satisfiable", &[], b"", 0);
     }
-    let mut headers = vec![("x-repo-commit", COMMIT.to_string()), ("Content-Range", format!("bytes {start}-{end}/{}", data.len()))];
+    let mut headers =
+        vec![("x-repo-commit", COMMIT.to_string()), ("Content-Range", format!("bytes {start}-{end}/{}", data.len()))];
     if f.lfs() {
         headers.push(("ETag", format!("\"{}\"", &sha256(&f.data)[..40])));
         headers.push(("x-linked-etag", format!("\"{}\"", f.etag())));
@@ -338,7 +372,12 @@ fn full_download_lands_in_the_hub_cache_and_is_reused() {
         assert!(std::fs::symlink_metadata(&p).unwrap().file_type().is_symlink());
         assert!(cache.join("models--test--tiny-sd/blobs").join(file.etag()).is_file());
     }
-    for never in ["README.md", "safety_checker/config.json", "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.fp16.safetensors"] {
+    for never in [
+        "README.md",
+        "safety_checker/config.json",
+        "unet/diffusion_pytorch_model.bin",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+    ] {
         assert!(!server.requested(never), "{never} was requested");
     }
     assert_eq!(std::fs::read_to_string(cache.join("models--test--tiny-sd/refs/main")).unwrap().trim(), COMMIT);
@@ -376,7 +415,13 @@ fn blip2_fetches_only_the_shards_of_the_vision_model_and_qformer() {
     assert_eq!(f.snapshot.layout, hub::Layout::Blip2);
     assert_eq!(
         f.snapshot.files,
-        ["config.json", "preprocessor_config.json", "model.safetensors.index.json", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+        [
+            "config.json",
+            "preprocessor_config.json",
+            "model.safetensors.index.json",
+            "model-00002-of-00003.safetensors",
+            "model-00003-of-00003.safetensors"
+        ]
     );
     assert!(!server.requested("model-00001-of-00003.safetensors"), "the language-model shard was requested");
     assert_eq!(resolve_model_in(&HubCache::new(&cache), "test/tiny-blip2").unwrap(), f.snapshot.dir);
@@ -402,7 +447,8 @@ fn a_cut_connection_resumes_from_the_part_file() {
 
     server.clear_log();
     let f = fetch("test/tiny-sd", &options(&cache, &server)).unwrap();
-    let unet_gets: Vec<Option<String>> = server.downloads().into_iter().filter(|(p, _)| p.ends_with(unet)).map(|(_, r)| r).collect();
+    let unet_gets: Vec<Option<String>> =
+        server.downloads().into_iter().filter(|(p, _)| p.ends_with(unet)).map(|(_, r)| r).collect();
     assert_eq!(unet_gets, [Some("bytes=7000-".to_string())], "the second run must continue the part file");
     assert_eq!(std::fs::read(snap.join(unet)).unwrap(), data.data);
     assert!(!part.exists());
@@ -462,7 +508,11 @@ fn offline_and_unreachable_reuse_the_cache() {
     offline.revision = "v2".into();
     let err = fetch("test/tiny-sd", &offline).unwrap_err();
     let cache_dir = cache.display().to_string();
-    check_error(&err, matches!(err, Error::NotCached { .. }), &[&cache_dir, "refs/v2", "cargo xtask fetch test/tiny-sd"]);
+    check_error(
+        &err,
+        matches!(err, Error::NotCached { .. }),
+        &[&cache_dir, "refs/v2", "cargo xtask fetch test/tiny-sd"],
+    );
 }
 
 #[test]
@@ -515,7 +565,11 @@ fn a_full_disk_keeps_the_part_and_never_completes() {
     std::os::unix::fs::symlink("/dev/full", &part).unwrap();
 
     let err = fetch("test/tiny-sd", &options(&cache, &server)).unwrap_err();
-    check_error(&err, matches!(err, Error::Interrupted { .. }), &[unet, "No space left", "free disk space and rerun to resume"]);
+    check_error(
+        &err,
+        matches!(err, Error::Interrupted { .. }),
+        &[unet, "No space left", "free disk space and rerun to resume"],
+    );
     assert!(std::fs::symlink_metadata(&part).is_ok(), "the part file must be kept");
     assert!(!blobs.join(data.etag()).exists());
     let snap = cache.join("models--test--tiny-sd/snapshots").join(COMMIT);
@@ -539,7 +593,8 @@ fn cached_blobs_and_complete_parts_are_not_downloaded_again() {
     let (_home, cache) = home();
     let repo = sd_repo();
     let file = |name: &str| repo.iter().find(|x| x.name == name).unwrap();
-    let (unet, vae) = (file("unet/diffusion_pytorch_model.safetensors"), file("vae/diffusion_pytorch_model.safetensors"));
+    let (unet, vae) =
+        (file("unet/diffusion_pytorch_model.safetensors"), file("vae/diffusion_pytorch_model.safetensors"));
     let blobs = cache.join("models--test--tiny-sd/blobs");
     std::fs::create_dir_all(&blobs).unwrap();
     std::fs::write(blobs.join(unet.etag()), &unet.data).unwrap();

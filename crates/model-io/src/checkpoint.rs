@@ -100,8 +100,7 @@ impl Checkpoint {
     /// blip2` downloads it) opens, and reading a tensor of an absent shard fails naming it.
     pub fn open_index(index: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(index).map_err(|e| Error::Io { path: index.into(), source: e })?;
-        let idx: ShardIndex =
-            serde_json::from_str(&text).map_err(|e| Error::Json { path: index.into(), source: e })?;
+        let idx: ShardIndex = serde_json::from_str(&text).map_err(|e| Error::Json { path: index.into(), source: e })?;
         let dir = index.parent().unwrap_or(Path::new("."));
         let mut files: Vec<PathBuf> = Vec::new();
         let mut absent = HashMap::new();
@@ -239,10 +238,9 @@ impl Checkpoint {
             "F32" => f32_from_le(b),
             "F16" => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             "BF16" => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            "F64" => b
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")) as f32)
-                .collect(),
+            "F64" => {
+                b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")) as f32).collect()
+            }
             other => {
                 return Err(Error::DType {
                     checkpoint: self.name.clone(),
@@ -294,7 +292,11 @@ impl Checkpoint {
             // page-table entries: a later read of the range faults the same bytes back in from
             // the page cache or the file. Best effort: an error leaves the pages mapped.
             let _ = unsafe {
-                s.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s.data_start + info.start, info.end - info.start)
+                s.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    s.data_start + info.start,
+                    info.end - info.start,
+                )
             };
         }
     }
@@ -365,13 +367,18 @@ fn parse_header(path: &Path, buf: &[u8], shard: usize) -> Result<Header> {
             }
             continue;
         }
-        let raw: RawInfo =
-            serde_json::from_value(v).map_err(|e| bad(format!("entry `{k}` is malformed: {e}")))?;
+        let raw: RawInfo = serde_json::from_value(v).map_err(|e| bad(format!("entry `{k}` is malformed: {e}")))?;
         let (start, end) = raw.data_offsets;
-        let size = dtype_size(&raw.dtype).ok_or_else(|| bad(format!("tensor `{k}` has unknown dtype {}", raw.dtype)))?;
+        let size =
+            dtype_size(&raw.dtype).ok_or_else(|| bad(format!("tensor `{k}` has unknown dtype {}", raw.dtype)))?;
         let numel: usize = raw.shape.iter().product();
         if end < start || end - start != numel * size {
-            return Err(bad(format!("tensor `{k}` spans {} bytes but its shape {:?} needs {}", end.saturating_sub(start), raw.shape, numel * size)));
+            return Err(bad(format!(
+                "tensor `{k}` spans {} bytes but its shape {:?} needs {}",
+                end.saturating_sub(start),
+                raw.shape,
+                numel * size
+            )));
         }
         if end > data_len {
             return Err(bad(format!("tensor `{k}` ends at byte {end} but the data section has {data_len} bytes")));

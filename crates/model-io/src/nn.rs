@@ -191,7 +191,14 @@ impl<B: Backend> GroupNorm<B> {
 
     fn apply(&self, x: Tensor<B, 4>, silu: bool) -> Tensor<B, 4> {
         let [n, c, h, wd] = x.dims();
-        let y = cpu_kernels::group_norm(x.reshape([n, c, h * wd]), self.weight.val(), self.bias.val(), self.groups, self.eps, silu);
+        let y = cpu_kernels::group_norm(
+            x.reshape([n, c, h * wd]),
+            self.weight.val(),
+            self.bias.val(),
+            self.groups,
+            self.eps,
+            silu,
+        );
         y.reshape([n, c, h, wd])
     }
 

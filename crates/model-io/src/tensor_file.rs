@@ -85,10 +85,7 @@ impl HostTensor {
 
     fn check_rank(&self, name: &str, d: usize) -> Result<()> {
         if self.shape.len() != d {
-            return Err(Error::invalid(format!(
-                "tensor `{name}` has shape {:?}, expected {d} dimensions",
-                self.shape
-            )));
+            return Err(Error::invalid(format!("tensor `{name}` has shape {:?}, expected {d} dimensions", self.shape)));
         }
         Ok(())
     }
@@ -177,7 +174,9 @@ pub fn to_bytes_as(tensors: &BTreeMap<String, HostTensor>, metadata: &BTreeMap<S
     out.extend_from_slice(&h);
     for t in tensors.values() {
         match &t.data {
-            HostData::F32(v) if f16 => v.iter().for_each(|x| out.extend_from_slice(&half::f16::from_f32(*x).to_le_bytes())),
+            HostData::F32(v) if f16 => {
+                v.iter().for_each(|x| out.extend_from_slice(&half::f16::from_f32(*x).to_le_bytes()))
+            }
             HostData::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
             HostData::I64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         }

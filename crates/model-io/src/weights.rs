@@ -43,14 +43,28 @@ pub struct Weights<'a, B: Backend> {
 impl<'a, B: Backend> Weights<'a, B> {
     /// A view at the root of `ckpt`, creating tensors on `device`.
     pub fn new(ckpt: &'a Checkpoint, device: &B::Device) -> Self {
-        Self { ckpt: Some(ckpt), prefix: String::new(), device: device.clone(), used: Rc::default(), seeded: None, copy: false }
+        Self {
+            ckpt: Some(ckpt),
+            prefix: String::new(),
+            device: device.clone(),
+            used: Rc::default(),
+            seeded: None,
+            copy: false,
+        }
     }
 
     /// A source of random weights (normal, scaled by `1/sqrt(fan_in)`) of whatever shape the
     /// model asks for: builds a full-size model from its config alone, for benchmarks.
     /// Optional tensors (those probed with [`Weights::contains`]) are absent.
     pub fn random(device: &B::Device) -> Weights<'static, B> {
-        Weights { ckpt: None, prefix: String::new(), device: device.clone(), used: Rc::default(), seeded: None, copy: false }
+        Weights {
+            ckpt: None,
+            prefix: String::new(),
+            device: device.clone(),
+            used: Rc::default(),
+            seeded: None,
+            copy: false,
+        }
     }
 
     /// Deterministic random weights that are also recorded, so a model built from a config can
@@ -117,7 +131,11 @@ impl<'a, B: Backend> Weights<'a, B> {
 
     /// The full key of `name` under this view.
     pub fn key(&self, name: &str) -> String {
-        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
     }
 
     /// Whether `name` exists under this view.
@@ -197,18 +215,14 @@ impl<'a, B: Backend> Weights<'a, B> {
     pub fn finish(&self, skip: &[&str]) -> Result<()> {
         let Some(ckpt) = self.ckpt else { return Ok(()) };
         let used = self.used.borrow();
-        let mut unused: Vec<&str> = ckpt
-            .names()
-            .filter(|k| !used.contains(*k) && !skip.iter().any(|p| k.starts_with(p)))
-            .collect();
+        let mut unused: Vec<&str> =
+            ckpt.names().filter(|k| !used.contains(*k) && !skip.iter().any(|p| k.starts_with(p))).collect();
         unused.sort_unstable();
         match unused.first() {
             None => Ok(()),
-            Some(first) => Err(Error::Unused {
-                checkpoint: ckpt.name().into(),
-                count: unused.len(),
-                first: first.to_string(),
-            }),
+            Some(first) => {
+                Err(Error::Unused { checkpoint: ckpt.name().into(), count: unused.len(), first: first.to_string() })
+            }
         }
     }
 }
@@ -217,7 +231,8 @@ impl<'a, B: Backend> Weights<'a, B> {
 /// hash, turned into normals by Box-Muller. Plain integer arithmetic, so every machine makes the
 /// same bytes.
 fn seeded_tensor(seed: u64, key: &str, shape: &[usize]) -> HostTensor {
-    let mut state = key.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ seed, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let mut state =
+        key.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ seed, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
     let mut next = move || {
         state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = state;

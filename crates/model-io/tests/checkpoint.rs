@@ -12,7 +12,10 @@ fn write_raw(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
     let mut header = serde_json::Map::new();
     let mut off = 0;
     for (name, dtype, shape, bytes) in tensors {
-        header.insert(name.to_string(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + bytes.len()]}));
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + bytes.len()]}),
+        );
         off += bytes.len();
     }
     let h = serde_json::to_vec(&header).unwrap();
@@ -142,7 +145,10 @@ fn truncated_file_is_rejected_with_its_name() {
 fn mapped_weights_are_copied_on_write_and_outlive_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("model.safetensors");
-    write_raw(&p, &[("a", "F32", vec![4], f32_bytes(&[1.0, 2.0, 3.0, 4.0])), ("b", "F32", vec![2], f32_bytes(&[5.0, 6.0]))]);
+    write_raw(
+        &p,
+        &[("a", "F32", vec![4], f32_bytes(&[1.0, 2.0, 3.0, 4.0])), ("b", "F32", vec![2], f32_bytes(&[5.0, 6.0]))],
+    );
     let before = std::fs::read(&p).unwrap();
     let (a, b) = {
         let ckpt = Checkpoint::open_dir(dir.path(), &["model"]).unwrap();

@@ -16,7 +16,10 @@ fn mapped_rss_kib(file: &Path) -> usize {
     let mut inside = false;
     let mut total = 0;
     for line in smaps.lines() {
-        let is_header = line.split_whitespace().next().is_some_and(|f| f.contains('-') && f.chars().all(|c| c.is_ascii_hexdigit() || c == '-'));
+        let is_header = line
+            .split_whitespace()
+            .next()
+            .is_some_and(|f| f.contains('-') && f.chars().all(|c| c.is_ascii_hexdigit() || c == '-'));
         if is_header {
             inside = line.ends_with(name);
         } else if inside && line.starts_with("Rss:") {

@@ -156,7 +156,8 @@ pub fn write_unet(unet_config: &Path, out: &Path) -> Result<()> {
     let cfg = sd_unet::UNetConfig::load(unet_config)?;
     let unet = sd_unet::UNet2DConditionModel::<B>::from_weights(&cfg, &model_io::Weights::random(&device()))?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let config = std::fs::read(unet_config.join("config.json")).with_context(|| format!("reading {}/config.json", unet_config.display()))?;
+    let config = std::fs::read(unet_config.join("config.json"))
+        .with_context(|| format!("reading {}/config.json", unet_config.display()))?;
     model_io::write_atomic(&out.join("config.json"), &config)?;
     let file = out.join("diffusion_pytorch_model.safetensors");
     let bytes = personalize::train::write_unet_safetensors(&unet, &file)?;

@@ -15,7 +15,8 @@ pub fn encode_images(blip2: &Path, images: &[PathBuf]) -> Result<Tensor<B, 3>> {
     if images.is_empty() {
         bail!("no images given (--image PATH)");
     }
-    let enc = blip2_encoder::Blip2Encoder::<B>::load(blip2, &device()).with_context(|| format!("loading BLIP-2 from {}", blip2.display()))?;
+    let enc = blip2_encoder::Blip2Encoder::<B>::load(blip2, &device())
+        .with_context(|| format!("loading BLIP-2 from {}", blip2.display()))?;
     Ok(enc.encode_images(images)?)
 }
 

@@ -104,9 +104,7 @@ fn resolve_model(p: &str, what: &str, image: &Path) -> Result<PathBuf> {
 /// The command line merged over the settings of `--params-from` (the flags given win).
 pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
     let Some(image) = cli.params_from.clone() else {
-        let (Some(base), Some(prompt)) = (cli.base, cli.prompt) else {
-            bail!("--base and --prompt are required")
-        };
+        let (Some(base), Some(prompt)) = (cli.base, cli.prompt) else { bail!("--base and --prompt are required") };
         return Ok(GenerateArgs {
             base,
             opts: GenerateOptions {
@@ -138,9 +136,7 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
     };
     // The reference images belong to the image's concept; its latents to its seed and size.
     let image_concept = cli.concept.is_none();
-    let concept = cli
-        .concept
-        .or_else(|| s.concept.as_ref().map(PathBuf::from));
+    let concept = cli.concept.or_else(|| s.concept.as_ref().map(PathBuf::from));
     let (images, blip2) = if cli.images.is_empty() && image_concept && !s.images.is_empty() {
         let blip2 = match (cli.blip2, &s.blip2) {
             (Some(b), _) => Some(b),
@@ -151,13 +147,8 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
     } else {
         (cli.images, cli.blip2)
     };
-    let noise_given =
-        cli.latents.is_some() || cli.seed.is_some() || cli.height.is_some() || cli.width.is_some();
-    let latents = if noise_given {
-        cli.latents
-    } else {
-        s.latents.as_ref().map(PathBuf::from)
-    };
+    let noise_given = cli.latents.is_some() || cli.seed.is_some() || cli.height.is_some() || cli.width.is_some();
+    let latents = if noise_given { cli.latents } else { s.latents.as_ref().map(PathBuf::from) };
     let (num_images, skip) = match cli.num_images {
         Some(n) => (n, 0),
         None => (s.image_index + 1, s.image_index),
@@ -193,11 +184,7 @@ pub fn run(cli: GenerateCli) -> Result<()> {
 
 /// The paths joined for a message.
 fn list(paths: &[PathBuf]) -> String {
-    paths
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 pub fn generate(mut a: GenerateArgs) -> Result<()> {
@@ -209,26 +196,20 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
     }
     if !a.seed_given {
         // As diffusers without a generator: a fresh seed, recorded in the PNGs.
-        a.opts.seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        a.opts.seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     }
     let dev = device();
-    let mut pipe = Pipeline::<B>::load(&a.base, &dev)
-        .with_context(|| format!("loading base model {}", a.base.display()))?;
+    let mut pipe =
+        Pipeline::<B>::load(&a.base, &dev).with_context(|| format!("loading base model {}", a.base.display()))?;
     let latents = match &a.latents {
         Some(p) => {
             let mut t = model_io::tensor_file::read_tensors(p)?;
-            let mut l = model_io::tensor_file::take(&mut t, p, "latents")?
-                .to_float::<B, 4>("latents", &dev)?;
+            let mut l = model_io::tensor_file::take(&mut t, p, "latents")?.to_float::<B, 4>("latents", &dev)?;
             if a.skip > 0 {
                 let n = l.dims()[0];
                 if n <= a.skip {
-                    bail!(
-                        "{}: {n} latents; the image to re-run is number {} of its batch",
-                        p.display(),
-                        a.skip + 1
-                    );
+                    bail!("{}: {n} latents; the image to re-run is number {} of its batch", p.display(), a.skip + 1);
                 }
                 l = l.narrow(0, 0, a.skip + 1);
             }
@@ -241,19 +222,11 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
     let mut settings = pipe.image_settings(&a.opts)?;
     settings.concept = a.concept.as_ref().map(|c| c.display().to_string());
     settings.images = a.images.iter().map(|p| p.display().to_string()).collect();
-    settings.blip2 = if a.images.is_empty() {
-        None
-    } else {
-        a.blip2.as_ref().map(|p| p.display().to_string())
-    };
+    settings.blip2 = if a.images.is_empty() { None } else { a.blip2.as_ref().map(|p| p.display().to_string()) };
     settings.latents = a.latents.as_ref().map(|p| p.display().to_string());
     let texts = (0..a.opts.num_images)
         .map(|i| {
-            let text = ImageSettings {
-                image_index: i,
-                ..settings.clone()
-            }
-            .png_text()?;
+            let text = ImageSettings { image_index: i, ..settings.clone() }.png_text()?;
             personalize::check_png_text(&text)?;
             Ok(text)
         })
@@ -267,32 +240,21 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
         None => None,
     };
     let queries: Option<Tensor<B, 3>> = match (&concept, a.images.is_empty()) {
-        (Some(_), false) => Some(crate::encode::encode_images(
-            a.blip2.as_deref().expect("checked above"),
-            &a.images,
-        )?),
+        (Some(_), false) => Some(crate::encode::encode_images(a.blip2.as_deref().expect("checked above"), &a.images)?),
         (Some(c), true) => Some(c.queries.clone().with_context(|| {
-            format!(
-                "concept {} has no visual_queries.safetensors; pass --image REF --blip2 DIR",
-                c.dir.display()
-            )
+            format!("concept {} has no visual_queries.safetensors; pass --image REF --blip2 DIR", c.dir.display())
         })?),
         (None, _) => None,
     };
     let visual = match (&concept, queries) {
-        (Some(c), Some(q)) => Some(VisualPrompt {
-            aligner: &c.aligner,
-            queries: q,
-        }),
+        (Some(c), Some(q)) => Some(VisualPrompt { aligner: &c.aligner, queries: q }),
         _ => None,
     };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let bar = ProgressBar::new(a.opts.steps as u64);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:30}] {pos}/{len} steps {elapsed_precise} eta {eta}",
-        )
-        .expect("valid template"),
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps {elapsed_precise} eta {eta}")
+            .expect("valid template"),
     );
     bar.set_message("sampling");
     let images = pipe.generate(&a.opts, visual.as_ref(), latents, &mut |i, n| {
@@ -300,21 +262,13 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
         bar.set_position(i as u64);
     })?;
     bar.finish_and_clear();
-    let paths: Vec<PathBuf> = (0..images.len().saturating_sub(a.skip))
-        .map(|j| a.out.join(format!("{j:04}.png")))
-        .collect();
+    let paths: Vec<PathBuf> =
+        (0..images.len().saturating_sub(a.skip)).map(|j| a.out.join(format!("{j:04}.png"))).collect();
     for (j, (img, text)) in images.iter().zip(&texts).skip(a.skip).enumerate() {
         if let Err(e) = personalize::write_png(&paths[j], img, text) {
-            let wrote = if j == 0 {
-                String::new()
-            } else {
-                format!("wrote {}; ", list(&paths[..j]))
-            };
-            let rest = if j + 1 == paths.len() {
-                String::new()
-            } else {
-                format!("; {} not written", list(&paths[j + 1..]))
-            };
+            let wrote = if j == 0 { String::new() } else { format!("wrote {}; ", list(&paths[..j])) };
+            let rest =
+                if j + 1 == paths.len() { String::new() } else { format!("; {} not written", list(&paths[j + 1..])) };
             let (path, e) = (paths[j].display().to_string(), e.to_string());
             let e = e.strip_prefix(&format!("{path}: ")).unwrap_or(&e);
             bail!("{wrote}failed on {path}: {e}{rest}");

@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "personalize", version, about = "Personalise Stable Diffusion with visual prompts from a frozen BLIP-2 encoder.")]
+#[command(
+    name = "personalize",
+    version,
+    about = "Personalise Stable Diffusion with visual prompts from a frozen BLIP-2 encoder."
+)]
 struct Cli {
     /// Log more (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -147,7 +151,8 @@ fn init_logging(verbose: u8) {
         1 => "info,personalize=debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
@@ -172,16 +177,18 @@ fn main() -> ExitCode {
         Command::BenchWriteUnet { unet_config, out } => bench::write_unet(&unet_config, &out),
         Command::Encode { blip2, images, out } => encode::run(&blip2, &images, &out),
         Command::Generate(a) => generate::run(a),
-        Command::Stage { stage, model, input, output, repeat, prompt, random_weights, scheduler } => stage::run(&stage::StageArgs {
-            stage,
-            model,
-            input,
-            output,
-            repeat: repeat as usize,
-            prompts: prompt,
-            random_weights,
-            scheduler,
-        }),
+        Command::Stage { stage, model, input, output, repeat, prompt, random_weights, scheduler } => {
+            stage::run(&stage::StageArgs {
+                stage,
+                model,
+                input,
+                output,
+                repeat: repeat as usize,
+                prompts: prompt,
+                random_weights,
+                scheduler,
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,7 +13,8 @@ use personalize::train::peak_rss_bytes as peak_memory;
 use crate::backend::{device, B};
 
 /// The stages the runner knows, with their names on the command line.
-pub const STAGES: &[&str] = &["tokenizer", "text-encoder", "unet", "vae-encode", "vae-decode", "scheduler", "aligner", "blip2"];
+pub const STAGES: &[&str] =
+    &["tokenizer", "text-encoder", "unet", "vae-encode", "vae-decode", "scheduler", "aligner", "blip2"];
 
 /// Parsed `stage` arguments.
 pub struct StageArgs {
@@ -100,9 +101,17 @@ fn timed<T>(stage: &str, repeat: usize, load: Option<&Loaded>, mut f: impl FnMut
     let mut times = times.split_off(warmup);
     times.sort();
     let median = times[times.len() / 2];
-    tracing::info!(stage, runs = times.len(), warmup, "median {:.3} s, min {:.3} s", median.as_secs_f64(), times[0].as_secs_f64());
+    tracing::info!(
+        stage,
+        runs = times.len(),
+        warmup,
+        "median {:.3} s, min {:.3} s",
+        median.as_secs_f64(),
+        times[0].as_secs_f64()
+    );
     if repeat > 1 {
-        let (load_s, load_peak) = load.map_or(("-".to_string(), "-".to_string()), |l| (format!("{:.3}", l.secs), mib(l.peak)));
+        let (load_s, load_peak) =
+            load.map_or(("-".to_string(), "-".to_string()), |l| (format!("{:.3}", l.secs), mib(l.peak)));
         eprintln!(
             "{stage}: load_s={load_s} load_peak_mib={load_peak} warmup={warmup} runs={} median_s={:.4} min_s={:.4} peak_mib={}",
             times.len(),
@@ -143,7 +152,8 @@ pub fn run(args: &StageArgs) -> Result<()> {
             let ts = take(&mut t, &path, "timestep")?.to_float::<B, 1>("timestep", &dev)?;
             let ctx = take(&mut t, &path, "encoder_hidden_states")?.to_float::<B, 3>("encoder_hidden_states", &dev)?;
             let (unet, load) = loading("unet", || load_unet(args))?;
-            let out = timed("unet", args.repeat, Some(&load), || Ok(unet.forward(x.clone(), ts.clone(), ctx.clone())?))?;
+            let out =
+                timed("unet", args.repeat, Some(&load), || Ok(unet.forward(x.clone(), ts.clone(), ctx.clone())?))?;
             BTreeMap::from([("sample".to_string(), HostTensor::from_tensor(out))])
         }
         "vae-encode" => {
@@ -176,8 +186,12 @@ pub fn run(args: &StageArgs) -> Result<()> {
             let per = sample.data.len();
             let flat = outs.as_f32("model_outputs")?;
             if outs.shape.len() != sample.shape.len() + 1 || outs.shape[1..] != sample.shape[..] {
-                bail!("{}: `model_outputs` has shape {:?}; expected [N, {}]", path.display(), outs.shape,
-                    sample.shape.iter().map(usize::to_string).collect::<Vec<_>>().join(", "));
+                bail!(
+                    "{}: `model_outputs` has shape {:?}; expected [N, {}]",
+                    path.display(),
+                    outs.shape,
+                    sample.shape.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
+                );
             }
             let outputs: Vec<scheduler::HostSample> = flat
                 .chunks(per.max(1))

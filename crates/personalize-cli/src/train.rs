@@ -165,7 +165,10 @@ pub fn run(args: TrainCli) -> Result<()> {
             let have = if dir.is_dir() { train::image_files(&dir)?.len() } else { 0 };
             if have < args.num_class_images {
                 let bar = ProgressBar::new(args.num_class_images as u64);
-                bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}").expect("valid template"));
+                bar.set_style(
+                    ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+                        .expect("valid template"),
+                );
                 bar.set_message("class images");
                 train::generate_class_images::<B>(
                     &args.base,
@@ -194,21 +197,23 @@ pub fn run(args: TrainCli) -> Result<()> {
 
     let bar = ProgressBar::new(cfg.steps as u64);
     bar.set_style(
-        ProgressStyle::with_template("train [{bar:30}] {pos}/{len} steps, loss {msg} {elapsed_precise} eta {eta}").expect("valid template"),
+        ProgressStyle::with_template("train [{bar:30}] {pos}/{len} steps, loss {msg} {elapsed_precise} eta {eta}")
+            .expect("valid template"),
     );
     let mut ema: Option<f64> = None;
-    let report = train::train::<burn_autodiff::Autodiff<B>>(&args.base, &cfg, &data, &args.out, args.resume, &dev, &mut |s| {
-        let e = match ema {
-            Some(e) => 0.95 * e + 0.05 * s.loss,
-            None => s.loss,
-        };
-        ema = Some(e);
-        bar.set_position(s.step as u64);
-        bar.set_message(match s.prior_loss {
-            Some(p) => format!("{:.4} (avg {e:.4}, prior {p:.4})", s.loss),
-            None => format!("{:.4} (avg {e:.4})", s.loss),
+    let report =
+        train::train::<burn_autodiff::Autodiff<B>>(&args.base, &cfg, &data, &args.out, args.resume, &dev, &mut |s| {
+            let e = match ema {
+                Some(e) => 0.95 * e + 0.05 * s.loss,
+                None => s.loss,
+            };
+            ema = Some(e);
+            bar.set_position(s.step as u64);
+            bar.set_message(match s.prior_loss {
+                Some(p) => format!("{:.4} (avg {e:.4}, prior {p:.4})", s.loss),
+                None => format!("{:.4} (avg {e:.4})", s.loss),
+            });
         });
-    });
     bar.finish_and_clear();
     let report = report?;
     if let Some(s) = report.resumed_from {
@@ -225,12 +230,23 @@ pub fn run(args: TrainCli) -> Result<()> {
 
 /// `personalize bench-train-step`: one warm-up and `steps` timed steps, then one summary line
 /// (`train-step: ... median_s=... peak_mib=...`, parsed by `cargo xtask bench`).
-pub fn bench(unet_config: &std::path::Path, lora_rank: usize, resolution: usize, batch: usize, steps: usize) -> Result<()> {
-    let mode = if lora_rank == 0 { UnetMode::Full } else { UnetMode::Lora { rank: lora_rank, alpha: lora_rank as f64 } };
-    let r = train::bench_train_step::<burn_autodiff::Autodiff<B>>(unet_config, mode, resolution, batch, steps, &device())?;
+pub fn bench(
+    unet_config: &std::path::Path,
+    lora_rank: usize,
+    resolution: usize,
+    batch: usize,
+    steps: usize,
+) -> Result<()> {
+    let mode =
+        if lora_rank == 0 { UnetMode::Full } else { UnetMode::Lora { rank: lora_rank, alpha: lora_rank as f64 } };
+    let r =
+        train::bench_train_step::<burn_autodiff::Autodiff<B>>(unet_config, mode, resolution, batch, steps, &device())?;
     let mut t = r.step_seconds.clone();
     t.sort_by(f64::total_cmp);
-    eprintln!("train-step ({mode:?}, {resolution}x{resolution}, batch {batch}): {} trainable parameters", r.trainable_params);
+    eprintln!(
+        "train-step ({mode:?}, {resolution}x{resolution}, batch {batch}): {} trainable parameters",
+        r.trainable_params
+    );
     eprintln!(
         "train-step: warmup=1 runs={} median_s={:.4} min_s={:.4} mean_s={:.4} peak_mib={}",
         t.len(),

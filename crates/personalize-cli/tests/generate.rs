@@ -33,13 +33,34 @@ fn generate_with_latents_writes_the_diffusers_images_with_text_chunks() {
     let io = read_tensors(&fixtures().join("pipeline_io.safetensors")).unwrap();
     let d = tempfile::tempdir().unwrap();
     let lat = d.path().join("latents.safetensors");
-    write_tensors(&lat, &BTreeMap::from([("latents".to_string(), io["dpm_cfg.latents"].clone())]), &BTreeMap::new()).unwrap();
+    write_tensors(&lat, &BTreeMap::from([("latents".to_string(), io["dpm_cfg.latents"].clone())]), &BTreeMap::new())
+        .unwrap();
     let out = d.path().join("out");
     let base = fixtures().join("pipeline");
     let (ok, err) = run(&[
-        "generate", "--base", base.to_str().unwrap(), "--prompt", "an astronaut riding a horse", "--negative-prompt", "lowres",
-        "--steps", "5", "--guidance", "5", "--scheduler", "dpm++2m", "--height", "40", "--width", "32", "--seed", "3",
-        "--latents", lat.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "generate",
+        "--base",
+        base.to_str().unwrap(),
+        "--prompt",
+        "an astronaut riding a horse",
+        "--negative-prompt",
+        "lowres",
+        "--steps",
+        "5",
+        "--guidance",
+        "5",
+        "--scheduler",
+        "dpm++2m",
+        "--height",
+        "40",
+        "--width",
+        "32",
+        "--seed",
+        "3",
+        "--latents",
+        lat.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     let reference = io["dpm_cfg.images"].as_f32("images").unwrap();
@@ -47,7 +68,13 @@ fn generate_with_latents_writes_the_diffusers_images_with_text_chunks() {
     for i in 0..2 {
         let (img, text) = personalize::read_png(&out.join(format!("{i:04}.png"))).unwrap();
         assert_eq!((img.width, img.height), (32, 40));
-        let max = img.data.iter().zip(&reference[i * per..(i + 1) * per]).map(|(a, b)| a.abs_diff((b * 255.0).round() as u8)).max().unwrap();
+        let max = img
+            .data
+            .iter()
+            .zip(&reference[i * per..(i + 1) * per])
+            .map(|(a, b)| a.abs_diff((b * 255.0).round() as u8))
+            .max()
+            .unwrap();
         assert!(max <= 3, "image {i}: {max} levels");
         assert_eq!(
             chunk(&text, "parameters").as_deref(),
@@ -71,7 +98,8 @@ fn generate_rejects_bad_input_in_one_line() {
     let b = base.to_str().unwrap();
     let out = d.path().join("o");
     let o = out.to_str().unwrap();
-    let (ok, err) = run(&["generate", "--base", b, "--prompt", "x", "--height", "36", "--width", "32", "--steps", "1", "--out", o]);
+    let (ok, err) =
+        run(&["generate", "--base", b, "--prompt", "x", "--height", "36", "--width", "32", "--steps", "1", "--out", o]);
     assert!(!ok);
     one_line_error(&err, &["--height 36", "multiple of 8"]);
 
@@ -80,8 +108,30 @@ fn generate_rejects_bad_input_in_one_line() {
     one_line_error(&err, &["--image", "--blip2"]);
 
     let lat = d.path().join("l.safetensors");
-    write_tensors(&lat, &BTreeMap::from([("latents".to_string(), model_io::tensor_file::HostTensor::f32(vec![1, 4, 3, 3], vec![0.0; 36]))]), &BTreeMap::new()).unwrap();
-    let (ok, err) = run(&["generate", "--base", b, "--prompt", "x", "--latents", lat.to_str().unwrap(), "--height", "32", "--width", "32", "--out", o]);
+    write_tensors(
+        &lat,
+        &BTreeMap::from([(
+            "latents".to_string(),
+            model_io::tensor_file::HostTensor::f32(vec![1, 4, 3, 3], vec![0.0; 36]),
+        )]),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let (ok, err) = run(&[
+        "generate",
+        "--base",
+        b,
+        "--prompt",
+        "x",
+        "--latents",
+        lat.to_str().unwrap(),
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--out",
+        o,
+    ]);
     assert!(!ok);
     one_line_error(&err, &["latents have shape [1, 4, 3, 3]"]);
 
@@ -89,7 +139,23 @@ fn generate_rejects_bad_input_in_one_line() {
     assert!(!ok);
     one_line_error(&err, &["model_index.json"]);
 
-    let (ok, err) = run(&["generate", "--base", b, "--prompt", "x", "--scheduler", "heun", "--steps", "1", "--height", "32", "--width", "32", "--out", o]);
+    let (ok, err) = run(&[
+        "generate",
+        "--base",
+        b,
+        "--prompt",
+        "x",
+        "--scheduler",
+        "heun",
+        "--steps",
+        "1",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--out",
+        o,
+    ]);
     assert!(!ok);
     one_line_error(&err, &["heun"]);
 }
@@ -121,13 +187,35 @@ fn concept_for_another_base_model_is_refused_unless_overridden() {
     let a = q_aligner::Aligner::<burn_flex::Flex>::new(8, 16, 32, &s, &burn_flex::FlexDevice);
     a.save(&concept.join("aligner.safetensors")).unwrap();
     let q = model_io::tensor_file::HostTensor::f32(vec![1, 4, 8], (0..32).map(|i| i as f32 / 32.0).collect());
-    write_tensors(&concept.join("visual_queries.safetensors"), &BTreeMap::from([("queries".to_string(), q)]), &BTreeMap::new()).unwrap();
+    write_tensors(
+        &concept.join("visual_queries.safetensors"),
+        &BTreeMap::from([("queries".to_string(), q)]),
+        &BTreeMap::new(),
+    )
+    .unwrap();
     let info = frozen_concept_info("some/other-model", "fnv64:0000000000000000", 2);
     personalize::Concept::<burn_flex::Flex>::write_info(&concept, &info).unwrap();
     let base = fixtures().join("pipeline");
     let out = d.path().join("o");
-    let args = ["generate", "--base", base.to_str().unwrap(), "--prompt", "a photo of sks", "--concept", concept.to_str().unwrap(),
-        "--steps", "2", "--height", "32", "--width", "32", "--seed", "1", "--out", out.to_str().unwrap()];
+    let args = [
+        "generate",
+        "--base",
+        base.to_str().unwrap(),
+        "--prompt",
+        "a photo of sks",
+        "--concept",
+        concept.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--seed",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
     let (ok, err) = run(&args);
     assert!(!ok);
     one_line_error(&err, &["another base model", "--allow-base-mismatch"]);
@@ -149,7 +237,17 @@ fn encode_writes_queries_and_generate_uses_reference_images() {
     let (model, image) = blip2();
     let d = tempfile::tempdir().unwrap();
     let q = d.path().join("q.safetensors");
-    let (ok, err) = run(&["encode", "--blip2", model.to_str().unwrap(), "--image", image.to_str().unwrap(), "--image", image.to_str().unwrap(), "--out", q.to_str().unwrap()]);
+    let (ok, err) = run(&[
+        "encode",
+        "--blip2",
+        model.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--out",
+        q.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     let queries = &read_tensors(&q).unwrap()["queries"];
     assert_eq!(queries.shape, vec![2, 6, 32]);
@@ -160,15 +258,40 @@ fn encode_writes_queries_and_generate_uses_reference_images() {
     let concept = d.path().join("concept");
     std::fs::create_dir_all(&concept).unwrap();
     let s = q_aligner::AlignerSettings { num_queries: 4, ..Default::default() };
-    q_aligner::Aligner::<burn_flex::Flex>::new(32, 16, 32, &s, &burn_flex::FlexDevice).save(&concept.join("aligner.safetensors")).unwrap();
+    q_aligner::Aligner::<burn_flex::Flex>::new(32, 16, 32, &s, &burn_flex::FlexDevice)
+        .save(&concept.join("aligner.safetensors"))
+        .unwrap();
     let base = fixtures().join("pipeline");
     let pipe = personalize::Pipeline::<burn_flex::Flex>::load(&base, &burn_flex::FlexDevice).unwrap();
     let info = frozen_concept_info(&base.display().to_string(), &pipe.unet_fingerprint, 4);
     personalize::Concept::<burn_flex::Flex>::write_info(&concept, &info).unwrap();
     let out = d.path().join("o");
-    let common = ["generate", "--base", base.to_str().unwrap(), "--prompt", "a photo of sks", "--steps", "2", "--height", "32", "--width", "32", "--seed", "4"];
+    let common = [
+        "generate",
+        "--base",
+        base.to_str().unwrap(),
+        "--prompt",
+        "a photo of sks",
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--seed",
+        "4",
+    ];
     let mut with_image = common.to_vec();
-    with_image.extend(["--concept", concept.to_str().unwrap(), "--image", image.to_str().unwrap(), "--blip2", model.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    with_image.extend([
+        "--concept",
+        concept.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--blip2",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let (ok, err) = run(&with_image);
     assert!(ok, "{err}");
     let plain_out = d.path().join("plain");
@@ -181,7 +304,8 @@ fn encode_writes_queries_and_generate_uses_reference_images() {
     assert_ne!(a.data, b.data, "the visual prompt changes the image");
 
     // A concept without cached queries and no --image: a clear error.
-    let (ok, err) = run(&[&common[..], &["--concept", concept.to_str().unwrap(), "--out", out.to_str().unwrap()]].concat());
+    let (ok, err) =
+        run(&[&common[..], &["--concept", concept.to_str().unwrap(), "--out", out.to_str().unwrap()]].concat());
     assert!(!ok);
     one_line_error(&err, &["visual_queries.safetensors", "--image"]);
 }
@@ -192,21 +316,34 @@ fn encode_rejects_a_file_that_is_not_an_image() {
     let d = tempfile::tempdir().unwrap();
     let bad = d.path().join("notes.png");
     std::fs::write(&bad, b"this is text").unwrap();
-    let (ok, err) = run(&["encode", "--blip2", model.to_str().unwrap(), "--image", bad.to_str().unwrap(), "--out", d.path().join("q.safetensors").to_str().unwrap()]);
+    let (ok, err) = run(&[
+        "encode",
+        "--blip2",
+        model.to_str().unwrap(),
+        "--image",
+        bad.to_str().unwrap(),
+        "--out",
+        d.path().join("q.safetensors").to_str().unwrap(),
+    ]);
     assert!(!ok);
     one_line_error(&err, &["notes.png"]);
 }
 
 /// The `KEY=VALUE` fields of the summary line that starts with `name:`.
 fn summary(err: &str, name: &str) -> BTreeMap<String, String> {
-    let line = err.lines().rev().find(|l| l.starts_with(&format!("{name}: "))).unwrap_or_else(|| panic!("no `{name}:` line in {err}"));
+    let line = err
+        .lines()
+        .rev()
+        .find(|l| l.starts_with(&format!("{name}: ")))
+        .unwrap_or_else(|| panic!("no `{name}:` line in {err}"));
     line.split_whitespace().filter_map(|t| t.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 #[test]
 fn bench_generate_times_steps_with_random_weights() {
     let base = fixtures().join("pipeline");
-    let (ok, err) = run(&["bench-generate", "--base", base.to_str().unwrap(), "--steps", "3", "--size", "32", "--repeat", "2"]);
+    let (ok, err) =
+        run(&["bench-generate", "--base", base.to_str().unwrap(), "--steps", "3", "--size", "32", "--repeat", "2"]);
     assert!(ok, "{err}");
     let s = summary(&err, "generate");
     assert_eq!(s["runs"], "2");
@@ -224,7 +361,13 @@ fn bench_generate_times_steps_with_random_weights() {
 fn bench_write_unet_writes_a_loadable_diffusers_folder() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("unet");
-    let (ok, err) = run(&["bench-write-unet", "--unet-config", fixtures().join("unet/sd1").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let (ok, err) = run(&[
+        "bench-write-unet",
+        "--unet-config",
+        fixtures().join("unet/sd1").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     // Every key and shape of the diffusers file, nothing more (the loader checks both ways).
     let reference = read_tensors(&fixtures().join("unet/sd1/diffusion_pytorch_model.safetensors")).unwrap();
@@ -234,11 +377,20 @@ fn bench_write_unet_writes_a_loadable_diffusers_folder() {
     // The stage runner loads it and reports the load time and the memory after loading.
     let io = read_tensors(&fixtures().join("unet/sd1/io.safetensors")).unwrap();
     let input = d.path().join("in.safetensors");
-    let t: BTreeMap<String, _> = ["sample", "timestep", "encoder_hidden_states"].iter().map(|k| (k.to_string(), io[*k].clone())).collect();
+    let t: BTreeMap<String, _> =
+        ["sample", "timestep", "encoder_hidden_states"].iter().map(|k| (k.to_string(), io[*k].clone())).collect();
     write_tensors(&input, &t, &BTreeMap::new()).unwrap();
     let (ok, err) = run(&[
-        "stage", "unet", "--model", out.to_str().unwrap(), "--input", input.to_str().unwrap(),
-        "--output", d.path().join("o.safetensors").to_str().unwrap(), "--repeat", "3",
+        "stage",
+        "unet",
+        "--model",
+        out.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        d.path().join("o.safetensors").to_str().unwrap(),
+        "--repeat",
+        "3",
     ]);
     assert!(ok, "{err}");
     let s = summary(&err, "unet");
@@ -271,8 +423,23 @@ fn a_utf8_prompt_is_written_in_both_chunks_and_params_from_makes_the_same_image(
     let out = d.path().join("出力");
     let prompt = "日本語のテキスト 🐱";
     let (ok, err) = run(&[
-        "generate", "--base", base.to_str().unwrap(), "--prompt", prompt, "--steps", "2", "--height", "32", "--width", "32",
-        "--seed", "5", "--num-images", "2", "--out", out.to_str().unwrap(),
+        "generate",
+        "--base",
+        base.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--seed",
+        "5",
+        "--num-images",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     for i in 0..2 {
@@ -308,10 +475,23 @@ fn a_utf8_prompt_is_written_in_both_chunks_and_params_from_makes_the_same_image(
     // Flags given override the image's settings.
     let other = d.path().join("other");
     let from = out.join("0000.png");
-    let (ok, err) = run(&["generate", "--params-from", from.to_str().unwrap(), "--seed", "6", "--negative-prompt", "ぼやけた", "--out", other.to_str().unwrap()]);
+    let (ok, err) = run(&[
+        "generate",
+        "--params-from",
+        from.to_str().unwrap(),
+        "--seed",
+        "6",
+        "--negative-prompt",
+        "ぼやけた",
+        "--out",
+        other.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     let s = personalize::ImageSettings::from_png(&other.join("0000.png")).unwrap();
-    assert_eq!((s.prompt.as_str(), s.seed, s.negative_prompt.as_deref(), s.num_images), (prompt, 6, Some("ぼやけた"), 1));
+    assert_eq!(
+        (s.prompt.as_str(), s.seed, s.negative_prompt.as_deref(), s.num_images),
+        (prompt, 6, Some("ぼやけた"), 1)
+    );
     assert_ne!(personalize::read_png(&other.join("0000.png")).unwrap().0, personalize::read_png(&from).unwrap().0);
 }
 
@@ -334,11 +514,22 @@ fn params_from_an_image_without_settings_is_refused_or_reads_a1111_parameters() 
     assert!(!ok);
     one_line_error(&err, &["a1111.png", "--base"]);
     let base = tiny_sd();
-    let (ok, err) = run(&["generate", "--params-from", a1111.to_str().unwrap(), "--base", base.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let (ok, err) = run(&[
+        "generate",
+        "--params-from",
+        a1111.to_str().unwrap(),
+        "--base",
+        base.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     let s = personalize::ImageSettings::from_png(&out.join("0000.png")).unwrap();
     assert_eq!((s.prompt.as_str(), s.negative_prompt.as_deref()), ("a red fox", Some("blurry")));
-    assert_eq!((s.steps, s.guidance, s.seed, s.width, s.height, s.scheduler.as_deref()), (2, 3.5, 11, Some(32), Some(24), Some("ddim")));
+    assert_eq!(
+        (s.steps, s.guidance, s.seed, s.width, s.height, s.scheduler.as_deref()),
+        (2, 3.5, 11, Some(32), Some(24), Some("ddim"))
+    );
 }
 
 #[test]
@@ -349,12 +540,33 @@ fn a_failed_write_names_the_images_written_and_not_written() {
     std::fs::create_dir_all(out.join("0001.png/x")).unwrap();
     let base = tiny_sd();
     let (ok, err) = run(&[
-        "generate", "--base", base.to_str().unwrap(), "--prompt", "a cat", "--steps", "1", "--height", "32", "--width", "32",
-        "--seed", "1", "--num-images", "3", "--out", out.to_str().unwrap(),
+        "generate",
+        "--base",
+        base.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--steps",
+        "1",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--seed",
+        "1",
+        "--num-images",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(!ok);
     let (p0, p1, p2) = (out.join("0000.png"), out.join("0001.png"), out.join("0002.png"));
-    one_line_error(&err, &[&format!("wrote {}; failed on {}: ", p0.display(), p1.display()), &format!("; {} not written", p2.display())]);
+    one_line_error(
+        &err,
+        &[&format!("wrote {}; failed on {}: ", p0.display(), p1.display()), &format!("; {} not written", p2.display())],
+    );
     assert!(p0.is_file() && !p2.exists());
-    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")), "no temp files left");
+    assert!(
+        std::fs::read_dir(&out).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")),
+        "no temp files left"
+    );
 }

@@ -34,8 +34,16 @@ fn tokenizer_stage_writes_padded_ids() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("ids.safetensors");
     let (ok, err) = run(&[
-        "stage", "tokenizer", "--model", root().join("assets/clip-tokenizer").to_str().unwrap(),
-        "--prompt", "a photo of a cat", "--prompt", "", "--output", out.to_str().unwrap(),
+        "stage",
+        "tokenizer",
+        "--model",
+        root().join("assets/clip-tokenizer").to_str().unwrap(),
+        "--prompt",
+        "a photo of a cat",
+        "--prompt",
+        "",
+        "--output",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     let t = read_tensors(&out).unwrap();
@@ -55,11 +63,22 @@ fn text_encoder_stage_matches_reference() {
     write_tensors(&input, &BTreeMap::from([("input_ids".into(), io["input_ids"].clone())]), &BTreeMap::new()).unwrap();
     let out = dir.path().join("out.safetensors");
     let (ok, err) = run(&[
-        "stage", "text-encoder", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(),
-        "--output", out.to_str().unwrap(), "--repeat", "2",
+        "stage",
+        "text-encoder",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--repeat",
+        "2",
     ]);
     assert!(ok, "{err}");
-    assert!(err.contains("text-encoder: ") && err.contains(" warmup=1 runs=1 median_s="), "--repeat reports timings: {err}");
+    assert!(
+        err.contains("text-encoder: ") && err.contains(" warmup=1 runs=1 median_s="),
+        "--repeat reports timings: {err}"
+    );
     let got = read_tensors(&out).unwrap();
     assert!(got["last_hidden_state"].max_abs_diff(&io["last_hidden_state"]) <= 1e-4);
 }
@@ -77,8 +96,14 @@ fn vae_stages_match_reference() {
         write_tensors(&input, &BTreeMap::from([(input_name.to_string(), io[src].clone())]), &BTreeMap::new()).unwrap();
         let out = dir.path().join(format!("{stage}-out.safetensors"));
         let (ok, err) = run(&[
-            "stage", stage, "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(),
-            "--output", out.to_str().unwrap(),
+            "stage",
+            stage,
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
         ]);
         assert!(ok, "{stage}: {err}");
         let got = read_tensors(&out).unwrap();
@@ -104,8 +129,14 @@ fn input_file_lacking_a_tensor_names_it() {
     write_tensors(&input, &t, &BTreeMap::new()).unwrap();
     let model = fixtures().join("text_encoder/clip_quick_gelu");
     let (ok, err) = run(&[
-        "stage", "text-encoder", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(),
-        "--output", dir.path().join("o.safetensors").to_str().unwrap(),
+        "stage",
+        "text-encoder",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        dir.path().join("o.safetensors").to_str().unwrap(),
     ]);
     assert!(!ok);
     assert_one_line_error(&err, &["input_ids", "in.safetensors"]);
@@ -119,7 +150,16 @@ fn wrong_dtype_and_shape_inputs_are_errors() {
     let model = fixtures().join("text_encoder/clip_quick_gelu");
     let t = BTreeMap::from([("input_ids".to_string(), HostTensor::f32(vec![1, 2], vec![1.0, 2.0]))]);
     write_tensors(&input, &t, &BTreeMap::new()).unwrap();
-    let args = ["stage", "text-encoder", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()];
+    let args = [
+        "stage",
+        "text-encoder",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
     let (ok, err) = run(&args);
     assert!(!ok);
     assert_one_line_error(&err, &["input_ids", "f32", "i64"]);
@@ -127,7 +167,16 @@ fn wrong_dtype_and_shape_inputs_are_errors() {
     let vae = fixtures().join("vae");
     let t = BTreeMap::from([("latent".to_string(), HostTensor::f32(vec![1, 3, 2, 2], vec![0.0; 12]))]);
     write_tensors(&input, &t, &BTreeMap::new()).unwrap();
-    let (ok, err) = run(&["stage", "vae-decode", "--model", vae.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let (ok, err) = run(&[
+        "stage",
+        "vae-decode",
+        "--model",
+        vae.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(!ok);
     assert_one_line_error(&err, &["latent", "[1, 3, 2, 2]"]);
     assert!(!out.exists(), "no output on failure");
@@ -144,8 +193,16 @@ fn truncated_weights_and_bad_config_are_one_line_errors() {
     let t = BTreeMap::from([("input_ids".to_string(), HostTensor::i64(vec![1, 2], vec![1, 2]))]);
     write_tensors(&input, &t, &BTreeMap::new()).unwrap();
     let args = |m: &Path| {
-        vec!["stage".to_string(), "text-encoder".into(), "--model".into(), m.display().to_string(), "--input".into(),
-             input.display().to_string(), "--output".into(), dir.path().join("o.safetensors").display().to_string()]
+        vec![
+            "stage".to_string(),
+            "text-encoder".into(),
+            "--model".into(),
+            m.display().to_string(),
+            "--input".into(),
+            input.display().to_string(),
+            "--output".into(),
+            dir.path().join("o.safetensors").display().to_string(),
+        ]
     };
     let a = args(dir.path());
     let (ok, err) = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
@@ -158,7 +215,8 @@ fn truncated_weights_and_bad_config_are_one_line_errors() {
     assert_one_line_error(&err, &["config.json", "t5"]);
 
     // A shape that does not match the config.
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     cfg["intermediate_size"] = serde_json::json!(40);
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
     std::fs::write(dir.path().join("model.safetensors"), &bytes).unwrap();
@@ -169,7 +227,14 @@ fn truncated_weights_and_bad_config_are_one_line_errors() {
 
 #[test]
 fn missing_input_flag_is_named() {
-    let (ok, err) = run(&["stage", "vae-decode", "--model", fixtures().join("vae").to_str().unwrap(), "--output", "/tmp/never.safetensors"]);
+    let (ok, err) = run(&[
+        "stage",
+        "vae-decode",
+        "--model",
+        fixtures().join("vae").to_str().unwrap(),
+        "--output",
+        "/tmp/never.safetensors",
+    ]);
     assert!(!ok);
     assert_one_line_error(&err, &["--input"]);
 }
@@ -184,15 +249,33 @@ fn unet_stage_matches_reference_with_any_context_length() {
         ["sample", "timestep", "encoder_hidden_states"].iter().map(|k| (k.to_string(), io[*k].clone())).collect();
     write_tensors(&input, &t, &BTreeMap::new()).unwrap();
     let out = dir.path().join("out.safetensors");
-    let (ok, err) = run(&["stage", "unet", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let (ok, err) = run(&[
+        "stage",
+        "unet",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     let e = read_tensors(&out).unwrap()["sample"].max_abs_diff(&io["out"]);
     assert!(e <= 5e-4, "unet stage: {e}");
 
     // Random weights from the config alone run and report timing and memory.
     let (ok, err) = run(&[
-        "stage", "unet", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(),
-        "--output", out.to_str().unwrap(), "--random-weights", "--repeat", "2",
+        "stage",
+        "unet",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--random-weights",
+        "--repeat",
+        "2",
     ]);
     assert!(ok, "{err}");
     let line = err.lines().find(|l| l.starts_with("unet: ")).unwrap_or_else(|| panic!("no summary line: {err}"));
@@ -217,7 +300,16 @@ fn scheduler_stage_matches_diffusers_and_checks_output_count() {
         ["sample", "model_outputs", "num_inference_steps"].iter().map(|k| (k.to_string(), io[*k].clone())).collect();
     write_tensors(&input, &t, &BTreeMap::new()).unwrap();
     let out = dir.path().join("out.safetensors");
-    let (ok, err) = run(&["stage", "scheduler", "--model", case.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let (ok, err) = run(&[
+        "stage",
+        "scheduler",
+        "--model",
+        case.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(ok, "{}: {err}", case.display());
     let got = read_tensors(&out).unwrap();
     for name in ["timesteps", "samples"] {
@@ -236,7 +328,16 @@ fn scheduler_stage_matches_diffusers_and_checks_output_count() {
     shape[0] -= 1;
     short.insert("model_outputs".into(), HostTensor::f32(shape, mo.as_f32("m").unwrap()[per..].to_vec()));
     write_tensors(&input, &short, &BTreeMap::new()).unwrap();
-    let (ok, err) = run(&["stage", "scheduler", "--model", case.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let (ok, err) = run(&[
+        "stage",
+        "scheduler",
+        "--model",
+        case.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(!ok);
     assert_one_line_error(&err, &["model output"]);
 }
@@ -244,17 +345,32 @@ fn scheduler_stage_matches_diffusers_and_checks_output_count() {
 #[test]
 fn aligner_stage_reads_a_concept_folder() {
     let dir = tempfile::tempdir().unwrap();
-    let s = q_aligner::AlignerSettings { num_queries: 3, query_selection: q_aligner::QuerySelection::Pool, final_gelu: true };
+    let s = q_aligner::AlignerSettings {
+        num_queries: 3,
+        query_selection: q_aligner::QuerySelection::Pool,
+        final_gelu: true,
+    };
     let a = q_aligner::Aligner::<burn_flex::Flex>::new(8, 16, 12, &s, &burn_flex::FlexDevice);
     a.save(&dir.path().join("aligner.safetensors")).unwrap();
     let q = HostTensor::f32(vec![2, 5, 8], (0..80).map(|i| (i as f32 * 0.37).sin()).collect());
     let input = dir.path().join("in.safetensors");
     write_tensors(&input, &BTreeMap::from([("queries".to_string(), q.clone())]), &BTreeMap::new()).unwrap();
     let out = dir.path().join("out.safetensors");
-    let (ok, err) = run(&["stage", "aligner", "--model", dir.path().to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let (ok, err) = run(&[
+        "stage",
+        "aligner",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     let got = &read_tensors(&out).unwrap()["visual_prompt"];
-    let want = HostTensor::from_tensor(a.forward(q.to_float::<burn_flex::Flex, 3>("q", &burn_flex::FlexDevice).unwrap()).unwrap());
+    let want = HostTensor::from_tensor(
+        a.forward(q.to_float::<burn_flex::Flex, 3>("q", &burn_flex::FlexDevice).unwrap()).unwrap(),
+    );
     assert_eq!(got.shape, vec![2, 3, 12]);
     assert!(got.max_abs_diff(&want) < 1e-6);
 }
@@ -265,9 +381,23 @@ fn blip2_stage_matches_transformers() {
     let io = read_tensors(&model.join("io.safetensors")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.safetensors");
-    write_tensors(&input, &BTreeMap::from([("pixel_values".to_string(), io["pixel_values"].clone())]), &BTreeMap::new()).unwrap();
+    write_tensors(
+        &input,
+        &BTreeMap::from([("pixel_values".to_string(), io["pixel_values"].clone())]),
+        &BTreeMap::new(),
+    )
+    .unwrap();
     let out = dir.path().join("out.safetensors");
-    let (ok, err) = run(&["stage", "blip2", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let (ok, err) = run(&[
+        "stage",
+        "blip2",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     let got = read_tensors(&out).unwrap();
     for name in ["query_output", "image_embeds"] {
@@ -289,8 +419,16 @@ fn unet_stage_runs_in_half_precision() {
     for (dtype, bound) in [("f16", 0.01), ("bf16", 0.1)] {
         let out = dir.path().join(format!("{dtype}.safetensors"));
         let (ok, err) = run(&[
-            "--dtype", dtype, "stage", "unet", "--model", model.to_str().unwrap(),
-            "--input", model.join("io.safetensors").to_str().unwrap(), "--output", out.to_str().unwrap(),
+            "--dtype",
+            dtype,
+            "stage",
+            "unet",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            model.join("io.safetensors").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
         ]);
         assert!(ok, "{dtype}: {err}");
         let got = read_tensors(&out).unwrap();

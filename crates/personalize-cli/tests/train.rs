@@ -20,35 +20,103 @@ fn train_then_generate_with_the_concept() {
     let blip2 = fixtures().join("blip2/opt_sharded");
     let image = fixtures().join("blip2/preprocess/photo.png");
     let (ok, err) = run(&[
-        "train", "--base", base.to_str().unwrap(), "--blip2", blip2.to_str().unwrap(), "--image", image.to_str().unwrap(),
-        "--prompt", "a photo of sks", "--out", concept.to_str().unwrap(), "--steps", "6", "--resolution", "32",
-        "--queries", "4", "--unet", "lora", "--lora-rank", "2", "--save-every", "3", "--seed", "1",
+        "train",
+        "--base",
+        base.to_str().unwrap(),
+        "--blip2",
+        blip2.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--prompt",
+        "a photo of sks",
+        "--out",
+        concept.to_str().unwrap(),
+        "--steps",
+        "6",
+        "--resolution",
+        "32",
+        "--queries",
+        "4",
+        "--unet",
+        "lora",
+        "--lora-rank",
+        "2",
+        "--save-every",
+        "3",
+        "--seed",
+        "1",
     ]);
     assert!(ok, "{err}");
-    for f in ["concept.json", "aligner.safetensors", "unet_lora.safetensors", "visual_queries.safetensors", "loss.csv", "loss.png"] {
+    for f in [
+        "concept.json",
+        "aligner.safetensors",
+        "unet_lora.safetensors",
+        "visual_queries.safetensors",
+        "loss.csv",
+        "loss.png",
+    ] {
         assert!(concept.join(f).is_file(), "{f} missing; stderr: {err}");
     }
-    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(concept.join("concept.json")).unwrap()).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(concept.join("concept.json")).unwrap()).unwrap();
     assert_eq!(info["steps_done"], 6);
     assert_eq!(info["num_queries"], 4);
-    assert_eq!(std::fs::read_to_string(concept.join("loss.csv")).unwrap().lines().count(), 7, "header + one line per step");
+    assert_eq!(
+        std::fs::read_to_string(concept.join("loss.csv")).unwrap().lines().count(),
+        7,
+        "header + one line per step"
+    );
 
     let out = d.path().join("out");
     let (ok, err) = run(&[
-        "generate", "--base", base.to_str().unwrap(), "--prompt", "a watercolor of sks", "--concept", concept.to_str().unwrap(),
-        "--steps", "3", "--height", "32", "--width", "32", "--seed", "2", "--out", out.to_str().unwrap(),
+        "generate",
+        "--base",
+        base.to_str().unwrap(),
+        "--prompt",
+        "a watercolor of sks",
+        "--concept",
+        concept.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--seed",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     assert!(out.join("0000.png").is_file());
 
     // Training on nothing, or on a file that is not an image, stops before training.
-    let (ok, err) = run(&["train", "--base", base.to_str().unwrap(), "--blip2", blip2.to_str().unwrap(), "--out", d.path().join("c2").to_str().unwrap()]);
+    let (ok, err) = run(&[
+        "train",
+        "--base",
+        base.to_str().unwrap(),
+        "--blip2",
+        blip2.to_str().unwrap(),
+        "--out",
+        d.path().join("c2").to_str().unwrap(),
+    ]);
     assert!(!ok, "{err}");
     let bad = d.path().join("bad.png");
     std::fs::write(&bad, b"not an image").unwrap();
     let (ok, err) = run(&[
-        "train", "--base", base.to_str().unwrap(), "--blip2", blip2.to_str().unwrap(), "--image", image.to_str().unwrap(),
-        "--image", bad.to_str().unwrap(), "--out", d.path().join("c3").to_str().unwrap(), "--resolution", "32",
+        "train",
+        "--base",
+        base.to_str().unwrap(),
+        "--blip2",
+        blip2.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--image",
+        bad.to_str().unwrap(),
+        "--out",
+        d.path().join("c3").to_str().unwrap(),
+        "--resolution",
+        "32",
     ]);
     assert!(!ok);
     assert!(err.contains("bad.png") && err.lines().filter(|l| !l.trim().is_empty()).count() == 1, "{err}");
@@ -65,12 +133,35 @@ fn training_with_a_non_latin1_prompt_writes_its_samples() {
     let image = fixtures().join("blip2/preprocess/photo.png");
     let prompt = "一只 sks 猫 🐱";
     let (ok, err) = run(&[
-        "train", "--base", base.to_str().unwrap(), "--blip2", blip2.to_str().unwrap(), "--image", image.to_str().unwrap(),
-        "--prompt", prompt, "--out", concept.to_str().unwrap(), "--steps", "2", "--resolution", "32",
-        "--queries", "4", "--unet", "lora", "--lora-rank", "2", "--sample-steps", "2", "--seed", "1",
+        "train",
+        "--base",
+        base.to_str().unwrap(),
+        "--blip2",
+        blip2.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--out",
+        concept.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--resolution",
+        "32",
+        "--queries",
+        "4",
+        "--unet",
+        "lora",
+        "--lora-rank",
+        "2",
+        "--sample-steps",
+        "2",
+        "--seed",
+        "1",
     ]);
     assert!(ok, "{err}");
-    let samples: Vec<PathBuf> = std::fs::read_dir(concept.join("samples")).unwrap().map(|e| e.unwrap().path()).collect();
+    let samples: Vec<PathBuf> =
+        std::fs::read_dir(concept.join("samples")).unwrap().map(|e| e.unwrap().path()).collect();
     assert!(!samples.is_empty(), "no sample image; stderr: {err}");
     let (_, text) = personalize::read_png(&samples[0]).unwrap();
     assert!(text.iter().any(|(k, v)| k == "parameters" && v.starts_with(prompt)), "{text:?}");

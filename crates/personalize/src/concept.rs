@@ -53,7 +53,10 @@ impl<B: Backend> Concept<B> {
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         let info: ConceptInfo = model_io::read_config(dir, "concept.json")?;
         if !matches!(info.unet.as_str(), "lora" | "full" | "frozen") {
-            return Err(Error::Config { path: dir.join("concept.json"), message: format!("unet `{}` unknown (lora, full or frozen)", info.unet) });
+            return Err(Error::Config {
+                path: dir.join("concept.json"),
+                message: format!("unet `{}` unknown (lora, full or frozen)", info.unet),
+            });
         }
         let aligner = Aligner::load(&dir.join("aligner.safetensors"), device)?;
         let qpath = dir.join("visual_queries.safetensors");

@@ -33,9 +33,9 @@ fn valid_keyword(k: &str) -> bool {
 /// ```
 pub fn check_png_text(text: &[(&str, String)]) -> Result<()> {
     match text.iter().find(|(k, _)| !valid_keyword(k)) {
-        Some((k, _)) => Err(Error::invalid(format!(
-            "PNG text keyword {k:?} is not 1 to 79 printable Latin-1 characters"
-        ))),
+        Some((k, _)) => {
+            Err(Error::invalid(format!("PNG text keyword {k:?} is not 1 to 79 printable Latin-1 characters")))
+        }
         None => Ok(()),
     }
 }
@@ -54,9 +54,7 @@ pub fn check_png_text(text: &[(&str, String)]) -> Result<()> {
 pub fn write_png(path: &Path, img: &RgbImage, text: &[(&str, String)]) -> Result<()> {
     check_png_text(text).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
     let mut bytes = Vec::new();
-    let io = |e: png::EncodingError| {
-        Error::invalid(format!("{}: PNG encoding failed: {e}", path.display()))
-    };
+    let io = |e: png::EncodingError| Error::invalid(format!("{}: PNG encoding failed: {e}", path.display()));
     {
         let mut enc = png::Encoder::new(&mut bytes, img.width as u32, img.height as u32);
         enc.set_color(png::ColorType::Rgb);
@@ -76,14 +74,9 @@ pub fn write_png(path: &Path, img: &RgbImage, text: &[(&str, String)]) -> Result
 
 /// Every text chunk of a decoded PNG: `tEXt`, then `zTXt`, then `iTXt` (decompressed).
 fn texts(info: &png::Info, path: &Path) -> Result<Vec<(String, String)>> {
-    let bad = |e: png::DecodingError| {
-        Error::invalid(format!("{}: unreadable text chunk: {e}", path.display()))
-    };
-    let mut out: Vec<(String, String)> = info
-        .uncompressed_latin1_text
-        .iter()
-        .map(|t| (t.keyword.clone(), t.text.clone()))
-        .collect();
+    let bad = |e: png::DecodingError| Error::invalid(format!("{}: unreadable text chunk: {e}", path.display()));
+    let mut out: Vec<(String, String)> =
+        info.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
     for t in &info.compressed_latin1_text {
         let mut t = t.clone();
         t.decompress_text().map_err(bad)?;
@@ -147,70 +140,34 @@ mod tests {
     }
 
     fn pixel() -> RgbImage {
-        RgbImage {
-            width: 2,
-            height: 1,
-            data: vec![1, 2, 3, 250, 251, 252],
-        }
+        RgbImage { width: 2, height: 1, data: vec![1, 2, 3, 250, 251, 252] }
     }
 
     #[test]
     fn cjk_and_emoji_text_round_trips_as_itxt() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("猫.png");
-        let text = vec![
-            ("parameters", "一只猫 🐱".to_string()),
-            ("seed", "7".to_string()),
-        ];
+        let text = vec![("parameters", "一只猫 🐱".to_string()), ("seed", "7".to_string())];
         write_png(&p, &pixel(), &text).unwrap();
         let (img, back) = read_png(&p).unwrap();
         assert_eq!(img, pixel());
-        assert!(
-            back.contains(&("parameters".to_string(), "一只猫 🐱".to_string())),
-            "{back:?}"
-        );
-        assert!(
-            back.contains(&("seed".to_string(), "7".to_string())),
-            "{back:?}"
-        );
+        assert!(back.contains(&("parameters".to_string(), "一只猫 🐱".to_string())), "{back:?}");
+        assert!(back.contains(&("seed".to_string(), "7".to_string())), "{back:?}");
         assert_eq!(read_png_text(&p).unwrap().len(), 2);
         let types = chunk_types(&std::fs::read(&p).unwrap());
-        assert_eq!(
-            types.iter().filter(|t| *t == "iTXt").count(),
-            1,
-            "{types:?}"
-        );
-        assert_eq!(
-            types.iter().filter(|t| *t == "tEXt").count(),
-            1,
-            "{types:?}"
-        );
+        assert_eq!(types.iter().filter(|t| *t == "iTXt").count(), 1, "{types:?}");
+        assert_eq!(types.iter().filter(|t| *t == "tEXt").count(), 1, "{types:?}");
     }
 
     #[test]
     fn latin1_text_still_goes_into_text_chunks() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("0000.png");
-        write_png(
-            &p,
-            &pixel(),
-            &[
-                ("parameters", "café crème, 1½ cups".into()),
-                ("title", "loss".into()),
-            ],
-        )
-        .unwrap();
+        write_png(&p, &pixel(), &[("parameters", "café crème, 1½ cups".into()), ("title", "loss".into())]).unwrap();
         let bytes = std::fs::read(&p).unwrap();
         let types = chunk_types(&bytes);
-        assert_eq!(
-            types.iter().filter(|t| *t == "tEXt").count(),
-            2,
-            "{types:?}"
-        );
-        assert!(
-            !types.iter().any(|t| t == "iTXt" || t == "zTXt"),
-            "{types:?}"
-        );
+        assert_eq!(types.iter().filter(|t| *t == "tEXt").count(), 2, "{types:?}");
+        assert!(!types.iter().any(|t| t == "iTXt" || t == "zTXt"), "{types:?}");
         // Latin-1 bytes, not UTF-8: `é` is one byte 0xE9.
         assert!(bytes.windows(5).any(|w| w == b"caf\xe9 "));
         let (_, back) = read_png(&p).unwrap();
@@ -226,8 +183,7 @@ mod tests {
             let mut enc = png::Encoder::new(&mut bytes, 1, 1);
             enc.set_color(png::ColorType::Rgb);
             enc.set_depth(png::BitDepth::Eight);
-            enc.add_ztxt_chunk("Comment".into(), "zipped latin-1 ü".into())
-                .unwrap();
+            enc.add_ztxt_chunk("Comment".into(), "zipped latin-1 ü".into()).unwrap();
             let mut itxt = png::text_metadata::ITXtChunk::new("parameters", "圧縮された 🎨");
             itxt.compressed = true;
             enc.add_itxt_chunk("plain".into(), "x".into()).unwrap();
@@ -237,15 +193,8 @@ mod tests {
         }
         std::fs::write(&p, &bytes).unwrap();
         let back = read_png_text(&p).unwrap();
-        for (k, v) in [
-            ("Comment", "zipped latin-1 ü"),
-            ("parameters", "圧縮された 🎨"),
-            ("plain", "x"),
-        ] {
-            assert!(
-                back.contains(&(k.to_string(), v.to_string())),
-                "{k}: {back:?}"
-            );
+        for (k, v) in [("Comment", "zipped latin-1 ü"), ("parameters", "圧縮された 🎨"), ("plain", "x")] {
+            assert!(back.contains(&(k.to_string(), v.to_string())), "{k}: {back:?}");
         }
         assert_eq!(read_png(&p).unwrap().1.len(), 3);
     }
@@ -255,21 +204,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("0000.png");
         for k in ["", "提示", "tab\there", "k".repeat(80).as_str()] {
-            let err = write_png(&p, &pixel(), &[(k, "v".into())])
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.contains(&format!("{k:?}")) && err.contains("keyword"),
-                "{err}"
-            );
+            let err = write_png(&p, &pixel(), &[(k, "v".into())]).unwrap_err().to_string();
+            assert!(err.contains(&format!("{k:?}")) && err.contains("keyword"), "{err}");
         }
         assert!(!p.exists(), "nothing written");
         let long = "k".repeat(79);
-        write_png(
-            &p,
-            &pixel(),
-            &[(long.as_str(), "v".into()), ("Schlüssel", "v".into())],
-        )
-        .unwrap();
+        write_png(&p, &pixel(), &[(long.as_str(), "v".into()), ("Schlüssel", "v".into())]).unwrap();
     }
 }

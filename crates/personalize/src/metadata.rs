@@ -110,19 +110,11 @@ impl Default for ImageSettings {
 /// assert_eq!((class.as_str(), sigmas.as_deref()), ("DPMSolverMultistepScheduler", Some("karras")));
 /// # Ok::<(), model_io::Error>(())
 /// ```
-pub fn scheduler_in_use(
-    dir: &Path,
-    override_name: Option<&str>,
-) -> Result<(String, Option<String>)> {
+pub fn scheduler_in_use(dir: &Path, override_name: Option<&str>) -> Result<(String, Option<String>)> {
     let serr = |e: scheduler::SchedulerError| Error::invalid(e.to_string());
     let cfg = SchedulerConfig::from_file(&dir.join("scheduler_config.json")).map_err(serr)?;
-    let kind = scheduler::from_config::<HostSample>(&cfg, override_name)
-        .map_err(serr)?
-        .kind();
-    let sigma_schedules = matches!(
-        kind,
-        SchedulerKind::Euler | SchedulerKind::DpmSolverMultistep
-    );
+    let kind = scheduler::from_config::<HostSample>(&cfg, override_name).map_err(serr)?.kind();
+    let sigma_schedules = matches!(kind, SchedulerKind::Euler | SchedulerKind::DpmSolverMultistep);
     let flag = |k: &str| sigma_schedules && cfg.bool_or(k, false).unwrap_or(false);
     let sigmas = if override_name == Some("dpm++2m-karras") || flag("use_karras_sigmas") {
         Some("karras".to_string())
@@ -152,9 +144,7 @@ fn scheduler_from_a1111(sampler: &str, schedule_type: Option<&str>) -> Option<St
         Some(s) => (s, true),
         None => (sampler, schedule_type == Some("Karras")),
     };
-    let kind = SchedulerKind::ALL
-        .into_iter()
-        .find(|k| a1111_sampler(*k) == sampler)?;
+    let kind = SchedulerKind::ALL.into_iter().find(|k| a1111_sampler(*k) == sampler)?;
     Some(match kind {
         SchedulerKind::DpmSolverMultistep if karras => "dpm++2m-karras".to_string(),
         k => k.cli_name().to_string(),
@@ -182,20 +172,13 @@ fn quote(v: &str) -> String {
 /// ```
 pub fn model_name(base: &Path) -> Option<String> {
     let hub = base.components().rev().find_map(|c| match c {
-        Component::Normal(s) => s
-            .to_str()
-            .and_then(|s| s.strip_prefix("models--"))
-            .and_then(|r| r.rsplit("--").next())
-            .map(str::to_string),
+        Component::Normal(s) => {
+            s.to_str().and_then(|s| s.strip_prefix("models--")).and_then(|r| r.rsplit("--").next()).map(str::to_string)
+        }
         _ => None,
     });
     hub.or_else(|| base.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .or_else(|| {
-            base.canonicalize()
-                .ok()?
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-        })
+        .or_else(|| base.canonicalize().ok()?.file_name().map(|n| n.to_string_lossy().into_owned()))
 }
 
 impl ImageSettings {
@@ -213,22 +196,15 @@ impl ImageSettings {
     ///     "a fox\nSteps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7.5, Seed: 3, Size: 768x512, Model: sd15");
     /// ```
     pub fn to_a1111_parameters(&self) -> String {
-        let kind = self
-            .scheduler_class
-            .as_deref()
-            .and_then(SchedulerKind::from_name)
-            .or_else(|| {
-                self.scheduler
-                    .as_deref()
-                    .and_then(|s| SchedulerKind::from_name(s.strip_suffix("-karras").unwrap_or(s)))
-            });
+        let kind = self.scheduler_class.as_deref().and_then(SchedulerKind::from_name).or_else(|| {
+            self.scheduler.as_deref().and_then(|s| SchedulerKind::from_name(s.strip_suffix("-karras").unwrap_or(s)))
+        });
         let sampler = match (kind, &self.scheduler_class) {
             (Some(k), _) => a1111_sampler(k).to_string(),
             (None, Some(class)) => class.clone(),
             (None, None) => "Automatic".to_string(),
         };
-        let karras = self.sigmas.as_deref() == Some("karras")
-            || self.scheduler.as_deref() == Some("dpm++2m-karras");
+        let karras = self.sigmas.as_deref() == Some("karras") || self.scheduler.as_deref() == Some("dpm++2m-karras");
         let schedule = if karras {
             "Karras"
         } else if self.sigmas.as_deref() == Some("exponential") {
@@ -264,19 +240,13 @@ impl ImageSettings {
 
     /// Parses the JSON of a `personalize` chunk.
     pub fn from_json(text: &str) -> Result<Self> {
-        serde_json::from_str(text).map_err(|e| {
-            Error::invalid(format!(
-                "the `{SETTINGS_KEY}` text chunk is not valid settings JSON: {e}"
-            ))
-        })
+        serde_json::from_str(text)
+            .map_err(|e| Error::invalid(format!("the `{SETTINGS_KEY}` text chunk is not valid settings JSON: {e}")))
     }
 
     /// The text chunks for [`crate::write_png`]: `parameters` and `personalize`.
     pub fn png_text(&self) -> Result<Vec<(&'static str, String)>> {
-        Ok(vec![
-            (PARAMETERS_KEY, self.to_a1111_parameters()),
-            (SETTINGS_KEY, self.to_json()?),
-        ])
+        Ok(vec![(PARAMETERS_KEY, self.to_a1111_parameters()), (SETTINGS_KEY, self.to_json()?)])
     }
 
     /// Parses A1111 parameters text, as A1111's `parse_generation_parameters`: the prompt lines,
@@ -309,33 +279,19 @@ impl ImageSettings {
                 in_negative = true;
                 line = rest.trim();
             }
-            let part = if in_negative {
-                &mut negative
-            } else {
-                &mut prompt
-            };
+            let part = if in_negative { &mut negative } else { &mut prompt };
             part.push(line);
         }
-        let get = |k: &str| {
-            params
-                .iter()
-                .find(|(key, _)| key == k)
-                .map(|(_, v)| v.as_str())
-        };
-        let bad = |k: &str, v: &str| {
-            Error::invalid(format!("A1111 parameters: `{k}: {v}` is not a valid value"))
-        };
-        let need = |k: &str| {
-            get(k).ok_or_else(|| Error::invalid(format!("A1111 parameters have no `{k}:`")))
-        };
+        let get = |k: &str| params.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let bad = |k: &str, v: &str| Error::invalid(format!("A1111 parameters: `{k}: {v}` is not a valid value"));
+        let need = |k: &str| get(k).ok_or_else(|| Error::invalid(format!("A1111 parameters have no `{k}:`")));
         let steps = need("Steps")?;
         let cfg = need("CFG scale")?;
         let seed = need("Seed")?;
         let size = match get("Size") {
             Some(v) => {
-                let parsed: Option<(usize, usize)> = v
-                    .split_once('x')
-                    .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
+                let parsed: Option<(usize, usize)> =
+                    v.split_once('x').and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
                 Some(parsed.ok_or_else(|| bad("Size", v))?)
             }
             None => None,
@@ -357,11 +313,7 @@ impl ImageSettings {
     /// one, those of its A1111 `parameters` chunk (as A1111's PNG info reads them).
     pub fn from_png(path: &Path) -> Result<Self> {
         let text = crate::image_out::read_png_text(path)?;
-        let get = |k: &str| {
-            text.iter()
-                .find(|(key, _)| key == k)
-                .map(|(_, v)| v.as_str())
-        };
+        let get = |k: &str| text.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
         let with_path = |e: Error| Error::invalid(format!("{}: {e}", path.display()));
         if let Some(json) = get(SETTINGS_KEY) {
             return Self::from_json(json).map_err(with_path);
@@ -451,76 +403,29 @@ mod tests {
             s.to_a1111_parameters(),
             "sks の水彩画 🎨\nNegative prompt: lowres, blurry\nSteps: 25, Sampler: PLMS, Schedule type: Automatic, CFG scale: 7.5, Seed: 1234, Size: 768x512, Model: stable-diffusion-v1-5"
         );
-        let plain = ImageSettings {
-            negative_prompt: None,
-            guidance: 5.0,
-            ..s.clone()
-        };
+        let plain = ImageSettings { negative_prompt: None, guidance: 5.0, ..s.clone() };
         assert_eq!(
             plain.to_a1111_parameters(),
             "sks の水彩画 🎨\nSteps: 25, Sampler: PLMS, Schedule type: Automatic, CFG scale: 5, Seed: 1234, Size: 768x512, Model: stable-diffusion-v1-5"
         );
-        assert!(!ImageSettings {
-            negative_prompt: Some(String::new()),
-            ..s.clone()
-        }
-        .to_a1111_parameters()
-        .contains("Negative prompt"));
+        assert!(!ImageSettings { negative_prompt: Some(String::new()), ..s.clone() }
+            .to_a1111_parameters()
+            .contains("Negative prompt"));
         let cases = [
-            (
-                Some("ddim"),
-                "DDIMScheduler",
-                None,
-                "Sampler: DDIM, Schedule type: Automatic",
-            ),
-            (
-                Some("ddpm"),
-                "DDPMScheduler",
-                None,
-                "Sampler: DDPM, Schedule type: Automatic",
-            ),
-            (
-                Some("pndm"),
-                "PNDMScheduler",
-                None,
-                "Sampler: PLMS, Schedule type: Automatic",
-            ),
-            (
-                Some("euler"),
-                "EulerDiscreteScheduler",
-                None,
-                "Sampler: Euler, Schedule type: Automatic",
-            ),
-            (
-                None,
-                "EulerDiscreteScheduler",
-                Some("karras"),
-                "Sampler: Euler, Schedule type: Karras",
-            ),
-            (
-                Some("euler-a"),
-                "EulerAncestralDiscreteScheduler",
-                None,
-                "Sampler: Euler a, Schedule type: Automatic",
-            ),
-            (
-                Some("dpm++2m"),
-                "DPMSolverMultistepScheduler",
-                None,
-                "Sampler: DPM++ 2M, Schedule type: Automatic",
-            ),
+            (Some("ddim"), "DDIMScheduler", None, "Sampler: DDIM, Schedule type: Automatic"),
+            (Some("ddpm"), "DDPMScheduler", None, "Sampler: DDPM, Schedule type: Automatic"),
+            (Some("pndm"), "PNDMScheduler", None, "Sampler: PLMS, Schedule type: Automatic"),
+            (Some("euler"), "EulerDiscreteScheduler", None, "Sampler: Euler, Schedule type: Automatic"),
+            (None, "EulerDiscreteScheduler", Some("karras"), "Sampler: Euler, Schedule type: Karras"),
+            (Some("euler-a"), "EulerAncestralDiscreteScheduler", None, "Sampler: Euler a, Schedule type: Automatic"),
+            (Some("dpm++2m"), "DPMSolverMultistepScheduler", None, "Sampler: DPM++ 2M, Schedule type: Automatic"),
             (
                 Some("dpm++2m-karras"),
                 "DPMSolverMultistepScheduler",
                 Some("karras"),
                 "Sampler: DPM++ 2M, Schedule type: Karras",
             ),
-            (
-                None,
-                "DPMSolverMultistepScheduler",
-                Some("exponential"),
-                "Sampler: DPM++ 2M, Schedule type: Exponential",
-            ),
+            (None, "DPMSolverMultistepScheduler", Some("exponential"), "Sampler: DPM++ 2M, Schedule type: Exponential"),
         ];
         for (name, class, sigmas, want) in cases {
             let s = ImageSettings {
@@ -529,17 +434,10 @@ mod tests {
                 sigmas: sigmas.map(str::to_string),
                 ..s.clone()
             };
-            assert!(
-                s.to_a1111_parameters().contains(want),
-                "{name:?}: {}",
-                s.to_a1111_parameters()
-            );
+            assert!(s.to_a1111_parameters().contains(want), "{name:?}: {}", s.to_a1111_parameters());
         }
-        let odd = ImageSettings {
-            scheduler_class: Some("LMSDiscreteScheduler".into()),
-            base: Some("a, b: c".into()),
-            ..s
-        };
+        let odd =
+            ImageSettings { scheduler_class: Some("LMSDiscreteScheduler".into()), base: Some("a, b: c".into()), ..s };
         assert!(odd.to_a1111_parameters().ends_with("Sampler: LMSDiscreteScheduler, Schedule type: Automatic, CFG scale: 7.5, Seed: 1234, Size: 768x512, Model: \"a, b: c\""));
     }
 
@@ -549,19 +447,14 @@ mod tests {
         let json = s.to_json().unwrap();
         assert!(json.contains("sks の水彩画 🎨"), "UTF-8 as is: {json}");
         assert_eq!(ImageSettings::from_json(&json).unwrap(), s);
-        let t = ImageSettings {
-            training_step: Some(100),
-            ..s
-        };
+        let t = ImageSettings { training_step: Some(100), ..s };
         assert_eq!(ImageSettings::from_json(&t.to_json().unwrap()).unwrap(), t);
         let min = ImageSettings::from_json(
             r#"{"prompt": "x", "seed": 1, "steps": 2, "guidance": 3.0, "future_field": true}"#,
         )
         .unwrap();
         assert_eq!((min.num_images, min.image_index, min.height), (1, 0, None));
-        let err = ImageSettings::from_json(r#"{"prompt": 1}"#)
-            .unwrap_err()
-            .to_string();
+        let err = ImageSettings::from_json(r#"{"prompt": 1}"#).unwrap_err().to_string();
         assert!(err.contains("personalize") && err.contains("JSON"), "{err}");
     }
 
@@ -574,13 +467,7 @@ mod tests {
             ("sks の水彩画 🎨", Some("lowres, blurry"))
         );
         assert_eq!(
-            (
-                back.steps,
-                back.guidance,
-                back.seed,
-                back.width,
-                back.height
-            ),
+            (back.steps, back.guidance, back.seed, back.width, back.height),
             (25, 7.5, 1234, Some(768), Some(512))
         );
         assert_eq!(back.scheduler.as_deref(), Some("pndm"));
@@ -588,116 +475,66 @@ mod tests {
         let a = "line one\nline two\nSteps: 30, Sampler: Euler a, Schedule type: Automatic, CFG scale: 6.5, Seed: 7, Size: 640x448, \
                  Model hash: abc123, Model: \"x, y\", Lora hashes: \"a: 1, b: 2\", Version: v1.10.1";
         let p = ImageSettings::from_a1111_parameters(a).unwrap();
-        assert_eq!(
-            (p.prompt.as_str(), p.negative_prompt.as_deref()),
-            ("line one\nline two", None)
-        );
-        assert_eq!(
-            (p.steps, p.guidance, p.seed, p.width, p.height),
-            (30, 6.5, 7, Some(640), Some(448))
-        );
+        assert_eq!((p.prompt.as_str(), p.negative_prompt.as_deref()), ("line one\nline two", None));
+        assert_eq!((p.steps, p.guidance, p.seed, p.width, p.height), (30, 6.5, 7, Some(640), Some(448)));
         assert_eq!(p.scheduler.as_deref(), Some("euler-a"));
         let k = ImageSettings::from_a1111_parameters(
             "p\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1",
         )
         .unwrap();
-        assert_eq!(
-            (k.scheduler.as_deref(), k.height),
-            (Some("dpm++2m-karras"), None)
-        );
-        let u = ImageSettings::from_a1111_parameters(
-            "p\nSteps: 3, Sampler: UniPC, CFG scale: 7, Seed: 1",
-        )
-        .unwrap();
+        assert_eq!((k.scheduler.as_deref(), k.height), (Some("dpm++2m-karras"), None));
+        let u = ImageSettings::from_a1111_parameters("p\nSteps: 3, Sampler: UniPC, CFG scale: 7, Seed: 1").unwrap();
         assert_eq!(u.scheduler, None);
-        let e = ImageSettings::from_a1111_parameters("just a prompt")
-            .unwrap_err()
-            .to_string();
+        let e = ImageSettings::from_a1111_parameters("just a prompt").unwrap_err().to_string();
         assert!(e.contains("Steps"), "{e}");
-        let e = ImageSettings::from_a1111_parameters("p\nSteps: many, CFG scale: 7, Seed: 1")
-            .unwrap_err()
-            .to_string();
+        let e = ImageSettings::from_a1111_parameters("p\nSteps: many, CFG scale: 7, Seed: 1").unwrap_err().to_string();
         assert!(e.contains("Steps: many"), "{e}");
     }
 
     #[test]
     fn settings_come_back_from_png_chunks() {
         let d = tempfile::tempdir().unwrap();
-        let img = crate::RgbImage {
-            width: 1,
-            height: 1,
-            data: vec![0, 0, 0],
-        };
+        let img = crate::RgbImage { width: 1, height: 1, data: vec![0, 0, 0] };
         let s = settings();
         let ours = d.path().join("ours.png");
         crate::write_png(&ours, &img, &s.png_text().unwrap()).unwrap();
         assert_eq!(ImageSettings::from_png(&ours).unwrap(), s);
         let (_, text) = crate::read_png(&ours).unwrap();
-        assert_eq!(
-            text.iter()
-                .filter(|(k, _)| k == PARAMETERS_KEY || k == SETTINGS_KEY)
-                .count(),
-            2
-        );
-        assert!(
-            !text.iter().any(|(k, _)| k == "prompt"),
-            "ComfyUI reads `prompt` as a workflow"
-        );
+        assert_eq!(text.iter().filter(|(k, _)| k == PARAMETERS_KEY || k == SETTINGS_KEY).count(), 2);
+        assert!(!text.iter().any(|(k, _)| k == "prompt"), "ComfyUI reads `prompt` as a workflow");
 
         let a1111 = d.path().join("a1111.png");
         crate::write_png(
             &a1111,
             &img,
-            &[(
-                PARAMETERS_KEY,
-                "a cat\nSteps: 4, Sampler: DDIM, CFG scale: 3, Seed: 9, Size: 64x32".into(),
-            )],
+            &[(PARAMETERS_KEY, "a cat\nSteps: 4, Sampler: DDIM, CFG scale: 3, Seed: 9, Size: 64x32".into())],
         )
         .unwrap();
         let p = ImageSettings::from_png(&a1111).unwrap();
         assert_eq!(
-            (
-                p.prompt.as_str(),
-                p.steps,
-                p.seed,
-                p.scheduler.as_deref(),
-                p.base
-            ),
+            (p.prompt.as_str(), p.steps, p.seed, p.scheduler.as_deref(), p.base),
             ("a cat", 4, 9, Some("ddim"), None)
         );
 
         let none = d.path().join("none.png");
         crate::write_png(&none, &img, &[("Title", "x".into())]).unwrap();
         let e = ImageSettings::from_png(&none).unwrap_err().to_string();
-        assert!(
-            e.contains("none.png") && e.contains("no `personalize` settings"),
-            "{e}"
-        );
+        assert!(e.contains("none.png") && e.contains("no `personalize` settings"), "{e}");
     }
 
     #[test]
     fn the_scheduler_in_use_follows_the_config_and_the_override() {
         let d = tempfile::tempdir().unwrap();
-        let write =
-            |json: &str| std::fs::write(d.path().join("scheduler_config.json"), json).unwrap();
+        let write = |json: &str| std::fs::write(d.path().join("scheduler_config.json"), json).unwrap();
         write(r#"{"_class_name": "PNDMScheduler", "skip_prk_steps": true}"#);
-        assert_eq!(
-            scheduler_in_use(d.path(), None).unwrap(),
-            ("PNDMScheduler".into(), None)
-        );
+        assert_eq!(scheduler_in_use(d.path(), None).unwrap(), ("PNDMScheduler".into(), None));
         assert_eq!(
             scheduler_in_use(d.path(), Some("dpm++2m-karras")).unwrap(),
             ("DPMSolverMultistepScheduler".into(), Some("karras".into()))
         );
-        assert!(scheduler_in_use(d.path(), Some("heun"))
-            .unwrap_err()
-            .to_string()
-            .contains("heun"));
+        assert!(scheduler_in_use(d.path(), Some("heun")).unwrap_err().to_string().contains("heun"));
         write(r#"{"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": true}"#);
-        assert_eq!(
-            scheduler_in_use(d.path(), None).unwrap(),
-            ("EulerDiscreteScheduler".into(), Some("karras".into()))
-        );
+        assert_eq!(scheduler_in_use(d.path(), None).unwrap(), ("EulerDiscreteScheduler".into(), Some("karras".into())));
         assert_eq!(
             scheduler_in_use(d.path(), Some("ddim")).unwrap(),
             ("DDIMScheduler".into(), None),

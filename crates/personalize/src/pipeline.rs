@@ -229,7 +229,8 @@ impl<B: Backend> Pipeline<B> {
         let cond_text = self.encode_prompts(&[opts.prompt.clone()])?;
         let guided = opts.guidance > 1.0;
         let mut cond = cond_text;
-        let mut uncond = if guided { Some(self.encode_prompts(&[opts.negative_prompt.clone().unwrap_or_default()])?) } else { None };
+        let mut uncond =
+            if guided { Some(self.encode_prompts(&[opts.negative_prompt.clone().unwrap_or_default()])?) } else { None };
         if let Some(v) = visual {
             if self.aligner_width_mismatch(v.aligner) {
                 return Err(Error::invalid(format!(
@@ -290,7 +291,11 @@ impl<B: Backend> Pipeline<B> {
                 if d[1..] != shape[1..] || d[0] == 0 {
                     return Err(Error::invalid(format!(
                         "latents have shape {d:?}; expected [N, {}, {}, {}] for {}x{} images",
-                        shape[1], shape[2], shape[3], shape[2] * self.vae.downscale_factor(), shape[3] * self.vae.downscale_factor()
+                        shape[1],
+                        shape[2],
+                        shape[3],
+                        shape[2] * self.vae.downscale_factor(),
+                        shape[3] * self.vae.downscale_factor()
                     )));
                 }
                 l
@@ -304,14 +309,17 @@ impl<B: Backend> Pipeline<B> {
         let ctx = self.contexts(opts, visual, n)?;
         let guided = opts.guidance > 1.0;
         let mut sched: Box<dyn Scheduler<Tensor<B, 4>>> =
-            scheduler::load(&self.scheduler_dir, opts.scheduler.as_deref()).map_err(|e| Error::invalid(e.to_string()))?;
+            scheduler::load(&self.scheduler_dir, opts.scheduler.as_deref())
+                .map_err(|e| Error::invalid(e.to_string()))?;
         sched.set_timesteps(opts.steps).map_err(|e| Error::invalid(e.to_string()))?;
         let mut noise = BurnNoise::seeded::<B>(&self.device, opts.seed.wrapping_add(1));
         let mut x = latents.scale(sched.init_noise_sigma());
         let timesteps = sched.timesteps().to_vec();
         // Every step's timestep features in one upload: the loop below sends nothing from the
         // host to the device and reads nothing back.
-        let t_features = self.unet.timestep_features(Tensor::from_data(TensorData::new(timesteps.clone(), [timesteps.len()]), &self.device));
+        let t_features = self
+            .unet
+            .timestep_features(Tensor::from_data(TensorData::new(timesteps.clone(), [timesteps.len()]), &self.device));
         let serr = |e: scheduler::SchedulerError| Error::invalid(e.to_string());
         for (i, &t) in timesteps.iter().enumerate() {
             let input = if guided { Tensor::cat(vec![x.clone(), x.clone()], 0) } else { x.clone() };

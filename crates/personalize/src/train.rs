@@ -58,8 +58,8 @@ mod train_data;
 #[path = "train_parts.rs"]
 mod train_parts;
 
-use train_data::{render, views};
 pub use train_data::{image_files, load_image, load_images, plot_losses};
+use train_data::{render, views};
 use train_parts::{adamw_step, diffusers_unet_tensors, grad_sq_norm, host_params, load_params, set_require_grad};
 pub use train_parts::{write_unet_safetensors, AdamW};
 
@@ -370,7 +370,14 @@ pub fn list_checkpoints(out_dir: &Path) -> Vec<(usize, PathBuf)> {
 impl<B: AutodiffBackend> Trainer<B> {
     /// Loads the base model, checks the data, caches latents and embeddings, builds the aligner
     /// and the UNet per the mode, and with `resume` restores the latest checkpoint in `out_dir`.
-    pub fn new(base_dir: &Path, cfg: &TrainConfig, data: &TrainData, out_dir: &Path, resume: bool, device: &B::Device) -> Result<Self> {
+    pub fn new(
+        base_dir: &Path,
+        cfg: &TrainConfig,
+        data: &TrainData,
+        out_dir: &Path,
+        resume: bool,
+        device: &B::Device,
+    ) -> Result<Self> {
         cfg.validate()?;
         if data.images.is_empty() {
             return Err(Error::invalid("no training images given"));
@@ -387,10 +394,15 @@ impl<B: AutodiffBackend> Trainer<B> {
             return Err(Error::invalid("the BLIP-2 queries contain NaN or infinite values"));
         }
         if cfg.query_selection == QuerySelection::First && cfg.num_queries > qs[1] {
-            return Err(Error::invalid(format!("--queries {} is more than the {} queries BLIP-2 gives", cfg.num_queries, qs[1])));
+            return Err(Error::invalid(format!(
+                "--queries {} is more than the {} queries BLIP-2 gives",
+                cfg.num_queries, qs[1]
+            )));
         }
         if cfg.prior.is_some() && data.class_images.is_empty() {
-            return Err(Error::invalid("prior preservation needs class images (--class-images DIR, or let the base model make them)"));
+            return Err(Error::invalid(
+                "prior preservation needs class images (--class-images DIR, or let the base model make them)",
+            ));
         }
         let existing = list_checkpoints(out_dir);
         if !resume && !existing.is_empty() {
@@ -404,7 +416,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         let pipe = Pipeline::<B::InnerBackend>::load(base_dir, device)?;
         let f = pipe.vae.downscale_factor();
         if cfg.resolution % f != 0 {
-            return Err(Error::invalid(format!("--resolution {} must be a multiple of the VAE factor {f}", cfg.resolution)));
+            return Err(Error::invalid(format!(
+                "--resolution {} must be a multiple of the VAE factor {f}",
+                cfg.resolution
+            )));
         }
         let serr = |e: scheduler::SchedulerError| Error::invalid(e.to_string());
         let sched = scheduler::load::<HostSample>(&base_dir.join("scheduler"), None).map_err(serr)?;
@@ -422,16 +437,24 @@ impl<B: AutodiffBackend> Trainer<B> {
         let data_fingerprint = format!("{h:016x}");
 
         // Frozen encoders, once.
-        let encode_text = |p: &str| -> Result<HostTensor> { Ok(HostTensor::from_tensor(pipe.encode_prompts(&[p.to_string()])?)) };
+        let encode_text =
+            |p: &str| -> Result<HostTensor> { Ok(HostTensor::from_tensor(pipe.encode_prompts(&[p.to_string()])?)) };
         let text = encode_text(&cfg.prompt)?;
         let class_text = cfg.prior.as_ref().map(|p| encode_text(&p.class_prompt)).transpose()?;
         let views = Self::cache_latents(&pipe, cfg, &data.images, cfg.seed ^ 0x5EED_0001, device)?;
-        let class_views =
-            if cfg.prior.is_some() { Self::cache_latents(&pipe, cfg, &data.class_images, cfg.seed ^ 0x5EED_0002, device)? } else { vec![] };
+        let class_views = if cfg.prior.is_some() {
+            Self::cache_latents(&pipe, cfg, &data.class_images, cfg.seed ^ 0x5EED_0002, device)?
+        } else {
+            vec![]
+        };
 
         // Trained parts, initialised from the seed.
         let mut init = SeededRng::new(cfg.seed);
-        let settings = AlignerSettings { num_queries: cfg.num_queries, query_selection: cfg.query_selection, final_gelu: cfg.aligner_final_gelu };
+        let settings = AlignerSettings {
+            num_queries: cfg.num_queries,
+            query_selection: cfg.query_selection,
+            final_gelu: cfg.aligner_final_gelu,
+        };
         let (dq, hidden) = (qs[2], cfg.aligner_hidden.unwrap_or(d_text));
         let mut aligner = Aligner::<B>::new(dq, hidden, d_text, &settings, device);
         let mut lin = |i: usize, o: usize| {
@@ -443,7 +466,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         aligner.fc1 = lin(dq, hidden);
         aligner.fc2 = lin(hidden, d_text);
 
-        let mut unet = set_require_grad(UNet2DConditionModel::<B>::from_inner(pipe.unet.clone()), cfg.unet_mode == UnetMode::Full);
+        let mut unet =
+            set_require_grad(UNet2DConditionModel::<B>::from_inner(pipe.unet.clone()), cfg.unet_mode == UnetMode::Full);
         if let UnetMode::Lora { rank, alpha } = cfg.unet_mode {
             sd_unet::lora::attach(&mut unet, rank, alpha);
             for a in unet.attentions_mut() {
@@ -482,7 +506,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         t.scaling = t.pipe.vae_config.scaling_factor as f32;
         if resume {
             if let Some((step, dir)) = existing.last() {
-                t.load_checkpoint(dir).map_err(|e| Error::invalid(format!("cannot resume from {}: {e}", dir.display())))?;
+                t.load_checkpoint(dir)
+                    .map_err(|e| Error::invalid(format!("cannot resume from {}: {e}", dir.display())))?;
                 t.resumed_from = Some(*step);
             }
         }
@@ -504,7 +529,10 @@ impl<B: AutodiffBackend> Trainer<B> {
                 return Err(Error::invalid(format!("training image {i} is empty or not RGB")));
             }
             for v in views(img.width, img.height, cfg.augment, cfg.min_crop, cfg.flip, &mut rng) {
-                let x = Tensor::<B::InnerBackend, 4>::from_data(TensorData::new(render(img, v, res), [1, 3, res, res]), device);
+                let x = Tensor::<B::InnerBackend, 4>::from_data(
+                    TensorData::new(render(img, v, res), [1, 3, res, res]),
+                    device,
+                );
                 let (mean, logvar) = pipe.vae.encode(x)?;
                 let std = (logvar * 0.5).exp();
                 let mean = HostTensor::from_tensor(mean).as_f32("mean")?.to_vec();
@@ -525,7 +553,11 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// A batch's noisy latents, targets and timesteps (host), with the view indices.
-    fn draw(&self, rng: &mut SeededRng, pool: &[CachedLatent]) -> Result<(Vec<usize>, HostSample, HostSample, Vec<usize>)> {
+    fn draw(
+        &self,
+        rng: &mut SeededRng,
+        pool: &[CachedLatent],
+    ) -> Result<(Vec<usize>, HostSample, HostSample, Vec<usize>)> {
         let b = self.cfg.batch;
         let [c, hh, ww] = self.latent_shape;
         let n = c * hh * ww;
@@ -556,7 +588,10 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     fn mse(&self, noisy: HostSample, target: HostSample, ts: &[usize], ctx: Tensor<B, 3>) -> Result<Tensor<B, 1>> {
-        let tt = Tensor::<B, 1>::from_data(TensorData::new(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), [ts.len()]), &self.device);
+        let tt = Tensor::<B, 1>::from_data(
+            TensorData::new(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), [ts.len()]),
+            &self.device,
+        );
         let pred = self.unet.forward(self.tensor4(noisy), tt, ctx)?;
         Ok((pred - self.tensor4(target)).powi_scalar(2).mean())
     }
@@ -623,7 +658,15 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         self.step = step;
         self.losses.push(LossRow { step, loss: loss_v as f32, prior_loss: prior_v.map(|v| v as f32), lr });
-        Ok(StepInfo { step, total_steps: self.cfg.steps, loss: loss_v, prior_loss: prior_v, grad_norm_aligner: ga, grad_norm_unet: gu, lr })
+        Ok(StepInfo {
+            step,
+            total_steps: self.cfg.steps,
+            loss: loss_v,
+            prior_loss: prior_v,
+            grad_norm_aligner: ga,
+            grad_norm_unet: gu,
+            lr,
+        })
     }
 
     fn nan_error(&self, step: usize, what: &str) -> Error {
@@ -635,7 +678,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             ),
             None => "no checkpoint was written yet (lower --lr and start again)".to_string(),
         };
-        Error::invalid(format!("the {what} became NaN or infinite at step {step}; training stopped, nothing of this step was kept; {kept}"))
+        Error::invalid(format!(
+            "the {what} became NaN or infinite at step {step}; training stopped, nothing of this step was kept; {kept}"
+        ))
     }
 
     /// The trainable state as host tensors: `aligner.<path>` and `unet.<path>`.
@@ -691,7 +736,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
         if let Err(e) = write() {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(Error::invalid(format!("could not write checkpoint for step {} ({e}); no partial checkpoint was left", self.step)));
+            return Err(Error::invalid(format!(
+                "could not write checkpoint for step {} ({e}); no partial checkpoint was left",
+                self.step
+            )));
         }
         let all = list_checkpoints(&self.out_dir);
         let keep = self.cfg.keep_checkpoints.max(1);
@@ -704,13 +752,15 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
-        let text = std::fs::read_to_string(dir.join("state.json")).map_err(|e| Error::Io { path: dir.join("state.json"), source: e })?;
-        let st: CheckpointState = serde_json::from_str(&text).map_err(|e| Error::Json { path: dir.join("state.json"), source: e })?;
+        let text = std::fs::read_to_string(dir.join("state.json"))
+            .map_err(|e| Error::Io { path: dir.join("state.json"), source: e })?;
+        let st: CheckpointState =
+            serde_json::from_str(&text).map_err(|e| Error::Json { path: dir.join("state.json"), source: e })?;
         let now = resume_settings(&self.cfg);
         if st.settings != now {
-            let diff = now
-                .as_object()
-                .and_then(|o| o.iter().find(|(k, v)| st.settings.get(k.as_str()) != Some(v)).map(|(k, v)| (k.clone(), v.clone())));
+            let diff = now.as_object().and_then(|o| {
+                o.iter().find(|(k, v)| st.settings.get(k.as_str()) != Some(v)).map(|(k, v)| (k.clone(), v.clone()))
+            });
             let (k, v) = diff.unwrap_or_default();
             return Err(Error::invalid(format!(
                 "it was trained with other settings (`{k}` was {}, now {v}); resume with the same settings",
@@ -777,11 +827,20 @@ impl<B: AutodiffBackend> Trainer<B> {
         let dir = self.out_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|e| Error::Io { path: dir.clone(), source: e })?;
         self.aligner.valid().save(&dir.join("aligner.safetensors"))?;
-        write_tensors(&dir.join("visual_queries.safetensors"), &BTreeMap::from([("queries".to_string(), self.queries.clone())]), &BTreeMap::new())?;
+        write_tensors(
+            &dir.join("visual_queries.safetensors"),
+            &BTreeMap::from([("queries".to_string(), self.queries.clone())]),
+            &BTreeMap::new(),
+        )?;
         let (rank, alpha) = match self.cfg.unet_mode {
             UnetMode::Lora { rank, .. } => {
                 // The scale is folded into lora_B: the adapter config diffusers reads says alpha = rank.
-                let meta = sd_unet::lora::PeftLoraConfig::metadata("unet", rank, rank as f64, &["to_q", "to_k", "to_v", "to_out.0"]);
+                let meta = sd_unet::lora::PeftLoraConfig::metadata(
+                    "unet",
+                    rank,
+                    rank as f64,
+                    &["to_q", "to_k", "to_v", "to_out.0"],
+                );
                 write_tensors(&dir.join("unet_lora.safetensors"), &self.lora_file_tensors(), &meta)?;
                 // The scale is folded into lora_B, so the file's alpha is its rank.
                 (Some(rank), Some(rank as f64))
@@ -794,7 +853,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
         let mut csv = String::from("step,loss,prior_loss,lr\n");
         for r in &self.losses {
-            csv.push_str(&format!("{},{},{},{}\n", r.step, r.loss, r.prior_loss.map(|v| v.to_string()).unwrap_or_default(), r.lr));
+            csv.push_str(&format!(
+                "{},{},{},{}\n",
+                r.step,
+                r.loss,
+                r.prior_loss.map(|v| v.to_string()).unwrap_or_default(),
+                r.lr
+            ));
         }
         model_io::write_atomic(&dir.join("loss.csv"), csv.as_bytes())?;
         let losses: Vec<f64> = self.losses.iter().map(|r| r.loss as f64).collect();
@@ -826,16 +891,26 @@ impl<B: AutodiffBackend> Trainer<B> {
         for (k, v) in &tensors {
             match base.info(k) {
                 Some(i) if i.shape == v.shape => {}
-                Some(i) => return Err(Error::invalid(format!("UNet export: `{k}` has shape {:?}, the base {:?}", v.shape, i.shape))),
+                Some(i) => {
+                    return Err(Error::invalid(format!(
+                        "UNet export: `{k}` has shape {:?}, the base {:?}",
+                        v.shape, i.shape
+                    )))
+                }
                 None => return Err(Error::invalid(format!("UNet export: `{k}` is not a key of the base UNet"))),
             }
         }
         if let Some(k) = names.iter().find(|k| !tensors.contains_key(*k)) {
             return Err(Error::invalid(format!("UNet export: base key `{k}` has no parameter")));
         }
-        let cfg = std::fs::read(self.pipe.base_dir.join("unet/config.json")).map_err(|e| Error::Io { path: self.pipe.base_dir.join("unet/config.json"), source: e })?;
+        let cfg = std::fs::read(self.pipe.base_dir.join("unet/config.json"))
+            .map_err(|e| Error::Io { path: self.pipe.base_dir.join("unet/config.json"), source: e })?;
         model_io::write_atomic(&dir.join("config.json"), &cfg)?;
-        write_tensors(&dir.join("diffusion_pytorch_model.safetensors"), &tensors, &BTreeMap::from([("format".to_string(), "pt".to_string())]))
+        write_tensors(
+            &dir.join("diffusion_pytorch_model.safetensors"),
+            &tensors,
+            &BTreeMap::from([("format".to_string(), "pt".to_string())]),
+        )
     }
 
     /// A sample image with the trained concept (the prompt, the mean of the training queries),
@@ -1022,7 +1097,11 @@ pub fn bench_train_step<B: AutodiffBackend>(
     let mut aligner = Aligner::<B>::new(768, d, d, &settings, device);
     let (mut oa, mut ou) = (AdamW::<B::InnerBackend>::new(1e-2), AdamW::<B::InnerBackend>::new(1e-2));
     let h = resolution / 8;
-    let trainable = host_params::<B, _>(&aligner, true).values().chain(host_params::<B, _>(&unet, true).values()).map(|t| t.shape.iter().product::<usize>()).sum();
+    let trainable = host_params::<B, _>(&aligner, true)
+        .values()
+        .chain(host_params::<B, _>(&unet, true).values())
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
     let mut rng = SeededRng::new(0);
     let mut randn = |shape: Vec<usize>| {
         let mut v = vec![0f32; shape.iter().product()];

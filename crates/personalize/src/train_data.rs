@@ -89,9 +89,11 @@ pub(crate) fn views(w: usize, h: usize, extra: usize, min_scale: f64, flip: bool
 /// Crops, resizes (antialiased bilinear: the image crate's triangle filter) and mirrors `img`,
 /// then maps it to the VAE's input range: CHW floats in `[-1, 1]`.
 pub(crate) fn render(img: &RgbImage, v: View, res: usize) -> Vec<f32> {
-    let buf = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone()).expect("RGB buffer size");
+    let buf =
+        image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone()).expect("RGB buffer size");
     let crop = image::imageops::crop_imm(&buf, v.x as u32, v.y as u32, v.side as u32, v.side as u32).to_image();
-    let mut out = if v.side == res { crop } else { image::imageops::resize(&crop, res as u32, res as u32, FilterType::Triangle) };
+    let mut out =
+        if v.side == res { crop } else { image::imageops::resize(&crop, res as u32, res as u32, FilterType::Triangle) };
     if v.flip {
         image::imageops::flip_horizontal_in_place(&mut out);
     }
@@ -151,7 +153,8 @@ pub fn plot_losses(losses: &[f64], w: usize, h: usize) -> RgbImage {
             }
         }
     };
-    let raw: Vec<(f64, f64)> = losses.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| (px(i), py(v))).collect();
+    let raw: Vec<(f64, f64)> =
+        losses.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| (px(i), py(v))).collect();
     line(&mut img, &raw, [150, 190, 240]);
     let mut ema = Vec::with_capacity(raw.len());
     let mut acc: Option<f64> = None;

@@ -80,7 +80,11 @@ pub(crate) fn set_require_grad<B: Backend, M: Module<B>>(m: M, flag: bool) -> M 
 
 /// Replaces the values of the parameters named in `values` (by path), keeping each one's
 /// `require_grad`. Errors if a name is missing from the module or a shape differs.
-pub(crate) fn load_params<B: Backend, M: Module<B>>(m: M, values: &BTreeMap<String, HostTensor>, what: &str) -> Result<M> {
+pub(crate) fn load_params<B: Backend, M: Module<B>>(
+    m: M,
+    values: &BTreeMap<String, HostTensor>,
+    what: &str,
+) -> Result<M> {
     struct L<'a, B: Backend> {
         stack: PathStack,
         values: &'a BTreeMap<String, HostTensor>,
@@ -101,7 +105,8 @@ pub(crate) fn load_params<B: Backend, M: Module<B>>(m: M, values: &BTreeMap<Stri
             let (id, t, mapper) = p.consume();
             let dims = t.dims().to_vec();
             if h.shape != dims {
-                self.err.get_or_insert(format!("`{path}` has shape {:?} in the file, {:?} in the model", h.shape, dims));
+                self.err
+                    .get_or_insert(format!("`{path}` has shape {:?} in the file, {:?} in the model", h.shape, dims));
                 return Param::from_mapped_value(id, t, mapper);
             }
             let device = self.device.get_or_insert_with(|| t.device()).clone();
@@ -188,7 +193,9 @@ impl<B: Backend> AdamW<B> {
         let mp = format!("m.{prefix}");
         for (k, m) in t.iter().filter(|(k, _)| k.starts_with(&mp)) {
             let path = &k[mp.len()..];
-            let v = t.get(&format!("v.{prefix}{path}")).ok_or_else(|| Error::invalid(format!("optimizer state: `v.{prefix}{path}` missing")))?;
+            let v = t
+                .get(&format!("v.{prefix}{path}"))
+                .ok_or_else(|| Error::invalid(format!("optimizer state: `v.{prefix}{path}` missing")))?;
             self.moments.insert(path.to_string(), (m.to_float(k, device)?, v.to_float(k, device)?));
         }
         Ok(())
@@ -258,7 +265,10 @@ pub(crate) fn adamw_step<B: AutodiffBackend, M: Module<B>>(
 /// `Proj` enum's variant, `to_out` → `to_out.0`, the GEGLU feed-forward (`ff.proj` →
 /// `ff.net.0.proj`, `ff.out` → `ff.net.2`), and the single down/up samplers (`downsampler` →
 /// `downsamplers.0`). Adapters are not included.
-pub(crate) fn visit_diffusers_unet<B: Backend, M: Module<B>>(m: &M, f: &mut dyn FnMut(String, Vec<usize>, &dyn Fn() -> HostTensor)) {
+pub(crate) fn visit_diffusers_unet<B: Backend, M: Module<B>>(
+    m: &M,
+    f: &mut dyn FnMut(String, Vec<usize>, &dyn Fn() -> HostTensor),
+) {
     struct V<'a> {
         stack: PathStack,
         f: &'a mut dyn FnMut(String, Vec<usize>, &dyn Fn() -> HostTensor),
@@ -334,7 +344,8 @@ pub fn write_unet_safetensors<B: Backend>(unet: &UNet2DConditionModel<B>, path: 
     let mut end = 0u64;
     for (k, shape) in &shapes {
         let len = 4 * shape.iter().product::<usize>() as u64;
-        header.insert(k.clone(), serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [end, end + len] }));
+        header
+            .insert(k.clone(), serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [end, end + len] }));
         offsets.insert(k.clone(), end);
         end += len;
     }

@@ -38,7 +38,8 @@ fn compare(ours: &[RgbImage], reference: &HostTensor) -> (u8, f64) {
 fn generate_matches_stable_diffusion_pipeline() {
     let pipe = pipe();
     let io = read_tensors(&fixtures().join("pipeline_io.safetensors")).unwrap();
-    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("pipeline_cases.json")).unwrap()).unwrap();
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("pipeline_cases.json")).unwrap()).unwrap();
     for c in cases.as_array().unwrap() {
         let name = c["name"].as_str().unwrap();
         let opts = GenerateOptions {
@@ -76,7 +77,15 @@ fn queries() -> Tensor<Flex, 3> {
 #[test]
 fn visual_prompt_adds_k_tokens_and_changes_the_image() {
     let pipe = pipe();
-    let opts = GenerateOptions { prompt: "a photo of sks".into(), steps: 3, guidance: 3.0, height: Some(32), width: Some(32), seed: 5, ..Default::default() };
+    let opts = GenerateOptions {
+        prompt: "a photo of sks".into(),
+        steps: 3,
+        guidance: 3.0,
+        height: Some(32),
+        width: Some(32),
+        seed: 5,
+        ..Default::default()
+    };
     let a = aligner(4);
     let v = VisualPrompt { aligner: &a, queries: queries() };
     let ctx = pipe.contexts(&opts, Some(&v), 1).unwrap();
@@ -96,7 +105,16 @@ fn visual_prompt_adds_k_tokens_and_changes_the_image() {
 #[test]
 fn seeds_are_reproducible_and_distinct() {
     let pipe = pipe();
-    let opts = GenerateOptions { prompt: "a cat".into(), steps: 2, guidance: 1.0, height: Some(32), width: Some(32), num_images: 2, seed: 9, ..Default::default() };
+    let opts = GenerateOptions {
+        prompt: "a cat".into(),
+        steps: 2,
+        guidance: 1.0,
+        height: Some(32),
+        width: Some(32),
+        num_images: 2,
+        seed: 9,
+        ..Default::default()
+    };
     let a = pipe.generate(&opts, None, None, &mut |_, _| {}).unwrap();
     let b = pipe.generate(&opts, None, None, &mut |_, _| {}).unwrap();
     assert_eq!(a, b);
@@ -108,7 +126,8 @@ fn seeds_are_reproducible_and_distinct() {
 #[test]
 fn bad_sizes_latents_and_aligners_are_errors() {
     let pipe = pipe();
-    let opts = GenerateOptions { prompt: "x".into(), steps: 1, height: Some(30), width: Some(32), ..Default::default() };
+    let opts =
+        GenerateOptions { prompt: "x".into(), steps: 1, height: Some(30), width: Some(32), ..Default::default() };
     let msg = pipe.generate(&opts, None, None, &mut |_, _| {}).err().unwrap().to_string();
     assert!(msg.contains("--height 30") && msg.contains("multiple of 8"), "{msg}");
     let opts = GenerateOptions { height: Some(32), ..opts };
@@ -148,7 +167,14 @@ fn a_pipeline_from_parts_generates_as_the_loaded_one() {
     };
     let parts = Pipeline::from_parts(parts, &FlexDevice);
     assert_eq!(parts.default_size(), loaded.default_size());
-    let opts = GenerateOptions { prompt: "a cat".into(), steps: 2, height: Some(32), width: Some(32), seed: 3, ..Default::default() };
+    let opts = GenerateOptions {
+        prompt: "a cat".into(),
+        steps: 2,
+        height: Some(32),
+        width: Some(32),
+        seed: 3,
+        ..Default::default()
+    };
     let a = loaded.generate(&opts, None, None, &mut |_, _| {}).unwrap();
     let b = parts.generate(&opts, None, None, &mut |_, _| {}).unwrap();
     assert_eq!(a, b);

@@ -46,7 +46,11 @@ fn queries(n: usize, seed: u64) -> HostTensor {
 }
 
 fn data(n: usize) -> TrainData {
-    TrainData { images: (0..n).map(|i| picture(40 + 8 * i, 36, i as u32)).collect(), queries: queries(n, 7), class_images: vec![] }
+    TrainData {
+        images: (0..n).map(|i| picture(40 + 8 * i, 36, i as u32)).collect(),
+        queries: queries(n, 7),
+        class_images: vec![],
+    }
 }
 
 fn cfg(mode: UnetMode) -> TrainConfig {
@@ -97,12 +101,18 @@ fn loss_falls_when_overfitting_one_image() {
     c.augment = 0;
     c.lr = 2e-3;
     let mut losses = Vec::new();
-    let r = train::train::<AD>(&base(), &c, &data(1), dir.path(), false, &FlexDevice, &mut |s: &StepInfo| losses.push(s.loss)).unwrap();
+    let r = train::train::<AD>(&base(), &c, &data(1), dir.path(), false, &FlexDevice, &mut |s: &StepInfo| {
+        losses.push(s.loss)
+    })
+    .unwrap();
     assert_eq!(r.steps_done, 40);
     let (first, last) = (mean(&losses[..8]), mean(&losses[32..]));
     eprintln!("loss: first 8 steps {first:.4}, last 8 steps {last:.4}");
     if let Some(p) = train::peak_rss_bytes() {
-        eprintln!("peak RSS of the test process (tiny pipeline, full mode, batch 4): {:.0} MiB", p as f64 / (1 << 20) as f64);
+        eprintln!(
+            "peak RSS of the test process (tiny pipeline, full mode, batch 4): {:.0} MiB",
+            p as f64 / (1 << 20) as f64
+        );
     }
     assert!(last < 0.7 * first, "loss did not fall: {first} -> {last}");
 }
@@ -123,7 +133,11 @@ fn only_the_named_parameters_change() {
         let lora0 = sd_unet::lora::lora_tensors(&t.unet.valid());
         for _ in 0..3 {
             let s = t.train_step().unwrap();
-            assert!(s.grad_norm_aligner > 0.0 && s.grad_norm_aligner.is_finite(), "{mode:?}: aligner gradient {}", s.grad_norm_aligner);
+            assert!(
+                s.grad_norm_aligner > 0.0 && s.grad_norm_aligner.is_finite(),
+                "{mode:?}: aligner gradient {}",
+                s.grad_norm_aligner
+            );
             match mode {
                 UnetMode::Frozen => assert_eq!(s.grad_norm_unet, 0.0),
                 _ => assert!(s.grad_norm_unet > 0.0),
@@ -147,7 +161,9 @@ fn only_the_named_parameters_change() {
                 let lora1 = sd_unet::lora::lora_tensors(&unet1);
                 assert_eq!(lora0.len(), lora1.len());
                 assert!(lora0.iter().any(|(k, v)| v.max_abs_diff(&lora1[k]) > 0.0));
-                assert!(lora1.keys().all(|k| k.starts_with("unet.") && (k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))));
+                assert!(lora1.keys().all(
+                    |k| k.starts_with("unet.") && (k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))
+                ));
             }
             UnetMode::Full => assert!(max_diff(&unet0, &snapshot(&unet1)) > 0.0),
         }
@@ -172,7 +188,9 @@ fn resume_ends_with_the_weights_of_an_uninterrupted_run() {
         half.steps = 3;
         train::train::<AD>(&base(), &half, &data(2), two.path(), false, &FlexDevice, &mut |_| {}).unwrap();
         // Without --resume an existing run is refused.
-        let e = train::train::<AD>(&base(), &c, &data(2), two.path(), false, &FlexDevice, &mut |_| {}).unwrap_err().to_string();
+        let e = train::train::<AD>(&base(), &c, &data(2), two.path(), false, &FlexDevice, &mut |_| {})
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--resume"), "{e}");
         let r2 = train::train::<AD>(&base(), &c, &data(2), two.path(), true, &FlexDevice, &mut |_| {}).unwrap();
         assert_eq!(r2.resumed_from, Some(3));
@@ -192,7 +210,9 @@ fn resume_ends_with_the_weights_of_an_uninterrupted_run() {
         let mut other = c.clone();
         other.lr = 5e-4;
         other.steps = 8;
-        let e = train::train::<AD>(&base(), &other, &data(2), two.path(), true, &FlexDevice, &mut |_| {}).unwrap_err().to_string();
+        let e = train::train::<AD>(&base(), &other, &data(2), two.path(), true, &FlexDevice, &mut |_| {})
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`lr`"), "{e}");
     }
 }
@@ -206,7 +226,17 @@ fn concept_folder_is_complete_and_loads() {
     c.sample_steps = 2;
     let r = train::train::<AD>(&base(), &c, &data(2), dir.path(), false, &FlexDevice, &mut |_| {}).unwrap();
     let d = dir.path();
-    for f in ["concept.json", "aligner.safetensors", "unet_lora.safetensors", "visual_queries.safetensors", "loss.csv", "loss.png", "samples/step-000002.png", "samples/step-000004.png", "checkpoints/step-000004/state.json"] {
+    for f in [
+        "concept.json",
+        "aligner.safetensors",
+        "unet_lora.safetensors",
+        "visual_queries.safetensors",
+        "loss.csv",
+        "loss.png",
+        "samples/step-000002.png",
+        "samples/step-000004.png",
+        "checkpoints/step-000004/state.json",
+    ] {
         assert!(d.join(f).is_file(), "missing {f}");
     }
     assert!(!d.join("checkpoints/step-000002").exists(), "old checkpoint kept");
@@ -225,9 +255,15 @@ fn concept_folder_is_complete_and_loads() {
     let mut t = Trainer::<AD>::new(&base(), &c, &data(2), d, true, &FlexDevice).unwrap();
     assert_eq!(t.step, 4);
     pipe.apply_concept(&concept, false).unwrap();
-    let x = Tensor::<Flex, 4>::from_data(TensorData::new((0..64).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(), [1, 4, 4, 4]), &FlexDevice);
+    let x = Tensor::<Flex, 4>::from_data(
+        TensorData::new((0..64).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(), [1, 4, 4, 4]),
+        &FlexDevice,
+    );
     let tt = Tensor::<Flex, 1>::from_floats([321.0], &FlexDevice);
-    let ctx = Tensor::<Flex, 3>::from_data(TensorData::new((0..81 * 32).map(|i| (i as f32 * 0.11).cos()).collect::<Vec<_>>(), [1, 81, 32]), &FlexDevice);
+    let ctx = Tensor::<Flex, 3>::from_data(
+        TensorData::new((0..81 * 32).map(|i| (i as f32 * 0.11).cos()).collect::<Vec<_>>(), [1, 81, 32]),
+        &FlexDevice,
+    );
     let ours = HostTensor::from_tensor(t.unet.valid().forward(x.clone(), tt.clone(), ctx.clone()).unwrap());
     let loaded = HostTensor::from_tensor(pipe.unet.forward(x, tt, ctx).unwrap());
     assert!(ours.max_abs_diff(&loaded) < 1e-5, "{}", ours.max_abs_diff(&loaded));
@@ -273,7 +309,9 @@ fn bad_input_is_refused_before_training() {
     assert!(e.contains("no training images"), "{e}");
     let mut d = data(1);
     d.images.clear();
-    let e = train::train::<AD>(&base(), &cfg(UnetMode::Frozen), &d, dir.path(), false, &FlexDevice, &mut |_| {}).unwrap_err().to_string();
+    let e = train::train::<AD>(&base(), &cfg(UnetMode::Frozen), &d, dir.path(), false, &FlexDevice, &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no training images"), "{e}");
     // One unreadable image among several: named.
     let good = dir.path().join("good.png");
@@ -294,7 +332,9 @@ fn bad_input_is_refused_before_training() {
     // Queries that do not match the images.
     let mut d = data(2);
     d.queries = queries(1, 1);
-    let e = train::train::<AD>(&base(), &cfg(UnetMode::Frozen), &d, &out, false, &FlexDevice, &mut |_| {}).unwrap_err().to_string();
+    let e = train::train::<AD>(&base(), &cfg(UnetMode::Frozen), &d, &out, false, &FlexDevice, &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("queries"), "{e}");
     assert!(!out.exists(), "nothing may be written before training starts");
 }
@@ -308,7 +348,9 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     c.lr = 1e30;
     c.max_grad_norm = None;
     let mut last = 0;
-    let e = train::train::<AD>(&base(), &c, &data(1), dir.path(), false, &FlexDevice, &mut |s| last = s.step).unwrap_err().to_string();
+    let e = train::train::<AD>(&base(), &c, &data(1), dir.path(), false, &FlexDevice, &mut |s| last = s.step)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("NaN"), "{e}");
     assert!(e.contains(&format!("step-{last:06}")), "{e}");
     let ck = train::list_checkpoints(dir.path());
@@ -327,10 +369,13 @@ fn full_disk_leaves_no_partial_checkpoint() {
         c.steps = 2;
         c.save_every = 1;
         let r = train::train::<AD>(&base(), &c, &data(1), Path::new(&out), false, &FlexDevice, &mut |_| {});
-        std::fs::write(Path::new(&out).join("child-result.txt"), match r {
-            Ok(_) => "ok".to_string(),
-            Err(e) => format!("error: {e}"),
-        })
+        std::fs::write(
+            Path::new(&out).join("child-result.txt"),
+            match r {
+                Ok(_) => "ok".to_string(),
+                Err(e) => format!("error: {e}"),
+            },
+        )
         .ok();
         return;
     }
@@ -351,7 +396,8 @@ fn full_disk_leaves_no_partial_checkpoint() {
     eprintln!("child: {result}");
     assert!(result.starts_with("error:") && result.contains("no partial checkpoint"), "{result}");
     assert!(train::list_checkpoints(&out).is_empty());
-    let leftovers: Vec<_> = std::fs::read_dir(out.join("checkpoints")).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(out.join("checkpoints")).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
@@ -399,7 +445,6 @@ fn lora_file_matches_diffusers() {
     let base_out = HostTensor::from_tensor(plain.forward(x, t, c).unwrap());
     assert!(base_out.max_abs_diff(&io["out"]) > 1e-3);
 }
-
 
 #[test]
 fn write_unet_safetensors_reproduces_the_diffusers_file() {

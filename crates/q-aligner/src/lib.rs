@@ -104,7 +104,13 @@ impl<B: Backend> Aligner<B> {
     }
 
     fn from_parts(fc1: Linear<B>, fc2: Linear<B>, s: &AlignerSettings) -> Self {
-        Self { fc1, fc2, num_queries: s.num_queries, pool: s.query_selection == QuerySelection::Pool, final_gelu: s.final_gelu }
+        Self {
+            fc1,
+            fc2,
+            num_queries: s.num_queries,
+            pool: s.query_selection == QuerySelection::Pool,
+            final_gelu: s.final_gelu,
+        }
     }
 
     /// The settings this aligner was built with.
@@ -137,9 +143,18 @@ impl<B: Backend> Aligner<B> {
         let (t, meta) = read_tensors_with_metadata(path)?;
         let file = path.display().to_string();
         let get = |name: &str, rank: usize| -> Result<&HostTensor> {
-            let v = t.get(name).ok_or_else(|| Error::MissingTensor { checkpoint: file.clone(), name: name.into(), hint: String::new() })?;
+            let v = t.get(name).ok_or_else(|| Error::MissingTensor {
+                checkpoint: file.clone(),
+                name: name.into(),
+                hint: String::new(),
+            })?;
             if v.shape.len() != rank {
-                return Err(Error::Shape { checkpoint: file.clone(), name: name.into(), expected: vec![0; rank], found: v.shape.clone() });
+                return Err(Error::Shape {
+                    checkpoint: file.clone(),
+                    name: name.into(),
+                    expected: vec![0; rank],
+                    found: v.shape.clone(),
+                });
             }
             Ok(v)
         };
@@ -147,10 +162,16 @@ impl<B: Backend> Aligner<B> {
         let (h, d) = (w1.shape[0], w2.shape[0]);
         for (name, v, want) in [("fc1.bias", b1, vec![h]), ("fc2.weight", w2, vec![d, h]), ("fc2.bias", b2, vec![d])] {
             if v.shape != want {
-                return Err(Error::Shape { checkpoint: file.clone(), name: name.into(), expected: want, found: v.shape.clone() });
+                return Err(Error::Shape {
+                    checkpoint: file.clone(),
+                    name: name.into(),
+                    expected: want,
+                    found: v.shape.clone(),
+                });
             }
         }
-        let meta_err = |key: &str, msg: String| Error::Config { path: path.into(), message: format!("metadata `{key}`: {msg}") };
+        let meta_err =
+            |key: &str, msg: String| Error::Config { path: path.into(), message: format!("metadata `{key}`: {msg}") };
         let num_queries = match meta.get("num_queries") {
             Some(v) => v.parse().map_err(|_| meta_err("num_queries", format!("`{v}` is not a number")))?,
             None => 8,
@@ -165,7 +186,10 @@ impl<B: Backend> Aligner<B> {
             Some(o) => return Err(meta_err("final_activation", format!("`{o}` unknown; expected gelu or none"))),
         };
         let lin = |w: &HostTensor, b: &HostTensor, n: &str| -> Result<Linear<B>> {
-            Ok(Linear::from_torch(w.to_float(&format!("{n}.weight"), device)?, Some(b.to_float(&format!("{n}.bias"), device)?)))
+            Ok(Linear::from_torch(
+                w.to_float(&format!("{n}.weight"), device)?,
+                Some(b.to_float(&format!("{n}.bias"), device)?),
+            ))
         };
         let s = AlignerSettings { num_queries, query_selection, final_gelu };
         Ok(Self::from_parts(lin(w1, b1, "fc1")?, lin(w2, b2, "fc2")?, &s))

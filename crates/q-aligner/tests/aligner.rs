@@ -27,7 +27,9 @@ fn forward_matches_a_hand_computation() {
     let x = x.as_f32("").unwrap();
     let gelu = |v: f64| 0.5 * v * (1.0 + erf(v / std::f64::consts::SQRT_2));
     for qi in 0..2 {
-        let h: Vec<f64> = (0..4).map(|j| gelu((0..3).map(|i| (w1[j * 3 + i] * x[qi * 3 + i]) as f64).sum::<f64>() + b1[j] as f64)).collect();
+        let h: Vec<f64> = (0..4)
+            .map(|j| gelu((0..3).map(|i| (w1[j * 3 + i] * x[qi * 3 + i]) as f64).sum::<f64>() + b1[j] as f64))
+            .collect();
         for o in 0..5 {
             let y = gelu((0..4).map(|j| w2[o * 4 + j] as f64 * h[j]).sum::<f64>() + b2[o] as f64);
             let g = got.as_f32("").unwrap()[qi * 5 + o] as f64;
@@ -106,7 +108,8 @@ fn file_round_trip_in_torch_layout_with_metadata() {
     let b = Aligner::<Flex>::load(&p, &FlexDevice).unwrap();
     assert_eq!(b.settings(), s);
     let q = queries(1, 8, 6);
-    let (x, y) = (HostTensor::from_tensor(a.forward(q.clone()).unwrap()), HostTensor::from_tensor(b.forward(q).unwrap()));
+    let (x, y) =
+        (HostTensor::from_tensor(a.forward(q.clone()).unwrap()), HostTensor::from_tensor(b.forward(q).unwrap()));
     assert_eq!(x.max_abs_diff(&y), 0.0);
 }
 

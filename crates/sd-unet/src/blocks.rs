@@ -28,22 +28,37 @@ pub struct BlockSpec {
 
 impl<B: Backend> DownBlock<B> {
     /// Reads `down_blocks.i`.
-    pub fn load(w: &Weights<B>, c_in: usize, c_out: usize, layers: usize, downsample: Option<usize>, s: BlockSpec) -> Result<Self> {
+    pub fn load(
+        w: &Weights<B>,
+        c_in: usize,
+        c_out: usize,
+        layers: usize,
+        downsample: Option<usize>,
+        s: BlockSpec,
+    ) -> Result<Self> {
         let mut resnets = Vec::new();
         let mut attentions = Vec::new();
         for j in 0..layers {
             let ci = if j == 0 { c_in } else { c_out };
             resnets.push(ResnetBlock2D::load(&w.pp("resnets").pp(j), ci, c_out, Some(s.temb), s.groups, s.eps)?);
             if let Some(t) = s.transformer {
-                attentions.push(Transformer2D::load(&w.pp("attentions").pp(j), TransformerSpec { channels: c_out, ..t })?);
+                attentions
+                    .push(Transformer2D::load(&w.pp("attentions").pp(j), TransformerSpec { channels: c_out, ..t })?);
             }
         }
-        let downsampler = downsample.map(|pad| Downsample2D::load(&w.pp("downsamplers.0"), c_out, c_out, pad)).transpose()?;
+        let downsampler =
+            downsample.map(|pad| Downsample2D::load(&w.pp("downsamplers.0"), c_out, c_out, pad)).transpose()?;
         Ok(Self { resnets, attentions, downsampler })
     }
 
     /// Returns the output and appends each intermediate state to `skips`.
-    pub fn forward(&self, mut x: Tensor<B, 4>, temb: &Tensor<B, 2>, ctx: &Tensor<B, 3>, skips: &mut Vec<Tensor<B, 4>>) -> Tensor<B, 4> {
+    pub fn forward(
+        &self,
+        mut x: Tensor<B, 4>,
+        temb: &Tensor<B, 2>,
+        ctx: &Tensor<B, 3>,
+        skips: &mut Vec<Tensor<B, 4>>,
+    ) -> Tensor<B, 4> {
         for (j, r) in self.resnets.iter().enumerate() {
             x = r.forward(x, Some(temb));
             if let Some(a) = self.attentions.get(j) {
@@ -100,7 +115,15 @@ pub struct UpBlock<B: Backend> {
 impl<B: Backend> UpBlock<B> {
     /// Reads `up_blocks.i`. `skip_in` is the channel count of the skip consumed last.
     #[allow(clippy::too_many_arguments)]
-    pub fn load(w: &Weights<B>, c_prev: usize, c_out: usize, skip_in: usize, layers: usize, upsample: bool, s: BlockSpec) -> Result<Self> {
+    pub fn load(
+        w: &Weights<B>,
+        c_prev: usize,
+        c_out: usize,
+        skip_in: usize,
+        layers: usize,
+        upsample: bool,
+        s: BlockSpec,
+    ) -> Result<Self> {
         let mut resnets = Vec::new();
         let mut attentions = Vec::new();
         for j in 0..layers {
@@ -108,7 +131,8 @@ impl<B: Backend> UpBlock<B> {
             let ci = if j == 0 { c_prev } else { c_out };
             resnets.push(ResnetBlock2D::load(&w.pp("resnets").pp(j), ci + skip, c_out, Some(s.temb), s.groups, s.eps)?);
             if let Some(t) = s.transformer {
-                attentions.push(Transformer2D::load(&w.pp("attentions").pp(j), TransformerSpec { channels: c_out, ..t })?);
+                attentions
+                    .push(Transformer2D::load(&w.pp("attentions").pp(j), TransformerSpec { channels: c_out, ..t })?);
             }
         }
         let upsampler = if upsample { Some(Upsample2D::load(&w.pp("upsamplers.0"), c_out, c_out)?) } else { None };
@@ -122,7 +146,14 @@ impl<B: Backend> UpBlock<B> {
 
     /// Consumes skips from the end of `skips`; `size` is the upsampled size when it is not
     /// simply twice the input (odd latent sizes).
-    pub fn forward(&self, mut x: Tensor<B, 4>, temb: &Tensor<B, 2>, ctx: &Tensor<B, 3>, skips: &mut Vec<Tensor<B, 4>>, size: Option<[usize; 2]>) -> Tensor<B, 4> {
+    pub fn forward(
+        &self,
+        mut x: Tensor<B, 4>,
+        temb: &Tensor<B, 2>,
+        ctx: &Tensor<B, 3>,
+        skips: &mut Vec<Tensor<B, 4>>,
+        size: Option<[usize; 2]>,
+    ) -> Tensor<B, 4> {
         for (j, r) in self.resnets.iter().enumerate() {
             let skip = skips.pop().expect("the down path leaves one skip per up resnet");
             x = r.forward(Tensor::cat(vec![x, skip], 1), Some(temb));

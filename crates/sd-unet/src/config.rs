@@ -163,14 +163,22 @@ impl UNetConfig {
         }
         match self.mid_block_type.as_deref() {
             Some("UNetMidBlock2DCrossAttn") => {}
-            other => return Err(format!("unsupported mid block type `{}` (UNetMidBlock2DCrossAttn)", other.unwrap_or("null"))),
+            other => {
+                return Err(format!(
+                    "unsupported mid block type `{}` (UNetMidBlock2DCrossAttn)",
+                    other.unwrap_or("null")
+                ))
+            }
         }
         let unsupported = [
             ("class_embed_type", self.class_embed_type.is_some()),
             ("addition_embed_type", self.addition_embed_type.is_some()),
             ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
             ("dual_cross_attention", self.dual_cross_attention),
-            ("only_cross_attention", !matches!(self.only_cross_attention, serde_json::Value::Null | serde_json::Value::Bool(false))),
+            (
+                "only_cross_attention",
+                !matches!(self.only_cross_attention, serde_json::Value::Null | serde_json::Value::Bool(false)),
+            ),
             ("resnet_time_scale_shift", self.resnet_time_scale_shift != "default"),
             ("act_fn", self.act_fn != "silu"),
             ("time_embedding_type", !matches!(self.time_embedding_type.as_deref(), None | Some("positional"))),
@@ -178,7 +186,10 @@ impl UNetConfig {
         if let Some((name, _)) = unsupported.iter().find(|(_, bad)| *bad) {
             return Err(format!("`{name}` as set here is not supported (Stable Diffusion 1.x/2.x UNets only)"));
         }
-        for (name, v) in [("attention_head_dim", &self.attention_head_dim), ("transformer_layers_per_block", &self.transformer_layers_per_block)] {
+        for (name, v) in [
+            ("attention_head_dim", &self.attention_head_dim),
+            ("transformer_layers_per_block", &self.transformer_layers_per_block),
+        ] {
             if !v.len_ok(n) {
                 return Err(format!("`{name}` must be a number or a list of {n}"));
             }

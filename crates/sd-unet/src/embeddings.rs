@@ -37,7 +37,10 @@ pub struct TimestepEmbedding<B: Backend> {
 impl<B: Backend> TimestepEmbedding<B> {
     /// Reads `time_embedding`.
     pub fn load(w: &Weights<B>, c_in: usize, dim: usize) -> Result<Self> {
-        Ok(Self { linear_1: Linear::load(&w.pp("linear_1"), c_in, dim, true)?, linear_2: Linear::load(&w.pp("linear_2"), dim, dim, true)? })
+        Ok(Self {
+            linear_1: Linear::load(&w.pp("linear_1"), c_in, dim, true)?,
+            linear_2: Linear::load(&w.pp("linear_2"), dim, dim, true)?,
+        })
     }
 
     /// `[N, c_in]` to `[N, dim]`.

@@ -24,11 +24,7 @@ impl<B: Backend> Lora<B> {
         let bound = 1.0 / (d_in as f64).sqrt();
         let a = Tensor::<B, 2>::random([d_in, rank], Distribution::Uniform(-bound, bound), device);
         let b = Tensor::<B, 2>::zeros([rank, d_out], device);
-        Self {
-            down: Linear::new(a, None),
-            up: Linear::new(b, None),
-            scale: alpha / rank as f64,
-        }
+        Self { down: Linear::new(a, None), up: Linear::new(b, None), scale: alpha / rank as f64 }
     }
 
     /// The rank `r`.
@@ -71,4 +67,6 @@ impl<B: Backend> LoraLinear<B> {
     }
 }
 
-pub use crate::lora_io::{attach, load_lora, load_lora_scaled, lora_tensors, PeftLoraConfig, LORA_ADAPTER_METADATA_KEY};
+pub use crate::lora_io::{
+    attach, load_lora, load_lora_scaled, lora_tensors, PeftLoraConfig, LORA_ADAPTER_METADATA_KEY,
+};

@@ -39,7 +39,11 @@ pub fn lora_tensors<B: Backend>(unet: &UNet2DConditionModel<B>) -> BTreeMap<Stri
 /// Attaches adapters read from `tensors` (as [`lora_tensors`] writes them; a leading
 /// `unet.` is optional) with the given `alpha` (the rank when `None`, as diffusers assumes
 /// when a file carries no alpha). Every projection named must exist and every key be used.
-pub fn load_lora<B: Backend>(unet: &mut UNet2DConditionModel<B>, tensors: &BTreeMap<String, HostTensor>, alpha: Option<f64>) -> Result<()> {
+pub fn load_lora<B: Backend>(
+    unet: &mut UNet2DConditionModel<B>,
+    tensors: &BTreeMap<String, HostTensor>,
+    alpha: Option<f64>,
+) -> Result<()> {
     load_lora_scaled(unet, tensors, &|_, r| alpha.unwrap_or(r as f64) / r as f64)
 }
 
@@ -79,10 +83,16 @@ impl PeftLoraConfig {
         let v: serde_json::Value = serde_json::from_str(raw).map_err(|e| bad(format!("not JSON: {e}")))?;
         let get = |k: &str| v.get(format!("{prefix}.{k}")).or_else(|| v.get(k));
         let Some(r) = get("r") else { return Ok(None) };
-        let r = r.as_u64().filter(|&r| r > 0).ok_or_else(|| bad(format!("`{prefix}.r` is {r}, expected a positive integer")))? as usize;
+        let r = r
+            .as_u64()
+            .filter(|&r| r > 0)
+            .ok_or_else(|| bad(format!("`{prefix}.r` is {r}, expected a positive integer")))? as usize;
         let lora_alpha = match get("lora_alpha") {
             None => 8.0, // peft's LoraConfig default
-            Some(a) => a.as_f64().filter(|a| a.is_finite()).ok_or_else(|| bad(format!("`{prefix}.lora_alpha` is {a}, expected a number")))?,
+            Some(a) => a
+                .as_f64()
+                .filter(|a| a.is_finite())
+                .ok_or_else(|| bad(format!("`{prefix}.lora_alpha` is {a}, expected a number")))?,
         };
         if get("use_dora").and_then(serde_json::Value::as_bool) == Some(true) {
             return Err(bad("DoRA adapters (`use_dora: true`) are not supported".into()));
@@ -91,7 +101,10 @@ impl PeftLoraConfig {
             let mut out = BTreeMap::new();
             if let Some(o) = get(k).and_then(serde_json::Value::as_object) {
                 for (name, x) in o {
-                    let x = x.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| bad(format!("`{prefix}.{k}.{name}` is {x}, expected a positive number")))?;
+                    let x = x
+                        .as_f64()
+                        .filter(|x| x.is_finite() && *x > 0.0)
+                        .ok_or_else(|| bad(format!("`{prefix}.{k}.{name}` is {x}, expected a positive number")))?;
                     out.insert(name.clone(), x);
                 }
             }
@@ -151,7 +164,9 @@ pub fn load_lora_scaled<B: Backend>(
     for (path, a) in paths.iter().zip(unet.attentions_mut()) {
         for (name, p) in a.projections_mut() {
             let key = format!("{path}.{name}");
-            let find = |suffix: &str| tensors.get(&format!("unet.{key}.{suffix}")).or_else(|| tensors.get(&format!("{key}.{suffix}")));
+            let find = |suffix: &str| {
+                tensors.get(&format!("unet.{key}.{suffix}")).or_else(|| tensors.get(&format!("{key}.{suffix}")))
+            };
             let (Some(la), Some(lb)) = (find("lora_A.weight"), find("lora_B.weight")) else { continue };
             let (d_in, d_out) = p.base.dims();
             let r = la.shape.first().copied().unwrap_or(0);
@@ -172,12 +187,10 @@ pub fn load_lora_scaled<B: Backend>(
         }
     }
     if used != tensors.len() {
-        let known: std::collections::HashSet<String> = paths.iter().collect::<Vec<_>>().iter().map(|p| p.to_string()).collect();
-        let stray = tensors
-            .keys()
-            .find(|k| !known.iter().any(|p| k.contains(&format!("{p}."))))
-            .cloned()
-            .unwrap_or_default();
+        let known: std::collections::HashSet<String> =
+            paths.iter().collect::<Vec<_>>().iter().map(|p| p.to_string()).collect();
+        let stray =
+            tensors.keys().find(|k| !known.iter().any(|p| k.contains(&format!("{p}.")))).cloned().unwrap_or_default();
         return Err(Error::invalid(format!(
             "LoRA file has {} tensors that match no UNet attention projection, e.g. `{stray}`",
             tensors.len() - used

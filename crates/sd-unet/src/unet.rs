@@ -79,7 +79,14 @@ impl<B: Backend> UNet2DConditionModel<B> {
             let c_in = c_out;
             c_out = ch[i];
             let down = (i + 1 < n).then_some(cfg.downsample_padding);
-            down_blocks.push(DownBlock::load(&w.pp("down_blocks").pp(i), c_in, c_out, cfg.layers_per_block, down, spec(i, t == "CrossAttnDownBlock2D"))?);
+            down_blocks.push(DownBlock::load(
+                &w.pp("down_blocks").pp(i),
+                c_in,
+                c_out,
+                cfg.layers_per_block,
+                down,
+                spec(i, t == "CrossAttnDownBlock2D"),
+            )?);
         }
         let mid_block = MidBlock::load(&w.pp("mid_block"), ch[n - 1], spec(n - 1, true))?;
         let mut up_blocks = Vec::new();
@@ -90,16 +97,38 @@ impl<B: Backend> UNet2DConditionModel<B> {
             c_out = ch[r];
             let skip_in = ch[r.saturating_sub(1)];
             let s = spec(r, t == "CrossAttnUpBlock2D");
-            up_blocks.push(UpBlock::load(&w.pp("up_blocks").pp(i), c_prev, c_out, skip_in, cfg.layers_per_block + 1, i + 1 < n, s)?);
+            up_blocks.push(UpBlock::load(
+                &w.pp("up_blocks").pp(i),
+                c_prev,
+                c_out,
+                skip_in,
+                cfg.layers_per_block + 1,
+                i + 1 < n,
+                s,
+            )?);
         }
         Ok(Self {
             time_embedding: TimestepEmbedding::load(&w.pp("time_embedding"), ch[0], temb)?,
-            conv_in: Conv2d::load(&w.pp("conv_in"), cfg.in_channels, ch[0], cfg.conv_in_kernel, 1, cfg.conv_in_kernel / 2)?,
+            conv_in: Conv2d::load(
+                &w.pp("conv_in"),
+                cfg.in_channels,
+                ch[0],
+                cfg.conv_in_kernel,
+                1,
+                cfg.conv_in_kernel / 2,
+            )?,
             down_blocks,
             mid_block,
             up_blocks,
             conv_norm_out: GroupNorm::load(&w.pp("conv_norm_out"), cfg.norm_num_groups, ch[0], cfg.norm_eps)?,
-            conv_out: Conv2d::load(&w.pp("conv_out"), ch[0], cfg.out_channels, cfg.conv_out_kernel, 1, cfg.conv_out_kernel / 2)?,
+            conv_out: Conv2d::load(
+                &w.pp("conv_out"),
+                ch[0],
+                cfg.out_channels,
+                cfg.conv_out_kernel,
+                1,
+                cfg.conv_out_kernel / 2,
+            )?,
             in_channels: cfg.in_channels,
             time_channels: ch[0],
             flip_sin_to_cos: cfg.flip_sin_to_cos,
@@ -143,10 +172,19 @@ impl<B: Backend> UNet2DConditionModel<B> {
     /// [`UNet2DConditionModel::forward`] with the timestep given as its features from
     /// [`UNet2DConditionModel::timestep_features`], `[B, time_channels]` or `[1, time_channels]`
     /// (broadcast).
-    pub fn forward_features(&self, sample: Tensor<B, 4>, t_features: Tensor<B, 2>, context: Tensor<B, 3>) -> Result<Tensor<B, 4>> {
+    pub fn forward_features(
+        &self,
+        sample: Tensor<B, 4>,
+        t_features: Tensor<B, 2>,
+        context: Tensor<B, 3>,
+    ) -> Result<Tensor<B, 4>> {
         let [b, c, h, w] = sample.dims();
         if c != self.in_channels || h == 0 || w == 0 {
-            return Err(Error::invalid(format!("unet input `sample` has shape {:?}; expected [B, {}, H, W]", sample.dims(), self.in_channels)));
+            return Err(Error::invalid(format!(
+                "unet input `sample` has shape {:?}; expected [B, {}, H, W]",
+                sample.dims(),
+                self.in_channels
+            )));
         }
         let [cb, s, d] = context.dims();
         if d != self.cross_attention_dim {
@@ -156,7 +194,10 @@ impl<B: Backend> UNet2DConditionModel<B> {
             )));
         }
         if cb != b || s == 0 {
-            return Err(Error::invalid(format!("encoder_hidden_states has shape {:?}; expected [{b}, S, {d}] with S > 0", context.dims())));
+            return Err(Error::invalid(format!(
+                "encoder_hidden_states has shape {:?}; expected [{b}, S, {d}] with S > 0",
+                context.dims()
+            )));
         }
         let t_features = match t_features.dims() {
             [n, f] if f == self.time_channels && n == b => t_features,

@@ -61,7 +61,11 @@ fn lora_is_zero_at_initialisation_and_round_trips() {
             let n = v.shape.iter().product::<usize>();
             *v = HostTensor::f32(v.shape.clone(), (0..n).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect());
         }
-        assert!(k.starts_with("unet.") && (k.contains(".to_q.") || k.contains(".to_k.") || k.contains(".to_v.") || k.contains(".to_out.0.")), "{k}");
+        assert!(
+            k.starts_with("unet.")
+                && (k.contains(".to_q.") || k.contains(".to_k.") || k.contains(".to_v.") || k.contains(".to_out.0.")),
+            "{k}"
+        );
     }
     let mut a = UNet2DConditionModel::<Flex>::load(&dir, &FlexDevice).unwrap();
     sd_unet::lora::load_lora(&mut a, &tensors, Some(8.0)).unwrap();
@@ -99,8 +103,11 @@ fn precomputed_timestep_features_match_forward() {
     let table = unet.timestep_features(Tensor::from_floats(steps, &FlexDevice));
     assert_eq!(table.dims()[0], 3);
     for (i, &t) in steps.iter().enumerate() {
-        let want = HostTensor::from_tensor(unet.forward(x.clone(), Tensor::from_floats([t], &FlexDevice), c.clone()).unwrap());
-        let got = HostTensor::from_tensor(unet.forward_features(x.clone(), table.clone().slice([i..i + 1]), c.clone()).unwrap());
+        let want =
+            HostTensor::from_tensor(unet.forward(x.clone(), Tensor::from_floats([t], &FlexDevice), c.clone()).unwrap());
+        let got = HostTensor::from_tensor(
+            unet.forward_features(x.clone(), table.clone().slice([i..i + 1]), c.clone()).unwrap(),
+        );
         assert_eq!(got.max_abs_diff(&want), 0.0, "step {i}");
     }
     let width = table.dims()[1];
@@ -126,8 +133,16 @@ fn any_context_length_from_77_to_109() {
 fn unsupported_block_type_and_missing_tensor_are_named() {
     let d = tempfile::tempdir().unwrap();
     let cfg = std::fs::read_to_string(fixture("sd1").join("config.json")).unwrap();
-    std::fs::write(d.path().join("config.json"), cfg.replace("\"CrossAttnDownBlock2D\"", "\"SimpleCrossAttnDownBlock2D\"")).unwrap();
-    std::fs::copy(fixture("sd1").join("diffusion_pytorch_model.safetensors"), d.path().join("diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::write(
+        d.path().join("config.json"),
+        cfg.replace("\"CrossAttnDownBlock2D\"", "\"SimpleCrossAttnDownBlock2D\""),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture("sd1").join("diffusion_pytorch_model.safetensors"),
+        d.path().join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
     let msg = UNet2DConditionModel::<Flex>::load(d.path(), &FlexDevice).err().unwrap().to_string();
     assert!(msg.contains("SimpleCrossAttnDownBlock2D") && msg.contains("config.json"), "{msg}");
 
@@ -135,7 +150,12 @@ fn unsupported_block_type_and_missing_tensor_are_named() {
     let mut t = read_tensors(&fixture("sd1").join("diffusion_pytorch_model.safetensors")).unwrap();
     let key = "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight";
     t.remove(key).unwrap();
-    model_io::tensor_file::write_tensors(&d.path().join("diffusion_pytorch_model.safetensors"), &t, &Default::default()).unwrap();
+    model_io::tensor_file::write_tensors(
+        &d.path().join("diffusion_pytorch_model.safetensors"),
+        &t,
+        &Default::default(),
+    )
+    .unwrap();
     let msg = UNet2DConditionModel::<Flex>::load(d.path(), &FlexDevice).err().unwrap().to_string();
     assert!(msg.contains(key), "{msg}");
 }
@@ -148,8 +168,11 @@ fn unsupported_block_type_and_missing_tensor_are_named() {
 fn lora_with_peft_metadata_matches_diffusers() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
     let lora = dir.join("lora/peft_metadata");
-    let (tensors, meta) = model_io::tensor_file::read_tensors_with_metadata(&lora.join("pytorch_lora_weights.safetensors")).unwrap();
-    let cfg = sd_unet::lora::PeftLoraConfig::from_metadata(&meta, "unet").unwrap().expect("diffusers wrote the adapter config");
+    let (tensors, meta) =
+        model_io::tensor_file::read_tensors_with_metadata(&lora.join("pytorch_lora_weights.safetensors")).unwrap();
+    let cfg = sd_unet::lora::PeftLoraConfig::from_metadata(&meta, "unet")
+        .unwrap()
+        .expect("diffusers wrote the adapter config");
     assert_eq!((cfg.r, cfg.lora_alpha), (4, 2.0));
     assert_eq!(cfg.alpha_pattern.get("to_k"), Some(&6.0));
     let io = read_tensors(&lora.join("io.safetensors")).unwrap();
@@ -173,7 +196,9 @@ fn lora_with_peft_metadata_matches_diffusers() {
 
 #[test]
 fn lora_metadata_errors_are_named() {
-    let meta = |s: &str| std::collections::BTreeMap::from([(sd_unet::lora::LORA_ADAPTER_METADATA_KEY.to_string(), s.to_string())]);
+    let meta = |s: &str| {
+        std::collections::BTreeMap::from([(sd_unet::lora::LORA_ADAPTER_METADATA_KEY.to_string(), s.to_string())])
+    };
     let err = |s: &str| sd_unet::lora::PeftLoraConfig::from_metadata(&meta(s), "unet").err().unwrap().to_string();
     assert!(err("{not json").contains("lora_adapter_metadata"));
     assert!(err(r#"{"unet.r": 0}"#).contains("unet.r"));

@@ -28,7 +28,14 @@ pub struct ResnetBlock2D<B: Backend> {
 
 impl<B: Backend> ResnetBlock2D<B> {
     /// Reads the block under `w`; `temb` is the time-embedding width when the block takes one.
-    pub fn load(w: &Weights<B>, c_in: usize, c_out: usize, temb: Option<usize>, groups: usize, eps: f64) -> Result<Self> {
+    pub fn load(
+        w: &Weights<B>,
+        c_in: usize,
+        c_out: usize,
+        temb: Option<usize>,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Self> {
         Ok(Self {
             norm1: GroupNorm::load(&w.pp("norm1"), groups, c_in, eps)?,
             conv1: Conv2d::load(&w.pp("conv1"), c_in, c_out, 3, 1, 1)?,

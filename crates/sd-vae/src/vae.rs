@@ -25,7 +25,11 @@ impl<B: Backend> MidBlock<B> {
     fn load(w: &Weights<B>, c: usize, groups: usize, attn: bool) -> Result<Self> {
         Ok(Self {
             resnet0: ResnetBlock2D::load(&w.pp("resnets.0"), c, c, None, groups, EPS)?,
-            attention: if attn { Some(SpatialSelfAttention::load(&w.pp("attentions.0"), c, c, groups, EPS)?) } else { None },
+            attention: if attn {
+                Some(SpatialSelfAttention::load(&w.pp("attentions.0"), c, c, groups, EPS)?)
+            } else {
+                None
+            },
             resnet1: ResnetBlock2D::load(&w.pp("resnets.1"), c, c, None, groups, EPS)?,
         })
     }
@@ -129,9 +133,12 @@ impl<B: Backend> AutoencoderKl<B> {
             c_out = c;
             let bw = e.pp("down_blocks").pp(i);
             let resnets = (0..cfg.layers_per_block)
-                .map(|j| ResnetBlock2D::load(&bw.pp("resnets").pp(j), if j == 0 { c_in } else { c_out }, c_out, None, g, EPS))
+                .map(|j| {
+                    ResnetBlock2D::load(&bw.pp("resnets").pp(j), if j == 0 { c_in } else { c_out }, c_out, None, g, EPS)
+                })
                 .collect::<Result<Vec<_>>>()?;
-            let down = if i + 1 < n { Some(Downsample2D::load(&bw.pp("downsamplers.0"), c_out, c_out, 0)?) } else { None };
+            let down =
+                if i + 1 < n { Some(Downsample2D::load(&bw.pp("downsamplers.0"), c_out, c_out, 0)?) } else { None };
             down_blocks.push(CoderBlock { resnets, down, up: None });
         }
         let last = ch[n - 1];
@@ -141,7 +148,11 @@ impl<B: Backend> AutoencoderKl<B> {
             mid_block: MidBlock::load(&e.pp("mid_block"), last, g, cfg.mid_block_add_attention)?,
             conv_norm_out: GroupNorm::load(&e.pp("conv_norm_out"), g, last, EPS)?,
             conv_out: Conv2d::load(&e.pp("conv_out"), last, 2 * lat, 3, 1, 1)?,
-            quant_conv: if cfg.use_quant_conv { Some(Conv2d::load(&w.pp("quant_conv"), 2 * lat, 2 * lat, 1, 1, 0)?) } else { None },
+            quant_conv: if cfg.use_quant_conv {
+                Some(Conv2d::load(&w.pp("quant_conv"), 2 * lat, 2 * lat, 1, 1, 0)?)
+            } else {
+                None
+            },
         };
         let d = w.pp("decoder");
         let mut up_blocks = Vec::new();
@@ -151,20 +162,39 @@ impl<B: Backend> AutoencoderKl<B> {
             c_out = c;
             let bw = d.pp("up_blocks").pp(i);
             let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| ResnetBlock2D::load(&bw.pp("resnets").pp(j), if j == 0 { c_prev } else { c_out }, c_out, None, g, EPS))
+                .map(|j| {
+                    ResnetBlock2D::load(
+                        &bw.pp("resnets").pp(j),
+                        if j == 0 { c_prev } else { c_out },
+                        c_out,
+                        None,
+                        g,
+                        EPS,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             let up = if i + 1 < n { Some(Upsample2D::load(&bw.pp("upsamplers.0"), c_out, c_out)?) } else { None };
             up_blocks.push(CoderBlock { resnets, down: None, up });
         }
         let decoder = Decoder {
-            post_quant_conv: if cfg.use_post_quant_conv { Some(Conv2d::load(&w.pp("post_quant_conv"), lat, lat, 1, 1, 0)?) } else { None },
+            post_quant_conv: if cfg.use_post_quant_conv {
+                Some(Conv2d::load(&w.pp("post_quant_conv"), lat, lat, 1, 1, 0)?)
+            } else {
+                None
+            },
             conv_in: Conv2d::load(&d.pp("conv_in"), lat, last, 3, 1, 1)?,
             mid_block: MidBlock::load(&d.pp("mid_block"), last, g, cfg.mid_block_add_attention)?,
             up_blocks,
             conv_norm_out: GroupNorm::load(&d.pp("conv_norm_out"), g, ch[0], EPS)?,
             conv_out: Conv2d::load(&d.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
         };
-        Ok(Self { encoder, decoder, in_channels: cfg.in_channels, latent_channels: lat, factor: cfg.downscale_factor() })
+        Ok(Self {
+            encoder,
+            decoder,
+            in_channels: cfg.in_channels,
+            latent_channels: lat,
+            factor: cfg.downscale_factor(),
+        })
     }
 
     /// Pixels per latent along each side (8 for Stable Diffusion).

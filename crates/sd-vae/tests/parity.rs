@@ -49,7 +49,12 @@ fn unknown_model_type_and_missing_tensor_are_named() {
     std::fs::write(d.path().join("config.json"), &cfg).unwrap();
     let mut t = read_tensors(&fixture().join("diffusion_pytorch_model.safetensors")).unwrap();
     t.remove("decoder.conv_out.bias").unwrap();
-    model_io::tensor_file::write_tensors(&d.path().join("diffusion_pytorch_model.safetensors"), &t, &Default::default()).unwrap();
+    model_io::tensor_file::write_tensors(
+        &d.path().join("diffusion_pytorch_model.safetensors"),
+        &t,
+        &Default::default(),
+    )
+    .unwrap();
     let msg = AutoencoderKl::<Flex>::load(d.path(), &FlexDevice).err().unwrap().to_string();
     assert!(msg.contains("decoder.conv_out.bias"), "{msg}");
 }

@@ -296,14 +296,15 @@ impl ClipTokenizer {
     /// `max_length` ids: BOS, the tokens, EOS, then padding; a prompt that is too long is
     /// truncated keeping EOS last (as `padding="max_length", truncation=True`).
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
-        let over = self.overflow(text)?;
-        if over > 0 {
+        let e = self.fixed.encode(text, true).map_err(|e| Error::invalid(format!("tokenizing {text:?}: {e}")))?;
+        // Only a truncated prompt is tokenized a second time, to say by how much.
+        if !e.get_overflowing().is_empty() {
             tracing::warn!(
-                "prompt is {over} tokens too long; CLIP reads at most {}, the rest is dropped",
+                "prompt is {} tokens too long; CLIP reads at most {}, the rest is dropped",
+                self.overflow(text)?,
                 self.max_length - 2
             );
         }
-        let e = self.fixed.encode(text, true).map_err(|e| Error::invalid(format!("tokenizing {text:?}: {e}")))?;
         Ok(e.get_ids().iter().map(|&i| i64::from(i)).collect())
     }
 

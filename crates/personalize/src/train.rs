@@ -839,10 +839,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                     "unet",
                     rank,
                     rank as f64,
-                    &["to_q", "to_k", "to_v", "to_out.0"],
+                    &sd_unet::Attention::<B>::PROJECTIONS,
                 );
                 write_tensors(&dir.join("unet_lora.safetensors"), &self.lora_file_tensors(), &meta)?;
-                // The scale is folded into lora_B, so the file's alpha is its rank.
                 (Some(rank), Some(rank as f64))
             }
             UnetMode::Full => {

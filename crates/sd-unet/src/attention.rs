@@ -40,14 +40,20 @@ impl<B: Backend> Attention<B> {
         self.to_out.forward(cpu_kernels::attention(q, k, v, self.heads))
     }
 
+    /// The key suffixes of the four projections, the modules LoRA adapters attach to (peft's
+    /// `target_modules`).
+    pub const PROJECTIONS: [&'static str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
+
     /// The four projections, for attaching adapters.
     pub fn projections_mut(&mut self) -> [(&'static str, &mut LoraLinear<B>); 4] {
-        [("to_q", &mut self.to_q), ("to_k", &mut self.to_k), ("to_v", &mut self.to_v), ("to_out.0", &mut self.to_out)]
+        let [q, k, v, o] = Self::PROJECTIONS;
+        [(q, &mut self.to_q), (k, &mut self.to_k), (v, &mut self.to_v), (o, &mut self.to_out)]
     }
 
     /// The four projections with their key suffixes.
     pub fn projections(&self) -> [(&'static str, &LoraLinear<B>); 4] {
-        [("to_q", &self.to_q), ("to_k", &self.to_k), ("to_v", &self.to_v), ("to_out.0", &self.to_out)]
+        let [q, k, v, o] = Self::PROJECTIONS;
+        [(q, &self.to_q), (k, &self.to_k), (v, &self.to_v), (o, &self.to_out)]
     }
 }
 

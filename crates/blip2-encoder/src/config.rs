@@ -128,7 +128,7 @@ impl Blip2Config {
             }
             None => {}
         }
-        let cfg: Self = serde_json::from_value(v).map_err(|e| Error::Json { path: path.clone(), source: e })?;
+        let cfg: Self = serde_json::from_value(v).map_err(|e| Error::Json { path: path.clone(), cause: e })?;
         cfg.check().map_err(|message| Error::Config { path, message })?;
         Ok(cfg)
     }

@@ -174,7 +174,7 @@ impl<B: Backend> Blip2Encoder<B> {
     /// ```no_run
     /// # fn f(enc: &blip2_encoder::Blip2Encoder<burn_flex::Flex>) -> model_io::Result<()> {
     /// let dir = std::path::Path::new("photos");
-    /// let entries = std::fs::read_dir(dir).map_err(|e| model_io::Error::Io { path: dir.into(), source: e })?;
+    /// let entries = std::fs::read_dir(dir).map_err(|e| model_io::Error::Io { path: dir.into(), cause: e })?;
     /// let paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     /// let queries = enc.encode_images_batched(&paths, 16)?;
     /// # Ok(()) }

@@ -102,8 +102,8 @@ impl ImageProcessor {
 
     /// Reads a `preprocessor_config.json` written by `BlipImageProcessor.save_pretrained`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
-        let raw: RawConfig = serde_json::from_str(&text).map_err(|e| Error::Json { path: path.into(), source: e })?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.into(), cause: e })?;
+        let raw: RawConfig = serde_json::from_str(&text).map_err(|e| Error::Json { path: path.into(), cause: e })?;
         let bad = |message: String| Error::Config { path: path.into(), message };
         if let Some(t) = raw.image_processor_type.as_deref() {
             if !matches!(t, "BlipImageProcessor" | "BlipImageProcessorFast") {
@@ -233,7 +233,7 @@ fn one_line(e: impl std::fmt::Display) -> String {
 ///
 /// The size is checked against [`MAX_PIXELS`] from the header, before decoding.
 pub fn decode_rgb8(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
-    let io = |e: std::io::Error| Error::Io { path: path.into(), source: e };
+    let io = |e: std::io::Error| Error::Io { path: path.into(), cause: e };
     let meta = std::fs::metadata(path).map_err(io)?;
     if meta.is_dir() {
         return Err(Error::invalid(format!("{}: is a folder, not an image", path.display())));

@@ -48,7 +48,7 @@ impl ClipTextConfig {
                 })
             }
         };
-        let cfg: Self = serde_json::from_value(body).map_err(|e| Error::Json { path: path.clone(), source: e })?;
+        let cfg: Self = serde_json::from_value(body).map_err(|e| Error::Json { path: path.clone(), cause: e })?;
         if !matches!(cfg.hidden_act.as_str(), "quick_gelu" | "gelu") {
             return Err(Error::Config {
                 path,

@@ -54,8 +54,8 @@ pub struct ClipTokenizer {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
-    serde_json::from_str(&text).map_err(|e| Error::Json { path: path.into(), source: e })
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.into(), cause: e })?;
+    serde_json::from_str(&text).map_err(|e| Error::Json { path: path.into(), cause: e })
 }
 
 /// A special token as a config states it: a string (added with `normalized: false`, as
@@ -137,7 +137,7 @@ impl SpecialTokens {
 
 /// The merges of `merges.txt`: one `a b` pair a line after the `#version` header.
 fn read_merges(path: &Path) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.into(), cause: e })?;
     let mut merges = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if (i == 0 && line.starts_with("#version")) || line.trim().is_empty() {

@@ -268,13 +268,12 @@ pub enum Error {
         action: &'static str,
     },
     /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
-        /// The error.
-        #[source]
-        source: std::io::Error,
+        /// The error (in the message, so not also a `source()`: it would print twice).
+        cause: std::io::Error,
     },
     /// A JSON file (shard index, listing) could not be understood.
     #[error("{what}: {msg}")]
@@ -294,7 +293,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), cause: source }
     }
 }
 

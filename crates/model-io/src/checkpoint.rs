@@ -1,7 +1,7 @@
 //! Memory-mapped safetensors checkpoints, single or sharded.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use burn::tensor::{AllocationProperty, Bytes, DType, TensorData};
@@ -87,7 +87,7 @@ impl Checkpoint {
         if !dir.is_dir() {
             return Err(Error::Io {
                 path: dir.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
+                cause: std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
             });
         }
         Err(Error::NoWeights { dir: dir.to_path_buf(), expected: tried.join(", ") })
@@ -99,12 +99,20 @@ impl Checkpoint {
     /// of a checkpoint (BLIP-2's encoder without its language model, as `cargo xtask fetch
     /// blip2` downloads it) opens, and reading a tensor of an absent shard fails naming it.
     pub fn open_index(index: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(index).map_err(|e| Error::Io { path: index.into(), source: e })?;
-        let idx: ShardIndex = serde_json::from_str(&text).map_err(|e| Error::Json { path: index.into(), source: e })?;
+        let text = std::fs::read_to_string(index).map_err(|e| Error::Io { path: index.into(), cause: e })?;
+        let idx: ShardIndex = serde_json::from_str(&text).map_err(|e| Error::Json { path: index.into(), cause: e })?;
         let dir = index.parent().unwrap_or(Path::new("."));
         let mut files: Vec<PathBuf> = Vec::new();
         let mut absent = HashMap::new();
         for (name, shard) in &idx.weight_map {
+            // A shard is a file of the model folder: no absolute path, no `..`.
+            let rel = Path::new(shard);
+            if rel.is_absolute() || !rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+                return Err(Error::Config {
+                    path: index.into(),
+                    message: format!("tensor `{name}` names shard `{shard}`, outside the model folder"),
+                });
+            }
             let p = dir.join(shard);
             if !p.is_file() {
                 absent.insert(name.clone(), (index.to_path_buf(), p));
@@ -142,10 +150,10 @@ impl Checkpoint {
             absent: HashMap::new(),
         };
         for path in files {
-            let file = std::fs::File::open(path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+            let file = std::fs::File::open(path).map_err(|e| Error::Io { path: path.clone(), cause: e })?;
             // SAFETY: the map is read-only; a file changed underneath us while loading is a user
             // error we cannot guard against without copying the whole model into memory.
-            let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::Io { path: path.clone(), source: e })?);
+            let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::Io { path: path.clone(), cause: e })?);
             let shard = ckpt.shards.len();
             let (data_start, infos, meta) = parse_header(path, &map, shard)?;
             for (k, info) in infos {
@@ -344,6 +352,9 @@ struct RawInfo {
 
 type Header = (usize, Vec<(String, TensorInfo)>, BTreeMap<String, String>);
 
+/// The largest header accepted, as Python's safetensors (100 MB).
+const MAX_HEADER: usize = 100_000_000;
+
 fn parse_header(path: &Path, buf: &[u8], shard: usize) -> Result<Header> {
     let bad = |reason: String| Error::BadSafetensors { path: path.to_path_buf(), reason };
     if buf.len() < 8 {
@@ -352,6 +363,9 @@ fn parse_header(path: &Path, buf: &[u8], shard: usize) -> Result<Header> {
     let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes")) as usize;
     if n > buf.len() - 8 {
         return Err(bad(format!("header claims {n} bytes but the file has {}", buf.len())));
+    }
+    if n > MAX_HEADER {
+        return Err(bad(format!("header of {n} bytes, above the limit of {MAX_HEADER}")));
     }
     let header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&buf[8..8 + n]).map_err(|e| bad(format!("header is not JSON: {e}")))?;
@@ -371,19 +385,35 @@ fn parse_header(path: &Path, buf: &[u8], shard: usize) -> Result<Header> {
         let (start, end) = raw.data_offsets;
         let size =
             dtype_size(&raw.dtype).ok_or_else(|| bad(format!("tensor `{k}` has unknown dtype {}", raw.dtype)))?;
-        let numel: usize = raw.shape.iter().product();
-        if end < start || end - start != numel * size {
+        let numel = raw.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if end < start || numel.and_then(|n| n.checked_mul(size)) != Some(end - start) {
+            let numel: usize = raw.shape.iter().fold(1usize, |a, &d| a.saturating_mul(d));
             return Err(bad(format!(
                 "tensor `{k}` spans {} bytes but its shape {:?} needs {}",
                 end.saturating_sub(start),
                 raw.shape,
-                numel * size
+                numel.saturating_mul(size)
             )));
         }
         if end > data_len {
             return Err(bad(format!("tensor `{k}` ends at byte {end} but the data section has {data_len} bytes")));
         }
         infos.push((k, TensorInfo { dtype: raw.dtype, shape: raw.shape, shard, start, end }));
+    }
+    // As Python's safetensors validates: the tensors tile the data section, in order of their
+    // offsets, with no overlap, no gap and nothing after the last.
+    let mut spans: Vec<(usize, usize, &str)> = infos.iter().map(|(k, t)| (t.start, t.end, k.as_str())).collect();
+    spans.sort_unstable();
+    let mut at = 0;
+    for (start, end, name) in spans {
+        if start != at {
+            let what = if start < at { "overlaps the tensor before it" } else { "leaves a gap before it" };
+            return Err(bad(format!("tensor `{name}` starts at byte {start}, which {what} (expected {at})")));
+        }
+        at = end;
+    }
+    if at != data_len {
+        return Err(bad(format!("the tensors end at byte {at} but the data section has {data_len} bytes")));
     }
     Ok((8 + n, infos, meta))
 }

@@ -17,6 +17,6 @@ use crate::{Error, Result};
 /// ```
 pub fn read_config<T: DeserializeOwned>(dir: &Path, file: &str) -> Result<T> {
     let path = dir.join(file);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
-    serde_json::from_str(&text).map_err(|e| Error::Json { path, source: e })
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.clone(), cause: e })?;
+    serde_json::from_str(&text).map_err(|e| Error::Json { path, cause: e })
 }

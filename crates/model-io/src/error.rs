@@ -7,18 +7,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// that names the file or tensor and what was expected.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: invalid JSON: {source}")]
-    Json {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    // The cause is part of the message and not also a `source()`: a chain printer (anyhow's
+    // `{:#}`) would print it twice. (thiserror takes a field named `source` as the source.)
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
+    #[error("{path}: invalid JSON: {cause}")]
+    Json { path: PathBuf, cause: serde_json::Error },
     #[error("{path}: not a valid safetensors file ({reason}); is it truncated or corrupt?")]
     BadSafetensors { path: PathBuf, reason: String },
     #[error("{dir}: no weights found; expected one of {expected}")]

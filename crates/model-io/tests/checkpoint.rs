@@ -217,3 +217,63 @@ fn tensor_files_round_trip_atomically() {
     let err = write_tensors(&dir.path().join("no/such/out.safetensors"), &t, &meta).err().unwrap().to_string();
     assert!(err.contains("out.safetensors"), "{err}");
 }
+
+/// A safetensors file from its header entries (name -> [start, end]) and data bytes.
+fn write_with_offsets(path: &Path, entries: &[(&str, [usize; 2])], data_len: usize) {
+    let mut header = serde_json::Map::new();
+    for (name, [a, b]) in entries {
+        header.insert(name.to_string(), serde_json::json!({"dtype": "U8", "shape": [b - a], "data_offsets": [a, b]}));
+    }
+    let h = serde_json::to_vec(&header).unwrap();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend(vec![7u8; data_len]);
+    std::fs::write(path, out).unwrap();
+}
+
+/// Python's safetensors refuses overlapping, gapped and trailing data; so do we.
+#[test]
+fn tensor_byte_ranges_must_tile_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.safetensors");
+    let err = |entries: &[(&str, [usize; 2])], len: usize| {
+        write_with_offsets(&p, entries, len);
+        Checkpoint::open_files("m", std::slice::from_ref(&p)).err().map(|e| e.to_string())
+    };
+    assert_eq!(err(&[("a", [0, 4]), ("b", [4, 6]), ("z", [6, 6])], 6), None);
+    let overlap = err(&[("a", [0, 4]), ("b", [2, 6])], 6).unwrap();
+    assert!(overlap.contains("m.safetensors") && overlap.contains("`b`") && overlap.contains("overlaps"), "{overlap}");
+    let gap = err(&[("a", [0, 2]), ("b", [4, 6])], 6).unwrap();
+    assert!(gap.contains("`b`") && gap.contains("gap"), "{gap}");
+    let trailing = err(&[("a", [0, 4])], 6).unwrap();
+    assert!(trailing.contains("end at byte 4") && trailing.contains("6 bytes"), "{trailing}");
+}
+
+/// A shard index may only name files of its own folder.
+#[test]
+fn shard_index_outside_the_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = dir.path().join("x.safetensors");
+    write_raw(&outside, &[("w", "F32", vec![1], f32_bytes(&[1.0]))]);
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for shard in ["../x.safetensors".to_string(), outside.display().to_string()] {
+        let index = model.join("model.safetensors.index.json");
+        std::fs::write(&index, serde_json::json!({"weight_map": {"w": shard}}).to_string()).unwrap();
+        let msg = Checkpoint::open_index(&index).err().expect("refused").to_string();
+        assert!(
+            msg.contains("index.json") && msg.contains("outside the model folder") && msg.contains(&shard),
+            "{msg}"
+        );
+    }
+}
+
+/// The OS error is part of the message, not also its source: printed as a chain (the CLI's
+/// `{:#}`) it appears once.
+#[test]
+fn io_errors_carry_their_cause_once() {
+    use std::error::Error as _;
+    let e = model_io::read_config::<serde_json::Value>(Path::new("/no/such/folder"), "config.json").err().unwrap();
+    assert!(e.to_string().contains("config.json") && e.to_string().contains("No such file"), "{e}");
+    assert!(e.source().is_none());
+}

@@ -96,7 +96,7 @@ fn unreadable(path: &Path) -> impl Fn(png::DecodingError) -> Error + '_ {
 
 /// A decoder past the PNG header, for [`read_png`] and [`read_png_text`].
 fn open_png(path: &Path) -> Result<png::Reader<std::io::BufReader<std::fs::File>>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
+    let file = std::fs::File::open(path).map_err(|e| Error::Io { path: path.into(), cause: e })?;
     png::Decoder::new(std::io::BufReader::new(file)).read_info().map_err(unreadable(path))
 }
 

@@ -712,12 +712,12 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// deleted afterwards.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let root = self.out_dir.join("checkpoints");
-        std::fs::create_dir_all(&root).map_err(|e| Error::Io { path: root.clone(), source: e })?;
+        std::fs::create_dir_all(&root).map_err(|e| Error::Io { path: root.clone(), cause: e })?;
         let fin = root.join(ckpt_name(self.step));
         let tmp = root.join(format!(".tmp-{}-{}", ckpt_name(self.step), std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         let write = || -> Result<()> {
-            std::fs::create_dir_all(&tmp).map_err(|e| Error::Io { path: tmp.clone(), source: e })?;
+            std::fs::create_dir_all(&tmp).map_err(|e| Error::Io { path: tmp.clone(), cause: e })?;
             write_tensors(&tmp.join("trainable.safetensors"), &self.trainable_host(), &BTreeMap::new())?;
             let mut opt = self.opt.to_host("aligner.");
             opt.extend(self.opt_unet.to_host("unet."));
@@ -726,9 +726,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             let state = serde_json::to_vec_pretty(&self.state()).map_err(|e| Error::invalid(e.to_string()))?;
             model_io::write_atomic(&tmp.join("state.json"), &state)?;
             if fin.exists() {
-                std::fs::remove_dir_all(&fin).map_err(|e| Error::Io { path: fin.clone(), source: e })?;
+                std::fs::remove_dir_all(&fin).map_err(|e| Error::Io { path: fin.clone(), cause: e })?;
             }
-            std::fs::rename(&tmp, &fin).map_err(|e| Error::Io { path: fin.clone(), source: e })?;
+            std::fs::rename(&tmp, &fin).map_err(|e| Error::Io { path: fin.clone(), cause: e })?;
             if let Ok(d) = std::fs::File::open(&root) {
                 let _ = d.sync_all();
             }
@@ -753,9 +753,9 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
         let text = std::fs::read_to_string(dir.join("state.json"))
-            .map_err(|e| Error::Io { path: dir.join("state.json"), source: e })?;
+            .map_err(|e| Error::Io { path: dir.join("state.json"), cause: e })?;
         let st: CheckpointState =
-            serde_json::from_str(&text).map_err(|e| Error::Json { path: dir.join("state.json"), source: e })?;
+            serde_json::from_str(&text).map_err(|e| Error::Json { path: dir.join("state.json"), cause: e })?;
         let now = resume_settings(&self.cfg);
         if st.settings != now {
             let diff = now.as_object().and_then(|o| {
@@ -825,7 +825,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// `loss.png`. Each file is written atomically.
     pub fn write_concept(&mut self) -> Result<()> {
         let dir = self.out_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Io { path: dir.clone(), source: e })?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Io { path: dir.clone(), cause: e })?;
         self.aligner.valid().save(&dir.join("aligner.safetensors"))?;
         write_tensors(
             &dir.join("visual_queries.safetensors"),
@@ -883,7 +883,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// The full UNet in diffusers' layout: `config.json` (the base's) and
     /// `diffusion_pytorch_model.safetensors`, every key and shape checked against the base.
     fn write_full_unet(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.into(), source: e })?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.into(), cause: e })?;
         let tensors = diffusers_unet_tensors::<B, _>(&self.unet);
         let base = model_io::Checkpoint::open_dir(&self.pipe.base_dir.join("unet"), &["diffusion_pytorch_model"])?;
         let names: std::collections::BTreeSet<String> = base.names().map(str::to_string).collect();
@@ -903,7 +903,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             return Err(Error::invalid(format!("UNet export: base key `{k}` has no parameter")));
         }
         let cfg = std::fs::read(self.pipe.base_dir.join("unet/config.json"))
-            .map_err(|e| Error::Io { path: self.pipe.base_dir.join("unet/config.json"), source: e })?;
+            .map_err(|e| Error::Io { path: self.pipe.base_dir.join("unet/config.json"), cause: e })?;
         model_io::write_atomic(&dir.join("config.json"), &cfg)?;
         write_tensors(
             &dir.join("diffusion_pytorch_model.safetensors"),
@@ -942,7 +942,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let vp = VisualPrompt { aligner: &aligner, queries: q };
         let img = self.pipe.generate(&opts, Some(&vp), None, &mut |_, _| {})?;
         let dir = self.out_dir.join("samples");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Io { path: dir.clone(), source: e })?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Io { path: dir.clone(), cause: e })?;
         let path = dir.join(format!("{}.png", ckpt_name(self.step)));
         write_png(&path, &img[0], &text)?;
         Ok(Some(path))
@@ -1026,7 +1026,7 @@ pub fn generate_class_images<B: burn::tensor::backend::Backend>(
     device: &B::Device,
     on_image: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.into(), source: e })?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.into(), cause: e })?;
     let mut pipe: Option<Pipeline<B>> = None;
     for i in 0..n {
         let path = dir.join(format!("class-{i:04}.png"));

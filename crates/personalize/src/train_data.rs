@@ -25,14 +25,14 @@ pub fn load_images(paths: &[PathBuf]) -> Result<Vec<RgbImage>> {
 
 /// Reads one image as 8-bit RGB, or fails naming the file.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
+    let meta = std::fs::metadata(path).map_err(|e| Error::Io { path: path.into(), cause: e })?;
     if meta.is_dir() {
         return Err(Error::invalid(format!("{}: is a folder, not an image", path.display())));
     }
     let reader = image::ImageReader::open(path)
-        .map_err(|e| Error::Io { path: path.into(), source: e })?
+        .map_err(|e| Error::Io { path: path.into(), cause: e })?
         .with_guessed_format()
-        .map_err(|e| Error::Io { path: path.into(), source: e })?;
+        .map_err(|e| Error::Io { path: path.into(), cause: e })?;
     let img = reader.decode().map_err(|e| {
         Error::invalid(format!("{}: not a readable image ({})", path.display(), e.to_string().replace('\n', " ")))
     })?;
@@ -46,7 +46,7 @@ pub fn load_image(path: &Path) -> Result<RgbImage> {
 
 /// Every image file (png, jpg, jpeg) in `dir`, sorted by name.
 pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let rd = std::fs::read_dir(dir).map_err(|e| Error::Io { path: dir.into(), source: e })?;
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::Io { path: dir.into(), cause: e })?;
     let mut out: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {

@@ -355,7 +355,7 @@ pub fn write_unet_safetensors<B: Backend>(unet: &UNet2DConditionModel<B>, path: 
     }
     let data_start = 8 + h.len() as u64;
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let io = |e: std::io::Error| Error::Io { path: path.to_path_buf(), source: e };
+    let io = |e: std::io::Error| Error::Io { path: path.to_path_buf(), cause: e };
     let result = (|| -> Result<()> {
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;

@@ -137,8 +137,8 @@ pub struct SchedulerConfig {
 impl SchedulerConfig {
     /// Reads and parses a config file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| SchedulerError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| SchedulerError::Io { path: path.to_path_buf(), cause: source })?;
         Self::parse(&text, path.to_path_buf())
     }
 

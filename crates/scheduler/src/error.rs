@@ -11,12 +11,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
     /// The config file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (in the message, so not also a `source()`: it would print twice).
+        cause: std::io::Error,
     },
     /// The config file is not valid JSON, or a field has the wrong JSON type.
     #[error("{path}: {message}")]

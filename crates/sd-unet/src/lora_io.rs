@@ -158,16 +158,18 @@ pub fn load_lora_scaled<B: Backend>(
     scale: &dyn Fn(&str, usize) -> f64,
 ) -> Result<()> {
     let paths: Vec<String> = unet.attentions().into_iter().map(|(p, _)| p).collect();
-    let mut used = 0;
+    let mut used: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let device = unet.attentions().first().map(|(_, a)| a.to_q.base.weight.device());
     let Some(device) = device else { return Ok(()) };
     for (path, a) in paths.iter().zip(unet.attentions_mut()) {
         for (name, p) in a.projections_mut() {
             let key = format!("{path}.{name}");
             let find = |suffix: &str| {
-                tensors.get(&format!("unet.{key}.{suffix}")).or_else(|| tensors.get(&format!("{key}.{suffix}")))
+                tensors
+                    .get_key_value(&format!("unet.{key}.{suffix}"))
+                    .or_else(|| tensors.get_key_value(&format!("{key}.{suffix}")))
             };
-            let (Some(la), Some(lb)) = (find("lora_A.weight"), find("lora_B.weight")) else { continue };
+            let (Some((ka, la)), Some((kb, lb))) = (find("lora_A.weight"), find("lora_B.weight")) else { continue };
             let (d_in, d_out) = p.base.dims();
             let r = la.shape.first().copied().unwrap_or(0);
             if la.shape != [r, d_in] || lb.shape != [d_out, r] || r == 0 {
@@ -183,17 +185,17 @@ pub fn load_lora_scaled<B: Backend>(
                 up: Linear::new(up.transpose(), None),
                 scale: scale(&key, r),
             });
-            used += 2;
+            used.extend([ka.as_str(), kb.as_str()]);
         }
     }
-    if used != tensors.len() {
-        let known: std::collections::HashSet<String> =
-            paths.iter().collect::<Vec<_>>().iter().map(|p| p.to_string()).collect();
-        let stray =
-            tensors.keys().find(|k| !known.iter().any(|p| k.contains(&format!("{p}.")))).cloned().unwrap_or_default();
+    // Every tensor must be used: name the first that was not (a stray key, or half of a pair
+    // whose other half is missing).
+    let unused: Vec<&String> = tensors.keys().filter(|k| !used.contains(k.as_str())).collect();
+    if let Some(first) = unused.first() {
         return Err(Error::invalid(format!(
-            "LoRA file has {} tensors that match no UNet attention projection, e.g. `{stray}`",
-            tensors.len() - used
+            "LoRA file has {} tensors that match no UNet attention projection (or lack their lora_A/lora_B \
+             partner), e.g. `{first}`",
+            unused.len()
         )));
     }
     Ok(())

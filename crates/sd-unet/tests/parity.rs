@@ -80,6 +80,14 @@ fn lora_is_zero_at_initialisation_and_round_trips() {
     let mut b = UNet2DConditionModel::<Flex>::load(&dir, &FlexDevice).unwrap();
     let msg = sd_unet::lora::load_lora(&mut b, &tensors, None).err().unwrap().to_string();
     assert!(msg.contains("no_such"), "{msg}");
+    // A lora_B without its lora_A is named (the message once ended in an empty name).
+    tensors.remove("unet.no_such.block.to_q.lora_A.weight");
+    let a_key = tensors.keys().find(|k| k.ends_with("to_q.lora_A.weight")).unwrap().clone();
+    tensors.remove(&a_key);
+    let mut b = UNet2DConditionModel::<Flex>::load(&dir, &FlexDevice).unwrap();
+    let msg = sd_unet::lora::load_lora(&mut b, &tensors, None).err().unwrap().to_string();
+    let b_key = a_key.replace("lora_A", "lora_B");
+    assert!(msg.contains(&format!("`{b_key}`")) && msg.contains("1 tensors"), "{msg}");
 }
 
 #[test]

@@ -206,6 +206,9 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
         Some(p) => {
             let mut t = model_io::tensor_file::read_tensors(p)?;
             let mut l = model_io::tensor_file::take(&mut t, p, "latents")?.to_float::<B, 4>("latents", &dev)?;
+            if l.dims()[0] == 0 {
+                bail!("{}: tensor `latents` has shape {:?}: no images to make", p.display(), l.dims());
+            }
             if a.skip > 0 {
                 let n = l.dims()[0];
                 if n <= a.skip {

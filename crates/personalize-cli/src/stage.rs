@@ -125,6 +125,20 @@ fn timed<T>(stage: &str, repeat: usize, load: Option<&Loaded>, mut f: impl FnMut
 
 /// Runs the stage and writes its output file.
 pub fn run(args: &StageArgs) -> Result<()> {
+    // The output is checked before any work: never over the input, never into a missing folder.
+    let parent = args.output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        bail!("--output {}: folder {} does not exist", args.output.display(), parent.display());
+    }
+    if let Some(input) = &args.input {
+        let same = match (std::fs::canonicalize(input), std::fs::canonicalize(&args.output)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => input == &args.output,
+        };
+        if same {
+            bail!("--output {} is the --input file; write the outputs elsewhere", args.output.display());
+        }
+    }
     let dev = device();
     let model = args.model.as_path();
     let outputs: Tensors = match args.stage.as_str() {

@@ -118,6 +118,18 @@ pub struct TrainCli {
 impl TrainCli {
     /// The library's settings for these flags.
     pub fn config(&self) -> Result<TrainConfig> {
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            bail!("--max-grad-norm {} must be a non-negative number (0: no clipping)", self.max_grad_norm);
+        }
+        if self.class_prompt.is_none() && self.class_images.is_some() {
+            bail!("--class-images needs --class-prompt (prior preservation trains on class images with that prompt)");
+        }
+        if self.class_prompt.is_some() && self.num_class_images == 0 {
+            bail!("--num-class-images must be at least 1 with --class-prompt");
+        }
+        if self.class_prompt.is_some() && self.class_image_steps == 0 {
+            bail!("--class-image-steps must be at least 1");
+        }
         let unet_mode = match self.unet.as_str() {
             "full" => UnetMode::Full,
             "lora" => UnetMode::Lora { rank: self.lora_rank, alpha: self.lora_alpha.unwrap_or(self.lora_rank as f64) },
@@ -175,7 +187,7 @@ pub fn run(args: TrainCli) -> Result<()> {
                     &p.class_prompt,
                     args.num_class_images,
                     cfg.resolution,
-                    args.class_image_steps.max(1),
+                    args.class_image_steps,
                     cfg.seed,
                     &dir,
                     &dev,

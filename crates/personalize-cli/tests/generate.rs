@@ -570,3 +570,31 @@ fn a_failed_write_names_the_images_written_and_not_written() {
         "no temp files left"
     );
 }
+
+/// Values that were accepted and then panicked or gave garbage: each a one-line error, before
+/// any sampling.
+#[test]
+fn absurd_generate_values_are_one_line_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let base = fixtures().join("pipeline");
+    let out = d.path().join("out");
+    let run_with = |extra: &[&str]| {
+        let mut args = vec!["generate", "--base", base.to_str().unwrap(), "--prompt", "a cat", "--steps", "2"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+        run(&args)
+    };
+    let (ok, err) = run_with(&["--num-images", "0"]);
+    assert!(!ok);
+    one_line_error(&err, &["--num-images"]);
+    let (ok, err) = run_with(&["--guidance", "NaN"]);
+    assert!(!ok);
+    one_line_error(&err, &["--guidance", "NaN"]);
+    let lat = d.path().join("empty.safetensors");
+    let t = BTreeMap::from([("latents".to_string(), model_io::tensor_file::HostTensor::f32(vec![0, 4, 4, 4], vec![]))]);
+    write_tensors(&lat, &t, &BTreeMap::new()).unwrap();
+    let (ok, err) = run_with(&["--latents", lat.to_str().unwrap()]);
+    assert!(!ok);
+    one_line_error(&err, &["empty.safetensors", "[0, 4, 4, 4]", "no images"]);
+    assert!(!out.join("0000.png").exists());
+}

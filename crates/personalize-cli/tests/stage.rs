@@ -440,3 +440,64 @@ fn unet_stage_runs_in_half_precision() {
     let (ok, err) = run(&["--dtype", "f8", "stage", "unet", "--model", ".", "--output", "x.safetensors"]);
     assert!(!ok && err.contains("f8"), "{err}");
 }
+
+/// `--output` over `--input`, or into a folder that does not exist, is refused before any
+/// work; the input is left as it was.
+#[test]
+fn output_over_the_input_or_into_a_missing_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("text_encoder/clip_quick_gelu");
+    let input = dir.path().join("in.safetensors");
+    let t = BTreeMap::from([("input_ids".to_string(), HostTensor::i64(vec![1, 2], vec![1, 2]))]);
+    write_tensors(&input, &t, &BTreeMap::new()).unwrap();
+    let before = std::fs::read(&input).unwrap();
+    let m = model.to_str().unwrap();
+    let same = dir.path().join(".").join("in.safetensors");
+    let (ok, err) = run(&[
+        "stage",
+        "text-encoder",
+        "--model",
+        m,
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        same.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert_one_line_error(&err, &["--output", "--input"]);
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+    let missing = dir.path().join("no/such/out.safetensors");
+    let (ok, err) = run(&[
+        "stage",
+        "text-encoder",
+        "--model",
+        m,
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert_one_line_error(&err, &["no/such", "does not exist"]);
+}
+
+/// Logs written to a pipe (CI, a file) carry no ANSI colour codes.
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ids.safetensors");
+    let long = "cat ".repeat(100);
+    let (ok, err) = run(&[
+        "stage",
+        "tokenizer",
+        "--model",
+        root().join("assets/clip-tokenizer").to_str().unwrap(),
+        "--prompt",
+        &long,
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("too long"), "the truncation warning is logged: {err}");
+    assert!(!err.contains('\u{1b}'), "colour codes in {err:?}");
+}

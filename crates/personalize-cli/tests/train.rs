@@ -166,3 +166,43 @@ fn training_with_a_non_latin1_prompt_writes_its_samples() {
     let (_, text) = personalize::read_png(&samples[0]).unwrap();
     assert!(text.iter().any(|(k, v)| k == "parameters" && v.starts_with(prompt)), "{text:?}");
 }
+
+/// Settings that were accepted and then panicked or were silently changed: each a one-line
+/// error before any work.
+#[test]
+fn absurd_train_values_are_one_line_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let base = fixtures().join("pipeline");
+    let blip2 = fixtures().join("blip2/opt_sharded");
+    let image = fixtures().join("blip2/preprocess/photo.png");
+    let out = d.path().join("c");
+    for (extra, needle) in [
+        (&["--aligner-hidden", "0"][..], "--aligner-hidden"),
+        (&["--queries", "0"][..], "--queries"),
+        (&["--max-grad-norm", "NaN"][..], "--max-grad-norm"),
+        (&["--max-grad-norm=-1"][..], "--max-grad-norm"),
+        (&["--class-images", "x"][..], "--class-prompt"),
+        (&["--class-prompt", "a cat", "--class-image-steps", "0"][..], "--class-image-steps"),
+        (&["--class-prompt", "a cat", "--num-class-images", "0"][..], "--num-class-images"),
+    ] {
+        let mut args = vec![
+            "train",
+            "--base",
+            base.to_str().unwrap(),
+            "--blip2",
+            blip2.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--resolution",
+            "32",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, err) = run(&args);
+        assert!(!ok, "{extra:?} was accepted");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(lines.len() == 1 && lines[0].contains(needle), "{extra:?}: {err}");
+        assert!(!out.exists(), "{extra:?}: wrote {}", out.display());
+    }
+}

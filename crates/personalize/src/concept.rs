@@ -62,7 +62,16 @@ impl<B: Backend> Concept<B> {
         let qpath = dir.join("visual_queries.safetensors");
         let queries = if qpath.is_file() {
             let mut t = model_io::tensor_file::read_tensors(&qpath)?;
-            Some(model_io::tensor_file::take(&mut t, &qpath, "queries")?.to_float::<B, 3>("queries", device)?)
+            let q = model_io::tensor_file::take(&mut t, &qpath, "queries")?.to_float::<B, 3>("queries", device)?;
+            let [n, k, d] = q.dims();
+            if n == 0 || k == 0 || d != aligner.query_dim() {
+                return Err(Error::invalid(format!(
+                    "{}: tensor `queries` has shape [{n}, {k}, {d}]; expected [N >= 1, Q >= 1, {}]",
+                    qpath.display(),
+                    aligner.query_dim()
+                )));
+            }
+            Some(q)
         } else {
             None
         };

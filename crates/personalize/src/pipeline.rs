@@ -256,6 +256,12 @@ impl<B: Backend> Pipeline<B> {
 
     /// Checks the size and returns the latent shape `[N, C, h, w]`.
     pub fn latent_shape(&self, opts: &GenerateOptions) -> Result<[usize; 4]> {
+        if opts.num_images == 0 {
+            return Err(Error::invalid("--num-images must be at least 1"));
+        }
+        if !opts.guidance.is_finite() {
+            return Err(Error::invalid(format!("--guidance {} must be a finite number", opts.guidance)));
+        }
         let f = self.vae.downscale_factor();
         let (h, w) = (opts.height.unwrap_or(self.default_size()), opts.width.unwrap_or(self.default_size()));
         for (name, v) in [("height", h), ("width", w)] {

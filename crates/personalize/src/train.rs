@@ -187,6 +187,17 @@ impl TrainConfig {
         if self.batch == 0 {
             return bad("--batch must be at least 1".into());
         }
+        if self.num_queries == 0 {
+            return bad("--queries must be at least 1 (the visual prompt's token count)".into());
+        }
+        if self.aligner_hidden == Some(0) {
+            return bad("--aligner-hidden must be at least 1".into());
+        }
+        if let Some(g) = self.max_grad_norm {
+            if !(g.is_finite() && g > 0.0) {
+                return bad(format!("the gradient-norm clip {g} must be a positive number"));
+            }
+        }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad(format!("--lr {} must be a positive number", self.lr));
         }

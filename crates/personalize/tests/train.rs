@@ -463,3 +463,18 @@ fn write_unet_safetensors_reproduces_the_diffusers_file() {
         assert_eq!(ours[k].max_abs_diff(v), 0.0, "{k}");
     }
 }
+
+/// A concept whose cached queries hold no image ([0, Q, D]) panicked in generation; loading
+/// it is now an error naming the file and the shape.
+#[test]
+fn concept_with_empty_queries_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(UnetMode::Frozen);
+    train::train::<AD>(&base(), &c, &data(1), dir.path(), false, &FlexDevice, &mut |_| {}).unwrap();
+    let q = dir.path().join("visual_queries.safetensors");
+    let d = model_io::tensor_file::read_tensors(&q).unwrap()["queries"].shape[2];
+    let empty = std::collections::BTreeMap::from([("queries".to_string(), HostTensor::f32(vec![0, 32, d], vec![]))]);
+    model_io::tensor_file::write_tensors(&q, &empty, &Default::default()).unwrap();
+    let msg = Concept::<Flex>::load(dir.path(), &FlexDevice).err().unwrap().to_string();
+    assert!(msg.contains("visual_queries.safetensors") && msg.contains("[0, 32,"), "{msg}");
+}

@@ -235,6 +235,9 @@ impl<B: Backend> Aligner<B> {
         if !self.pool && k > q {
             return Err(Error::invalid(format!("the aligner takes the first {k} queries but only {q} were given")));
         }
+        if self.pool && k > q {
+            return Err(Error::invalid(format!("the aligner pools {q} queries into {k}: it can only pool into fewer")));
+        }
         Ok(if self.pool {
             adaptive_avg_pool1d(queries.swap_dims(1, 2), k).swap_dims(1, 2)
         } else {

@@ -132,3 +132,12 @@ fn bad_files_and_inputs_are_named() {
     assert!(a.forward(queries(1, 4, 6)).err().unwrap().to_string().contains("first 8"));
     assert!(a.forward(queries(1, 8, 5)).err().unwrap().to_string().contains("width 5"));
 }
+
+/// Pooling Q queries into more than Q was accepted (adaptive pooling repeats them); refused.
+#[test]
+fn pooling_into_more_queries_than_given_is_refused() {
+    let s = AlignerSettings { num_queries: 33, query_selection: QuerySelection::Pool, final_gelu: true };
+    let a = Aligner::<Flex>::new(3, 4, 5, &s, &FlexDevice);
+    let msg = a.forward(queries(1, 32, 3)).err().unwrap().to_string();
+    assert!(msg.contains("32") && msg.contains("33") && msg.contains("fewer"), "{msg}");
+}

@@ -76,6 +76,13 @@ impl TrainSchedule {
                 }
             }
         };
+        // A beta outside [0, 1) makes alphas_cumprod negative or NaN: every step would then be
+        // silent garbage (a black image).
+        if let Some((i, b)) = betas.iter().enumerate().find(|(_, b)| !(b.is_finite() && (0.0..1.0).contains(*b))) {
+            let field =
+                if cfg.opt_f64_list("trained_betas")?.is_some() { "trained_betas" } else { "beta_start/beta_end" };
+            return Err(cfg.invalid(field, format!("gives beta {b} at timestep {i}; betas must be in [0, 1)")));
+        }
         if rescale_supported && cfg.bool_or("rescale_betas_zero_snr", false)? {
             betas = rescale_zero_terminal_snr(&betas);
         }

@@ -180,3 +180,24 @@ fn use_default_values_are_dropped_on_class_switch() {
     s.set_timesteps(2).unwrap();
     assert_eq!(s.timesteps(), &[999.0, 0.0], "Euler's own default spacing (linspace)");
 }
+
+/// Betas outside [0, 1) made every step NaN (a black image with exit 0); they are refused.
+#[test]
+fn betas_outside_zero_one_are_refused() {
+    for (name, cfg) in [
+        ("beta_end_2", r#"{"_class_name": "DDIMScheduler", "beta_end": 2.0}"#),
+        ("beta_start_neg", r#"{"_class_name": "DDIMScheduler", "beta_start": -0.1, "beta_end": 0.02}"#),
+        (
+            "beta_end_1",
+            r#"{"_class_name": "EulerDiscreteScheduler", "beta_end": 1.0, "beta_schedule": "scaled_linear"}"#,
+        ),
+    ] {
+        let cfg = SchedulerConfig::from_json_str(cfg).unwrap();
+        let msg = err_of(scheduler::from_config::<HostSample>(&cfg, None)).to_string();
+        assert!(msg.contains("beta_start/beta_end") && msg.contains("[0, 1)"), "{name}: {msg}");
+    }
+    // Zero-terminal-SNR rescaling makes the last beta 1 on purpose: still accepted.
+    let zsnr = r#"{"_class_name": "DDIMScheduler", "rescale_betas_zero_snr": true, "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "beta_end": 0.012}"#;
+    assert!(scheduler::from_config::<HostSample>(&SchedulerConfig::from_json_str(zsnr).unwrap(), None).is_ok());
+}

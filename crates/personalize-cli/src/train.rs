@@ -83,8 +83,12 @@ pub struct TrainCli {
     #[arg(long, default_value_t = 100)]
     pub save_every: usize,
     /// Continue from the last checkpoint in --out (same settings and images; --steps may grow).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Replace a training run or concept already in --out (its checkpoints, samples and concept
+    /// files; class_images/ is kept). Without it, such a folder is refused.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Random crops per image besides the centre crop (each encoded once by the VAE).
     #[arg(long, default_value_t = 3)]
     pub augment: usize,
@@ -166,6 +170,21 @@ impl TrainCli {
 /// Runs `personalize train`.
 pub fn run(args: TrainCli) -> Result<()> {
     let cfg = args.config()?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    // Held for the whole run (train() takes it again); another run on the same --out is refused.
+    let _lock = train::OutLock::take(&args.out)?;
+    if args.overwrite {
+        for name in train::RUN_OUTPUTS {
+            let p = args.out.join(name);
+            let removed = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            match removed {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("--overwrite: removing {}", p.display()))
+                }
+                _ => {}
+            }
+        }
+    }
     // Every image is read before anything heavy is loaded: a bad one stops the run here, named.
     let images = train::load_images(&args.images)?;
     let dev = device();

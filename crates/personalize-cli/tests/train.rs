@@ -206,3 +206,53 @@ fn absurd_train_values_are_one_line_errors() {
         assert!(!out.exists(), "{extra:?}: wrote {}", out.display());
     }
 }
+
+/// Training into a folder that holds a run is refused; `--overwrite` replaces it (old
+/// samples go), `--resume --overwrite` is a contradiction.
+#[test]
+fn overwrite_replaces_a_run_and_only_when_asked() {
+    let d = tempfile::tempdir().unwrap();
+    let concept = d.path().join("c");
+    let base = fixtures().join("pipeline");
+    let blip2 = fixtures().join("blip2/opt_sharded");
+    let image = fixtures().join("blip2/preprocess/photo.png");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--base",
+            base.to_str().unwrap(),
+            "--blip2",
+            blip2.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--out",
+            concept.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--resolution",
+            "32",
+            "--queries",
+            "4",
+            "--unet",
+            "frozen",
+            "--sample-steps",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let (ok, err) = train(&[]);
+    assert!(ok, "{err}");
+    let stale = concept.join("samples/old.png");
+    std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+    std::fs::write(&stale, b"x").unwrap();
+    let (ok, err) = train(&[]);
+    assert!(!ok && err.contains("--overwrite"), "{err}");
+    assert!(stale.exists());
+    let (ok, err) = train(&["--overwrite"]);
+    assert!(ok, "{err}");
+    assert!(!stale.exists() && concept.join("concept.json").is_file());
+    let (ok, _) = train(&["--overwrite", "--resume"]);
+    assert!(!ok);
+    assert!(!concept.join(".lock").exists());
+}

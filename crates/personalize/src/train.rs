@@ -418,10 +418,33 @@ impl<B: AutodiffBackend> Trainer<B> {
         let existing = list_checkpoints(out_dir);
         if !resume && !existing.is_empty() {
             return Err(Error::invalid(format!(
-                "{} already holds a training run (checkpoints up to step {}); pass --resume to continue it or choose another --out",
+                "{} already holds a training run (checkpoints up to step {}); pass --resume to continue it, --overwrite to replace it, or choose another --out",
                 out_dir.display(),
                 existing.last().map(|c| c.0).unwrap_or(0)
             )));
+        }
+        if !resume && out_dir.join("concept.json").is_file() {
+            return Err(Error::invalid(format!(
+                "{} already holds a concept (concept.json); pass --overwrite to replace it or choose another --out",
+                out_dir.display()
+            )));
+        }
+        match existing.last() {
+            None if resume => {
+                return Err(Error::invalid(format!(
+                    "--resume: {} has no checkpoint to continue from ({} holds none)",
+                    out_dir.display(),
+                    out_dir.join("checkpoints").display()
+                )))
+            }
+            Some((step, _)) if resume && *step > cfg.steps => {
+                return Err(Error::invalid(format!(
+                    "--resume: {} is at step {step}, past --steps {}; give --steps {step} or more",
+                    out_dir.display(),
+                    cfg.steps
+                )))
+            }
+            _ => {}
         }
 
         let pipe = Pipeline::<B::InnerBackend>::load(base_dir, device)?;
@@ -1007,7 +1030,21 @@ pub fn train<B: AutodiffBackend>(
     device: &B::Device,
     on_step: &mut dyn FnMut(&StepInfo),
 ) -> Result<TrainReport> {
-    let mut t = Trainer::<B>::new(base_dir, cfg, data, out_dir, resume, device)?;
+    let created = !out_dir.exists();
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::Io { path: out_dir.to_path_buf(), cause: e })?;
+    let lock = OutLock::take(out_dir)?;
+    let mut t = match Trainer::<B>::new(base_dir, cfg, data, out_dir, resume, device) {
+        Ok(t) => t,
+        Err(e) => {
+            // Refused before training: leave no trace (remove_dir only removes an empty folder).
+            drop(lock);
+            if created {
+                let _ = std::fs::remove_dir(out_dir);
+            }
+            return Err(e);
+        }
+    };
+    let _lock = lock;
     while t.step < cfg.steps {
         let info = t.train_step()?;
         on_step(&info);
@@ -1021,6 +1058,76 @@ pub fn train<B: AutodiffBackend>(
     }
     Ok(t.report())
 }
+
+/// `OUT/.lock` while a run trains into OUT: a second run on the same folder is refused instead
+/// of both finishing and one result being lost. Removed when dropped (also on an error); a
+/// lock whose process is gone (killed) is taken over.
+pub struct OutLock {
+    path: PathBuf,
+    /// False when this process already held the lock (taken again inside a run): only the
+    /// first taker removes it.
+    owned: bool,
+}
+
+impl OutLock {
+    /// Takes the lock of `out_dir`, or fails naming the process that holds it.
+    pub fn take(out_dir: &Path) -> Result<Self> {
+        let path = out_dir.join(".lock");
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    use std::io::Write as _;
+                    f.write_all(std::process::id().to_string().as_bytes())
+                        .map_err(|e| Error::Io { path: path.clone(), cause: e })?;
+                    return Ok(Self { path, owned: true });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let pid = std::fs::read_to_string(&path).unwrap_or_default();
+                    let pid = pid.trim();
+                    if pid == std::process::id().to_string() {
+                        return Ok(Self { path, owned: false });
+                    }
+                    // Where /proc exists, a holder that is gone leaves a stale lock.
+                    let gone = Path::new("/proc/self").exists()
+                        && (pid.parse::<u32>().is_err() || !Path::new("/proc").join(pid).exists());
+                    if !gone {
+                        return Err(Error::invalid(format!(
+                            "{} is in use by another training run (process {pid}; lock {}); wait for it or choose another --out",
+                            out_dir.display(),
+                            path.display()
+                        )));
+                    }
+                    tracing::warn!("removing the stale lock {} of process {pid}, which is gone", path.display());
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => return Err(Error::Io { path, cause: e }),
+            }
+        }
+        Err(Error::invalid(format!("{}: could not take the lock", path.display())))
+    }
+}
+
+impl Drop for OutLock {
+    fn drop(&mut self) {
+        if self.owned {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// What a training run writes into its output folder (besides `class_images/`, which a later
+/// run reuses): removed by `train --overwrite` before it starts again.
+pub const RUN_OUTPUTS: &[&str] = &[
+    "checkpoints",
+    "samples",
+    "concept.json",
+    "aligner.safetensors",
+    "unet_lora.safetensors",
+    "unet",
+    "visual_queries.safetensors",
+    "loss.csv",
+    "loss.png",
+];
 
 /// Makes `n` images of `prompt` with the base model (DreamBooth's class images for prior
 /// preservation), `resolution`² pixels, `steps` denoising steps, seeds `seed`, `seed + 1`, ...,

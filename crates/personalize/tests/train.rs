@@ -478,3 +478,40 @@ fn concept_with_empty_queries_is_refused() {
     let msg = Concept::<Flex>::load(dir.path(), &FlexDevice).err().unwrap().to_string();
     assert!(msg.contains("visual_queries.safetensors") && msg.contains("[0, 32,"), "{msg}");
 }
+
+/// Nothing a user made is lost: `--resume` with nothing to resume, a lower `--steps` on
+/// resume, a finished concept without checkpoints, and a folder another run trains into are
+/// each refused (they once restarted from 0, rewrote the concept, or finished with one result
+/// lost).
+#[test]
+fn training_refuses_what_would_lose_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(UnetMode::Frozen);
+    let run = |c: &TrainConfig, resume: bool| {
+        train::train::<AD>(&base(), c, &data(1), dir.path(), resume, &FlexDevice, &mut |_| {})
+            .map_err(|e| e.to_string())
+    };
+    let e = run(&c, true).unwrap_err();
+    assert!(e.contains("--resume") && e.contains("no checkpoint"), "{e}");
+    run(&c, false).unwrap();
+    let mut fewer = c.clone();
+    fewer.steps = 2;
+    let e = run(&fewer, true).unwrap_err();
+    assert!(e.contains("step 4") && e.contains("--steps 2"), "{e}");
+    std::fs::remove_dir_all(dir.path().join("checkpoints")).unwrap();
+    let before = std::fs::read(dir.path().join("concept.json")).unwrap();
+    let e = run(&c, false).unwrap_err();
+    assert!(e.contains("concept.json") && e.contains("--overwrite"), "{e}");
+    assert_eq!(std::fs::read(dir.path().join("concept.json")).unwrap(), before);
+
+    // A lock held by a live process (this test's parent, say) refuses a second run; the lock
+    // of a process that is gone is taken over, and released after the run.
+    let other = tempfile::tempdir().unwrap();
+    let lock = other.path().join(".lock");
+    std::fs::write(&lock, "1").unwrap(); // pid 1 is always alive
+    let e = train::train::<AD>(&base(), &c, &data(1), other.path(), false, &FlexDevice, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("in use by another training run"), "{e}");
+    std::fs::write(&lock, "4000000000").unwrap(); // no such process
+    train::train::<AD>(&base(), &c, &data(1), other.path(), false, &FlexDevice, &mut |_| {}).unwrap();
+    assert!(!lock.exists(), "the lock is released after the run");
+}

@@ -15,7 +15,7 @@ use crate::resample::{resize_rgb8, Filter};
 /// It is checked from the file header before any pixel is decoded, so an oversized or crafted
 /// file is refused without allocating its pixels. At the limit a decoded image takes up to
 /// 512 MiB (16-bit RGBA); several are decoded at once when many images are processed.
-pub const MAX_PIXELS: u64 = 1 << 26;
+pub const MAX_PIXELS: u64 = model_io::MAX_IMAGE_PIXELS;
 
 /// OpenAI CLIP's normalisation (`OPENAI_CLIP_MEAN`/`OPENAI_CLIP_STD`), BLIP-2's default.
 pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -259,18 +259,7 @@ pub fn decode_rgb8(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
     };
     let mut decoder = reader.into_decoder().map_err(bad)?;
     let (w, h) = decoder.dimensions();
-    let pixels = w as u64 * h as u64;
-    if pixels > MAX_PIXELS {
-        return Err(Error::invalid(format!(
-            "{}: image is {w}x{h} ({:.0} megapixels), above the limit of {MAX_PIXELS} pixels ({:.0} megapixels)",
-            path.display(),
-            pixels as f64 / 1e6,
-            MAX_PIXELS as f64 / 1e6
-        )));
-    }
-    if pixels == 0 {
-        return Err(Error::invalid(format!("{}: image is {w}x{h}, it has no pixels", path.display())));
-    }
+    model_io::check_image_size(path, w, h)?;
     // A malformed EXIF block should not cost the user the photo: keep it as stored.
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder).map_err(bad)?;

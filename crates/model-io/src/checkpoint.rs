@@ -75,10 +75,10 @@ impl Checkpoint {
             for variant in ["", ".fp16"] {
                 let single = dir.join(format!("{base}{variant}.safetensors"));
                 let index = dir.join(format!("{base}{variant}.safetensors.index.json"));
-                if single.is_file() {
+                if single.exists() {
                     return Self::open_files(&dir.display().to_string(), &[single]);
                 }
-                if index.is_file() {
+                if index.exists() {
                     return Self::open_index(&index);
                 }
                 tried.push(format!("{base}{variant}.safetensors[.index.json]"));
@@ -150,6 +150,7 @@ impl Checkpoint {
             absent: HashMap::new(),
         };
         for path in files {
+            regular_file(path)?;
             let file = std::fs::File::open(path).map_err(|e| Error::Io { path: path.clone(), cause: e })?;
             // SAFETY: the map is read-only; a file changed underneath us while loading is a user
             // error we cannot guard against without copying the whole model into memory.
@@ -351,6 +352,17 @@ struct RawInfo {
 }
 
 type Header = (usize, Vec<(String, TensorInfo)>, BTreeMap<String, String>);
+
+/// Fails unless `path` is a regular file: a folder, FIFO or device (`/dev/zero`) in place of a
+/// weight file is named as such, not read.
+pub(crate) fn regular_file(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::Io { path: path.to_path_buf(), cause: e })?;
+    if meta.is_file() {
+        return Ok(());
+    }
+    let what = if meta.is_dir() { "a folder" } else { "not a regular file (a FIFO, socket or device)" };
+    Err(Error::Config { path: path.to_path_buf(), message: format!("is {what}; expected a safetensors file") })
+}
 
 /// The largest header accepted, as Python's safetensors (100 MB).
 const MAX_HEADER: usize = 100_000_000;

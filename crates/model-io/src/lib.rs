@@ -37,6 +37,32 @@ pub use config::read_config;
 pub use error::{Error, Result};
 pub use weights::Weights;
 
+/// The most pixels an input image may have (64 megapixels), checked from its header before
+/// any pixel is decoded, so an oversized or crafted file is refused without allocating it.
+pub const MAX_IMAGE_PIXELS: u64 = 1 << 26;
+
+/// Checks an input image's size (from its header) against [`MAX_IMAGE_PIXELS`], naming the file.
+///
+/// ```
+/// assert!(model_io::check_image_size("a.png".as_ref(), 512, 512).is_ok());
+/// assert!(model_io::check_image_size("a.png".as_ref(), 100_000, 100_000).unwrap_err().to_string().contains("a.png"));
+/// ```
+pub fn check_image_size(path: &std::path::Path, w: u32, h: u32) -> Result<()> {
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > MAX_IMAGE_PIXELS {
+        return Err(Error::invalid(format!(
+            "{}: image is {w}x{h} ({:.0} megapixels), above the limit of {MAX_IMAGE_PIXELS} pixels ({:.0} megapixels)",
+            path.display(),
+            pixels as f64 / 1e6,
+            MAX_IMAGE_PIXELS as f64 / 1e6
+        )));
+    }
+    if pixels == 0 {
+        return Err(Error::invalid(format!("{}: image is {w}x{h}, it has no pixels", path.display())));
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename,
 /// so a crash or a full disk never leaves a half-written file under the final name.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {

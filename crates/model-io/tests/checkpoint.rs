@@ -277,3 +277,16 @@ fn io_errors_carry_their_cause_once() {
     assert!(e.to_string().contains("config.json") && e.to_string().contains("No such file"), "{e}");
     assert!(e.source().is_none());
 }
+
+/// A folder, or a device such as /dev/zero, in place of a weight file is named as such.
+#[test]
+fn folder_or_device_in_place_of_weights_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("model.safetensors")).unwrap();
+    let msg = Checkpoint::open_dir(dir.path(), &["model"]).err().unwrap().to_string();
+    assert!(msg.contains("model.safetensors") && msg.contains("is a folder"), "{msg}");
+    if Path::new("/dev/zero").exists() {
+        let msg = Checkpoint::open_files("zero", &[Path::new("/dev/zero").to_path_buf()]).err().unwrap().to_string();
+        assert!(msg.contains("/dev/zero") && msg.contains("not a regular file"), "{msg}");
+    }
+}

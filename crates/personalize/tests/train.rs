@@ -515,3 +515,21 @@ fn training_refuses_what_would_lose_work() {
     train::train::<AD>(&base(), &c, &data(1), other.path(), false, &FlexDevice, &mut |_| {}).unwrap();
     assert!(!lock.exists(), "the lock is released after the run");
 }
+
+/// An image over the pixel limit is refused from its header with the limit named, as
+/// `personalize encode` does (training once said only "Memory limit exceeded").
+#[test]
+fn oversized_training_image_names_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("huge.png");
+    {
+        let file = std::fs::File::create(&p).unwrap();
+        let mut enc = png::Encoder::new(file, 20000, 20000);
+        enc.set_color(png::ColorType::Rgb);
+        let mut w = enc.write_header().unwrap();
+        // A few bytes of image data: the header claims 1.2 GB of pixels.
+        w.write_chunk(png::chunk::IDAT, &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]).unwrap();
+    }
+    let e = train::load_images(&[p]).unwrap_err().to_string();
+    assert!(e.contains("huge.png") && e.contains("20000x20000") && e.contains("limit"), "{e}");
+}

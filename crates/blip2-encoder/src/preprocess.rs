@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
+use image::DynamicImage;
 use model_io::{Error, Result};
 use rayon::prelude::*;
 use serde::Deserialize;
@@ -224,46 +224,11 @@ fn parse_triple(v: &serde_json::Value) -> Option<[f32; 3]> {
     Some([a[0].as_f64()? as f32, a[1].as_f64()? as f32, a[2].as_f64()? as f32])
 }
 
-/// One line, whatever the decoder put in its message.
-fn one_line(e: impl std::fmt::Display) -> String {
-    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// Reads an image file as upright interleaved RGB8: `(width, height, pixels)`.
-///
-/// The size is checked against [`MAX_PIXELS`] from the header, before decoding.
+/// Reads an image file as upright interleaved RGB8: `(width, height, pixels)`, opened with
+/// [`model_io::image_file::open`] (size checked from the header before decoding, truncated
+/// files refused, the first frame of an animation).
 pub fn decode_rgb8(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
-    let io = |e: std::io::Error| Error::Io { path: path.into(), cause: e };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    if meta.is_dir() {
-        return Err(Error::invalid(format!("{}: is a folder, not an image", path.display())));
-    }
-    if meta.len() == 0 {
-        return Err(Error::invalid(format!("{}: empty file (0 bytes), not an image", path.display())));
-    }
-    let mut reader = ImageReader::open(path).map_err(io)?.with_guessed_format().map_err(io)?;
-    let Some(format) = reader.format() else {
-        return Err(Error::invalid(format!(
-            "{}: not an image (unrecognised content; PNG, JPEG, WebP, BMP, GIF and TIFF are supported)",
-            path.display()
-        )));
-    };
-    // The decoders' own allocation cap must admit any image within MAX_PIXELS (8 bytes a pixel
-    // for 16-bit RGBA) plus room for metadata; the pixel limit itself is checked below.
-    let mut limits = Limits::default();
-    limits.max_alloc = Some(MAX_PIXELS * 8 + (64 << 20));
-    reader.limits(limits);
-    let name = format!("{format:?}").to_uppercase();
-    let bad = |e: image::ImageError| {
-        Error::invalid(format!("{}: not a readable {name} image: {}", path.display(), one_line(e)))
-    };
-    let mut decoder = reader.into_decoder().map_err(bad)?;
-    let (w, h) = decoder.dimensions();
-    model_io::check_image_size(path, w, h)?;
-    // A malformed EXIF block should not cost the user the photo: keep it as stored.
-    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(bad)?;
-    img.apply_orientation(orientation);
+    let img = model_io::image_file::open(path)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     Ok((w, h, to_rgb8_like_pillow(img)))
 }

@@ -198,9 +198,65 @@ impl Checkpoint {
     }
 
     /// A cheap fingerprint of the weights, for "was this concept trained on this base model?":
-    /// FNV-1a over each file's header (names, dtypes, shapes, offsets), its length, and 64
-    /// evenly spaced 4 KiB samples of its data. Reads a few hundred KiB, not the whole model.
+    /// FNV-1a over every tensor in name order, its name, shape, and the values (as f32) of 8
+    /// evenly spaced elements. It does not depend on how the weights are stored: sharded or in
+    /// one file, F32, F64, or F16/BF16 holding the same values all give the same fingerprint.
+    /// Reads a few KiB, not the whole model.
+    ///
+    /// ```no_run
+    /// let a = model_io::Checkpoint::open_dir("sd/unet".as_ref(), &["diffusion_pytorch_model"])?;
+    /// println!("{}", a.fingerprint()); // t64:...
+    /// # Ok::<(), model_io::Error>(())
+    /// ```
     pub fn fingerprint(&self) -> String {
+        let mut h: u64 = 0xcbf29ce484222325;
+        let mut feed = |bytes: &[u8]| {
+            for &b in bytes {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x100000001b3);
+            }
+        };
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        for name in names {
+            let info = &self.tensors[name];
+            feed(name.as_bytes());
+            feed(&[0]);
+            for &d in &info.shape {
+                feed(&(d as u64).to_le_bytes());
+            }
+            let n: usize = info.shape.iter().product();
+            let b = self.bytes(info);
+            let samples = n.min(8);
+            for i in 0..samples {
+                let at = if samples < 2 { 0 } else { (n - 1) * i / (samples - 1) };
+                let v = match info.dtype.as_str() {
+                    "F32" => b.get(at * 4..at * 4 + 4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                    "F16" => b.get(at * 2..at * 2 + 2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+                    "BF16" => b.get(at * 2..at * 2 + 2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+                    "F64" => {
+                        b.get(at * 8..at * 8 + 8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                    }
+                    // Integer tensors: their bytes as stored.
+                    _ => None,
+                };
+                match v {
+                    // -0.0 and 0.0 are one value as read.
+                    Some(v) => feed(&(if v == 0.0 { 0.0f32 } else { v }).to_bits().to_le_bytes()),
+                    None => {
+                        let size = b.len() / n.max(1);
+                        feed(b.get(at * size..(at + 1) * size).unwrap_or_default());
+                    }
+                }
+            }
+        }
+        format!("t64:{h:016x}")
+    }
+
+    /// The fingerprint the first releases wrote into `concept.json` (FNV-1a over each file's
+    /// header, its length and 64 evenly spaced 4 KiB samples of its data): it changes with the
+    /// storage (shards, dtype), so it is only compared, for concepts those releases trained.
+    pub fn legacy_fingerprint(&self) -> String {
         let mut h: u64 = 0xcbf29ce484222325;
         let mut feed = |bytes: &[u8]| {
             for &b in bytes {

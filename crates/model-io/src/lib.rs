@@ -28,6 +28,7 @@
 mod checkpoint;
 mod config;
 mod error;
+pub mod image_file;
 pub mod nn;
 pub mod tensor_file;
 mod weights;

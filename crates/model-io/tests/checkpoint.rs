@@ -290,3 +290,53 @@ fn folder_or_device_in_place_of_weights_is_named() {
         assert!(msg.contains("/dev/zero") && msg.contains("not a regular file"), "{msg}");
     }
 }
+
+/// The base-model fingerprint is of the tensors (names, shapes, values as read), not of the
+/// files: the same weights sharded, or stored as F64 or F16 holding the same values, match;
+/// one changed value or shape does not.
+#[test]
+fn the_fingerprint_is_of_the_tensors_not_the_files() {
+    let d = tempfile::tempdir().unwrap();
+    let a: Vec<f32> = (0..40).map(|i| i as f32 * 0.25 - 3.0).collect();
+    let b = [0.5f32, -1.5, 2.0];
+    let f64b = |v: &[f32]| v.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect::<Vec<u8>>();
+    let f16b = |v: &[f32]| v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect::<Vec<u8>>();
+    let one = d.path().join("one");
+    std::fs::create_dir_all(&one).unwrap();
+    write_raw(
+        &one.join("m.safetensors"),
+        &[("a", "F32", vec![8, 5], f32_bytes(&a)), ("b", "F32", vec![3], f32_bytes(&b))],
+    );
+    let fp = |dir: &Path| Checkpoint::open_dir(dir, &["m"]).unwrap().fingerprint();
+    let reference = fp(&one);
+    assert!(reference.starts_with("t64:"));
+
+    let sharded = d.path().join("sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    write_raw(&sharded.join("m-00001-of-00002.safetensors"), &[("b", "F32", vec![3], f32_bytes(&b))]);
+    write_raw(&sharded.join("m-00002-of-00002.safetensors"), &[("a", "F32", vec![8, 5], f32_bytes(&a))]);
+    std::fs::write(
+        sharded.join("m.safetensors.index.json"),
+        r#"{"metadata": {}, "weight_map": {"a": "m-00002-of-00002.safetensors", "b": "m-00001-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    assert_eq!(fp(&sharded), reference, "sharded");
+
+    let wide = d.path().join("f64");
+    std::fs::create_dir_all(&wide).unwrap();
+    write_raw(&wide.join("m.safetensors"), &[("b", "F64", vec![3], f64b(&b)), ("a", "F16", vec![8, 5], f16b(&a))]);
+    assert_eq!(fp(&wide), reference, "F64 and F16 holding the same values");
+
+    let mut a2 = a.clone();
+    a2[39] += 1.0;
+    write_raw(
+        &one.join("m.safetensors"),
+        &[("a", "F32", vec![8, 5], f32_bytes(&a2)), ("b", "F32", vec![3], f32_bytes(&b))],
+    );
+    assert_ne!(fp(&one), reference, "a changed value");
+    write_raw(
+        &one.join("m.safetensors"),
+        &[("a", "F32", vec![5, 8], f32_bytes(&a)), ("b", "F32", vec![3], f32_bytes(&b))],
+    );
+    assert_ne!(fp(&one), reference, "another shape");
+}

@@ -8,6 +8,7 @@ mod imp {
         burn_flex::FlexDevice
     }
     pub const NAME: &str = "cpu (burn-flex)";
+    pub const IS_GPU: bool = false;
 }
 
 #[cfg(feature = "cuda")]
@@ -17,9 +18,10 @@ mod imp {
         burn_cuda::CudaDevice::default()
     }
     pub const NAME: &str = "cuda (burn-cuda)";
+    pub const IS_GPU: bool = true;
 }
 
-pub use imp::{device, B, NAME};
+pub use imp::{device, B, IS_GPU, NAME};
 
 /// Makes `dtype` (`f32`, `f16` or `bf16`) the float type of every tensor created on the device.
 /// Must run before the first tensor is made: Burn fixes a device's defaults at first use.

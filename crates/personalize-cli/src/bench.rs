@@ -76,7 +76,7 @@ fn random_pipeline(a: &GenerateBench) -> Result<Pipeline<B>> {
         tokenizer: clip_text::ClipTokenizer::from_dir(&component(&a.tokenizer, &a.base, "tokenizer", "tokenizer")?)?,
         text_encoder: clip_text::ClipTextModel::from_weights(&text_cfg, &random())?,
         unet: sd_unet::UNet2DConditionModel::from_weights(&unet_cfg, &random())?,
-        unet_sample_size: unet_cfg.sample_size,
+        unet_config: unet_cfg.clone(),
         vae: sd_vae::AutoencoderKl::from_weights(&vae_config, &random())?,
         vae_config,
         scheduler_dir: component(&a.scheduler, &a.base, "scheduler", "scheduler")?,

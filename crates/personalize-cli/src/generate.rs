@@ -41,9 +41,14 @@ pub struct GenerateCli {
     /// Random seed for the initial noise (default: a fresh one, recorded in the PNGs).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Number of images [default: 1].
+    /// Number of images [default: 1]. They are made batch by batch and each is written as soon
+    /// as its batch is done, so any number runs in bounded memory.
     #[arg(long)]
     pub num_images: Option<usize>,
+    /// Images per UNet batch (default: as many as fit in the memory available, at most 8).
+    /// Ancestral schedulers (euler-a, ddpm) draw their noise per batch, so the images record it.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     /// Image height in pixels (a multiple of 8).
     #[arg(long)]
     pub height: Option<usize>,
@@ -91,9 +96,9 @@ pub struct GenerateArgs {
     pub blip2: Option<PathBuf>,
     pub allow_base_mismatch: bool,
     pub out: PathBuf,
-    /// Images at the start of the batch that are sampled but not written (re-running image
-    /// `skip` of an earlier batch).
-    pub skip: usize,
+    /// Make and write only this image of the generation (re-running one image of an earlier
+    /// one): its batch is sampled, the image is written as 0000.png.
+    pub only: Option<usize>,
 }
 
 /// A model argument recorded in an image: resolved as on the command line.
@@ -115,6 +120,7 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
                 scheduler: cli.scheduler,
                 seed: cli.seed.unwrap_or(0),
                 num_images: cli.num_images.unwrap_or(1),
+                batch_size: cli.batch_size,
                 height: cli.height,
                 width: cli.width,
             },
@@ -125,7 +131,7 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
             blip2: cli.blip2,
             allow_base_mismatch: cli.allow_base_mismatch,
             out: cli.out,
-            skip: 0,
+            only: None,
         });
     };
     let s = ImageSettings::from_png(&image)?;
@@ -149,9 +155,11 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
     };
     let noise_given = cli.latents.is_some() || cli.seed.is_some() || cli.height.is_some() || cli.width.is_some();
     let latents = if noise_given { cli.latents } else { s.latents.as_ref().map(PathBuf::from) };
-    let (num_images, skip) = match cli.num_images {
-        Some(n) => (n, 0),
-        None => (s.image_index + 1, s.image_index),
+    // The image's own generation, so its noise is drawn as it was: images written before
+    // batching were one batch of num_images.
+    let (num_images, batch_size, only) = match cli.num_images {
+        Some(n) => (n, cli.batch_size, None),
+        None => (s.num_images, cli.batch_size.or(s.batch_size).or(Some(s.num_images)), Some(s.image_index)),
     };
     Ok(GenerateArgs {
         base,
@@ -163,6 +171,7 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
             scheduler: cli.scheduler.or(s.scheduler),
             seed: cli.seed.unwrap_or(s.seed),
             num_images,
+            batch_size,
             height: cli.height.or(s.height),
             width: cli.width.or(s.width),
         },
@@ -173,18 +182,13 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
         blip2,
         allow_base_mismatch: cli.allow_base_mismatch,
         out: cli.out,
-        skip,
+        only,
     })
 }
 
 /// `personalize generate`.
 pub fn run(cli: GenerateCli) -> Result<()> {
     generate(args(cli)?)
-}
-
-/// The paths joined for a message.
-fn list(paths: &[PathBuf]) -> String {
-    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 pub fn generate(mut a: GenerateArgs) -> Result<()> {
@@ -205,35 +209,44 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
     let latents = match &a.latents {
         Some(p) => {
             let mut t = model_io::tensor_file::read_tensors(p)?;
-            let mut l = model_io::tensor_file::take(&mut t, p, "latents")?.to_float::<B, 4>("latents", &dev)?;
-            if l.dims()[0] == 0 {
-                bail!("{}: tensor `latents` has shape {:?}: no images to make", p.display(), l.dims());
+            let l = model_io::tensor_file::take(&mut t, p, "latents")?.to_float::<B, 4>("latents", &dev)?;
+            let [_, c, h, w] = pipe.latent_shape(&a.opts)?;
+            let d = l.dims();
+            if d[0] == 0 || d[1..] != [c, h, w] {
+                let f = pipe.vae.downscale_factor();
+                bail!(
+                    "{}: tensor `latents` has shape {d:?}; expected [N >= 1, {c}, {h}, {w}] for {}x{} images",
+                    p.display(),
+                    w * f,
+                    h * f
+                );
             }
-            if a.skip > 0 {
-                let n = l.dims()[0];
-                if n <= a.skip {
-                    bail!("{}: {n} latents; the image to re-run is number {} of its batch", p.display(), a.skip + 1);
+            if let Some(i) = a.only {
+                if d[0] <= i {
+                    bail!("{}: {} latents; the image to re-run is number {} of its batch", p.display(), d[0], i + 1);
                 }
-                l = l.narrow(0, 0, a.skip + 1);
             }
-            a.opts.num_images = l.dims()[0];
+            a.opts.num_images = d[0];
             Some(l)
         }
         None => None,
     };
+    // The batch size is settled once, so the images record the one that ran.
+    a.opts.batch_size = Some(pipe.batches(&a.opts)?.batch);
     // Everything the images record, checked before any sampling.
     let mut settings = pipe.image_settings(&a.opts)?;
     settings.concept = a.concept.as_ref().map(|c| c.display().to_string());
     settings.images = a.images.iter().map(|p| p.display().to_string()).collect();
     settings.blip2 = if a.images.is_empty() { None } else { a.blip2.as_ref().map(|p| p.display().to_string()) };
     settings.latents = a.latents.as_ref().map(|p| p.display().to_string());
-    let texts = (0..a.opts.num_images)
-        .map(|i| {
-            let text = ImageSettings { image_index: i, ..settings.clone() }.png_text()?;
-            personalize::check_png_text(&text)?;
-            Ok(text)
-        })
-        .collect::<model_io::Result<Vec<_>>>()?;
+    let text_of = |i: usize| -> model_io::Result<Vec<(&str, String)>> {
+        let text = ImageSettings { image_index: i, ..settings.clone() }.png_text()?;
+        personalize::check_png_text(&text)?;
+        Ok(text)
+    };
+    // The texts differ only in the image index: the first and the last stand for all.
+    text_of(0)?;
+    text_of(a.opts.num_images - 1)?;
     let concept = match &a.concept {
         Some(dir) => {
             let c = Concept::<B>::load(dir, &dev)?;
@@ -254,29 +267,45 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
         _ => None,
     };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    crate::interrupt::install();
     let bar = ProgressBar::new(a.opts.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps {elapsed_precise} eta {eta}")
             .expect("valid template"),
     );
-    bar.set_message("sampling");
-    let images = pipe.generate(&a.opts, visual.as_ref(), latents, &mut |i, n| {
-        bar.set_length(n as u64);
-        bar.set_position(i as u64);
-    })?;
+    let n = a.opts.num_images;
+    bar.set_message(if a.only.is_some() || n == 1 { "sampling".to_string() } else { format!("sampling {n} images") });
+    let mut written: Vec<PathBuf> = Vec::new();
+    let result = pipe.generate_each(
+        &a.opts,
+        visual.as_ref(),
+        latents,
+        a.only,
+        &mut |i, total| {
+            bar.set_length(total as u64);
+            bar.set_position(i as u64);
+        },
+        &mut |i, img| {
+            let path = a.out.join(format!("{:04}.png", if a.only.is_some() { 0 } else { i }));
+            personalize::write_png(&path, &img, &text_of(i)?)?;
+            bar.suspend(|| println!("{}", path.display()));
+            written.push(path);
+            Ok(())
+        },
+    );
     bar.finish_and_clear();
-    let paths: Vec<PathBuf> =
-        (0..images.len().saturating_sub(a.skip)).map(|j| a.out.join(format!("{j:04}.png"))).collect();
-    for (j, (img, text)) in images.iter().zip(&texts).skip(a.skip).enumerate() {
-        if let Err(e) = personalize::write_png(&paths[j], img, text) {
-            let wrote = if j == 0 { String::new() } else { format!("wrote {}; ", list(&paths[..j])) };
-            let rest =
-                if j + 1 == paths.len() { String::new() } else { format!("; {} not written", list(&paths[j + 1..])) };
-            let (path, e) = (paths[j].display().to_string(), e.to_string());
-            let e = e.strip_prefix(&format!("{path}: ")).unwrap_or(&e);
-            bail!("{wrote}failed on {path}: {e}{rest}");
-        }
-        println!("{}", paths[j].display());
+    if let Err(e) = result {
+        let of = if a.only.is_some() { 1 } else { n };
+        let kept = match written.len() {
+            0 => format!("generate stopped before writing any of {of} image(s)"),
+            1 => format!("generate stopped after writing 1 of {of} images ({})", written[0].display()),
+            k => format!(
+                "generate stopped after writing {k} of {of} images ({} to {})",
+                written[0].display(),
+                written[k - 1].display()
+            ),
+        };
+        return Err(anyhow::Error::new(e).context(kept));
     }
     Ok(())
 }

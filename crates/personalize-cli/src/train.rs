@@ -170,7 +170,20 @@ impl TrainCli {
 /// Runs `personalize train`.
 pub fn run(args: TrainCli) -> Result<()> {
     let cfg = args.config()?;
+    let created = !args.out.exists();
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let out = args.out.clone();
+    let r = run_in(args, cfg);
+    if r.is_err() && created {
+        // Refused or failed before writing anything: leave no empty folder (remove_dir only
+        // removes an empty one).
+        let _ = std::fs::remove_dir(&out);
+    }
+    r
+}
+
+/// The run, in its existing output folder.
+fn run_in(args: TrainCli, cfg: train::TrainConfig) -> Result<()> {
     // Held for the whole run (train() takes it again); another run on the same --out is refused.
     let _lock = train::OutLock::take(&args.out)?;
     if args.overwrite {
@@ -232,6 +245,7 @@ pub fn run(args: TrainCli) -> Result<()> {
             .expect("valid template"),
     );
     let mut ema: Option<f64> = None;
+    crate::interrupt::install();
     let report =
         train::train::<burn_autodiff::Autodiff<B>>(&args.base, &cfg, &data, &args.out, args.resume, &dev, &mut |s| {
             let e = match ema {

@@ -38,6 +38,80 @@ pub struct ConceptInfo {
     pub final_loss: Option<f64>,
 }
 
+/// The `concept.json` format version this release writes and reads.
+pub const CONCEPT_VERSION: u32 = 1;
+
+impl ConceptInfo {
+    /// Checks the settings against the files beside `concept.json`: the version, the query
+    /// selection, `num_queries` against the aligner, and the UNet mode against the files (a
+    /// `frozen` concept with a LoRA or UNet beside it would silently drop them; `lora_rank`
+    /// against the LoRA's `lora_A` tensors).
+    pub fn check_files<B: Backend>(&self, dir: &Path, aligner: &Aligner<B>) -> Result<()> {
+        let path = dir.join("concept.json");
+        let bad = |message: String| Err(Error::Config { path: path.clone(), message });
+        if self.version != CONCEPT_VERSION {
+            return bad(format!(
+                "version {} is not one this release reads (it reads {CONCEPT_VERSION}){}",
+                self.version,
+                if self.version > CONCEPT_VERSION { "; made by a newer release?" } else { "" }
+            ));
+        }
+        if q_aligner::QuerySelection::parse(&self.query_selection).is_err() {
+            return bad(format!("query_selection `{}` unknown (first or pool)", self.query_selection));
+        }
+        let settings = aligner.settings();
+        if self.num_queries != settings.num_queries {
+            return bad(format!(
+                "num_queries is {}, but aligner.safetensors makes {} visual tokens",
+                self.num_queries, settings.num_queries
+            ));
+        }
+        if self.query_selection != settings.query_selection.as_str() {
+            return bad(format!(
+                "query_selection is `{}`, but aligner.safetensors records `{}`",
+                self.query_selection,
+                settings.query_selection.as_str()
+            ));
+        }
+        let lora = dir.join("unet_lora.safetensors");
+        let full = dir.join("unet");
+        match self.unet.as_str() {
+            "frozen" if lora.exists() || full.exists() => {
+                let found = if lora.exists() { &lora } else { &full };
+                return bad(format!(
+                    "unet is `frozen`, but {} is beside it and would be ignored; set unet to `{}` or remove it",
+                    found.display(),
+                    if lora.exists() { "lora" } else { "full" }
+                ));
+            }
+            "lora" => {
+                if !lora.is_file() {
+                    return bad(format!("unet is `lora`, but {} is missing", lora.display()));
+                }
+                if let Some(rank) = self.lora_rank {
+                    let ckpt =
+                        model_io::Checkpoint::open_files(&lora.display().to_string(), std::slice::from_ref(&lora))?;
+                    for name in ckpt.names() {
+                        let shape = ckpt.info(name).map(|i| i.shape.clone()).unwrap_or_default();
+                        if name.contains("lora_A") && shape.first() != Some(&rank) {
+                            return bad(format!(
+                                "lora_rank is {rank}, but {} holds `{name}` of shape {shape:?} (rank {})",
+                                lora.display(),
+                                shape.first().copied().unwrap_or(0)
+                            ));
+                        }
+                    }
+                }
+            }
+            "full" if !full.join("config.json").is_file() => {
+                return bad(format!("unet is `full`, but {} is missing", full.join("config.json").display()));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 /// A loaded concept: its settings, aligner and cached BLIP-2 queries.
 pub struct Concept<B: Backend> {
     pub dir: PathBuf,
@@ -59,6 +133,13 @@ impl<B: Backend> Concept<B> {
             });
         }
         let aligner = Aligner::load(&dir.join("aligner.safetensors"), device)?;
+        info.check_files(dir, &aligner)?;
+        if let Some(p) = crate::check::first_nonfinite_param::<B, _>(&aligner) {
+            return Err(Error::invalid(format!(
+                "{}: the aligner's weight `{p}` holds NaN or Inf; the file is damaged",
+                dir.join("aligner.safetensors").display()
+            )));
+        }
         let qpath = dir.join("visual_queries.safetensors");
         let queries = if qpath.is_file() {
             let mut t = model_io::tensor_file::read_tensors(&qpath)?;
@@ -70,6 +151,9 @@ impl<B: Backend> Concept<B> {
                     qpath.display(),
                     aligner.query_dim()
                 )));
+            }
+            if !crate::check::all_finite(&q) {
+                return Err(Error::invalid(format!("{}: tensor `queries` holds NaN or Inf", qpath.display())));
             }
             Some(q)
         } else {

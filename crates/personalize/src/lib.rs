@@ -15,8 +15,11 @@
 //! # Ok::<(), model_io::Error>(())
 //! ```
 
+mod check;
 mod concept;
 mod image_out;
+pub mod interrupt;
+pub mod memory;
 mod metadata;
 mod pipeline;
 pub mod train;
@@ -24,4 +27,4 @@ pub mod train;
 pub use concept::{Concept, ConceptInfo};
 pub use image_out::{check_png_text, read_png, read_png_text, write_png, RgbImage};
 pub use metadata::{model_name, scheduler_in_use, ImageSettings, PARAMETERS_KEY, SETTINGS_KEY};
-pub use pipeline::{GenerateOptions, Pipeline, PipelineParts, VisualPrompt};
+pub use pipeline::{Batches, GenerateOptions, Pipeline, PipelineParts, VisualPrompt, DEFAULT_MAX_BATCH};

@@ -65,12 +65,16 @@ pub struct ImageSettings {
     /// The `--latents` file, if the initial noise came from one instead of the seed.
     #[serde(default)]
     pub latents: Option<String>,
-    /// How many images the run made, and which of them this is (from 0): image `i` of a batch
-    /// is drawn from the same noise stream as the ones before it.
+    /// How many images the run made, and which of them this is (from 0): image `i`'s initial
+    /// noise is the `i`-th slice of the seed's stream.
     #[serde(default = "one")]
     pub num_images: usize,
     #[serde(default)]
     pub image_index: usize,
+    /// Images per UNet batch (ancestral schedulers draw their step noise per batch). Images
+    /// written before batching record none: they were one batch of `num_images`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
     /// For training sample images: the training step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training_step: Option<usize>,
@@ -96,6 +100,7 @@ impl Default for ImageSettings {
             latents: None,
             num_images: 1,
             image_index: 0,
+            batch_size: None,
             training_step: None,
         }
     }
@@ -392,6 +397,7 @@ mod tests {
             latents: None,
             num_images: 4,
             image_index: 2,
+            batch_size: Some(2),
             training_step: None,
         }
     }

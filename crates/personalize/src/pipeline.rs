@@ -26,7 +26,10 @@ pub struct Pipeline<B: Backend> {
     pub base_dir: PathBuf,
     /// Fingerprint of the base UNet weights (see [`Checkpoint::fingerprint`]).
     pub unet_fingerprint: String,
-    unet_sample_size: Option<usize>,
+    /// The fingerprint of the same weights as the first releases computed it (file bytes), so
+    /// concepts they trained still match.
+    unet_fingerprint_legacy: String,
+    unet_config: sd_unet::UNetConfig,
     scheduler_dir: PathBuf,
     device: B::Device,
 }
@@ -37,8 +40,9 @@ pub struct PipelineParts<B: Backend> {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel<B>,
     pub unet: UNet2DConditionModel<B>,
-    /// The UNet config's `sample_size` (latent side of the default image size).
-    pub unet_sample_size: Option<usize>,
+    /// The UNet's config (its `sample_size` sets the default image size; its widths the memory
+    /// estimate).
+    pub unet_config: sd_unet::UNetConfig,
     pub vae: AutoencoderKl<B>,
     pub vae_config: AutoencoderKlConfig,
     /// A folder with `scheduler_config.json`.
@@ -57,8 +61,30 @@ pub struct GenerateOptions {
     pub scheduler: Option<String>,
     pub seed: u64,
     pub num_images: usize,
+    /// Images per UNet batch; `None`: as many as fit in memory, at most
+    /// [`DEFAULT_MAX_BATCH`]. Images are written batch by batch, so any number of them runs in
+    /// bounded memory.
+    pub batch_size: Option<usize>,
     pub height: Option<usize>,
     pub width: Option<usize>,
+}
+
+/// The largest batch chosen when `batch_size` is not given: beyond it a CPU gains nothing
+/// and a GPU little, while the images of a batch wait for the slowest.
+pub const DEFAULT_MAX_BATCH: usize = 8;
+
+/// Generation of `count` images in batches of `batch`: image `i` is in batch `i / batch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batches {
+    pub count: usize,
+    pub batch: usize,
+}
+
+impl Batches {
+    /// The image ranges of the batches, in order.
+    pub fn ranges(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        (0..self.count.div_ceil(self.batch)).map(|b| b * self.batch..((b + 1) * self.batch).min(self.count))
+    }
 }
 
 impl Default for GenerateOptions {
@@ -71,6 +97,7 @@ impl Default for GenerateOptions {
             scheduler: None,
             seed: 0,
             num_images: 1,
+            batch_size: None,
             height: None,
             width: None,
         }
@@ -102,7 +129,9 @@ impl<B: Backend> Pipeline<B> {
         }
         let _: serde_json::Value = model_io::read_config(dir, "model_index.json")?;
         let unet_dir = dir.join("unet");
-        let unet_fingerprint = Checkpoint::open_dir(&unet_dir, &["diffusion_pytorch_model"])?.fingerprint();
+        let ckpt = Checkpoint::open_dir(&unet_dir, &["diffusion_pytorch_model"])?;
+        let (unet_fingerprint, unet_fingerprint_legacy) = (ckpt.fingerprint(), ckpt.legacy_fingerprint());
+        drop(ckpt);
         let unet_cfg = sd_unet::UNetConfig::load(&unet_dir)?;
         let vae_config = AutoencoderKlConfig::load(&dir.join("vae"))?;
         Ok(Self {
@@ -113,7 +142,8 @@ impl<B: Backend> Pipeline<B> {
             vae_config,
             base_dir: dir.to_path_buf(),
             unet_fingerprint,
-            unet_sample_size: unet_cfg.sample_size,
+            unet_fingerprint_legacy,
+            unet_config: unet_cfg,
             scheduler_dir: dir.join("scheduler"),
             device: device.clone(),
         })
@@ -131,10 +161,16 @@ impl<B: Backend> Pipeline<B> {
             vae_config: parts.vae_config,
             base_dir: parts.scheduler_dir.clone(),
             unet_fingerprint: String::new(),
-            unet_sample_size: parts.unet_sample_size,
+            unet_fingerprint_legacy: String::new(),
+            unet_config: parts.unet_config,
             scheduler_dir: parts.scheduler_dir,
             device: device.clone(),
         }
+    }
+
+    /// The UNet's config.
+    pub fn unet_config(&self) -> &sd_unet::UNetConfig {
+        &self.unet_config
     }
 
     /// The device the models live on.
@@ -144,7 +180,7 @@ impl<B: Backend> Pipeline<B> {
 
     /// Default image side: the UNet's sample size times the VAE factor (512 for SD 1.5).
     pub fn default_size(&self) -> usize {
-        self.unet_sample_size.unwrap_or(64) * self.vae.downscale_factor()
+        self.unet_config.sample_size.unwrap_or(64) * self.vae.downscale_factor()
     }
 
     /// The folder with `scheduler_config.json` the model's scheduler is built from.
@@ -172,6 +208,7 @@ impl<B: Backend> Pipeline<B> {
             width: Some(w * f),
             base: Some(self.base_dir.display().to_string()),
             num_images: opts.num_images,
+            batch_size: Some(self.batches(opts)?.batch),
             ..Default::default()
         })
     }
@@ -185,7 +222,7 @@ impl<B: Backend> Pipeline<B> {
     /// Applies a concept's UNet changes (LoRA or full weights). Refuses a concept trained on
     /// another base model unless `allow_mismatch`.
     pub fn apply_concept(&mut self, concept: &Concept<B>, allow_mismatch: bool) -> Result<()> {
-        if concept.info.base_unet_fingerprint != self.unet_fingerprint && !allow_mismatch {
+        if !self.is_base_of(&concept.info.base_unet_fingerprint) && !allow_mismatch {
             return Err(Error::invalid(format!(
                 "concept {} was trained on another base model ({}; this one is {}); pass --allow-base-mismatch to use it anyway",
                 concept.dir.display(),
@@ -219,18 +256,35 @@ impl<B: Backend> Pipeline<B> {
         Ok(())
     }
 
+    /// True when `fingerprint` (a concept's `base_unet_fingerprint`) is this UNet's, in the
+    /// current form or the first releases' form.
+    pub fn is_base_of(&self, fingerprint: &str) -> bool {
+        !fingerprint.is_empty() && (fingerprint == self.unet_fingerprint || fingerprint == self.unet_fingerprint_legacy)
+    }
+
     fn aligner_width_mismatch(&self, a: &Aligner<B>) -> bool {
         a.out_dim() != self.unet.cross_attention_dim()
     }
 
     /// The conditional and unconditional contexts, stacked `[uncond; cond]` (each
-    /// `[N, 77 + k, D]`) when guiding, or the conditional alone.
+    /// `[N, 77 + k, D]`) when guiding, or the conditional alone. Errors naming the stage (text
+    /// encoder, visual queries, aligner) when one makes NaN or infinite values.
     pub fn contexts(&self, opts: &GenerateOptions, visual: Option<&VisualPrompt<B>>, n: usize) -> Result<Tensor<B, 3>> {
-        let cond_text = self.encode_prompts(&[opts.prompt.clone()])?;
+        let text = |prompt: &str| -> Result<Tensor<B, 3>> {
+            let t = self.encode_prompts(&[prompt.to_string()])?;
+            if !crate::check::all_finite(&t) {
+                return Err(crate::check::nonfinite_error(
+                    &format!("the text encoder's output for {prompt:?}"),
+                    "text encoder",
+                    &self.text_encoder,
+                    &self.base_dir.join("text_encoder"),
+                ));
+            }
+            Ok(t)
+        };
         let guided = opts.guidance > 1.0;
-        let mut cond = cond_text;
-        let mut uncond =
-            if guided { Some(self.encode_prompts(&[opts.negative_prompt.clone().unwrap_or_default()])?) } else { None };
+        let mut cond = text(&opts.prompt)?;
+        let mut uncond = if guided { Some(text(opts.negative_prompt.as_deref().unwrap_or_default())?) } else { None };
         if let Some(v) = visual {
             if self.aligner_width_mismatch(v.aligner) {
                 return Err(Error::invalid(format!(
@@ -240,11 +294,27 @@ impl<B: Backend> Pipeline<B> {
                 )));
             }
             let [_, q, d] = v.queries.dims();
+            if !crate::check::all_finite(&v.queries) {
+                return Err(Error::invalid("the visual prompt's BLIP-2 queries hold NaN or infinite values"));
+            }
             let mean = v.queries.clone().mean_dim(0).reshape([1, q, d]);
-            cond = q_aligner::assemble(cond, v.aligner.forward(mean)?);
-            uncond = match uncond {
-                Some(u) => Some(q_aligner::assemble(u, v.aligner.unconditional(1, q, &self.device)?)),
-                None => None,
+            let tokens = v.aligner.forward(mean)?;
+            let empty = match uncond.is_some() {
+                true => Some(v.aligner.unconditional(1, q, &self.device)?),
+                false => None,
+            };
+            if !crate::check::all_finite(&tokens) || empty.as_ref().is_some_and(|e| !crate::check::all_finite(e)) {
+                return Err(crate::check::nonfinite_error(
+                    "the aligner's visual tokens",
+                    "aligner",
+                    v.aligner,
+                    Path::new("aligner.safetensors"),
+                ));
+            }
+            cond = q_aligner::assemble(cond, tokens);
+            uncond = match (uncond, empty) {
+                (Some(u), Some(e)) => Some(q_aligner::assemble(u, e)),
+                _ => None,
             };
         }
         let cond = cond.repeat_dim(0, n);
@@ -259,6 +329,9 @@ impl<B: Backend> Pipeline<B> {
         if opts.num_images == 0 {
             return Err(Error::invalid("--num-images must be at least 1"));
         }
+        if opts.batch_size == Some(0) {
+            return Err(Error::invalid("--batch-size must be at least 1"));
+        }
         if !opts.guidance.is_finite() {
             return Err(Error::invalid(format!("--guidance {} must be a finite number", opts.guidance)));
         }
@@ -272,6 +345,59 @@ impl<B: Backend> Pipeline<B> {
         Ok([opts.num_images, self.unet.in_channels(), h / f, w / f])
     }
 
+    /// Bytes one batch of `batch` images of `shape`'s latents needs
+    /// ([`crate::memory::generation_bytes`]).
+    pub fn batch_bytes(&self, opts: &GenerateOptions, batch: usize) -> Result<f64> {
+        let [_, _, h, w] = self.latent_shape(opts)?;
+        let dtype = burn::tensor::Tensor::<B, 1>::empty([1], &self.device).dtype().size();
+        Ok(crate::memory::generation_bytes(
+            &self.unet_config,
+            &self.vae_config,
+            batch,
+            h,
+            w,
+            opts.guidance > 1.0,
+            dtype,
+        ))
+    }
+
+    /// The batches a generation runs: `opts.batch_size`, or as many images as fit in the memory
+    /// available ([`crate::memory::available_bytes`]), at most [`DEFAULT_MAX_BATCH`]. Errors,
+    /// with the estimate and the limit, when even one image cannot fit or when the given
+    /// batch cannot.
+    pub fn batches(&self, opts: &GenerateOptions) -> Result<Batches> {
+        let [n, _, _, _] = self.latent_shape(opts)?;
+        let f = self.vae.downscale_factor();
+        let [_, _, h, w] = self.latent_shape(opts)?;
+        let what = |b: usize| {
+            let images = if b == 1 { "one image".to_string() } else { format!("a batch of {b} images") };
+            format!("generating {images} of {}x{}", w * f, h * f)
+        };
+        let one = self.batch_bytes(opts, 1)?;
+        let avail = crate::memory::available_bytes();
+        let batch = match (opts.batch_size, avail) {
+            (Some(b), Some(a)) => {
+                let b = b.min(n);
+                let need = self.batch_bytes(opts, b)?;
+                if need > a as f64 {
+                    let hint = if one <= a as f64 { "; lower --batch-size" } else { "; lower --height/--width" };
+                    return Err(crate::memory::too_big(&what(b), need, a, hint));
+                }
+                b
+            }
+            (Some(b), None) => b.min(n),
+            (None, Some(a)) => {
+                if one > a as f64 {
+                    return Err(crate::memory::too_big(&what(1), one, a, "; lower --height/--width"));
+                }
+                let fits = (a as f64 / one).floor() as usize;
+                fits.clamp(1, DEFAULT_MAX_BATCH).min(n)
+            }
+            (None, None) => DEFAULT_MAX_BATCH.min(n),
+        };
+        Ok(Batches { count: n, batch })
+    }
+
     /// Initial noise from `seed` (before scaling by `init_noise_sigma`), `[N, C, h, w]`.
     pub fn noise(&self, shape: [usize; 4], seed: u64) -> Tensor<B, 4> {
         let mut rng = scheduler::SeededRng::new(seed);
@@ -280,9 +406,8 @@ impl<B: Backend> Pipeline<B> {
         Tensor::from_data(TensorData::new(v, shape), &self.device)
     }
 
-    /// Runs the denoising loop and decodes. `latents` (unscaled initial noise, as diffusers'
-    /// `latents=`) overrides the seed's and sets the number of images. `on_step(i, n)` is
-    /// called after each step (progress bars).
+    /// Runs the denoising loop and decodes, returning every image: [`Pipeline::generate_each`]
+    /// collected.
     pub fn generate(
         &self,
         opts: &GenerateOptions,
@@ -290,65 +415,169 @@ impl<B: Backend> Pipeline<B> {
         latents: Option<Tensor<B, 4>>,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<RgbImage>> {
-        let shape = self.latent_shape(opts)?;
-        let latents = match latents {
-            Some(l) => {
-                let d = l.dims();
-                if d[1..] != shape[1..] || d[0] == 0 {
-                    return Err(Error::invalid(format!(
-                        "latents have shape {d:?}; expected [N, {}, {}, {}] for {}x{} images",
-                        shape[1],
-                        shape[2],
-                        shape[3],
-                        shape[2] * self.vae.downscale_factor(),
-                        shape[3] * self.vae.downscale_factor()
-                    )));
-                }
-                l
+        let mut out = Vec::new();
+        self.generate_each(opts, visual, latents, None, on_step, &mut |_, img| {
+            out.push(img);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Runs the denoising loop and decodes, batch by batch ([`Pipeline::batches`]), handing each
+    /// image to `on_image(index, image)` as soon as its batch is decoded: memory stays bounded by
+    /// one batch, whatever the number of images.
+    ///
+    /// Image `i`'s initial noise is the `i`-th slice of the seed's noise stream, so it does not
+    /// depend on the batch size. Ancestral schedulers (`euler-a`, `ddpm`) draw their step noise
+    /// for a whole batch, from `seed + 1 + first image of the batch`: for them the batch size
+    /// is part of the settings. `latents` (unscaled initial noise, as diffusers' `latents=`)
+    /// overrides the seed's and sets the number of images. `only`: run just the batch holding
+    /// this image and hand over just it (re-running one image of an earlier generation).
+    /// `on_step(done, total)` is called after each step of each batch (progress bars).
+    ///
+    /// Stops with [`Error::Interrupted`] between steps once [`crate::interrupt::request`] was
+    /// called (Ctrl-C); the images handed over until then are kept by the caller. Stops with
+    /// an error naming the stage when one makes NaN or infinite values.
+    pub fn generate_each(
+        &self,
+        opts: &GenerateOptions,
+        visual: Option<&VisualPrompt<B>>,
+        latents: Option<Tensor<B, 4>>,
+        only: Option<usize>,
+        on_step: &mut dyn FnMut(usize, usize),
+        on_image: &mut dyn FnMut(usize, RgbImage) -> Result<()>,
+    ) -> Result<()> {
+        let mut opts = opts.clone();
+        let shape = self.latent_shape(&opts)?;
+        if let Some(l) = &latents {
+            let d = l.dims();
+            if d[1..] != shape[1..] || d[0] == 0 {
+                return Err(Error::invalid(format!(
+                    "latents have shape {d:?}; expected [N >= 1, {}, {}, {}] for {}x{} images",
+                    shape[1],
+                    shape[2],
+                    shape[3],
+                    shape[2] * self.vae.downscale_factor(),
+                    shape[3] * self.vae.downscale_factor()
+                )));
             }
-            None => self.noise(shape, opts.seed),
-        };
-        let n = latents.dims()[0];
+            if !crate::check::all_finite(l) {
+                return Err(Error::invalid("the initial latents hold NaN or infinite values"));
+            }
+            opts.num_images = d[0];
+        }
+        let n = opts.num_images;
+        if let Some(i) = only {
+            if i >= n {
+                return Err(Error::invalid(format!("image {i} asked for, but the generation makes {n}")));
+            }
+        }
         if opts.steps == 0 {
             return Err(Error::invalid("--steps must be at least 1"));
         }
-        let ctx = self.contexts(opts, visual, n)?;
+        let batches = self.batches(&opts)?;
+        let ranges: Vec<_> = batches.ranges().filter(|r| only.is_none_or(|i| r.contains(&i))).collect();
+        let ctx1 = self.contexts(&opts, visual, 1)?;
         let guided = opts.guidance > 1.0;
-        let mut sched: Box<dyn Scheduler<Tensor<B, 4>>> =
-            scheduler::load(&self.scheduler_dir, opts.scheduler.as_deref())
+        // A fresh scheduler per batch: the multistep ones keep the previous outputs.
+        let new_sched = || -> Result<Box<dyn Scheduler<Tensor<B, 4>>>> {
+            let mut s = scheduler::load(&self.scheduler_dir, opts.scheduler.as_deref())
                 .map_err(|e| Error::invalid(e.to_string()))?;
-        sched.set_timesteps(opts.steps).map_err(|e| Error::invalid(e.to_string()))?;
-        let mut noise = BurnNoise::seeded::<B>(&self.device, opts.seed.wrapping_add(1));
-        let mut x = latents.scale(sched.init_noise_sigma());
-        let timesteps = sched.timesteps().to_vec();
+            s.set_timesteps(opts.steps).map_err(|e| Error::invalid(e.to_string()))?;
+            Ok(s)
+        };
+        let timesteps = new_sched()?.timesteps().to_vec();
         // Every step's timestep features in one upload: the loop below sends nothing from the
-        // host to the device and reads nothing back.
+        // host to the device.
         let t_features = self
             .unet
             .timestep_features(Tensor::from_data(TensorData::new(timesteps.clone(), [timesteps.len()]), &self.device));
         let serr = |e: scheduler::SchedulerError| Error::invalid(e.to_string());
-        for (i, &t) in timesteps.iter().enumerate() {
-            let input = if guided { Tensor::cat(vec![x.clone(), x.clone()], 0) } else { x.clone() };
-            let input = sched.scale_model_input(&input, t).map_err(serr)?;
-            let pred = self.unet.forward_features(input, t_features.clone().slice([i..i + 1]), ctx.clone())?;
-            let pred = if guided {
-                let mut halves = pred.chunk(2, 0);
-                let text = halves.pop().expect("two halves");
-                let uncond = halves.pop().expect("two halves");
-                uncond.clone() + (text - uncond) * opts.guidance
-            } else {
-                pred
+        let total = ranges.len() * timesteps.len();
+        let mut rng = scheduler::SeededRng::new(opts.seed);
+        let mut drawn = 0; // images whose initial noise the stream has passed
+        let per_image: usize = shape[1..].iter().product();
+        let mut done_steps = 0;
+        for range in ranges {
+            let b = range.len();
+            let x0 = match &latents {
+                Some(l) => l.clone().narrow(0, range.start, b),
+                None => {
+                    let mut skip = vec![0f32; per_image];
+                    while drawn < range.start {
+                        rng.fill_standard_normal(&mut skip);
+                        drawn += 1;
+                    }
+                    let mut v = vec![0f32; b * per_image];
+                    rng.fill_standard_normal(&mut v);
+                    drawn += b;
+                    Tensor::from_data(TensorData::new(v, [b, shape[1], shape[2], shape[3]]), &self.device)
+                }
             };
-            x = sched.step(&pred, t, &x, &mut noise).map_err(serr)?;
-            on_step(i + 1, timesteps.len());
+            let ctx = if guided {
+                let mut halves = ctx1.clone().chunk(2, 0).into_iter();
+                let (u, c) = (halves.next(), halves.next());
+                let (Some(u), Some(c)) = (u, c) else { return Err(Error::invalid("guided context has no two halves")) };
+                Tensor::cat(vec![u.repeat_dim(0, b), c.repeat_dim(0, b)], 0)
+            } else {
+                ctx1.clone().repeat_dim(0, b)
+            };
+            let mut sched = new_sched()?;
+            let mut noise =
+                BurnNoise::seeded::<B>(&self.device, opts.seed.wrapping_add(1).wrapping_add(range.start as u64));
+            let mut x = x0.scale(sched.init_noise_sigma());
+            for (i, &t) in timesteps.iter().enumerate() {
+                if crate::interrupt::requested() {
+                    return Err(Error::Interrupted(format!("stopped at step {} of image {}", i + 1, range.start)));
+                }
+                let input = if guided { Tensor::cat(vec![x.clone(), x.clone()], 0) } else { x.clone() };
+                let input = sched.scale_model_input(&input, t).map_err(serr)?;
+                let pred = self.unet.forward_features(input, t_features.clone().slice([i..i + 1]), ctx.clone())?;
+                let pred = if guided {
+                    let uncond = pred.clone().narrow(0, 0, b);
+                    let text = pred.narrow(0, b, b);
+                    uncond.clone() + (text - uncond) * opts.guidance
+                } else {
+                    pred
+                };
+                x = sched.step(&pred, t, &x, &mut noise).map_err(serr)?;
+                // One scalar read per step: NaN stops here, named, instead of a black image.
+                if !crate::check::all_finite(&x) {
+                    let at = format!("step {} of {} (timestep {t})", i + 1, timesteps.len());
+                    return Err(if !crate::check::all_finite(&pred) {
+                        crate::check::nonfinite_error(
+                            &format!("the UNet's prediction at {at}"),
+                            "UNet",
+                            &self.unet,
+                            &self.base_dir.join("unet"),
+                        )
+                    } else {
+                        Error::invalid(format!(
+                            "the scheduler's step made NaN or infinite latents at {at} from a finite prediction; check scheduler_config.json in {}",
+                            self.scheduler_dir.display()
+                        ))
+                    });
+                }
+                done_steps += 1;
+                on_step(done_steps, total);
+            }
+            for (j, img) in self.decode(x)?.into_iter().enumerate() {
+                let i = range.start + j;
+                if only.is_none_or(|o| o == i) {
+                    on_image(i, img)?;
+                }
+            }
         }
-        self.decode(x)
+        Ok(())
     }
 
     /// Scaled latents to 8-bit images (diffusers' `postprocess`: `(x / 2 + 0.5).clamp(0, 1)`,
-    /// then `round(x · 255)`).
+    /// then `round(x · 255)`). Errors when the decode makes NaN or infinite values.
     pub fn decode(&self, latents: Tensor<B, 4>) -> Result<Vec<RgbImage>> {
         let img = self.vae.decode(latents / self.vae_config.scaling_factor)?;
+        if !crate::check::all_finite(&img) {
+            return Err(crate::check::nonfinite_error("the VAE decode", "VAE", &self.vae, &self.base_dir.join("vae")));
+        }
         let img = (img / 2.0 + 0.5).clamp(0.0, 1.0);
         let [n, c, h, w] = img.dims();
         if c != 3 {

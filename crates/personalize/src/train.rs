@@ -455,6 +455,14 @@ impl<B: AutodiffBackend> Trainer<B> {
                 cfg.resolution
             )));
         }
+        if let Some(avail) = crate::memory::available_bytes() {
+            let h = cfg.resolution / f;
+            let need = crate::memory::training_bytes(pipe.unet_config(), &pipe.vae_config, cfg.batch, h, h);
+            if need > avail as f64 {
+                let what = format!("training at --resolution {} with --batch {}", cfg.resolution, cfg.batch);
+                return Err(crate::memory::too_big(&what, need, avail, "; lower --resolution or --batch"));
+            }
+        }
         let serr = |e: scheduler::SchedulerError| Error::invalid(e.to_string());
         let sched = scheduler::load::<HostSample>(&base_dir.join("scheduler"), None).map_err(serr)?;
         let d_text = pipe.unet.cross_attention_dim();
@@ -571,6 +579,15 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let std = (logvar * 0.5).exp();
                 let mean = HostTensor::from_tensor(mean).as_f32("mean")?.to_vec();
                 let std = HostTensor::from_tensor(std).as_f32("std")?.to_vec();
+                if mean.iter().chain(&std).any(|v| !v.is_finite()) {
+                    let vae = pipe.base_dir.join("vae");
+                    return Err(crate::check::nonfinite_error(
+                        &format!("the VAE encoding of training image {i}"),
+                        "VAE",
+                        &pipe.vae,
+                        &vae,
+                    ));
+                }
                 out.push(CachedLatent { image: i, mean, std });
             }
         }
@@ -704,6 +721,25 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     fn nan_error(&self, step: usize, what: &str) -> Error {
+        // Nothing of this step was applied: weights that hold NaN now held it before, and a
+        // lower learning rate would not help.
+        let damaged = crate::check::first_nonfinite_param::<B, _>(&self.unet)
+            .map(|p| format!("the UNet's weight `{p}`"))
+            .or_else(|| {
+                crate::check::first_nonfinite_param::<B, _>(&self.aligner)
+                    .map(|p| format!("the aligner's weight `{p}`"))
+            })
+            .or_else(|| {
+                let bad = |t: &HostTensor| t.as_f32("text").is_ok_and(|v| v.iter().any(|x| !x.is_finite()));
+                (bad(&self.text) || self.class_text.as_ref().is_some_and(bad))
+                    .then(|| "the text encoder's embedding of the prompt".to_string())
+            });
+        if let Some(d) = damaged {
+            let from = if step == 1 && self.resumed_from.is_none() { "the base model" } else { "a checkpoint" };
+            return Error::invalid(format!(
+                "the {what} became NaN or infinite at step {step} because {d} holds NaN or Inf: {from} is damaged (a lower --lr will not help)"
+            ));
+        }
         let last = list_checkpoints(&self.out_dir).last().cloned();
         let kept = match last {
             Some((s, p)) => format!(
@@ -804,7 +840,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         if st.data_fingerprint != self.data_fingerprint {
             return Err(Error::invalid("it was trained on other images or queries"));
         }
-        if st.base_unet_fingerprint != self.pipe.unet_fingerprint {
+        if !self.pipe.is_base_of(&st.base_unet_fingerprint) {
             return Err(Error::invalid("it was trained on another base model"));
         }
         let t = read_tensors(&dir.join("trainable.safetensors"))?;
@@ -1046,6 +1082,24 @@ pub fn train<B: AutodiffBackend>(
     };
     let _lock = lock;
     while t.step < cfg.steps {
+        if crate::interrupt::requested() {
+            if t.resumed_from.unwrap_or(0) == t.step {
+                return Err(Error::Interrupted(format!(
+                    "stopped before step {} of {}; nothing new to keep",
+                    t.step + 1,
+                    cfg.steps
+                )));
+            }
+            // Ctrl-C: keep every finished step (no sample image: that could take minutes).
+            let path = t.save_checkpoint()?;
+            t.write_concept()?;
+            return Err(Error::Interrupted(format!(
+                "stopped after step {} of {}; checkpoint {} written, the concept folder holds its weights; continue with --resume",
+                t.step,
+                cfg.steps,
+                path.display()
+            )));
+        }
         let info = t.train_step()?;
         on_step(&info);
         if t.step == cfg.steps || (cfg.save_every > 0 && t.step % cfg.save_every == 0) {

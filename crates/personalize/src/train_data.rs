@@ -23,38 +23,12 @@ pub fn load_images(paths: &[PathBuf]) -> Result<Vec<RgbImage>> {
     paths.iter().map(|p| load_image(p)).collect()
 }
 
-/// Reads one image as 8-bit RGB, or fails naming the file.
+/// Reads one image as 8-bit RGB, or fails naming the file ([`model_io::image_file::open`]:
+/// the size limit and message of `personalize encode`, truncated files refused). Alpha is
+/// dropped, as diffusers' training scripts' `convert("RGB")` does.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::Io { path: path.into(), cause: e })?;
-    if meta.is_dir() {
-        return Err(Error::invalid(format!("{}: is a folder, not an image", path.display())));
-    }
-    let open = || -> Result<_> {
-        image::ImageReader::open(path)
-            .map_err(|e| Error::Io { path: path.into(), cause: e })?
-            .with_guessed_format()
-            .map_err(|e| Error::Io { path: path.into(), cause: e })
-    };
-    let unreadable = |e: image::ImageError| {
-        Error::invalid(format!("{}: not a readable image ({})", path.display(), e.to_string().replace('\n', " ")))
-    };
-    // The size from the header first: the same limit, and message, as `personalize encode`.
-    let (w, h) = open()?.into_dimensions().map_err(unreadable)?;
-    model_io::check_image_size(path, w, h)?;
-    let mut reader = open()?;
-    // The decoder's own allocation cap must admit any image within the limit (8 bytes a pixel
-    // for 16-bit RGBA), or a valid large image fails with a bare "Memory limit exceeded".
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(model_io::MAX_IMAGE_PIXELS * 8 + (64 << 20));
-    reader.limits(limits);
-    let img = reader.decode().map_err(|e| {
-        Error::invalid(format!("{}: not a readable image ({})", path.display(), e.to_string().replace('\n', " ")))
-    })?;
-    let rgb = img.to_rgb8();
+    let rgb = model_io::image_file::open(path)?.to_rgb8();
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-    if w == 0 || h == 0 {
-        return Err(Error::invalid(format!("{}: image has no pixels", path.display())));
-    }
     Ok(RgbImage { width: w, height: h, data: rgb.into_raw() })
 }
 

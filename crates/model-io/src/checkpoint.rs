@@ -209,13 +209,8 @@ impl Checkpoint {
     /// # Ok::<(), model_io::Error>(())
     /// ```
     pub fn fingerprint(&self) -> String {
-        let mut h: u64 = 0xcbf29ce484222325;
-        let mut feed = |bytes: &[u8]| {
-            for &b in bytes {
-                h ^= b as u64;
-                h = h.wrapping_mul(0x100000001b3);
-            }
-        };
+        let mut h = Fnv64::new();
+        let mut feed = |bytes: &[u8]| h.feed(bytes);
         let mut names: Vec<&String> = self.tensors.keys().collect();
         names.sort();
         for name in names {
@@ -250,20 +245,15 @@ impl Checkpoint {
                 }
             }
         }
-        format!("t64:{h:016x}")
+        format!("t64:{:016x}", h.finish())
     }
 
     /// The fingerprint the first releases wrote into `concept.json` (FNV-1a over each file's
     /// header, its length and 64 evenly spaced 4 KiB samples of its data): it changes with the
     /// storage (shards, dtype), so it is only compared, for concepts those releases trained.
     pub fn legacy_fingerprint(&self) -> String {
-        let mut h: u64 = 0xcbf29ce484222325;
-        let mut feed = |bytes: &[u8]| {
-            for &b in bytes {
-                h ^= b as u64;
-                h = h.wrapping_mul(0x100000001b3);
-            }
-        };
+        let mut h = Fnv64::new();
+        let mut feed = |bytes: &[u8]| h.feed(bytes);
         for s in &self.shards {
             feed(&s.map[..s.data_start]);
             feed(&(s.map.len() as u64).to_le_bytes());
@@ -274,7 +264,7 @@ impl Checkpoint {
                 feed(&data[start..(start + 4096).min(data.len())]);
             }
         }
-        format!("fnv64:{h:016x}")
+        format!("fnv64:{:016x}", h.finish())
     }
 
     /// Path of the file holding `name`, for messages.
@@ -496,5 +486,40 @@ fn f32_from_le(b: &[u8]) -> Vec<f32> {
         v
     } else {
         b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    }
+}
+
+/// FNV-1a, 64 bits: the fingerprints' hash (not for security: a cheap, stable digest).
+pub struct Fnv64(u64);
+
+impl Fnv64 {
+    /// The offset basis.
+    ///
+    /// ```
+    /// let mut h = model_io::Fnv64::new();
+    /// h.feed(b"a");
+    /// assert_eq!(h.finish(), 0xaf63dc4c8601ec8c);
+    /// ```
+    pub fn new() -> Self {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+
+    /// Mixes in `bytes`.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= b as u64;
+            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    /// The hash so far.
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Self::new()
     }
 }

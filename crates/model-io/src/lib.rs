@@ -33,7 +33,7 @@ pub mod nn;
 pub mod tensor_file;
 mod weights;
 
-pub use checkpoint::{Checkpoint, TensorInfo};
+pub use checkpoint::{Checkpoint, Fnv64, TensorInfo};
 pub use config::read_config;
 pub use error::{Error, Result};
 pub use weights::Weights;

@@ -231,8 +231,9 @@ impl<'a, B: Backend> Weights<'a, B> {
 /// hash, turned into normals by Box-Muller. Plain integer arithmetic, so every machine makes the
 /// same bytes.
 fn seeded_tensor(seed: u64, key: &str, shape: &[usize]) -> HostTensor {
+    // FNV-1a from the offset basis xor the seed (the `Fnv64` steps).
     let mut state =
-        key.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ seed, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        key.bytes().fold(crate::Fnv64::new().finish() ^ seed, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
     let mut next = move || {
         state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = state;

@@ -472,6 +472,13 @@ fn concept_json_is_checked_against_its_files() {
         one_line_error(&err, &[&[path.to_str().unwrap()][..], needles].concat());
     }
     std::fs::write(&path, serde_json::to_vec(&original).unwrap()).unwrap();
+    let lora = c.join("unet_lora.safetensors");
+    let lora_original = std::fs::read(&lora).unwrap();
+    let key = poison(&lora, "lora_A", f32::NAN);
+    let (ok, err) = gen(&c);
+    assert!(!ok);
+    one_line_error(&err, &["unet_lora.safetensors", &key, "holds NaN or Inf"]);
+    std::fs::write(&lora, lora_original).unwrap();
     poison(&c.join("aligner.safetensors"), "weight", f32::NAN);
     let (ok, err) = gen(&c);
     assert!(!ok);

@@ -242,6 +242,14 @@ impl<B: Backend> Pipeline<B> {
             "lora" => {
                 let path = concept.dir.join("unet_lora.safetensors");
                 let (t, meta) = model_io::tensor_file::read_tensors_with_metadata(&path)?;
+                for (name, v) in &t {
+                    if v.as_f32(name).is_ok_and(|v| v.iter().any(|x| !x.is_finite())) {
+                        return Err(Error::invalid(format!(
+                            "{}: tensor `{name}` holds NaN or Inf; the file is damaged",
+                            path.display()
+                        )));
+                    }
+                }
                 let on = |e: Error| Error::invalid(format!("{}: {e}", path.display()));
                 // The adapter config current diffusers writes into the file holds over concept.json.
                 match sd_unet::lora::PeftLoraConfig::from_metadata(&meta, "unet").map_err(on)? {

@@ -340,13 +340,6 @@ pub struct Trainer<B: AutodiffBackend> {
     data_fingerprint: String,
 }
 
-fn fnv(h: &mut u64, bytes: &[u8]) {
-    for &b in bytes {
-        *h ^= b as u64;
-        *h = h.wrapping_mul(0x100000001b3);
-    }
-}
-
 fn uniform(rng: &mut SeededRng, n: usize, bound: f64) -> Vec<f32> {
     (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect()
 }
@@ -468,15 +461,15 @@ impl<B: AutodiffBackend> Trainer<B> {
         let d_text = pipe.unet.cross_attention_dim();
         let latent_shape = [pipe.vae.latent_channels(), cfg.resolution / f, cfg.resolution / f];
 
-        let mut h = 0xcbf29ce484222325u64;
+        let mut h = model_io::Fnv64::new();
         for img in data.images.iter().chain(&data.class_images) {
-            fnv(&mut h, &(img.width as u64).to_le_bytes());
-            fnv(&mut h, &img.data);
+            h.feed(&(img.width as u64).to_le_bytes());
+            h.feed(&img.data);
         }
         for v in qv {
-            fnv(&mut h, &v.to_le_bytes());
+            h.feed(&v.to_le_bytes());
         }
-        let data_fingerprint = format!("{h:016x}");
+        let data_fingerprint = format!("{:016x}", h.finish());
 
         // Frozen encoders, once.
         let encode_text =

@@ -206,8 +206,11 @@ fn uniform(shape: Vec<usize>, seed: u64) -> HostTensor {
     HostTensor::f32(shape, data)
 }
 
+/// A stage bench: the stage, its config folder, and its named inputs.
+type StageCase = (&'static str, &'static str, Vec<(&'static str, HostTensor)>);
+
 /// A stage bench: the stage, its config folder, and its inputs (SD 1.5 at 512×512).
-fn stage_case(name: &str) -> Option<(&'static str, &'static str, Vec<(&'static str, HostTensor)>)> {
+fn stage_case(name: &str) -> Option<StageCase> {
     Some(match name {
         // Batch 2 (conditional + unconditional), 64×64 latents, 77 text + 8 visual tokens.
         "unet" => (

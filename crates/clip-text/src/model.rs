@@ -55,7 +55,7 @@ impl ClipTextConfig {
                 message: format!("hidden_act `{}` unsupported (quick_gelu or gelu)", cfg.hidden_act),
             });
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(Error::Config { path, message: "hidden_size is not a multiple of num_attention_heads".into() });
         }
         Ok(cfg)

@@ -173,6 +173,8 @@ fn attention_f32(q: Rows, k: Rows, v: Rows, out: &mut [f32], s: Dims) {
             // SAFETY: every pointer and stride below stays inside its slice: rows q0..q0+rows
             // of batch bi, columns of head h. Tasks write disjoint blocks of `out`.
             unsafe {
+                // Captures the whole Sync wrapper, not its raw pointer field (edition 2021).
+                #[allow(clippy::redundant_locals)]
                 let dst = dst;
                 let qm = MatRef::new(q.data.as_ptr().add(bi * q.sb + q0 * q.sl + h * d), q.sl, 1);
                 sgemm(rows, keys, d, qm, BSource::Packed(kt), scores.as_mut_ptr(), lk, scale, false, false);

@@ -115,6 +115,8 @@ fn im2col_packed(x: &[f32], s: Shape, k0: usize, kc: usize, j0: usize, nc: usize
     let panels = nc.div_ceil(NR);
     let dst = SharedMut(dst.as_mut_ptr());
     (0..kc).into_par_iter().for_each(|kk| {
+        // Captures the whole Sync wrapper, not its raw pointer field (edition 2021).
+        #[allow(clippy::redundant_locals)]
         let dst = dst;
         let r = k0 + kk;
         let (ci, ky, kx) = (r / (s.k * s.k), r / s.k % s.k, r % s.k);

@@ -140,12 +140,13 @@ unsafe fn pack_b(b: MatRef, k0: usize, kc: usize, j0: usize, nc: usize, dst: &mu
     // along 8 panels (512 bytes) before the next, instead of 64 bytes per row jump.
     const GROUP: usize = 8;
     let group = |(g, d): (usize, &mut [f32])| {
+        #[allow(clippy::redundant_locals)]
         let b = b; // the whole MatRef (Sync), not its raw pointer field
         let c0 = j0 + g * GROUP * NR;
         let width = (GROUP * NR).min(j0 + nc - c0);
         // SAFETY: rows k0..k0+kc and columns c0..c0+width lie inside `b` (caller's contract).
         unsafe {
-            if width % NR != 0 {
+            if !width.is_multiple_of(NR) {
                 d.fill(0.0);
             }
             if b.cs == 1 {
@@ -176,6 +177,7 @@ unsafe fn pack_b(b: MatRef, k0: usize, kc: usize, j0: usize, nc: usize, dst: &mu
                         for kk in (0..steps).step_by(8) {
                             avx2::transpose8(src.map(|p| p.add(kk)), to.add(kk * NR), NR);
                         }
+                        #[allow(clippy::needless_range_loop)] // r indexes the source and the target
                         for r in 0..8 {
                             for kk in steps..kc {
                                 *to.add(kk * NR + r) = *src[r].add(kk);
@@ -346,6 +348,8 @@ pub(crate) unsafe fn sgemm(
                         }
                         apack
                     };
+                    // The whole Sync wrapper, not its raw pointer field.
+                    #[allow(clippy::redundant_locals)]
                     let c = c;
                     for p in jb * per_chunk..((jb + 1) * per_chunk).min(panels) {
                         let bp = block[p * panel_stride..].as_ptr();
@@ -393,9 +397,14 @@ pub(crate) unsafe fn sgemm(
 /// contiguous along `k`; rows past `rows` are not read).
 #[derive(Clone, Copy)]
 struct Kernels {
-    packed: unsafe fn(usize, *const f32, *const f32, *mut f32, usize, usize, usize, f32, bool),
-    direct: unsafe fn(usize, *const f32, usize, *const f32, *mut f32, usize, usize, usize, f32, bool),
+    packed: PackedKernel,
+    direct: DirectKernel,
 }
+
+/// `(rows, a, b_panel, c, c_row_stride, k, ..., alpha, accumulate)` of a packed-A block.
+type PackedKernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, usize, usize, f32, bool);
+/// As [`PackedKernel`], reading A in place with its row stride.
+type DirectKernel = unsafe fn(usize, *const f32, usize, *const f32, *mut f32, usize, usize, usize, f32, bool);
 
 impl Kernels {
     #[allow(clippy::too_many_arguments)]
@@ -721,6 +730,7 @@ mod avx2 {
 mod tests {
     use super::*;
 
+    #[allow(clippy::too_many_arguments)] // the GEMM's own argument list
     fn naive(
         m: usize,
         n: usize,

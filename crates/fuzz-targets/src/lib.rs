@@ -11,8 +11,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+/// A target: its name and body.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// Every target by name, as `fuzz/fuzz_targets/NAME.rs` calls it.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[Target] = &[
     ("safetensors", safetensors),
     ("shard_index", shard_index),
     ("image", image),

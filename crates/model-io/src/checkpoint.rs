@@ -318,7 +318,7 @@ impl Checkpoint {
         let info = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
         let s = &self.shards[info.shard];
         let (start, end) = (s.data_start + info.start, s.data_start + info.end);
-        let aligned = (s.shared.as_ptr() as usize + start) % std::mem::align_of::<f32>() == 0;
+        let aligned = (s.shared.as_ptr() as usize + start).is_multiple_of(std::mem::align_of::<f32>());
         if info.dtype == "F32" && cfg!(target_endian = "little") && aligned {
             let bytes = Bytes::from_shared(s.shared.slice(start..end), AllocationProperty::File);
             return Ok(TensorData::from_bytes(bytes, info.shape.clone(), DType::F32));

@@ -165,7 +165,7 @@ pub struct GroupNorm<B: Backend> {
 impl<B: Backend> GroupNorm<B> {
     /// Reads `weight` and `bias` `[channels]` under `w`.
     pub fn load(w: &Weights<B>, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(crate::Error::invalid(format!(
                 "{}: {channels} channels cannot be split into {groups} norm groups",
                 w.key("weight")

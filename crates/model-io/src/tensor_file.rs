@@ -166,7 +166,7 @@ pub fn to_bytes_as(tensors: &BTreeMap<String, HostTensor>, metadata: &BTreeMap<S
     }
     let mut h = serde_json::to_vec(&header).expect("header serialises");
     // The data section must start 8-byte aligned; pad the header with spaces as safetensors does.
-    while (8 + h.len()) % 8 != 0 {
+    while !(8 + h.len()).is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + h.len() + offset);

@@ -214,18 +214,17 @@ fn run_in(args: TrainCli, cfg: train::TrainConfig) -> Result<()> {
                         .expect("valid template"),
                 );
                 bar.set_message("class images");
-                train::generate_class_images::<B>(
-                    &args.base,
-                    &p.class_prompt,
-                    args.num_class_images,
-                    cfg.resolution,
-                    args.class_image_steps,
-                    cfg.seed,
-                    &dir,
-                    &dev,
-                    &mut |i, _| bar.set_position(i as u64),
-                )
-                .context("making class images with the base model")?;
+                let job = train::ClassImages {
+                    base_dir: args.base.clone(),
+                    prompt: p.class_prompt.clone(),
+                    n: args.num_class_images,
+                    resolution: cfg.resolution,
+                    steps: args.class_image_steps,
+                    seed: cfg.seed,
+                    dir: dir.clone(),
+                };
+                train::generate_class_images::<B>(&job, &dev, &mut |i, _| bar.set_position(i as u64))
+                    .context("making class images with the base model")?;
                 bar.finish_and_clear();
             }
             let mut files = train::image_files(&dir)?;

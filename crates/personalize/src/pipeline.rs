@@ -540,7 +540,7 @@ impl<B: Backend> Pipeline<B> {
                 }
                 let input = if guided { Tensor::cat(vec![x.clone(), x.clone()], 0) } else { x.clone() };
                 let input = sched.scale_model_input(&input, t).map_err(serr)?;
-                let pred = self.unet.forward_features(input, t_features.clone().slice([i..i + 1]), ctx.clone())?;
+                let pred = self.unet.forward_features(input, t_features.clone().narrow(0, i, 1), ctx.clone())?;
                 let pred = if guided {
                     let uncond = pred.clone().narrow(0, 0, b);
                     let text = pred.narrow(0, b, b);

@@ -178,7 +178,7 @@ impl TrainConfig {
     /// Checks the settings that do not depend on the model.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::invalid(m));
-        if self.resolution == 0 || self.resolution % 8 != 0 {
+        if self.resolution == 0 || !self.resolution.is_multiple_of(8) {
             return bad(format!("--resolution {} must be a positive multiple of 8", self.resolution));
         }
         if self.steps == 0 {
@@ -442,7 +442,7 @@ impl<B: AutodiffBackend> Trainer<B> {
 
         let pipe = Pipeline::<B::InnerBackend>::load(base_dir, device)?;
         let f = pipe.vae.downscale_factor();
-        if cfg.resolution % f != 0 {
+        if !cfg.resolution.is_multiple_of(f) {
             return Err(Error::invalid(format!(
                 "--resolution {} must be a multiple of the VAE factor {f}",
                 cfg.resolution
@@ -1176,21 +1176,36 @@ pub const RUN_OUTPUTS: &[&str] = &[
     "loss.png",
 ];
 
+/// What [`generate_class_images`] makes.
+#[derive(Debug, Clone)]
+pub struct ClassImages {
+    /// The base model folder.
+    pub base_dir: PathBuf,
+    pub prompt: String,
+    /// How many images.
+    pub n: usize,
+    /// Their side, in pixels.
+    pub resolution: usize,
+    /// Denoising steps per image.
+    pub steps: usize,
+    /// Image `i` has seed `seed + i`.
+    pub seed: u64,
+    /// The folder they are written to.
+    pub dir: PathBuf,
+}
+
 /// Makes `n` images of `prompt` with the base model (DreamBooth's class images for prior
 /// preservation), `resolution`² pixels, `steps` denoising steps, seeds `seed`, `seed + 1`, ...,
 /// and writes them to `dir` as `class-0000.png`, ... (skipping the names that exist, so an
 /// interrupted run continues). `on_image(i, n)` after each. Returns every image file of `dir`.
 pub fn generate_class_images<B: burn::tensor::backend::Backend>(
-    base_dir: &Path,
-    prompt: &str,
-    n: usize,
-    resolution: usize,
-    steps: usize,
-    seed: u64,
-    dir: &Path,
+    job: &ClassImages,
     device: &B::Device,
     on_image: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<PathBuf>> {
+    let ClassImages { base_dir, prompt, n, resolution, steps, seed, dir } = job;
+    let (base_dir, dir, n, resolution, steps, seed) =
+        (base_dir.as_path(), dir.as_path(), *n, *resolution, *steps, *seed);
     std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.into(), cause: e })?;
     let mut pipe: Option<Pipeline<B>> = None;
     for i in 0..n {

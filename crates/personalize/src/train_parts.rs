@@ -265,13 +265,13 @@ pub(crate) fn adamw_step<B: AutodiffBackend, M: Module<B>>(
 /// `Proj` enum's variant, `to_out` → `to_out.0`, the GEGLU feed-forward (`ff.proj` →
 /// `ff.net.0.proj`, `ff.out` → `ff.net.2`), and the single down/up samplers (`downsampler` →
 /// `downsamplers.0`). Adapters are not included.
-pub(crate) fn visit_diffusers_unet<B: Backend, M: Module<B>>(
-    m: &M,
-    f: &mut dyn FnMut(String, Vec<usize>, &dyn Fn() -> HostTensor),
-) {
+/// A visitor's callback: a diffusers key, its shape, and a reader of its values.
+pub(crate) type KeyVisit<'a> = dyn FnMut(String, Vec<usize>, &dyn Fn() -> HostTensor) + 'a;
+
+pub(crate) fn visit_diffusers_unet<B: Backend, M: Module<B>>(m: &M, f: &mut KeyVisit<'_>) {
     struct V<'a> {
         stack: PathStack,
-        f: &'a mut dyn FnMut(String, Vec<usize>, &dyn Fn() -> HostTensor),
+        f: &'a mut KeyVisit<'a>,
     }
     impl<B: Backend> ModuleVisitor<B> for V<'_> {
         fn enter_module(&mut self, name: &str, ty: &str) {
@@ -350,7 +350,7 @@ pub fn write_unet_safetensors<B: Backend>(unet: &UNet2DConditionModel<B>, path: 
         end += len;
     }
     let mut h = serde_json::to_vec(&header).expect("header serialises");
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let data_start = 8 + h.len() as u64;

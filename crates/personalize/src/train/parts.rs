@@ -136,11 +136,13 @@ pub(crate) fn load_params<B: Backend, M: Module<B>>(
     Ok(m)
 }
 
-/// Sum of squared gradients of the trainable parameters (0 when none has a gradient).
+/// Sum of squared gradients of the trainable parameters (0 when none has a gradient), summed
+/// on the device and read once (as `torch.nn.utils.clip_grad_norm_` sums the per-tensor norms
+/// in f32 there).
 pub(crate) fn grad_sq_norm<B: AutodiffBackend, M: Module<B>>(m: &M, grads: &B::Gradients) -> f64 {
     struct G<'a, B: AutodiffBackend> {
         grads: &'a B::Gradients,
-        sum: f64,
+        sum: Option<Tensor<B::InnerBackend, 1>>,
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for G<'_, B> {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
@@ -149,14 +151,20 @@ pub(crate) fn grad_sq_norm<B: AutodiffBackend, M: Module<B>>(m: &M, grads: &B::G
                 return;
             }
             if let Some(g) = t.grad(self.grads) {
-                let s = g.powi_scalar(2).sum().into_data().convert::<f64>();
-                self.sum += s.as_slice::<f64>().map(|v| v[0]).unwrap_or(f64::NAN);
+                let s = g.powi_scalar(2).sum();
+                self.sum = Some(match self.sum.take() {
+                    Some(acc) => acc + s,
+                    None => s,
+                });
             }
         }
     }
-    let mut g = G::<B> { grads, sum: 0.0 };
+    let mut g = G::<B> { grads, sum: None };
     m.visit(&mut g);
-    g.sum
+    match g.sum {
+        Some(s) => s.into_data().convert::<f64>().as_slice::<f64>().map(|v| v[0]).unwrap_or(f64::NAN),
+        None => 0.0,
+    }
 }
 
 /// AdamW as `torch.optim.AdamW` (decoupled weight decay `p -= lr·wd·p`, bias-corrected moments,

@@ -267,6 +267,14 @@ impl Checkpoint {
         format!("fnv64:{:016x}", h.finish())
     }
 
+    /// The first tensor (in name order) holding NaN or Inf, if any: reads every float tensor,
+    /// for a diagnosis after a model made non-finite values.
+    pub fn first_nonfinite(&self) -> Option<String> {
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        names.into_iter().find(|n| self.read_f32(n).is_ok_and(|(v, _)| v.iter().any(|x| !x.is_finite()))).cloned()
+    }
+
     /// Path of the file holding `name`, for messages.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
         self.tensors.get(name).map(|i| self.shards[i.shard].path.as_path())

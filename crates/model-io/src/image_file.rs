@@ -78,12 +78,18 @@ pub fn open(path: &Path) -> Result<DynamicImage> {
     // a pixel for 16-bit RGBA) plus room for metadata; the limit itself is checked below.
     let mut limits = Limits::default();
     limits.max_alloc = Some(crate::MAX_IMAGE_PIXELS * 8 + (64 << 20));
+    // The header alone, without the allocation cap (which some decoders check against the
+    // header's size first and report as a bare "Memory limit exceeded").
     let mut reader = reader;
-    reader.limits(limits.clone());
+    reader.no_limits();
     let (w, h) = reader.into_dimensions().map_err(bad)?;
     crate::check_image_size(path, w, h)?;
     let bytes = std::fs::read(path).map_err(io)?;
     if let Some(why) = truncation(format, &bytes) {
+        if format == ImageFormat::Png {
+            // The PNG decoder stops at the cut instead of filling the rest: nothing to accept.
+            return Err(Error::invalid(format!("{}: truncated image ({why}); re-export it", path.display())));
+        }
         if !ACCEPT_TRUNCATED.load(Ordering::SeqCst) {
             return Err(Error::invalid(format!(
                 "{}: truncated image ({why}); re-export it, or pass --allow-truncated-images to use what it holds",

@@ -38,6 +38,48 @@ pub use config::read_config;
 pub use error::{Error, Result};
 pub use weights::Weights;
 
+/// The environment variable that caps the memory estimates may use (bytes, or with a `K`,
+/// `M`, `G` or `T` suffix), below what the machine has: for shared machines and tests.
+pub const MEMORY_LIMIT_VAR: &str = "PERSONALIZE_MEMORY_LIMIT";
+
+/// Bytes this process may still allocate: the least of `MemAvailable`, the cgroup's
+/// `memory.max − memory.current` and [`MEMORY_LIMIT_VAR`]. `None` where none is known.
+///
+/// ```
+/// if let Some(b) = model_io::available_memory() { assert!(b > 0); }
+/// ```
+pub fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    });
+    let cgroup = (|| {
+        let max = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok()?.trim().parse::<u64>().ok()?;
+        let cur = std::fs::read_to_string("/sys/fs/cgroup/memory.current").ok()?.trim().parse::<u64>().ok()?;
+        Some(max.saturating_sub(cur))
+    })();
+    let var = std::env::var(MEMORY_LIMIT_VAR).ok().and_then(|v| parse_size(&v));
+    [meminfo, cgroup, var].into_iter().flatten().min()
+}
+
+/// `123`, `64M`, `1.5G`, ... as bytes.
+///
+/// ```
+/// assert_eq!(model_io::parse_size("64M"), Some(64 << 20));
+/// ```
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last()?.to_ascii_uppercase() {
+        'K' => (&s[..s.len() - 1], 1u64 << 10),
+        'M' => (&s[..s.len() - 1], 1 << 20),
+        'G' => (&s[..s.len() - 1], 1 << 30),
+        'T' => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let v: f64 = num.trim().parse().ok()?;
+    (v.is_finite() && v >= 0.0).then_some((v * mult as f64) as u64)
+}
+
 /// The most pixels an input image may have (64 megapixels), checked from its header before
 /// any pixel is decoded, so an oversized or crafted file is refused without allocating it.
 pub const MAX_IMAGE_PIXELS: u64 = 1 << 26;

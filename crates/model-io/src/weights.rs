@@ -38,6 +38,9 @@ pub struct Weights<'a, B: Backend> {
     seeded: Option<(u64, Recorded)>,
     /// Copy each tensor out of the checkpoint's memory map (see [`Weights::copied`]).
     copy: bool,
+    /// Random weights only: bytes made so far, checked against the memory available before
+    /// each tensor, so an absurd config is an error instead of an abort.
+    made_bytes: Rc<RefCell<u64>>,
 }
 
 impl<'a, B: Backend> Weights<'a, B> {
@@ -50,6 +53,7 @@ impl<'a, B: Backend> Weights<'a, B> {
             used: Rc::default(),
             seeded: None,
             copy: false,
+            made_bytes: Rc::default(),
         }
     }
 
@@ -64,6 +68,7 @@ impl<'a, B: Backend> Weights<'a, B> {
             used: Rc::default(),
             seeded: None,
             copy: false,
+            made_bytes: Rc::default(),
         }
     }
 
@@ -152,6 +157,18 @@ impl<'a, B: Backend> Weights<'a, B> {
     pub fn get<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
         let key = self.key(name);
         let Some(ckpt) = self.ckpt else {
+            let bytes = 4 * shape.iter().map(|&d| d as u64).fold(1u64, u64::saturating_mul);
+            let total = self.made_bytes.borrow().saturating_add(bytes);
+            if let Some(avail) = crate::available_memory() {
+                if total > avail {
+                    return Err(Error::invalid(format!(
+                        "random weights: `{key}` {shape:?} brings the model to {:.1} GiB, more than the {:.1} GiB of memory available (check the config's sizes)",
+                        total as f64 / (1u64 << 30) as f64,
+                        avail as f64 / (1u64 << 30) as f64
+                    )));
+                }
+            }
+            *self.made_bytes.borrow_mut() = total;
             if let Some((seed, made)) = &self.seeded {
                 let host = seeded_tensor(*seed, &key, &shape);
                 let t = host.to_float(&key, &self.device)?;

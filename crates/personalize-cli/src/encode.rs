@@ -17,11 +17,26 @@ pub fn encode_images(blip2: &Path, images: &[PathBuf]) -> Result<Tensor<B, 3>> {
     }
     let enc = blip2_encoder::Blip2Encoder::<B>::load(blip2, &device())
         .with_context(|| format!("loading BLIP-2 from {}", blip2.display()))?;
-    Ok(enc.encode_images(images)?)
+    let q = enc.encode_images(images)?;
+    if !personalize::check::all_finite(&q) {
+        return Err(personalize::check::nonfinite_error("the BLIP-2 queries", "BLIP-2 model", &enc, blip2).into());
+    }
+    Ok(q)
 }
 
 /// `personalize encode`: writes `queries` `[N, Q, 768]` to `out` (atomically).
 pub fn run(blip2: &Path, images: &[PathBuf], out: &Path) -> Result<()> {
+    let same =
+        |a: &Path, b: &Path| std::fs::canonicalize(a).ok().is_some_and(|a| std::fs::canonicalize(b).ok() == Some(a));
+    if let Some(img) = images.iter().find(|i| same(i, out)) {
+        bail!("--out {} is the input image {}; choose another file", out.display(), img.display());
+    }
+    if out.is_dir() {
+        bail!("--out {} is a folder; give a .safetensors file", out.display());
+    }
+    if out.exists() && out.extension().is_none_or(|e| e != "safetensors") {
+        bail!("--out {} exists and is not a .safetensors file; not replacing it", out.display());
+    }
     let q = encode_images(blip2, images)?;
     let t = BTreeMap::from([("queries".to_string(), HostTensor::from_tensor(q))]);
     let meta = BTreeMap::from([(

@@ -83,6 +83,9 @@ pub struct GenerateCli {
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace images already in the output folder (0000.png, ...) instead of refusing.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Parsed `generate` arguments.
@@ -96,6 +99,9 @@ pub struct GenerateArgs {
     pub blip2: Option<PathBuf>,
     pub allow_base_mismatch: bool,
     pub out: PathBuf,
+    pub overwrite: bool,
+    /// The image whose settings these are (`--params-from`), for messages.
+    pub from: Option<PathBuf>,
     /// Make and write only this image of the generation (re-running one image of an earlier
     /// one): its batch is sampled, the image is written as 0000.png.
     pub only: Option<usize>,
@@ -131,10 +137,15 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
             blip2: cli.blip2,
             allow_base_mismatch: cli.allow_base_mismatch,
             out: cli.out,
+            overwrite: cli.overwrite,
+            from: None,
             only: None,
         });
     };
     let s = ImageSettings::from_png(&image)?;
+    if cli.latents.is_some() && cli.num_images.is_some() {
+        bail!("--num-images and --latents both set the number of images; give one of them");
+    }
     let base = match (cli.base, &s.base) {
         (Some(b), _) => b,
         (None, Some(b)) => resolve_model(b, "base model", &image)?,
@@ -182,13 +193,32 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
         blip2,
         allow_base_mismatch: cli.allow_base_mismatch,
         out: cli.out,
+        overwrite: cli.overwrite,
+        from: Some(image),
         only,
     })
 }
 
 /// `personalize generate`.
 pub fn run(cli: GenerateCli) -> Result<()> {
-    generate(args(cli)?)
+    if cli.latents.is_some() && cli.num_images.is_some() {
+        bail!("--num-images and --latents both set the number of images (the latents' batch); give one of them");
+    }
+    if cli.blip2.is_some() && cli.images.is_empty() {
+        bail!("--blip2 is only used with --image (new reference images for the concept); give --image or drop --blip2");
+    }
+    let a = args(cli)?;
+    match a.from.clone() {
+        // Values read from the image are not flags the user typed: say where they came from.
+        Some(from) => generate(a).with_context(|| format!("re-running the settings of {}", from.display())),
+        None => generate(a),
+    }
+}
+
+/// `p` as an absolute path (for the settings an image records: a relative one would resolve
+/// elsewhere when the image is re-run from another folder).
+fn absolute(p: &Path) -> String {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
 }
 
 pub fn generate(mut a: GenerateArgs) -> Result<()> {
@@ -235,10 +265,11 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
     a.opts.batch_size = Some(pipe.batches(&a.opts)?.batch);
     // Everything the images record, checked before any sampling.
     let mut settings = pipe.image_settings(&a.opts)?;
-    settings.concept = a.concept.as_ref().map(|c| c.display().to_string());
-    settings.images = a.images.iter().map(|p| p.display().to_string()).collect();
-    settings.blip2 = if a.images.is_empty() { None } else { a.blip2.as_ref().map(|p| p.display().to_string()) };
-    settings.latents = a.latents.as_ref().map(|p| p.display().to_string());
+    settings.base = Some(absolute(&a.base));
+    settings.concept = a.concept.as_deref().map(absolute);
+    settings.images = a.images.iter().map(|p| absolute(p)).collect();
+    settings.blip2 = if a.images.is_empty() { None } else { a.blip2.as_deref().map(absolute) };
+    settings.latents = a.latents.as_deref().map(absolute);
     let text_of = |i: usize| -> model_io::Result<Vec<(&str, String)>> {
         let text = ImageSettings { image_index: i, ..settings.clone() }.png_text()?;
         personalize::check_png_text(&text)?;
@@ -266,6 +297,21 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
         (Some(c), Some(q)) => Some(VisualPrompt { aligner: &c.aligner, queries: q }),
         _ => None,
     };
+    if a.out.exists() && !a.out.is_dir() {
+        bail!("--out {} is a file; give a folder", a.out.display());
+    }
+    // Nothing a user made is replaced unasked: every image this run would write is checked.
+    if !a.overwrite {
+        let names: Box<dyn Iterator<Item = usize>> =
+            if a.only.is_some() { Box::new(std::iter::once(0)) } else { Box::new(0..a.opts.num_images) };
+        if let Some(p) = names.map(|i| a.out.join(format!("{i:04}.png"))).find(|p| p.exists()) {
+            bail!(
+                "{} exists; pass --overwrite to replace the images in {}, or choose another --out",
+                p.display(),
+                a.out.display()
+            );
+        }
+    }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     crate::interrupt::install();
     let bar = ProgressBar::new(a.opts.steps as u64);

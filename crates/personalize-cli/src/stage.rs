@@ -56,9 +56,19 @@ fn load_unet(args: &StageArgs) -> Result<sd_unet::UNet2DConditionModel<B>> {
 
 type Tensors = BTreeMap<String, HostTensor>;
 
+/// The input tensors, each checked: no empty dimension, no NaN or Inf.
 fn inputs(args: &StageArgs) -> Result<(Tensors, PathBuf)> {
     let path = args.input.clone().with_context(|| format!("stage {} needs --input IN.safetensors", args.stage))?;
-    Ok((read_tensors(&path)?, path))
+    let t = read_tensors(&path)?;
+    for (name, v) in &t {
+        if v.shape.contains(&0) {
+            bail!("{}: tensor `{name}` has shape {:?}: it holds no values", path.display(), v.shape);
+        }
+        if v.as_f32(name).is_ok_and(|x| x.iter().any(|x| !x.is_finite())) {
+            bail!("{}: tensor `{name}` holds NaN or Inf", path.display());
+        }
+    }
+    Ok((t, path))
 }
 
 /// How long loading a stage's model took, and the peak memory right after it.
@@ -138,6 +148,12 @@ pub fn run(args: &StageArgs) -> Result<()> {
         if same {
             bail!("--output {} is the --input file; write the outputs elsewhere", args.output.display());
         }
+    }
+    if args.scheduler.is_some() && args.stage != "scheduler" {
+        bail!("--scheduler is for stage scheduler, not {}", args.stage);
+    }
+    if !args.prompts.is_empty() && args.stage != "tokenizer" {
+        bail!("--prompt is for stage tokenizer, not {} (it reads its inputs from --input)", args.stage);
     }
     let dev = device();
     let model = args.model.as_path();
@@ -251,6 +267,27 @@ pub fn run(args: &StageArgs) -> Result<()> {
         }
         other => bail!("unknown stage `{other}`; expected one of: {}", STAGES.join(", ")),
     };
+    // Finite inputs and NaN out: say which, and whether the weights hold it.
+    for (name, v) in &outputs {
+        if v.as_f32(name).is_ok_and(|x| x.iter().any(|x| !x.is_finite())) {
+            let file = if model.is_dir() {
+                model.to_path_buf()
+            } else {
+                model.parent().unwrap_or(Path::new(".")).to_path_buf()
+            };
+            let damaged =
+                model_io::Checkpoint::open_dir(&file, &["diffusion_pytorch_model", "model", "aligner"]).ok().and_then(
+                    |c| c.first_nonfinite().map(|k| format!("tensor `{k}` in {} holds NaN or Inf", file.display())),
+                );
+            bail!(
+                "stage {}: output `{name}` holds NaN or Inf from finite inputs: {}",
+                args.stage,
+                damaged.unwrap_or_else(|| {
+                    "the weights are finite (an overflow; check the model's config, or use --dtype f32)".into()
+                })
+            );
+        }
+    }
     write_output(&args.output, &outputs)
 }
 

@@ -1,7 +1,7 @@
 //! `personalize train`: trains a concept (aligner + UNet, full or LoRA, or aligner only) from
 //! a few images and writes the concept folder.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -70,9 +70,9 @@ pub struct TrainCli {
     /// weight; writes a full unet/ of the model's size) or `frozen` (the aligner only).
     #[arg(long, default_value = "lora", value_parser = ["full", "lora", "frozen"])]
     pub unet: String,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 4)]
-    pub lora_rank: usize,
+    /// LoRA rank (with --unet lora) [default: 4].
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
     /// LoRA alpha (scale alpha/rank; default: the rank, a scale of 1).
     #[arg(long)]
     pub lora_alpha: Option<f64>,
@@ -114,9 +114,9 @@ pub struct TrainCli {
     /// Prior preservation: denoising steps for the class images the base model makes.
     #[arg(long, default_value_t = 25)]
     pub class_image_steps: usize,
-    /// Prior preservation: weight of the class loss.
-    #[arg(long, default_value_t = 1.0)]
-    pub prior_weight: f64,
+    /// Prior preservation: weight of the class loss [default: 1].
+    #[arg(long)]
+    pub prior_weight: Option<f64>,
 }
 
 impl TrainCli {
@@ -134,9 +134,28 @@ impl TrainCli {
         if self.class_prompt.is_some() && self.class_image_steps == 0 {
             bail!("--class-image-steps must be at least 1");
         }
+        if self.class_prompt.is_none() && self.prior_weight.is_some() {
+            bail!("--prior-weight needs --class-prompt (it weighs the class images' loss)");
+        }
+        if self.unet != "lora" && (self.lora_rank.is_some() || self.lora_alpha.is_some()) {
+            bail!("--lora-rank and --lora-alpha need --unet lora (this run trains --unet {})", self.unet);
+        }
+        if self.unet == "frozen" && self.unet_lr.is_some() {
+            bail!("--unet-lr needs --unet lora or full (--unet frozen trains the aligner only)");
+        }
+        for (flag, v, max) in [
+            ("--lora-rank", self.lora_rank.unwrap_or(4), 1024),
+            ("--aligner-hidden", self.aligner_hidden.unwrap_or(1), 65536),
+            ("--augment", self.augment, 1000),
+        ] {
+            if v > max {
+                bail!("{flag} {v} is absurd; at most {max}");
+            }
+        }
+        let rank = self.lora_rank.unwrap_or(4);
         let unet_mode = match self.unet.as_str() {
             "full" => UnetMode::Full,
-            "lora" => UnetMode::Lora { rank: self.lora_rank, alpha: self.lora_alpha.unwrap_or(self.lora_rank as f64) },
+            "lora" => UnetMode::Lora { rank, alpha: self.lora_alpha.unwrap_or(rank as f64) },
             "frozen" => UnetMode::Frozen,
             o => bail!("--unet {o}: expected full, lora or frozen"),
         };
@@ -159,7 +178,10 @@ impl TrainCli {
             flip: self.flip,
             max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
             sample_steps: self.sample_steps,
-            prior: self.class_prompt.clone().map(|p| PriorConfig { class_prompt: p, weight: self.prior_weight }),
+            prior: self
+                .class_prompt
+                .clone()
+                .map(|p| PriorConfig { class_prompt: p, weight: self.prior_weight.unwrap_or(1.0) }),
             ..TrainConfig::default()
         };
         cfg.validate()?;
@@ -182,13 +204,49 @@ pub fn run(args: TrainCli) -> Result<()> {
     r
 }
 
+/// Removes `dir/step-*.png` (the samples a run writes), and `dir` if that empties it.
+fn remove_samples(dir: &Path) -> Result<()> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Ok(()) };
+    for e in rd.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = name
+            .strip_prefix("step-")
+            .and_then(|s| s.strip_suffix(".png"))
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+        if ours {
+            std::fs::remove_file(e.path()).with_context(|| format!("--overwrite: removing {}", e.path().display()))?;
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
+}
+
 /// The run, in its existing output folder.
 fn run_in(args: TrainCli, cfg: train::TrainConfig) -> Result<()> {
     // Held for the whole run (train() takes it again); another run on the same --out is refused.
     let _lock = train::OutLock::take(&args.out)?;
+    // A folder with files of its own that is not a concept is not ours to write into.
+    let is_concept = args.out.join("concept.json").exists() || args.out.join("checkpoints").exists();
+    let foreign: Vec<String> = std::fs::read_dir(&args.out)
+        .with_context(|| format!("reading {}", args.out.display()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n != ".lock" && n != "class_images")
+        .collect();
+    if !is_concept && !foreign.is_empty() && !args.overwrite {
+        bail!(
+            "--out {} holds other files ({}) and is not a concept folder; choose an empty or new folder, or pass --overwrite to replace the files a run writes",
+            args.out.display(),
+            foreign.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
     if args.overwrite {
         for name in train::RUN_OUTPUTS {
             let p = args.out.join(name);
+            if *name == "samples" {
+                // Only the sample images a run wrote (step-NNNNNN.png); the user's files stay.
+                remove_samples(&p)?;
+                continue;
+            }
             let removed = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
             match removed {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

@@ -218,7 +218,7 @@ fn concept_for_another_base_model_is_refused_unless_overridden() {
     ];
     let (ok, err) = run(&args);
     assert!(!ok);
-    one_line_error(&err, &["another base model", "--allow-base-mismatch"]);
+    one_line_error(&err, &["UNet weights differ", "some/other-model", "--allow-base-mismatch"]);
     let mut with_flag = args.to_vec();
     with_flag.push("--allow-base-mismatch");
     let (ok, err) = run(&with_flag);
@@ -556,6 +556,7 @@ fn a_failed_write_names_the_images_written_and_not_written() {
         "1",
         "--num-images",
         "3",
+        "--overwrite",
         "--out",
         out.to_str().unwrap(),
     ]);

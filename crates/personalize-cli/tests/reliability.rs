@@ -386,10 +386,15 @@ fn truncated_images_are_refused_unless_allowed_and_animations_use_their_first_fr
     let o = out.to_str().unwrap();
     let (ok, err) = run(&["encode", "--blip2", b, "--image", jpg.to_str().unwrap(), "--out", o]);
     assert!(ok, "a whole JPEG reads: {err}");
-    for f in [&cut, &cut_png] {
-        let (ok, err) = run(&["encode", "--blip2", b, "--image", f.to_str().unwrap(), "--out", o]);
+    let (ok, err) = run(&["encode", "--blip2", b, "--image", cut.to_str().unwrap(), "--out", o]);
+    assert!(!ok);
+    one_line_error(&err, &[cut.to_str().unwrap(), "truncated", "--allow-truncated-images"]);
+    // A cut PNG cannot be decoded past the cut (the decoder stops): refused, flag or not.
+    for flag in [&[][..], &["--allow-truncated-images"][..]] {
+        let args = [flag, &["encode", "--blip2", b, "--image", cut_png.to_str().unwrap(), "--out", o][..]].concat();
+        let (ok, err) = run(&args);
         assert!(!ok);
-        one_line_error(&err, &[f.to_str().unwrap(), "truncated", "--allow-truncated-images"]);
+        one_line_error(&err, &[cut_png.to_str().unwrap(), "truncated", "re-export"]);
     }
     let (ok, err) =
         run(&["--allow-truncated-images", "encode", "--blip2", b, "--image", cut.to_str().unwrap(), "--out", o]);
@@ -427,30 +432,18 @@ fn lora_concept(dir: &Path) -> PathBuf {
     out
 }
 
+/// One 32² step of the fixture pipeline with `concept`, into `out`.
+fn generate_with(concept: &Path, out: &Path) -> (bool, String) {
+    let c = concept.to_str().unwrap();
+    run(&[&gen_args(out.to_str().unwrap(), &["--steps", "1"])[..], &["--concept", c]].concat())
+}
+
 #[test]
 fn concept_json_is_checked_against_its_files() {
     let d = tempfile::tempdir().unwrap();
     let c = lora_concept(d.path());
     let out = d.path().join("o");
-    let gen = |c: &Path| {
-        run(&[
-            "generate",
-            "--base",
-            base().to_str().unwrap(),
-            "--prompt",
-            "x",
-            "--steps",
-            "1",
-            "--height",
-            "32",
-            "--width",
-            "32",
-            "--concept",
-            c.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-    };
+    let gen = |c: &Path| generate_with(c, &out);
     let (ok, err) = gen(&c);
     assert!(ok, "the concept as trained generates: {err}");
     let path = c.join("concept.json");
@@ -496,4 +489,339 @@ fn training_refuses_a_resolution_that_cannot_fit() {
     assert!(!ok);
     one_line_error(&err, &["--resolution 1000000", "needs about", "available"]);
     assert!(!out.exists(), "nothing left behind");
+}
+
+/// The second hostile trial's findings: each was a panic, an abort, a silent wrong result or
+/// lost work.
+#[test]
+fn stage_inputs_and_outputs_are_checked() {
+    let d = tempfile::tempdir().unwrap();
+    let te = base().join("text_encoder");
+    let empty = d.path().join("ids.safetensors");
+    write_tensors(
+        &empty,
+        &BTreeMap::from([("input_ids".into(), HostTensor::i64(vec![0, 77], vec![]))]),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let o = d.path().join("o.safetensors");
+    let (ok, err) = run(&[
+        "stage",
+        "text-encoder",
+        "--model",
+        te.to_str().unwrap(),
+        "--input",
+        empty.to_str().unwrap(),
+        "--output",
+        o.to_str().unwrap(),
+    ]);
+    assert!(!ok, "an empty batch panicked");
+    one_line_error(&err, &["input_ids", "[0, 77]", "no values"]);
+
+    let io = read_tensors(&fixtures().join("unet/sd1/io.safetensors")).unwrap();
+    let mut t: BTreeMap<String, HostTensor> = io.into_iter().filter(|(k, _)| k != "out").collect();
+    let s = t.get_mut("sample").unwrap();
+    let mut v = s.as_f32("sample").unwrap().to_vec();
+    v[0] = f32::NAN;
+    *s = HostTensor::f32(s.shape.clone(), v);
+    let nan_in = d.path().join("nan.safetensors");
+    write_tensors(&nan_in, &t, &BTreeMap::new()).unwrap();
+    let model = fixtures().join("unet/sd1");
+    let (ok, err) = run(&[
+        "stage",
+        "unet",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        nan_in.to_str().unwrap(),
+        "--output",
+        o.to_str().unwrap(),
+    ]);
+    assert!(!ok, "NaN in, NaN out with exit 0");
+    one_line_error(&err, &["tensor `sample` holds NaN or Inf"]);
+
+    let good = fixtures().join("unet/sd1/io.safetensors");
+    let m = d.path().join("sd1");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(model.join(f), m.join(f)).unwrap();
+    }
+    poison(&m.join("diffusion_pytorch_model.safetensors"), "conv_in.weight", f32::NAN);
+    let (ok, err) = run(&[
+        "stage",
+        "unet",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        good.to_str().unwrap(),
+        "--output",
+        o.to_str().unwrap(),
+    ]);
+    assert!(!ok, "NaN weights, NaN out with exit 0");
+    one_line_error(&err, &["output `sample` holds NaN or Inf", "conv_in.weight"]);
+    assert!(!o.exists());
+
+    let (ok, err) = run(&[
+        "stage",
+        "unet",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        good.to_str().unwrap(),
+        "--scheduler",
+        "euler",
+        "--output",
+        o.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    one_line_error(&err, &["--scheduler is for stage scheduler"]);
+
+    // Random weights of an absurd config: an error, not an allocation abort.
+    let cfg = d.path().join("huge");
+    std::fs::create_dir_all(&cfg).unwrap();
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+    c["block_out_channels"] = serde_json::json!([100000, 200000]);
+    c["norm_num_groups"] = 1.into();
+    std::fs::write(cfg.join("config.json"), serde_json::to_vec(&c).unwrap()).unwrap();
+    let (ok, err) = run(&[
+        "stage",
+        "unet",
+        "--model",
+        cfg.to_str().unwrap(),
+        "--random-weights",
+        "--input",
+        good.to_str().unwrap(),
+        "--output",
+        o.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    one_line_error(&err, &["random weights", "GiB", "memory available"]);
+}
+
+#[test]
+fn nothing_a_user_made_is_replaced_unasked() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o");
+    let o = out.to_str().unwrap();
+    let (ok, err) = run(&gen_args(o, &[]));
+    assert!(ok, "{err}");
+    let first = pixels(&out.join("0000.png"));
+    let (ok, err) = run(&gen_args(o, &["--seed", "6"]));
+    assert!(!ok, "an earlier image was silently replaced");
+    one_line_error(&err, &["0000.png exists", "--overwrite"]);
+    assert_eq!(pixels(&out.join("0000.png")), first);
+    let src = out.join("0000.png");
+    let (ok, err) = run(&["generate", "--params-from", src.to_str().unwrap(), "--seed", "9", "--out", o]);
+    assert!(!ok, "--params-from onto its own folder replaced the source");
+    one_line_error(&err, &["exists", "--overwrite"]);
+    let (ok, err) = run(&gen_args(o, &["--seed", "6", "--overwrite"]));
+    assert!(ok, "{err}");
+    assert_ne!(pixels(&out.join("0000.png")), first);
+
+    // encode onto its input image.
+    let img = d.path().join("mine.png");
+    std::fs::copy(fixtures().join("blip2/preprocess/photo.png"), &img).unwrap();
+    let blip2 = fixtures().join("blip2/opt_sharded");
+    let (ok, err) = run(&[
+        "encode",
+        "--blip2",
+        blip2.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--out",
+        img.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    one_line_error(&err, &["is the input image"]);
+    assert!(image::open(&img).is_ok(), "the image is intact");
+
+    // train into a folder of the user's own files, and --overwrite keeping the user's samples.
+    let own = d.path().join("own");
+    std::fs::create_dir_all(own.join("samples")).unwrap();
+    std::fs::write(own.join("loss.csv"), "my data").unwrap();
+    std::fs::write(own.join("samples/favourite.png"), "mine").unwrap();
+    let args = train_args(own.to_str().unwrap(), "2");
+    let (ok, err) = run(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(!ok, "a folder of the user's own files was written into");
+    one_line_error(&err, &["holds other files", "not a concept folder", "--overwrite"]);
+    assert_eq!(std::fs::read_to_string(own.join("loss.csv")).unwrap(), "my data");
+    let mut args = args;
+    args.push("--overwrite".into());
+    let (ok, err) = run(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(own.join("samples/favourite.png")).unwrap(),
+        "mine",
+        "--overwrite removes only a run's own samples"
+    );
+}
+
+#[test]
+fn absurd_values_found_by_the_second_trial_are_one_line_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o");
+    let o = out.to_str().unwrap();
+    let concept = d.path().join("concept");
+    let with = |extra: &[&str]| {
+        let mut a = train_args(concept.to_str().unwrap(), "2");
+        a.extend(extra.iter().map(|s| s.to_string()));
+        run(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+    };
+    for (extra, needles) in [
+        (&["--aligner-hidden", "1000000000"][..], &["--aligner-hidden", "at most"][..]),
+        (&["--batch", "100000"], &["--batch 100000", "needs about"]),
+        (&["--augment", "100000"], &["--augment", "at most"]),
+        (&["--prior-weight", "5"], &["--prior-weight needs --class-prompt"]),
+    ] {
+        let (ok, err) = with(extra);
+        assert!(!ok, "{extra:?}");
+        one_line_error(&err, needles);
+    }
+    let frozen = |extra: &[&str]| {
+        let mut a = train_args(concept.to_str().unwrap(), "2");
+        let i = a.iter().position(|x| x == "--unet").unwrap();
+        a[i + 1] = "frozen".into();
+        let j = a.iter().position(|x| x == "--lora-rank").unwrap();
+        a.drain(j..j + 2);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        run(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+    };
+    let (ok, err) = frozen(&["--lora-rank", "7"]);
+    assert!(!ok);
+    one_line_error(&err, &["--lora-rank", "--unet lora"]);
+    let (ok, err) = frozen(&["--unet-lr", "1e-3"]);
+    assert!(!ok);
+    one_line_error(&err, &["--unet-lr", "frozen"]);
+
+    let (ok, err) = run(&gen_args(o, &["--scheduler", "bogus"]));
+    assert!(!ok);
+    one_line_error(&err, &["--scheduler \"bogus\" is unknown"]);
+    let blip2 = fixtures().join("blip2/opt_sharded");
+    let (ok, err) = run(&gen_args(o, &["--blip2", blip2.to_str().unwrap()]));
+    assert!(!ok);
+    one_line_error(&err, &["--blip2 is only used with --image"]);
+    let lat = d.path().join("lat.safetensors");
+    write_tensors(
+        &lat,
+        &BTreeMap::from([("latents".into(), HostTensor::f32(vec![3, 4, 4, 4], vec![0.1; 192]))]),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let (ok, err) = run(&gen_args(o, &["--latents", lat.to_str().unwrap(), "--num-images", "2"]));
+    assert!(!ok, "--num-images was silently ignored");
+    one_line_error(&err, &["--num-images and --latents"]);
+
+    let b = copy_pipeline(d.path());
+    let vae = b.join("vae/config.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&vae).unwrap()).unwrap();
+    c["scaling_factor"] = serde_json::json!(-1e30);
+    std::fs::write(&vae, serde_json::to_vec(&c).unwrap()).unwrap();
+    let (ok, err) = run(&["generate", "--base", b.to_str().unwrap(), "--prompt", "x", "--steps", "1", "--out", o]);
+    assert!(!ok, "a negative scaling factor made an image");
+    one_line_error(&err, &["vae", "scaling_factor"]);
+}
+
+#[test]
+fn encode_names_nan_weights_instead_of_writing_nan_queries() {
+    let d = tempfile::tempdir().unwrap();
+    let src = fixtures().join("blip2/opt_sharded");
+    let m = d.path().join("blip2");
+    std::fs::create_dir_all(&m).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), m.join(e.file_name())).unwrap();
+    }
+    let shard = std::fs::read_dir(&m)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.extension().is_some_and(|x| x == "safetensors")
+                && read_tensors(p).unwrap().keys().any(|k| k.contains("patch_embedding.weight"))
+        })
+        .unwrap();
+    poison(&shard, "patch_embedding.weight", f32::NAN);
+    let out = d.path().join("q.safetensors");
+    let img = fixtures().join("blip2/preprocess/photo.png");
+    let (ok, err) = run(&[
+        "encode",
+        "--blip2",
+        m.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    one_line_error(&err, &["BLIP-2 queries", "patch_embedding.weight", "holds NaN or Inf"]);
+    assert!(!out.exists());
+}
+
+#[test]
+fn params_from_records_absolute_paths() {
+    let d = tempfile::tempdir().unwrap();
+    let c = lora_concept(d.path());
+    let work = d.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    // Generated from inside `d` with a relative --concept, re-run from another folder.
+    let out = Command::new(env!("CARGO_BIN_EXE_personalize"))
+        .current_dir(d.path())
+        .args([
+            "generate",
+            "--base",
+            base().to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--steps",
+            "2",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--concept",
+            "concept",
+            "--out",
+            "g",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = settings(&d.path().join("g/0000.png"));
+    assert_eq!(s.concept.as_deref().map(Path::new), Some(c.as_path()), "recorded absolute");
+    let again = Command::new(env!("CARGO_BIN_EXE_personalize"))
+        .current_dir(&work)
+        .args(["generate", "--params-from", "../g/0000.png", "--out", "again"])
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(pixels(&work.join("again/0000.png")), pixels(&d.path().join("g/0000.png")));
+}
+
+#[test]
+fn lora_files_are_checked_against_concept_json() {
+    let d = tempfile::tempdir().unwrap();
+    let c = lora_concept(d.path());
+    let out = d.path().join("o");
+    let gen = || generate_with(&c, &out);
+    let path = c.join("concept.json");
+    let original: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut v = original.clone();
+    v["lora_alpha"] = serde_json::json!(1e30);
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    let (ok, err) = gen();
+    assert!(!ok, "lora_alpha that disagrees with the file was ignored");
+    one_line_error(&err, &["lora_alpha is 1000000000000000000000000000000", "records lora_alpha 2"]);
+    std::fs::write(&path, serde_json::to_vec(&original).unwrap()).unwrap();
+
+    let lora = c.join("unet_lora.safetensors");
+    let saved = std::fs::read(&lora).unwrap();
+    write_tensors(&lora, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+    let (ok, err) = gen();
+    assert!(!ok, "an empty LoRA file was taken for no LoRA");
+    one_line_error(&err, &["unet_lora.safetensors", "holds no tensors"]);
+    std::fs::write(&lora, saved).unwrap();
+
+    std::fs::create_dir_all(c.join("unet")).unwrap();
+    let (ok, err) = gen();
+    assert!(!ok, "a stray unet/ beside a LoRA concept");
+    one_line_error(&err, &["unet is `lora`", "would be ignored"]);
 }

@@ -243,15 +243,19 @@ fn overwrite_replaces_a_run_and_only_when_asked() {
     };
     let (ok, err) = train(&[]);
     assert!(ok, "{err}");
-    let stale = concept.join("samples/old.png");
+    // A sample of an earlier run, and a file of the user's that --overwrite must keep.
+    let stale = concept.join("samples/step-000099.png");
     std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
     std::fs::write(&stale, b"x").unwrap();
+    let mine = concept.join("samples/my-notes.txt");
+    std::fs::write(&mine, b"mine").unwrap();
     let (ok, err) = train(&[]);
     assert!(!ok && err.contains("--overwrite"), "{err}");
     assert!(stale.exists());
     let (ok, err) = train(&["--overwrite"]);
     assert!(ok, "{err}");
     assert!(!stale.exists() && concept.join("concept.json").is_file());
+    assert!(mine.exists(), "--overwrite removes a run's samples only");
     let (ok, _) = train(&["--overwrite", "--resume"]);
     assert!(!ok);
     assert!(!concept.join(".lock").exists());

@@ -10,7 +10,7 @@ use model_io::Error;
 
 /// True when every element is finite: one elementwise pass and one scalar read (`0 · x` sums
 /// to 0 exactly unless some `x` is NaN or infinite).
-pub(crate) fn all_finite<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+pub fn all_finite<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
     if t.shape().num_elements() == 0 {
         return true;
     }
@@ -19,7 +19,7 @@ pub(crate) fn all_finite<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
 }
 
 /// The module path of the first parameter of `m` holding NaN or Inf, if any.
-pub(crate) fn first_nonfinite_param<B: Backend, M: Module<B>>(m: &M) -> Option<String> {
+pub fn first_nonfinite_param<B: Backend, M: Module<B>>(m: &M) -> Option<String> {
     struct V {
         path: Vec<String>,
         found: Option<String>,
@@ -42,17 +42,33 @@ pub(crate) fn first_nonfinite_param<B: Backend, M: Module<B>>(m: &M) -> Option<S
     v.found
 }
 
-/// "`what` holds NaN or infinite values: the {model}'s weight `x` (in `dir`) holds NaN or Inf"
-/// when a weight does, else "... although the {model}'s weights are finite (an overflow: in f16,
-/// use bf16 or f32)".
-pub(crate) fn nonfinite_error<B: Backend, M: Module<B>>(what: &str, model: &str, m: &M, dir: &Path) -> Error {
-    match first_nonfinite_param::<B, M>(m) {
-        Some(p) => Error::invalid(format!(
-            "{what} holds NaN or infinite values: the {model}'s weight `{p}` ({}) holds NaN or Inf; the model file is damaged",
-            dir.display()
-        )),
-        None => Error::invalid(format!(
-            "{what} holds NaN or infinite values, although the {model}'s weights are finite (an overflow; in f16, use --dtype bf16 or f32)"
-        )),
+/// "`what` holds NaN or infinite values: `key` in the weights of `dir` holds NaN or Inf" when a
+/// weight file there does (read in full: this is the failure path), else the first module
+/// parameter that does, else "... although the {model}'s weights are finite", with the likely
+/// causes: half precision (when `t` is f16 or bf16) or the config and scales.
+pub fn nonfinite_error<B: Backend, M: Module<B>>(what: &str, model: &str, m: &M, dir: &Path) -> Error {
+    let bases = ["diffusion_pytorch_model", "model"];
+    let in_file = model_io::Checkpoint::open_dir(dir, &bases).ok().and_then(|c| c.first_nonfinite().map(|k| (k, c)));
+    if let Some((key, c)) = in_file {
+        let file = c.file_of(&key).map(|p| p.display().to_string()).unwrap_or_else(|| dir.display().to_string());
+        return Error::invalid(format!(
+            "{what} holds NaN or infinite values: the {model}'s tensor `{key}` in {file} holds NaN or Inf; the file is damaged"
+        ));
     }
+    if let Some(p) = first_nonfinite_param::<B, M>(m) {
+        return Error::invalid(format!(
+            "{what} holds NaN or infinite values: the {model}'s parameter `{p}` holds NaN or Inf (its files in {} are finite: an adapter or a merged change)",
+            dir.display()
+        ));
+    }
+    let half = matches!(
+        burn::tensor::Tensor::<B, 1>::empty([1], &Default::default()).dtype(),
+        burn::tensor::DType::F16 | burn::tensor::DType::BF16
+    );
+    let hint = if half {
+        "an overflow in half precision; try --dtype f32"
+    } else {
+        "an overflow: check the scales in its config.json (norm_eps, scaling_factor), a LoRA's alpha, and --guidance"
+    };
+    Error::invalid(format!("{what} holds NaN or infinite values, although the {model}'s weights are finite ({hint})"))
 }

@@ -76,6 +76,18 @@ impl ConceptInfo {
         let lora = dir.join("unet_lora.safetensors");
         let full = dir.join("unet");
         match self.unet.as_str() {
+            "full" if lora.exists() => {
+                return bad(format!(
+                    "unet is `full`, but {} is beside it and would be ignored; remove it or set unet to `lora`",
+                    lora.display()
+                ));
+            }
+            "lora" if full.exists() => {
+                return bad(format!(
+                    "unet is `lora`, but {} is beside it and would be ignored; remove it or set unet to `full`",
+                    full.display()
+                ));
+            }
             "frozen" if lora.exists() || full.exists() => {
                 let found = if lora.exists() { &lora } else { &full };
                 return bad(format!(
@@ -145,6 +157,13 @@ impl<B: Backend> Concept<B> {
             let mut t = model_io::tensor_file::read_tensors(&qpath)?;
             let q = model_io::tensor_file::take(&mut t, &qpath, "queries")?.to_float::<B, 3>("queries", device)?;
             let [n, k, d] = q.dims();
+            if k < aligner.num_queries() && aligner.settings().query_selection == q_aligner::QuerySelection::First {
+                return Err(Error::invalid(format!(
+                    "{}: tensor `queries` holds {k} queries per image; the aligner takes the first {}",
+                    qpath.display(),
+                    aligner.num_queries()
+                )));
+            }
             if n == 0 || k == 0 || d != aligner.query_dim() {
                 return Err(Error::invalid(format!(
                     "{}: tensor `queries` has shape [{n}, {k}, {d}]; expected [N >= 1, Q >= 1, {}]",

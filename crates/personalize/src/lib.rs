@@ -15,7 +15,7 @@
 //! # Ok::<(), model_io::Error>(())
 //! ```
 
-mod check;
+pub mod check;
 mod concept;
 mod image_out;
 pub mod interrupt;

@@ -307,7 +307,13 @@ impl ImageSettings {
             seed: seed.parse().map_err(|_| bad("Seed", seed))?,
             steps: steps.parse().map_err(|_| bad("Steps", steps))?,
             guidance: cfg.parse().map_err(|_| bad("CFG scale", cfg))?,
-            scheduler: get("Sampler").and_then(|s| scheduler_from_a1111(s, get("Schedule type"))),
+            scheduler: get("Sampler").and_then(|s| {
+                let ours = scheduler_from_a1111(s, get("Schedule type"));
+                if ours.is_none() {
+                    tracing::warn!("A1111 sampler `{s}` has no equivalent here; using the model's scheduler");
+                }
+                ours
+            }),
             width: size.map(|(w, _)| w),
             height: size.map(|(_, h)| h),
             ..Default::default()

@@ -30,6 +30,9 @@ pub struct Pipeline<B: Backend> {
     /// concepts they trained still match.
     unet_fingerprint_legacy: String,
     unet_config: sd_unet::UNetConfig,
+    /// The folder the UNet's weights came from (a concept's `unet/` once a full one is applied),
+    /// for messages.
+    unet_dir: PathBuf,
     scheduler_dir: PathBuf,
     device: B::Device,
 }
@@ -144,6 +147,7 @@ impl<B: Backend> Pipeline<B> {
             unet_fingerprint,
             unet_fingerprint_legacy,
             unet_config: unet_cfg,
+            unet_dir,
             scheduler_dir: dir.join("scheduler"),
             device: device.clone(),
         })
@@ -163,6 +167,7 @@ impl<B: Backend> Pipeline<B> {
             unet_fingerprint: String::new(),
             unet_fingerprint_legacy: String::new(),
             unet_config: parts.unet_config,
+            unet_dir: parts.scheduler_dir.join("../unet"),
             scheduler_dir: parts.scheduler_dir,
             device: device.clone(),
         }
@@ -224,10 +229,12 @@ impl<B: Backend> Pipeline<B> {
     pub fn apply_concept(&mut self, concept: &Concept<B>, allow_mismatch: bool) -> Result<()> {
         if !self.is_base_of(&concept.info.base_unet_fingerprint) && !allow_mismatch {
             return Err(Error::invalid(format!(
-                "concept {} was trained on another base model ({}; this one is {}); pass --allow-base-mismatch to use it anyway",
+                "concept {} was trained on a base model whose UNet weights differ from those of {} (fingerprint {} there, {} here; it names its base {}); pass --allow-base-mismatch to use it anyway",
                 concept.dir.display(),
-                concept.info.base_model,
-                self.base_dir.display()
+                self.base_dir.display(),
+                concept.info.base_unet_fingerprint,
+                self.unet_fingerprint,
+                concept.info.base_model
             )));
         }
         if self.aligner_width_mismatch(&concept.aligner) {
@@ -250,15 +257,35 @@ impl<B: Backend> Pipeline<B> {
                         )));
                     }
                 }
+                if t.is_empty() {
+                    return Err(Error::invalid(format!(
+                        "{}: holds no tensors; expected the LoRA's lora_A/lora_B pairs",
+                        path.display()
+                    )));
+                }
                 let on = |e: Error| Error::invalid(format!("{}: {e}", path.display()));
                 // The adapter config current diffusers writes into the file holds over concept.json.
                 match sd_unet::lora::PeftLoraConfig::from_metadata(&meta, "unet").map_err(on)? {
+                    Some(cfg) if concept.info.lora_alpha.is_some_and(|a| a != cfg.lora_alpha) => {
+                        return Err(Error::Config {
+                            path: concept.dir.join("concept.json"),
+                            message: format!(
+                                "lora_alpha is {}, but {} records lora_alpha {}",
+                                concept.info.lora_alpha.unwrap_or_default(),
+                                path.display(),
+                                cfg.lora_alpha
+                            ),
+                        });
+                    }
                     Some(cfg) => sd_unet::lora::load_lora_scaled(&mut self.unet, &t, &|m, r| cfg.scale(m, r)),
                     None => sd_unet::lora::load_lora(&mut self.unet, &t, concept.info.lora_alpha),
                 }
                 .map_err(on)?;
             }
-            "full" => self.unet = UNet2DConditionModel::load(&concept.dir.join("unet"), &self.device)?,
+            "full" => {
+                self.unet_dir = concept.dir.join("unet");
+                self.unet = UNet2DConditionModel::load(&self.unet_dir, &self.device)?
+            }
             _ => {}
         }
         Ok(())
@@ -557,7 +584,7 @@ impl<B: Backend> Pipeline<B> {
                             &format!("the UNet's prediction at {at}"),
                             "UNet",
                             &self.unet,
-                            &self.base_dir.join("unet"),
+                            &self.unet_dir,
                         )
                     } else {
                         Error::invalid(format!(

@@ -38,6 +38,14 @@ pub enum SchedulerError {
         /// The supported names, comma separated.
         supported: String,
     },
+    /// A scheduler name given to override the folder's (the CLI's `--scheduler`) is unknown.
+    #[error("--scheduler {name:?} is unknown; supported: {supported}")]
+    UnknownName {
+        /// The name given.
+        name: String,
+        /// The supported names, comma separated.
+        supported: String,
+    },
     /// A config field has a value this crate does not implement.
     #[error("{path}: `{field}` = {value:?} is not supported; expected one of: {expected}")]
     Unsupported {

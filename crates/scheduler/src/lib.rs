@@ -149,12 +149,8 @@ pub fn from_config<S: Sample + 'static>(
                 "dpm++2m-karras" => ("dpm++2m", true),
                 other => (other, false),
             };
-            let kind = SchedulerKind::from_name(base).ok_or_else(|| SchedulerError::UnknownClass {
-                path: cfg.path().to_path_buf(),
-                field: "override",
-                name: name.to_string(),
-                supported: supported(),
-            })?;
+            let kind = SchedulerKind::from_name(base)
+                .ok_or_else(|| SchedulerError::UnknownName { name: name.to_string(), supported: supported() })?;
             // Only the short names force settings; a class name behaves as plain from_config.
             if base == kind.cli_name() {
                 match kind {

@@ -40,7 +40,7 @@ fn unknown_class_lists_the_supported_ones() {
     let e = err_of(scheduler::from_dir(&temp_dir("nocls", "{}"), None));
     assert!(e.to_string().contains("<missing>"), "{e}");
     let e = err_of(scheduler::from_dir(&temp_dir("sd15", SD15), Some("heun")));
-    assert!(e.to_string().contains("override") && e.to_string().contains("\"heun\""), "{e}");
+    assert!(e.to_string().contains("--scheduler") && e.to_string().contains("\"heun\""), "{e}");
 }
 
 #[test]

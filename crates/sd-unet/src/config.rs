@@ -147,6 +147,18 @@ impl UNetConfig {
             None | Some("UNet2DConditionModel") => {}
             Some(o) => return Err(format!("_class_name is `{o}`, expected UNet2DConditionModel")),
         }
+        if self.sample_size == Some(0) {
+            return Err("sample_size 0 must be at least 1 (64 for SD 1.x: 512-pixel images)".into());
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(format!("norm_eps {} must be a small positive number (1e-5)", self.norm_eps));
+        }
+        if !(self.norm_num_groups > 0 && self.block_out_channels.iter().all(|c| c % self.norm_num_groups == 0)) {
+            return Err(format!(
+                "norm_num_groups {} must divide every block_out_channels {:?}",
+                self.norm_num_groups, self.block_out_channels
+            ));
+        }
         let n = self.block_out_channels.len();
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             return Err("down_block_types, up_block_types and block_out_channels must have the same length".into());

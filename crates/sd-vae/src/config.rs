@@ -77,6 +77,21 @@ impl AutoencoderKlConfig {
         if cfg.block_out_channels.is_empty() {
             return bad("block_out_channels is empty".into());
         }
+        if !(cfg.scaling_factor.is_finite() && cfg.scaling_factor > 0.0 && cfg.scaling_factor < 1e6) {
+            return bad(format!(
+                "scaling_factor {} must be a positive number (0.18215 for SD 1.x)",
+                cfg.scaling_factor
+            ));
+        }
+        if cfg.shift_factor.is_some_and(|s| !s.is_finite()) {
+            return bad(format!("shift_factor {:?} must be finite", cfg.shift_factor));
+        }
+        if !(cfg.norm_num_groups > 0 && cfg.block_out_channels.iter().all(|c| c % cfg.norm_num_groups == 0)) {
+            return bad(format!(
+                "norm_num_groups {} must divide every block_out_channels {:?}",
+                cfg.norm_num_groups, cfg.block_out_channels
+            ));
+        }
         for t in &cfg.down_block_types {
             if t != "DownEncoderBlock2D" {
                 return bad(format!("down block type `{t}` unsupported (DownEncoderBlock2D)"));

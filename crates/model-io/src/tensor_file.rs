@@ -184,6 +184,69 @@ pub fn to_bytes_as(tensors: &BTreeMap<String, HostTensor>, metadata: &BTreeMap<S
     out
 }
 
+/// Writes an F32 safetensors file (keys sorted, metadata `format: pt`) one tensor at a time:
+/// `entries` gives each key's shape, `fill(key)` its values when their turn comes, so only one
+/// tensor's copy is in memory next to its source. Atomic (temporary file, then rename).
+/// Returns the file size in bytes.
+///
+/// ```
+/// let d = tempfile::tempdir().unwrap();
+/// let p = d.path().join("w.safetensors");
+/// let entries = std::collections::BTreeMap::from([("a".to_string(), vec![2usize])]);
+/// model_io::tensor_file::write_f32_streamed(&p, &entries, &mut |_| Ok(vec![1.0, 2.0])).unwrap();
+/// assert_eq!(model_io::tensor_file::read_tensors(&p).unwrap()["a"].as_f32("a").unwrap(), &[1.0, 2.0]);
+/// ```
+pub fn write_f32_streamed(
+    path: &Path,
+    entries: &BTreeMap<String, Vec<usize>>,
+    fill: &mut dyn FnMut(&str) -> Result<Vec<f32>>,
+) -> Result<u64> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut offsets = BTreeMap::new();
+    let mut end = 0u64;
+    for (k, shape) in entries {
+        let len = 4 * shape.iter().product::<usize>() as u64;
+        header
+            .insert(k.clone(), serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [end, end + len] }));
+        offsets.insert(k.clone(), (end, len));
+        end += len;
+    }
+    let mut h = serde_json::to_vec(&header).expect("header serialises");
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let data_start = 8 + h.len() as u64;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let io = |e: std::io::Error| Error::Io { path: path.to_path_buf(), cause: e };
+    let result = (|| -> Result<()> {
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+        f.write_all(&h).map_err(io)?;
+        f.set_len(data_start + end).map_err(io)?;
+        for (key, &(at, len)) in &offsets {
+            let v = fill(key)?;
+            if v.len() as u64 * 4 != len {
+                return Err(Error::invalid(format!(
+                    "{}: `{key}` gave {} values, expected {}",
+                    path.display(),
+                    v.len(),
+                    len / 4
+                )));
+            }
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            f.seek(SeekFrom::Start(data_start + at)).and_then(|_| f.write_all(&bytes)).map_err(io)?;
+        }
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map(|()| data_start + end)
+}
+
 /// Writes tensors to `path` atomically (temporary file, then rename).
 pub fn write_tensors(
     path: &Path,

@@ -160,7 +160,7 @@ pub fn write_unet(unet_config: &Path, out: &Path) -> Result<()> {
         .with_context(|| format!("reading {}/config.json", unet_config.display()))?;
     model_io::write_atomic(&out.join("config.json"), &config)?;
     let file = out.join("diffusion_pytorch_model.safetensors");
-    let bytes = personalize::train::write_unet_safetensors(&unet, &file)?;
+    let bytes = unet.save_safetensors(&file)?;
     eprintln!("wrote {} ({:.2} GB)", file.display(), bytes as f64 / 1e9);
     Ok(())
 }

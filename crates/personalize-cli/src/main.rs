@@ -28,7 +28,7 @@ struct Cli {
     /// (`--features cuda`); on the CPU it is slower than f32.
     #[arg(long, global = true, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
     dtype: String,
-    /// Use truncated JPEG/PNG input images (decoded as far as their data goes, with a warning)
+    /// Use truncated JPEG input images (decoded as far as their data goes, with a warning)
     /// instead of refusing them.
     #[arg(long, global = true)]
     allow_truncated_images: bool,

@@ -453,7 +453,7 @@ fn write_unet_safetensors_reproduces_the_diffusers_file() {
     let unet = sd_unet::UNet2DConditionModel::<Flex>::load(&dir, &FlexDevice).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("diffusion_pytorch_model.safetensors");
-    let size = train::write_unet_safetensors(&unet, &out).unwrap();
+    let size = unet.save_safetensors(&out).unwrap();
     assert_eq!(size, std::fs::metadata(&out).unwrap().len());
     let ours = read_tensors(&out).unwrap();
     let reference = read_tensors(&dir.join("diffusion_pytorch_model.safetensors")).unwrap();

@@ -24,7 +24,7 @@ impl<B: Backend> Attention<B> {
             to_q: LoraLinear::new(Linear::load(&w.pp("to_q"), dim, dim, false)?),
             to_k: LoraLinear::new(Linear::load(&w.pp("to_k"), context_dim, dim, false)?),
             to_v: LoraLinear::new(Linear::load(&w.pp("to_v"), context_dim, dim, false)?),
-            to_out: LoraLinear::new(Linear::load(&w.pp("to_out.0"), dim, dim, true)?),
+            to_out: LoraLinear::new(Linear::load(&w.pp(crate::keys::TO_OUT), dim, dim, true)?),
             heads,
         })
     }
@@ -42,7 +42,7 @@ impl<B: Backend> Attention<B> {
 
     /// The key suffixes of the four projections, the modules LoRA adapters attach to (peft's
     /// `target_modules`).
-    pub const PROJECTIONS: [&'static str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
+    pub const PROJECTIONS: [&'static str; 4] = ["to_q", "to_k", "to_v", crate::keys::TO_OUT];
 
     /// The four projections, for attaching adapters.
     pub fn projections_mut(&mut self) -> [(&'static str, &mut LoraLinear<B>); 4] {
@@ -92,8 +92,8 @@ impl<B: Backend> BasicTransformerBlock<B> {
             attn2: Attention::load(&w.pp("attn2"), dim, context_dim, heads)?,
             norm3: LayerNorm::load(&w.pp("norm3"), dim, 1e-5)?,
             ff: FeedForward {
-                proj: Linear::load(&w.pp("ff.net.0.proj"), dim, 2 * inner, true)?,
-                out: Linear::load(&w.pp("ff.net.2"), inner, dim, true)?,
+                proj: Linear::load(&w.pp(crate::keys::FF_PROJ), dim, 2 * inner, true)?,
+                out: Linear::load(&w.pp(crate::keys::FF_OUT), inner, dim, true)?,
             },
         })
     }

@@ -47,7 +47,7 @@ impl<B: Backend> DownBlock<B> {
             }
         }
         let downsampler =
-            downsample.map(|pad| Downsample2D::load(&w.pp("downsamplers.0"), c_out, c_out, pad)).transpose()?;
+            downsample.map(|pad| Downsample2D::load(&w.pp(crate::keys::DOWNSAMPLER), c_out, c_out, pad)).transpose()?;
         Ok(Self { resnets, attentions, downsampler })
     }
 
@@ -135,7 +135,8 @@ impl<B: Backend> UpBlock<B> {
                     .push(Transformer2D::load(&w.pp("attentions").pp(j), TransformerSpec { channels: c_out, ..t })?);
             }
         }
-        let upsampler = if upsample { Some(Upsample2D::load(&w.pp("upsamplers.0"), c_out, c_out)?) } else { None };
+        let upsampler =
+            if upsample { Some(Upsample2D::load(&w.pp(crate::keys::UPSAMPLER), c_out, c_out)?) } else { None };
         Ok(Self { resnets, attentions, upsampler })
     }
 

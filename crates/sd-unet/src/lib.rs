@@ -20,6 +20,8 @@ mod attention;
 mod blocks;
 mod config;
 mod embeddings;
+pub mod export;
+mod keys;
 pub mod lora;
 mod lora_io;
 mod unet;

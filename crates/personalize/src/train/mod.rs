@@ -71,8 +71,8 @@ pub use lock::{OutLock, RUN_OUTPUTS};
 
 pub use data::{image_files, load_image, load_images, plot_losses};
 use data::{render, views};
-use parts::{adamw_step, diffusers_unet_tensors, grad_sq_norm, host_params, load_params, set_require_grad};
-pub use parts::{write_unet_safetensors, AdamW};
+pub use parts::AdamW;
+use parts::{adamw_step, grad_sq_norm, host_params, load_params, set_require_grad};
 
 /// What training reads: the images, their BLIP-2 queries and (prior preservation) class images.
 #[derive(Debug, Clone)]

@@ -94,7 +94,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// `diffusion_pytorch_model.safetensors`, every key and shape checked against the base.
     fn write_full_unet(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.into(), cause: e })?;
-        let tensors = diffusers_unet_tensors::<B, _>(&self.unet);
+        let tensors = sd_unet::export::diffusers_tensors::<B, _>(&self.unet);
         let base = model_io::Checkpoint::open_dir(&self.pipe.base_dir.join("unet"), &["diffusion_pytorch_model"])?;
         let names: std::collections::BTreeSet<String> = base.names().map(str::to_string).collect();
         for (k, v) in &tensors {

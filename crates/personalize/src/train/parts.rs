@@ -1,17 +1,14 @@
 //! The trainer's module plumbing: parameter paths, gradient norms, AdamW (with moments kept by
 //! parameter path, so optimizer state survives a checkpoint exactly), loading trainable
-//! parameters back, and the diffusers key layout of a full UNet.
+//! parameters back.
 
 use std::collections::BTreeMap;
-use std::io::{Seek, SeekFrom, Write};
-use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use model_io::tensor_file::HostTensor;
 use model_io::{Error, Result};
-use sd_unet::UNet2DConditionModel;
 
 /// Keeps the module path (`down_blocks.0.attentions.0...`) during a visit or a map, and the
 /// container type of the innermost field (`Struct:Linear` for a linear layer's weight).
@@ -33,14 +30,10 @@ impl PathStack {
     fn path(&self) -> String {
         self.names.join(".")
     }
-    /// True for the weight of a `model_io::nn::Linear` (stored `[in, out]`).
-    fn is_linear_weight(&self) -> bool {
-        self.names.last().is_some_and(|n| n == "weight") && self.types.last().is_some_and(|t| t == "Struct:Linear")
-    }
 }
 
 /// Every float parameter as a host tensor, by path; `trainable_only` keeps those that require
-/// gradients. Linear weights stay in Burn's `[in, out]` layout (see [`diffusers_unet_tensors`]).
+/// gradients. Linear weights stay in Burn's `[in, out]` layout (`sd_unet::export` gives the file layout).
 pub(crate) fn host_params<B: Backend, M: Module<B>>(m: &M, trainable_only: bool) -> BTreeMap<String, HostTensor> {
     struct V {
         stack: PathStack,
@@ -265,133 +258,4 @@ pub(crate) fn adamw_step<B: AutodiffBackend, M: Module<B>>(
     }
     let mut s = S::<B> { stack: PathStack::default(), opt, grads, lr, scale: grad_scale };
     m.map(&mut s)
-}
-
-/// Calls `f(key, shape, tensor)` for each UNet parameter under diffusers' keys, in PyTorch
-/// layout (linear weights `[out, in]`); `tensor()` copies it to the host on demand. Burn's
-/// module paths follow the keys except for a few wrappers, mapped here: `LoraLinear.base`, the
-/// `Proj` enum's variant, `to_out` → `to_out.0`, the GEGLU feed-forward (`ff.proj` →
-/// `ff.net.0.proj`, `ff.out` → `ff.net.2`), and the single down/up samplers (`downsampler` →
-/// `downsamplers.0`). Adapters are not included.
-/// A visitor's callback: a diffusers key, its shape, and a reader of its values.
-pub(crate) type KeyVisit<'a> = dyn FnMut(String, Vec<usize>, &dyn Fn() -> HostTensor) + 'a;
-
-pub(crate) fn visit_diffusers_unet<B: Backend, M: Module<B>>(m: &M, f: &mut KeyVisit<'_>) {
-    struct V<'a> {
-        stack: PathStack,
-        f: &'a mut KeyVisit<'a>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for V<'_> {
-        fn enter_module(&mut self, name: &str, ty: &str) {
-            self.stack.enter(name, ty);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            let names = &self.stack.names;
-            if names.iter().any(|n| n == "lora") {
-                return;
-            }
-            let mut key: Vec<String> = Vec::with_capacity(names.len() + 1);
-            for (i, n) in names.iter().enumerate() {
-                let ty = self.stack.types.get(i).map(String::as_str).unwrap_or("");
-                match n.as_str() {
-                    "base" if ty == "Struct:LoraLinear" => {}
-                    _ if ty.starts_with("Enum:") => {}
-                    "to_out" => key.push("to_out.0".into()),
-                    "proj" if key.last().is_some_and(|k| k == "ff") => key.push("net.0.proj".into()),
-                    "out" if key.last().is_some_and(|k| k == "ff") => key.push("net.2".into()),
-                    "downsampler" => key.push("downsamplers.0".into()),
-                    "upsampler" => key.push("upsamplers.0".into()),
-                    other => key.push(other.to_string()),
-                }
-            }
-            let mut shape = p.val().dims().to_vec();
-            let linear = self.stack.is_linear_weight() && D == 2;
-            if linear {
-                shape.reverse();
-            }
-            let host = || {
-                let t = p.val();
-                if linear {
-                    let d = t.dims();
-                    let t2: Tensor<B, 2> = t.reshape([d[0], d[1]]);
-                    HostTensor::from_tensor(t2.transpose())
-                } else {
-                    HostTensor::from_tensor(t)
-                }
-            };
-            (self.f)(key.join("."), shape, &host);
-        }
-    }
-    m.visit(&mut V { stack: PathStack::default(), f });
-}
-
-/// The UNet's parameters under diffusers' keys (see [`visit_diffusers_unet`]), for
-/// `unet/diffusion_pytorch_model.safetensors`.
-pub(crate) fn diffusers_unet_tensors<B: Backend, M: Module<B>>(m: &M) -> BTreeMap<String, HostTensor> {
-    let mut out = BTreeMap::new();
-    visit_diffusers_unet::<B, M>(m, &mut |key, _, host| {
-        out.insert(key, host());
-    });
-    out
-}
-
-/// Writes the UNet as a diffusers `diffusion_pytorch_model.safetensors` (f32, keys sorted,
-/// metadata `format: pt`) one tensor at a time, so that only the model and one tensor's copy are
-/// in memory, atomically (temporary file, then rename). Returns the file size in bytes.
-pub fn write_unet_safetensors<B: Backend>(unet: &UNet2DConditionModel<B>, path: &Path) -> Result<u64> {
-    let mut shapes = BTreeMap::new();
-    visit_diffusers_unet::<B, _>(unet, &mut |key, shape, _| {
-        shapes.insert(key, shape);
-    });
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
-    let mut offsets = BTreeMap::new();
-    let mut end = 0u64;
-    for (k, shape) in &shapes {
-        let len = 4 * shape.iter().product::<usize>() as u64;
-        header
-            .insert(k.clone(), serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [end, end + len] }));
-        offsets.insert(k.clone(), end);
-        end += len;
-    }
-    let mut h = serde_json::to_vec(&header).expect("header serialises");
-    while !h.len().is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let data_start = 8 + h.len() as u64;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let io = |e: std::io::Error| Error::Io { path: path.to_path_buf(), cause: e };
-    let result = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
-        f.write_all(&h).map_err(io)?;
-        f.set_len(data_start + end).map_err(io)?;
-        let mut failed = None;
-        visit_diffusers_unet::<B, _>(unet, &mut |key, _, host| {
-            if failed.is_some() {
-                return;
-            }
-            let t = host();
-            let bytes: Vec<u8> = match t.as_f32(&key) {
-                Ok(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                Err(e) => return failed = Some(e),
-            };
-            let at = data_start + offsets[&key];
-            if let Err(e) = f.seek(SeekFrom::Start(at)).and_then(|_| f.write_all(&bytes)) {
-                failed = Some(io(e));
-            }
-        });
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map(|()| data_start + end)
 }

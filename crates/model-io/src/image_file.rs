@@ -19,9 +19,16 @@ pub fn accept_truncated(yes: bool) {
     ACCEPT_TRUNCATED.store(yes, Ordering::SeqCst);
 }
 
-/// One line, whatever the decoder put in its message.
+/// One line, whatever the decoder put in its message (the PNG decoder's chunk structs
+/// reduced to their type: `ChunkType { type: IHDR, … }` → `IHDR`).
 fn one_line(e: impl std::fmt::Display) -> String {
-    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+    let mut s = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+    while let Some(a) = s.find("ChunkType { type: ") {
+        let Some(len) = s[a..].find('}') else { break };
+        let ty: String = s[a + 18..].chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
+        s.replace_range(a..a + len + 1, &ty);
+    }
+    s
 }
 
 /// Why `bytes` (a whole file of `format`) is cut short, if it is: a JPEG without its end
@@ -82,7 +89,14 @@ pub fn open(path: &Path) -> Result<DynamicImage> {
     // header's size first and report as a bare "Memory limit exceeded").
     let mut reader = reader;
     reader.no_limits();
-    let (w, h) = reader.into_dimensions().map_err(bad)?;
+    let (w, h) = reader.into_dimensions().map_err(|e| match e {
+        image::ImageError::Limits(_) => Error::invalid(format!(
+            "{}: the {name} header declares an image too large to decode, above the limit of {} megapixels",
+            path.display(),
+            crate::MAX_IMAGE_PIXELS >> 20
+        )),
+        e => bad(e),
+    })?;
     crate::check_image_size(path, w, h)?;
     let bytes = std::fs::read(path).map_err(io)?;
     if let Some(why) = truncation(format, &bytes) {

@@ -239,7 +239,9 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
     let latents = match &a.latents {
         Some(p) => {
             let mut t = model_io::tensor_file::read_tensors(p)?;
-            let l = model_io::tensor_file::take(&mut t, p, "latents")?.to_float::<B, 4>("latents", &dev)?;
+            let l = model_io::tensor_file::take(&mut t, p, "latents")?
+                .to_float::<B, 4>("latents", &dev)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
             let [_, c, h, w] = pipe.latent_shape(&a.opts)?;
             let d = l.dims();
             if d[0] == 0 || d[1..] != [c, h, w] {

@@ -38,6 +38,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    #[command(allow_negative_numbers = true)]
     Train(train::TrainCli),
     /// Time one training step of a full-size UNet from its config (random weights): the
     /// `cargo xtask bench train-step` benchmark.
@@ -90,6 +91,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    #[command(allow_negative_numbers = true)]
     Generate(generate::GenerateCli),
     /// Run one pipeline stage on tensors from a safetensors file and write its outputs.
     ///

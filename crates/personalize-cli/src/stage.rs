@@ -262,7 +262,9 @@ pub fn run(args: &StageArgs) -> Result<()> {
             let q = take(&mut t, &path, "queries")?.to_float::<B, 3>("queries", &dev)?;
             let file = if model.is_dir() { model.join("aligner.safetensors") } else { model.to_path_buf() };
             let (aligner, load) = loading("aligner", || Ok(q_aligner::Aligner::<B>::load(&file, &dev)?))?;
-            let out = timed("aligner", args.repeat, Some(&load), || Ok(aligner.forward(q.clone())?))?;
+            let out = timed("aligner", args.repeat, Some(&load), || {
+                aligner.forward(q.clone()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+            })?;
             BTreeMap::from([("visual_prompt".to_string(), HostTensor::from_tensor(out))])
         }
         other => bail!("unknown stage `{other}`; expected one of: {}", STAGES.join(", ")),

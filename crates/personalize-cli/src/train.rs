@@ -143,10 +143,31 @@ impl TrainCli {
         if self.unet == "frozen" && self.unet_lr.is_some() {
             bail!("--unet-lr needs --unet lora or full (--unet frozen trains the aligner only)");
         }
+        if self.max_grad_norm > 0.0 && self.max_grad_norm < 1e-6 {
+            bail!(
+                "--max-grad-norm {} would stop all training; give 0 (no clipping) or a norm such as 1",
+                self.max_grad_norm
+            );
+        }
+        if self.warmup_steps > self.steps {
+            bail!(
+                "--warmup-steps {} is more than --steps {}: the learning rate would never reach --lr",
+                self.warmup_steps,
+                self.steps
+            );
+        }
+        if self.lora_alpha.is_some_and(|a| !(a.is_finite() && a > 0.0 && a <= 1e4)) {
+            bail!(
+                "--lora-alpha {} is absurd; give a positive number up to 10000 (usually the rank)",
+                self.lora_alpha.unwrap_or_default()
+            );
+        }
         for (flag, v, max) in [
             ("--lora-rank", self.lora_rank.unwrap_or(4), 1024),
             ("--aligner-hidden", self.aligner_hidden.unwrap_or(1), 65536),
             ("--augment", self.augment, 1000),
+            ("--sample-steps", self.sample_steps, 1000),
+            ("--class-image-steps", self.class_image_steps, 1000),
         ] {
             if v > max {
                 bail!("{flag} {v} is absurd; at most {max}");
@@ -192,6 +213,24 @@ impl TrainCli {
 /// Runs `personalize train`.
 pub fn run(args: TrainCli) -> Result<()> {
     let cfg = args.config()?;
+    if args.out.exists() && !args.out.is_dir() {
+        bail!("--out {} is a file; give a folder", args.out.display());
+    }
+    if args.overwrite {
+        // --overwrite must never take an input with it.
+        let canon = |p: &Path| std::fs::canonicalize(p).ok();
+        for name in train::RUN_OUTPUTS {
+            let Some(target) = canon(&args.out.join(name)) else { continue };
+            if let Some(img) = args.images.iter().find(|i| canon(i).is_some_and(|c| c.starts_with(&target))) {
+                bail!(
+                    "--overwrite would remove the training image {} ({} in {} is a file a run writes); move it elsewhere first",
+                    img.display(),
+                    name,
+                    args.out.display()
+                );
+            }
+        }
+    }
     let created = !args.out.exists();
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let out = args.out.clone();

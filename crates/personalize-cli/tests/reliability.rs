@@ -30,8 +30,12 @@ fn run(args: &[&str]) -> (bool, String) {
 
 /// The error is one line (progress lines such as "encoding 1 image(s)" may come before it).
 fn one_line_error(err: &str, needles: &[&str]) {
-    let lines: Vec<&str> =
-        err.lines().skip_while(|l| !l.starts_with("error:")).filter(|l| !l.trim().is_empty()).collect();
+    // clap follows its one-line errors with a pointer to --help.
+    let lines: Vec<&str> = err
+        .lines()
+        .skip_while(|l| !l.starts_with("error:"))
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("For more information, try"))
+        .collect();
     assert_eq!(lines.len(), 1, "one line expected: {err}");
     for n in needles {
         assert!(lines[0].contains(n), "`{n}` not in {err}");
@@ -423,6 +427,13 @@ fn truncated_images_are_refused_unless_allowed_and_animations_use_their_first_fr
     assert!(a[&k].max_abs_diff(&b[&k]) < 1e-3, "the first frame (red 200) was encoded");
 }
 
+/// `personalize train` of the fixture (2 steps) into `out`, with `extra` flags.
+fn train_with(out: &Path, extra: &[&str]) -> (bool, String) {
+    let mut a = train_args(out.to_str().unwrap(), "2");
+    a.extend(extra.iter().map(|s| s.to_string()));
+    run(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+}
+
 /// A trained LoRA concept in `dir`, made once by `personalize train`.
 fn lora_concept(dir: &Path) -> PathBuf {
     let out = dir.join("concept");
@@ -662,11 +673,7 @@ fn absurd_values_found_by_the_second_trial_are_one_line_errors() {
     let out = d.path().join("o");
     let o = out.to_str().unwrap();
     let concept = d.path().join("concept");
-    let with = |extra: &[&str]| {
-        let mut a = train_args(concept.to_str().unwrap(), "2");
-        a.extend(extra.iter().map(|s| s.to_string()));
-        run(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>())
-    };
+    let with = |extra: &[&str]| train_with(&concept, extra);
     for (extra, needles) in [
         (&["--aligner-hidden", "1000000000"][..], &["--aligner-hidden", "at most"][..]),
         (&["--batch", "100000"], &["--batch 100000", "needs about"]),
@@ -824,4 +831,74 @@ fn lora_files_are_checked_against_concept_json() {
     let (ok, err) = gen();
     assert!(!ok, "a stray unet/ beside a LoRA concept");
     one_line_error(&err, &["unet is `lora`", "would be ignored"]);
+}
+
+#[test]
+fn the_third_trials_findings_are_one_line_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o");
+    let o = out.to_str().unwrap();
+    for (extra, needles) in
+        [(&["--guidance", "1e30"][..], &["--guidance", "absurd"][..]), (&["--steps", "-1"], &["--steps"])]
+    {
+        let (ok, err) = run(&gen_args(o, extra));
+        assert!(!ok, "{extra:?}");
+        one_line_error(&err, needles);
+    }
+    let (ok, err) = run(&gen_args(o, &["--guidance", "-5"]));
+    assert!(ok, "{err}");
+    assert!(err.contains("guidance is off"), "a warning: {err}");
+
+    let lat = d.path().join("lat.safetensors");
+    write_tensors(
+        &lat,
+        &BTreeMap::from([("latents".into(), HostTensor::f32(vec![1, 4, 4, 4], vec![1e30; 64]))]),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let (ok, err) = run(&gen_args(d.path().join("o2").to_str().unwrap(), &["--latents", lat.to_str().unwrap()]));
+    assert!(!ok, "latents of 1e30 made an image");
+    one_line_error(&err, &["latents reach 1.0e30"]);
+
+    let b = copy_pipeline(d.path());
+    let idx = b.join("model_index.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&idx).unwrap()).unwrap();
+    c["_class_name"] = "StableDiffusionXLPipeline".into();
+    std::fs::write(&idx, serde_json::to_vec(&c).unwrap()).unwrap();
+    let (ok, err) = run(&["generate", "--base", b.to_str().unwrap(), "--prompt", "x", "--out", o]);
+    assert!(!ok, "an SDXL folder was run as SD");
+    one_line_error(&err, &["model_index.json", "StableDiffusionXLPipeline"]);
+
+    let concept = d.path().join("concept");
+    let with = |extra: &[&str]| train_with(&concept, extra);
+    for (extra, needles) in [
+        (&["--warmup-steps", "1000000000"][..], &["--warmup-steps", "never reach"][..]),
+        (&["--max-grad-norm", "1e-45"], &["--max-grad-norm"]),
+        (&["--lora-alpha", "1e30"], &["--lora-alpha", "absurd"]),
+        (&["--sample-steps", "100000"], &["--sample-steps", "at most"]),
+    ] {
+        let (ok, err) = with(extra);
+        assert!(!ok, "{extra:?}");
+        one_line_error(&err, needles);
+    }
+    let file = d.path().join("afile.txt");
+    std::fs::write(&file, "x").unwrap();
+    let a = train_args(file.to_str().unwrap(), "2");
+    let (ok, err) = run(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(!ok);
+    one_line_error(&err, &["is a file; give a folder"]);
+
+    // --overwrite must not remove an input image that sits where a run writes.
+    let dir = d.path().join("imgdir");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("loss.png");
+    std::fs::copy(fixtures().join("blip2/preprocess/photo.png"), &img).unwrap();
+    let mut a = train_args(dir.to_str().unwrap(), "2");
+    let i = a.iter().position(|x| x == "--image").unwrap();
+    a[i + 1] = img.display().to_string();
+    a.push("--overwrite".into());
+    let (ok, err) = run(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(!ok);
+    one_line_error(&err, &["--overwrite would remove the training image"]);
+    assert!(image::open(&img).is_ok(), "the image is intact");
 }

@@ -155,7 +155,9 @@ impl<B: Backend> Concept<B> {
         let qpath = dir.join("visual_queries.safetensors");
         let queries = if qpath.is_file() {
             let mut t = model_io::tensor_file::read_tensors(&qpath)?;
-            let q = model_io::tensor_file::take(&mut t, &qpath, "queries")?.to_float::<B, 3>("queries", device)?;
+            let q = model_io::tensor_file::take(&mut t, &qpath, "queries")?
+                .to_float::<B, 3>("queries", device)
+                .map_err(|e| Error::invalid(format!("{}: {e}", qpath.display())))?;
             let [n, k, d] = q.dims();
             if k < aligner.num_queries() && aligner.settings().query_selection == q_aligner::QuerySelection::First {
                 return Err(Error::invalid(format!(

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
 use clip_text::{ClipTextModel, ClipTokenizer};
 use model_io::{Checkpoint, Error, Result};
 use q_aligner::Aligner;
@@ -130,7 +130,16 @@ impl<B: Backend> Pipeline<B> {
         if !index.is_file() {
             return Err(Error::Config { path: index, message: "missing: not a diffusers pipeline folder".into() });
         }
-        let _: serde_json::Value = model_io::read_config(dir, "model_index.json")?;
+        let index_json: serde_json::Value = model_io::read_config(dir, "model_index.json")?;
+        match index_json.get("_class_name").and_then(|c| c.as_str()) {
+            None | Some("StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline") => {}
+            Some(other) => {
+                return Err(Error::Config {
+                    path: index,
+                    message: format!("_class_name is `{other}`; this release runs StableDiffusionPipeline folders"),
+                })
+            }
+        }
         let unet_dir = dir.join("unet");
         let ckpt = Checkpoint::open_dir(&unet_dir, &["diffusion_pytorch_model"])?;
         let (unet_fingerprint, unet_fingerprint_legacy) = (ckpt.fingerprint(), ckpt.legacy_fingerprint());
@@ -318,6 +327,15 @@ impl<B: Backend> Pipeline<B> {
             Ok(t)
         };
         let guided = opts.guidance > 1.0;
+        if !guided && opts.negative_prompt.is_some() {
+            tracing::warn!(
+                "--negative-prompt has no effect with --guidance {} (guidance needs a scale above 1)",
+                opts.guidance
+            );
+        }
+        if opts.guidance < 1.0 {
+            tracing::warn!("--guidance {} is below 1: guidance is off, as with 1", opts.guidance);
+        }
         let mut cond = text(&opts.prompt)?;
         let mut uncond = if guided { Some(text(opts.negative_prompt.as_deref().unwrap_or_default())?) } else { None };
         if let Some(v) = visual {
@@ -331,6 +349,12 @@ impl<B: Backend> Pipeline<B> {
             let [_, q, d] = v.queries.dims();
             if !crate::check::all_finite(&v.queries) {
                 return Err(Error::invalid("the visual prompt's BLIP-2 queries hold NaN or infinite values"));
+            }
+            let max: f64 = v.queries.clone().abs().max().into_scalar().elem();
+            if max > 1e4 {
+                return Err(Error::invalid(format!(
+                    "the visual prompt's BLIP-2 queries reach {max:.1e}, not BLIP-2 output (a few units at most)"
+                )));
             }
             let mean = v.queries.clone().mean_dim(0).reshape([1, q, d]);
             let tokens = v.aligner.forward(mean)?;
@@ -369,6 +393,12 @@ impl<B: Backend> Pipeline<B> {
         }
         if !opts.guidance.is_finite() {
             return Err(Error::invalid(format!("--guidance {} must be a finite number", opts.guidance)));
+        }
+        if opts.guidance.abs() > 100.0 {
+            return Err(Error::invalid(format!(
+                "--guidance {} is absurd (A1111 allows up to 30, ComfyUI 100); 7.5 is the default",
+                opts.guidance
+            )));
         }
         let f = self.vae.downscale_factor();
         let (h, w) = (opts.height.unwrap_or(self.default_size()), opts.width.unwrap_or(self.default_size()));
@@ -499,6 +529,12 @@ impl<B: Backend> Pipeline<B> {
             if !crate::check::all_finite(l) {
                 return Err(Error::invalid("the initial latents hold NaN or infinite values"));
             }
+            let max: f64 = l.clone().abs().max().into_scalar().elem();
+            if max > 1e4 {
+                return Err(Error::invalid(format!(
+                    "the initial latents reach {max:.1e}; they are unscaled noise (standard normal, as diffusers' latents=)"
+                )));
+            }
             opts.num_images = d[0];
         }
         let n = opts.num_images;
@@ -527,7 +563,15 @@ impl<B: Backend> Pipeline<B> {
         let t_features = self
             .unet
             .timestep_features(Tensor::from_data(TensorData::new(timesteps.clone(), [timesteps.len()]), &self.device));
-        let serr = |e: scheduler::SchedulerError| Error::invalid(e.to_string());
+        let sched_file = self.scheduler_dir.join("scheduler_config.json");
+        let serr = |e: scheduler::SchedulerError| {
+            let m = e.to_string();
+            if m.contains("scheduler_config.json") {
+                Error::invalid(m)
+            } else {
+                Error::invalid(format!("the scheduler ({}): {m}", sched_file.display()))
+            }
+        };
         let total = ranges.len() * timesteps.len();
         let mut rng = scheduler::SeededRng::new(opts.seed);
         let mut drawn = 0; // images whose initial noise the stream has passed

@@ -43,6 +43,14 @@ impl OutLock {
                     }
                     tracing::warn!("removing the stale lock {} of process {pid}, which is gone", path.display());
                     let _ = std::fs::remove_file(&path);
+                    // Its half-written files (`.NAME.tmp-PID`, never renamed into place).
+                    let suffix = format!(".tmp-{pid}");
+                    for e in std::fs::read_dir(out_dir).into_iter().flatten().flatten() {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        if !pid.is_empty() && name.starts_with('.') && name.ends_with(&suffix) {
+                            let _ = std::fs::remove_file(e.path());
+                        }
+                    }
                 }
                 Err(e) => return Err(Error::Io { path, cause: e }),
             }
@@ -72,3 +80,24 @@ pub const RUN_OUTPUTS: &[&str] = &[
     "loss.csv",
     "loss.png",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_lock_is_taken_over_with_its_half_written_files() {
+        let d = tempfile::tempdir().unwrap();
+        // No process has this id (above Linux's pid_max).
+        std::fs::write(d.path().join(".lock"), "999999999").unwrap();
+        let tmp = d.path().join(".loss.csv.tmp-999999999");
+        std::fs::write(&tmp, "half").unwrap();
+        let mine = d.path().join(".notes.tmp-1");
+        std::fs::write(&mine, "other").unwrap();
+        let lock = OutLock::take(d.path()).unwrap();
+        assert!(!tmp.exists(), "the dead run's temporary file is removed");
+        assert!(mine.exists(), "other files stay");
+        drop(lock);
+        assert!(!d.path().join(".lock").exists());
+    }
+}

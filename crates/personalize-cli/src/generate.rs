@@ -228,6 +228,9 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
     if !a.images.is_empty() && a.concept.is_none() {
         bail!("--image needs --concept DIR (its aligner turns the image into visual tokens)");
     }
+    if a.latents.is_some() && a.seed_given && a.from.is_none() {
+        tracing::warn!("--latents gives the initial noise: --seed only seeds the step noise of ancestral schedulers (euler-a, ddpm)");
+    }
     if !a.seed_given {
         // As diffusers without a generator: a fresh seed, recorded in the PNGs.
         a.opts.seed =

@@ -56,6 +56,17 @@ fn load_unet(args: &StageArgs) -> Result<sd_unet::UNet2DConditionModel<B>> {
 
 type Tensors = BTreeMap<String, HostTensor>;
 
+/// Refuses values of `name` (when present) outside `[lo, hi]`: finite, but not what the stage
+/// takes (`what`).
+fn in_range(t: &Tensors, path: &Path, name: &str, lo: f32, hi: f32, what: &str) -> Result<()> {
+    if let Some(v) = t.get(name).and_then(|v| v.as_f32(name).ok()) {
+        if let Some(x) = v.iter().find(|x| !(lo..=hi).contains(*x)) {
+            bail!("{}: tensor `{name}` holds {x}; expected {what}", path.display());
+        }
+    }
+    Ok(())
+}
+
 /// The input tensors, each checked: no empty dimension, no NaN or Inf.
 fn inputs(args: &StageArgs) -> Result<(Tensors, PathBuf)> {
     let path = args.input.clone().with_context(|| format!("stage {} needs --input IN.safetensors", args.stage))?;
@@ -178,6 +189,7 @@ pub fn run(args: &StageArgs) -> Result<()> {
         }
         "unet" => {
             let (mut t, path) = inputs(args)?;
+            in_range(&t, &path, "timestep", 0.0, 10_000.0, "a diffusion timestep (0..1000 for SD)")?;
             let x = take(&mut t, &path, "sample")?.to_float::<B, 4>("sample", &dev)?;
             let ts = take(&mut t, &path, "timestep")?.to_float::<B, 1>("timestep", &dev)?;
             let ctx = take(&mut t, &path, "encoder_hidden_states")?.to_float::<B, 3>("encoder_hidden_states", &dev)?;
@@ -188,6 +200,7 @@ pub fn run(args: &StageArgs) -> Result<()> {
         }
         "vae-encode" => {
             let (mut t, path) = inputs(args)?;
+            in_range(&t, &path, "sample", -10.0, 10.0, "an image in [-1, 1]")?;
             let x = take(&mut t, &path, "sample")?.to_float::<B, 4>("sample", &dev)?;
             let (vae, load) = loading("vae-encode", || load_vae(args))?;
             let (mean, logvar) = timed("vae-encode", args.repeat, Some(&load), || Ok(vae.encode(x.clone())?))?;

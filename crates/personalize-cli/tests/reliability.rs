@@ -902,3 +902,48 @@ fn the_third_trials_findings_are_one_line_errors() {
     one_line_error(&err, &["--overwrite would remove the training image"]);
     assert!(image::open(&img).is_ok(), "the image is intact");
 }
+
+#[test]
+fn stage_inputs_outside_their_range_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let model = fixtures().join("unet/sd1");
+    let io = read_tensors(&model.join("io.safetensors")).unwrap();
+    let mut t: BTreeMap<String, HostTensor> = io.into_iter().filter(|(k, _)| k != "out").collect();
+    let n = t["timestep"].shape.iter().product();
+    t.insert("timestep".into(), HostTensor::f32(t["timestep"].shape.clone(), vec![-1e9; n]));
+    let bad = d.path().join("ts.safetensors");
+    write_tensors(&bad, &t, &BTreeMap::new()).unwrap();
+    let o = d.path().join("o.safetensors");
+    let (ok, err) = run(&[
+        "stage",
+        "unet",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        bad.to_str().unwrap(),
+        "--output",
+        o.to_str().unwrap(),
+    ]);
+    assert!(!ok, "a timestep of -1e9 gave an output");
+    one_line_error(&err, &["tensor `timestep` holds -1000000000", "diffusion timestep"]);
+    let img = d.path().join("img.safetensors");
+    write_tensors(
+        &img,
+        &BTreeMap::from([("sample".into(), HostTensor::f32(vec![1, 3, 8, 8], vec![1e6; 192]))]),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let vae = base().join("vae");
+    let (ok, err) = run(&[
+        "stage",
+        "vae-encode",
+        "--model",
+        vae.to_str().unwrap(),
+        "--input",
+        img.to_str().unwrap(),
+        "--output",
+        o.to_str().unwrap(),
+    ]);
+    assert!(!ok, "pixels of 1e6 were encoded");
+    one_line_error(&err, &["tensor `sample` holds 1000000", "[-1, 1]"]);
+}

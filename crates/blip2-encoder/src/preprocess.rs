@@ -114,7 +114,9 @@ impl ImageProcessor {
         let (height, width) = match &raw.size {
             None => (384, 384),
             Some(v) => parse_size(v).ok_or_else(|| {
-                bad(format!("size {v} unsupported: expected an integer or {{\"height\": H, \"width\": W}}"))
+                bad(format!(
+                    "size {v} unsupported: expected a positive integer or {{\"height\": H, \"width\": W}} with positive H and W"
+                ))
             })?,
         };
         let resample = match raw.resample {

@@ -256,6 +256,13 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
                     h * f
                 );
             }
+            let max: f64 = burn::tensor::ElementConversion::elem(l.clone().abs().max().into_scalar());
+            if !max.is_finite() {
+                bail!("{}: tensor `latents` holds NaN or Inf", p.display());
+            }
+            if max > 1e4 {
+                bail!("{}: tensor `latents` reaches {max:.1e}; it is unscaled initial noise (standard normal, as diffusers' latents=)", p.display());
+            }
             if let Some(i) = a.only {
                 if d[0] <= i {
                     bail!("{}: {} latents; the image to re-run is number {} of its batch", p.display(), d[0], i + 1);
@@ -317,6 +324,7 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
             );
         }
     }
+    let created = !a.out.exists();
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     crate::interrupt::install();
     let bar = ProgressBar::new(a.opts.steps as u64);
@@ -346,6 +354,10 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
     );
     bar.finish_and_clear();
     if let Err(e) = result {
+        if written.is_empty() && created {
+            // Nothing made: leave no empty folder behind (remove_dir only removes an empty one).
+            let _ = std::fs::remove_dir(&a.out);
+        }
         let of = if a.only.is_some() { 1 } else { n };
         let kept = match written.len() {
             0 => format!("generate stopped before writing any of {of} image(s)"),

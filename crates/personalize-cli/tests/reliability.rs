@@ -317,7 +317,7 @@ fn nan_and_inf_are_named_by_the_stage_that_made_them() {
     let (ok, err) = go(args(&[]));
     assert!(!ok);
     one_line_error(&err, &["UNet's prediction at step 1", "down_blocks", "holds NaN or Inf", "damaged"]);
-    assert!(!out.join("0000.png").exists(), "no black image");
+    assert!(!out.exists(), "no black image, and no empty folder");
     std::fs::write(&unet, &original).unwrap();
 
     let te = b.join("text_encoder/model.fp16.safetensors");
@@ -483,6 +483,26 @@ fn concept_json_is_checked_against_its_files() {
     assert!(!ok);
     one_line_error(&err, &["unet_lora.safetensors", &key, "holds NaN or Inf"]);
     std::fs::write(&lora, lora_original).unwrap();
+    // An aligner file without its metadata makes the default 8 tokens: say so.
+    let af = c.join("aligner.safetensors");
+    let a_saved = std::fs::read(&af).unwrap();
+    let (at, _) = read_tensors_with_metadata(&af).unwrap();
+    write_tensors(&af, &at, &BTreeMap::new()).unwrap();
+    let (ok, err) = gen(&c);
+    assert!(!ok);
+    one_line_error(&err, &["num_queries is 4", "makes 8", "no num_queries metadata"]);
+    std::fs::write(&af, a_saved).unwrap();
+    // Queries far beyond BLIP-2's range, named with their file.
+    let qf = c.join("visual_queries.safetensors");
+    let q_saved = std::fs::read(&qf).unwrap();
+    let (mut q, meta) = read_tensors_with_metadata(&qf).unwrap();
+    let qt = q.get_mut("queries").unwrap();
+    *qt = HostTensor::f32(qt.shape.clone(), qt.as_f32("queries").unwrap().iter().map(|x| x * 1e30).collect());
+    write_tensors(&qf, &q, &meta).unwrap();
+    let (ok, err) = gen(&c);
+    assert!(!ok, "queries of 1e30 made an image");
+    one_line_error(&err, &["visual_queries.safetensors: tensor `queries` reaches"]);
+    std::fs::write(&qf, q_saved).unwrap();
     poison(&c.join("aligner.safetensors"), "weight", f32::NAN);
     let (ok, err) = gen(&c);
     assert!(!ok);
@@ -858,7 +878,7 @@ fn the_third_trials_findings_are_one_line_errors() {
     .unwrap();
     let (ok, err) = run(&gen_args(d.path().join("o2").to_str().unwrap(), &["--latents", lat.to_str().unwrap()]));
     assert!(!ok, "latents of 1e30 made an image");
-    one_line_error(&err, &["latents reach 1.0e30"]);
+    one_line_error(&err, &["lat.safetensors: tensor `latents` reaches 1.0e30"]);
 
     let b = copy_pipeline(d.path());
     let idx = b.join("model_index.json");
@@ -946,4 +966,30 @@ fn stage_inputs_outside_their_range_are_refused() {
     ]);
     assert!(!ok, "pixels of 1e6 were encoded");
     one_line_error(&err, &["tensor `sample` holds 1000000", "[-1, 1]"]);
+}
+
+#[test]
+fn a_zero_preprocessor_size_says_it_must_be_positive() {
+    let d = tempfile::tempdir().unwrap();
+    let src = fixtures().join("blip2/opt_sharded");
+    let m = d.path().join("blip2");
+    std::fs::create_dir_all(&m).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), m.join(e.file_name())).unwrap();
+    }
+    std::fs::write(m.join("preprocessor_config.json"), r#"{"size": {"height": 0, "width": 0}}"#).unwrap();
+    let img = fixtures().join("blip2/preprocess/photo.png");
+    let out = d.path().join("q.safetensors");
+    let (ok, err) = run(&[
+        "encode",
+        "--blip2",
+        m.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    one_line_error(&err, &["preprocessor_config.json", "positive"]);
 }

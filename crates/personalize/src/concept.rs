@@ -61,8 +61,20 @@ impl ConceptInfo {
         }
         let settings = aligner.settings();
         if self.num_queries != settings.num_queries {
+            let aligner_file = dir.join("aligner.safetensors");
+            let recorded = model_io::tensor_file::read_tensors_with_metadata(&aligner_file)
+                .map(|(_, m)| m.contains_key("num_queries"))
+                .unwrap_or(true);
+            let source = if recorded {
+                "its metadata's num_queries".to_string()
+            } else {
+                format!(
+                    "the default: it has no num_queries metadata; {} was not written by personalize train?",
+                    aligner_file.display()
+                )
+            };
             return bad(format!(
-                "num_queries is {}, but aligner.safetensors makes {} visual tokens",
+                "num_queries is {}, but aligner.safetensors makes {} visual tokens ({source})",
                 self.num_queries, settings.num_queries
             ));
         }
@@ -175,6 +187,13 @@ impl<B: Backend> Concept<B> {
             }
             if !crate::check::all_finite(&q) {
                 return Err(Error::invalid(format!("{}: tensor `queries` holds NaN or Inf", qpath.display())));
+            }
+            let max: f64 = burn::tensor::ElementConversion::elem(q.clone().abs().max().into_scalar());
+            if max > 1e4 {
+                return Err(Error::invalid(format!(
+                    "{}: tensor `queries` reaches {max:.1e}, not BLIP-2 output (a few units at most)",
+                    qpath.display()
+                )));
             }
             Some(q)
         } else {

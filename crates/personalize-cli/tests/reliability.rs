@@ -263,6 +263,17 @@ fn ctrl_c_during_train_writes_a_checkpoint_to_resume_from() {
     assert_eq!(info["steps_done"].as_u64(), Some(done + 2));
 }
 
+/// A copy of the fixture BLIP-2 model under `dir`.
+fn copy_blip2(dir: &Path) -> PathBuf {
+    let m = dir.join("blip2");
+    std::fs::create_dir_all(&m).unwrap();
+    for e in std::fs::read_dir(fixtures().join("blip2/opt_sharded")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), m.join(e.file_name())).unwrap();
+    }
+    m
+}
+
 /// A copy of the fixture pipeline under `dir`.
 fn copy_pipeline(dir: &Path) -> PathBuf {
     fn copy(from: &Path, to: &Path) {
@@ -751,13 +762,7 @@ fn absurd_values_found_by_the_second_trial_are_one_line_errors() {
 #[test]
 fn encode_names_nan_weights_instead_of_writing_nan_queries() {
     let d = tempfile::tempdir().unwrap();
-    let src = fixtures().join("blip2/opt_sharded");
-    let m = d.path().join("blip2");
-    std::fs::create_dir_all(&m).unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), m.join(e.file_name())).unwrap();
-    }
+    let m = copy_blip2(d.path());
     let shard = std::fs::read_dir(&m)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -971,13 +976,7 @@ fn stage_inputs_outside_their_range_are_refused() {
 #[test]
 fn a_zero_preprocessor_size_says_it_must_be_positive() {
     let d = tempfile::tempdir().unwrap();
-    let src = fixtures().join("blip2/opt_sharded");
-    let m = d.path().join("blip2");
-    std::fs::create_dir_all(&m).unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), m.join(e.file_name())).unwrap();
-    }
+    let m = copy_blip2(d.path());
     std::fs::write(m.join("preprocessor_config.json"), r#"{"size": {"height": 0, "width": 0}}"#).unwrap();
     let img = fixtures().join("blip2/preprocess/photo.png");
     let out = d.path().join("q.safetensors");

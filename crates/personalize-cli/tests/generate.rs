@@ -169,7 +169,7 @@ fn frozen_concept_info(base: &str, fingerprint: &str, k: usize) -> personalize::
         num_queries: k,
         query_selection: "first".into(),
         prompt: Some("a photo of sks".into()),
-        unet: "frozen".into(),
+        unet: personalize::UnetChange::Frozen,
         lora_rank: None,
         lora_alpha: None,
         training: serde_json::Value::Null,

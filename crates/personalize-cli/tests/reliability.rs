@@ -470,7 +470,8 @@ fn concept_json_is_checked_against_its_files() {
     assert!(ok, "the concept as trained generates: {err}");
     let path = c.join("concept.json");
     let original: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let cases: [(&str, serde_json::Value, &[&str]); 6] = [
+    let cases: [(&str, serde_json::Value, &[&str]); 7] = [
+        ("unet", "bogus".into(), &["unknown variant `bogus`", "lora", "frozen"]),
         ("version", 99.into(), &["version 99", "newer release"]),
         ("version", 0.into(), &["version 0"]),
         ("query_selection", "best".into(), &["query_selection `best`"]),

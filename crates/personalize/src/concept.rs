@@ -23,8 +23,8 @@ pub struct ConceptInfo {
     /// The training prompt.
     #[serde(default)]
     pub prompt: Option<String>,
-    /// `lora` (unet_lora.safetensors), `full` (unet/), or `frozen` (aligner only).
-    pub unet: String,
+    /// What the concept changes in the UNet: `lora`, `full` or `frozen`.
+    pub unet: UnetChange,
     #[serde(default)]
     pub lora_rank: Option<usize>,
     #[serde(default)]
@@ -36,6 +36,33 @@ pub struct ConceptInfo {
     pub steps_done: usize,
     #[serde(default)]
     pub final_loss: Option<f64>,
+}
+
+/// A concept's change to the base UNet (`concept.json`'s `unet`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnetChange {
+    /// LoRA adapters, in `unet_lora.safetensors`.
+    Lora,
+    /// Full fine-tuned weights, in `unet/`.
+    Full,
+    /// None: the aligner alone.
+    Frozen,
+}
+
+impl UnetChange {
+    /// The name in `concept.json`.
+    ///
+    /// ```
+    /// assert_eq!(personalize::UnetChange::Lora.as_str(), "lora");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnetChange::Lora => "lora",
+            UnetChange::Full => "full",
+            UnetChange::Frozen => "frozen",
+        }
+    }
 }
 
 /// The `concept.json` format version this release writes and reads.
@@ -87,20 +114,20 @@ impl ConceptInfo {
         }
         let lora = dir.join("unet_lora.safetensors");
         let full = dir.join("unet");
-        match self.unet.as_str() {
-            "full" if lora.exists() => {
+        match self.unet {
+            UnetChange::Full if lora.exists() => {
                 return bad(format!(
                     "unet is `full`, but {} is beside it and would be ignored; remove it or set unet to `lora`",
                     lora.display()
                 ));
             }
-            "lora" if full.exists() => {
+            UnetChange::Lora if full.exists() => {
                 return bad(format!(
                     "unet is `lora`, but {} is beside it and would be ignored; remove it or set unet to `full`",
                     full.display()
                 ));
             }
-            "frozen" if lora.exists() || full.exists() => {
+            UnetChange::Frozen if lora.exists() || full.exists() => {
                 let found = if lora.exists() { &lora } else { &full };
                 return bad(format!(
                     "unet is `frozen`, but {} is beside it and would be ignored; set unet to `{}` or remove it",
@@ -108,7 +135,7 @@ impl ConceptInfo {
                     if lora.exists() { "lora" } else { "full" }
                 ));
             }
-            "lora" => {
+            UnetChange::Lora => {
                 if !lora.is_file() {
                     return bad(format!("unet is `lora`, but {} is missing", lora.display()));
                 }
@@ -127,7 +154,7 @@ impl ConceptInfo {
                     }
                 }
             }
-            "full" if !full.join("config.json").is_file() => {
+            UnetChange::Full if !full.join("config.json").is_file() => {
                 return bad(format!("unet is `full`, but {} is missing", full.join("config.json").display()));
             }
             _ => {}
@@ -150,12 +177,6 @@ impl<B: Backend> Concept<B> {
     /// `dir/visual_queries.safetensors` (tensor `queries`).
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         let info: ConceptInfo = model_io::read_config(dir, "concept.json")?;
-        if !matches!(info.unet.as_str(), "lora" | "full" | "frozen") {
-            return Err(Error::Config {
-                path: dir.join("concept.json"),
-                message: format!("unet `{}` unknown (lora, full or frozen)", info.unet),
-            });
-        }
         let aligner = Aligner::load(&dir.join("aligner.safetensors"), device)?;
         info.check_files(dir, &aligner)?;
         if let Some(p) = crate::check::first_nonfinite_param::<B, _>(&aligner) {

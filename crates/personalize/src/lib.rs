@@ -24,7 +24,7 @@ mod metadata;
 mod pipeline;
 pub mod train;
 
-pub use concept::{Concept, ConceptInfo};
+pub use concept::{Concept, ConceptInfo, UnetChange, CONCEPT_VERSION};
 pub use image_out::{check_png_text, read_png, read_png_text, write_png, RgbImage};
 pub use metadata::{model_name, scheduler_in_use, ImageSettings, PARAMETERS_KEY, SETTINGS_KEY};
 pub use pipeline::{Batches, GenerateOptions, Pipeline, PipelineParts, VisualPrompt, DEFAULT_MAX_BATCH};

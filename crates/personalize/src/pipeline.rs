@@ -254,8 +254,8 @@ impl<B: Backend> Pipeline<B> {
                 self.unet.cross_attention_dim()
             )));
         }
-        match concept.info.unet.as_str() {
-            "lora" => {
+        match concept.info.unet {
+            crate::UnetChange::Lora => {
                 let path = concept.dir.join("unet_lora.safetensors");
                 let (t, meta) = model_io::tensor_file::read_tensors_with_metadata(&path)?;
                 for (name, v) in &t {
@@ -291,11 +291,11 @@ impl<B: Backend> Pipeline<B> {
                 }
                 .map_err(on)?;
             }
-            "full" => {
+            crate::UnetChange::Full => {
                 self.unet_dir = concept.dir.join("unet");
                 self.unet = UNet2DConditionModel::load(&self.unet_dir, &self.device)?
             }
-            _ => {}
+            crate::UnetChange::Frozen => {}
         }
         Ok(())
     }
@@ -550,9 +550,12 @@ impl<B: Backend> Pipeline<B> {
         let ranges: Vec<_> = batches.ranges().filter(|r| only.is_none_or(|i| r.contains(&i))).collect();
         let ctx1 = self.contexts(&opts, visual, 1)?;
         let guided = opts.guidance > 1.0;
-        // A fresh scheduler per batch: the multistep ones keep the previous outputs.
+        // The config is read once; a fresh scheduler per batch (the multistep ones keep the
+        // previous outputs).
+        let sched_cfg = scheduler::SchedulerConfig::from_file(&self.scheduler_dir.join("scheduler_config.json"))
+            .map_err(|e| Error::invalid(e.to_string()))?;
         let new_sched = || -> Result<Box<dyn Scheduler<Tensor<B, 4>>>> {
-            let mut s = scheduler::load(&self.scheduler_dir, opts.scheduler.as_deref())
+            let mut s = scheduler::from_config(&sched_cfg, opts.scheduler.as_deref())
                 .map_err(|e| Error::invalid(e.to_string()))?;
             s.set_timesteps(opts.steps).map_err(|e| Error::invalid(e.to_string()))?;
             Ok(s)

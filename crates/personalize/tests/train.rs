@@ -243,7 +243,7 @@ fn concept_folder_is_complete_and_loads() {
     let csv = std::fs::read_to_string(d.join("loss.csv")).unwrap();
     assert_eq!(csv.lines().count(), 5, "{csv}");
     let concept = Concept::<Flex>::load(d, &FlexDevice).unwrap();
-    assert_eq!(concept.info.unet, "lora");
+    assert_eq!(concept.info.unet, personalize::UnetChange::Lora);
     assert_eq!(concept.info.steps_done, 4);
     assert_eq!(concept.info.num_queries, 4);
     assert_eq!(concept.info.final_loss, r.final_loss);

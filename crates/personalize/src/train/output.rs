@@ -74,13 +74,17 @@ impl<B: AutodiffBackend> Trainer<B> {
         let losses: Vec<f64> = self.losses.iter().map(|r| r.loss as f64).collect();
         write_png(&dir.join("loss.png"), &plot_losses(&losses, 640, 360), &[("title", "training loss".into())])?;
         let info = ConceptInfo {
-            version: 1,
+            version: crate::CONCEPT_VERSION,
             base_model: self.pipe.base_dir.display().to_string(),
             base_unet_fingerprint: self.pipe.unet_fingerprint.clone(),
             num_queries: self.cfg.num_queries,
             query_selection: self.cfg.query_selection.as_str().to_string(),
             prompt: Some(self.cfg.prompt.clone()),
-            unet: self.cfg.unet_mode.name().to_string(),
+            unet: match self.cfg.unet_mode {
+                UnetMode::Lora { .. } => crate::UnetChange::Lora,
+                UnetMode::Full => crate::UnetChange::Full,
+                UnetMode::Frozen => crate::UnetChange::Frozen,
+            },
             lora_rank: rank,
             lora_alpha: alpha,
             training: self.cfg.to_json(),

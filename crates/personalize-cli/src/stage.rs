@@ -290,10 +290,7 @@ pub fn run(args: &StageArgs) -> Result<()> {
             } else {
                 model.parent().unwrap_or(Path::new(".")).to_path_buf()
             };
-            let damaged =
-                model_io::Checkpoint::open_dir(&file, &["diffusion_pytorch_model", "model", "aligner"]).ok().and_then(
-                    |c| c.first_nonfinite().map(|k| format!("tensor `{k}` in {} holds NaN or Inf", file.display())),
-                );
+            let damaged = personalize::check::nonfinite_in_files(&file).map(|t| format!("{t} holds NaN or Inf"));
             bail!(
                 "stage {}: output `{name}` holds NaN or Inf from finite inputs: {}",
                 args.stage,

@@ -42,17 +42,23 @@ pub fn first_nonfinite_param<B: Backend, M: Module<B>>(m: &M) -> Option<String> 
     v.found
 }
 
+/// "tensor `key` in FILE" for the first tensor holding NaN or Inf in the weight files of `dir`
+/// (`diffusion_pytorch_model`, `model` or `aligner` safetensors), read in full: a diagnosis.
+pub fn nonfinite_in_files(dir: &Path) -> Option<String> {
+    let c = model_io::Checkpoint::open_dir(dir, &["diffusion_pytorch_model", "model", "aligner"]).ok()?;
+    let key = c.first_nonfinite()?;
+    let file = c.file_of(&key).map(|p| p.display().to_string()).unwrap_or_else(|| dir.display().to_string());
+    Some(format!("tensor `{key}` in {file}"))
+}
+
 /// "`what` holds NaN or infinite values: `key` in the weights of `dir` holds NaN or Inf" when a
 /// weight file there does (read in full: this is the failure path), else the first module
 /// parameter that does, else "... although the {model}'s weights are finite", with the likely
 /// causes: half precision (when `t` is f16 or bf16) or the config and scales.
 pub fn nonfinite_error<B: Backend, M: Module<B>>(what: &str, model: &str, m: &M, dir: &Path) -> Error {
-    let bases = ["diffusion_pytorch_model", "model"];
-    let in_file = model_io::Checkpoint::open_dir(dir, &bases).ok().and_then(|c| c.first_nonfinite().map(|k| (k, c)));
-    if let Some((key, c)) = in_file {
-        let file = c.file_of(&key).map(|p| p.display().to_string()).unwrap_or_else(|| dir.display().to_string());
+    if let Some(t) = nonfinite_in_files(dir) {
         return Error::invalid(format!(
-            "{what} holds NaN or infinite values: the {model}'s tensor `{key}` in {file} holds NaN or Inf; the file is damaged"
+            "{what} holds NaN or infinite values: the {model}'s {t} holds NaN or Inf; the file is damaged"
         ));
     }
     if let Some(p) = first_nonfinite_param::<B, M>(m) {

@@ -431,9 +431,8 @@ impl<B: Backend> Pipeline<B> {
     /// with the estimate and the limit, when even one image cannot fit or when the given
     /// batch cannot.
     pub fn batches(&self, opts: &GenerateOptions) -> Result<Batches> {
-        let [n, _, _, _] = self.latent_shape(opts)?;
+        let [n, _, h, w] = self.latent_shape(opts)?;
         let f = self.vae.downscale_factor();
-        let [_, _, h, w] = self.latent_shape(opts)?;
         let what = |b: usize| {
             let images = if b == 1 { "one image".to_string() } else { format!("a batch of {b} images") };
             format!("generating {images} of {}x{}", w * f, h * f)

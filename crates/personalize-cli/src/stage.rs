@@ -241,8 +241,8 @@ pub fn run(args: &StageArgs) -> Result<()> {
                 .map(|c| scheduler::HostSample { data: c.to_vec(), shape: sample.shape.clone() })
                 .collect();
             let (timesteps, samples) = timed("scheduler", args.repeat, None, || {
-                let mut rng = scheduler::SeededRng::new(scheduler::STAGE_NOISE_SEED);
-                Ok(scheduler::run_stage_with(model, args.scheduler.as_deref(), &sample, &outputs, steps, &mut rng)?)
+                let mut s = scheduler::from_dir(model, args.scheduler.as_deref())?;
+                run_scheduler(s.as_mut(), &sample, &outputs, steps, &mut scheduler::SeededRng::new(STAGE_NOISE_SEED))
             })?;
             let mut shape = vec![samples.len()];
             shape.extend(&sample.shape);
@@ -307,4 +307,67 @@ fn write_output(path: &Path, t: &Tensors) -> Result<()> {
     write_tensors(path, t, &BTreeMap::new())?;
     tracing::info!("wrote {}", path.display());
     Ok(())
+}
+
+/// The seed of the host noise the `scheduler` stage gives stochastic schedulers (DDPM, Euler
+/// ancestral): the README's stage-runner contract.
+pub const STAGE_NOISE_SEED: u64 = 0;
+
+/// The `scheduler` stage's loop on given model outputs: `set_timesteps`, then per timestep
+/// `scale_model_input` (whose result the caller's model would consume) and `step`. Returns the
+/// timesteps and the sample after each step.
+fn run_scheduler(
+    s: &mut dyn scheduler::Scheduler<scheduler::HostSample>,
+    sample: &scheduler::HostSample,
+    model_outputs: &[scheduler::HostSample],
+    num_inference_steps: usize,
+    noise: &mut dyn scheduler::NoiseSource<scheduler::HostSample>,
+) -> Result<(Vec<f32>, Vec<scheduler::HostSample>)> {
+    s.set_timesteps(num_inference_steps)?;
+    let timesteps = s.timesteps().to_vec();
+    if model_outputs.len() != timesteps.len() {
+        bail!(
+            "{} model outputs, but {} with {num_inference_steps} inference steps has {} timesteps; \
+             give one model output per timestep",
+            model_outputs.len(),
+            s.kind().class_name(),
+            timesteps.len()
+        );
+    }
+    let mut x = sample.clone();
+    let mut samples = Vec::with_capacity(timesteps.len());
+    for (&t, out) in timesteps.iter().zip(model_outputs) {
+        s.scale_model_input(&x, t)?;
+        x = s.step(out, t, &x, noise)?;
+        samples.push(x.clone());
+    }
+    Ok((timesteps, samples))
+}
+
+#[cfg(test)]
+mod tests {
+    use scheduler::{HostSample, NoNoise, SchedulerConfig};
+
+    #[test]
+    fn pndm_stage_needs_one_output_per_timestep() {
+        let cfg =
+            SchedulerConfig::from_json_str(r#"{"_class_name": "PNDMScheduler", "skip_prk_steps": true}"#).unwrap();
+        let mut s = scheduler::from_config::<HostSample>(&cfg, None).unwrap();
+        let x = HostSample::zeros(vec![1, 4, 2, 2]);
+        // 10 inference steps -> 11 PLMS timesteps.
+        let e = super::run_scheduler(s.as_mut(), &x, &vec![x.clone(); 10], 10, &mut NoNoise).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("10 model outputs") && msg.contains("11 timesteps") && msg.contains("PNDMScheduler"),
+            "{msg}"
+        );
+        let (ts, samples) = super::run_scheduler(s.as_mut(), &x, &vec![x.clone(); 11], 10, &mut NoNoise).unwrap();
+        assert_eq!((ts.len(), samples.len()), (11, 11));
+        assert_eq!(ts[1], ts[2], "PLMS repeats its second timestep");
+        // A model output of the wrong shape is an error, not a panic.
+        let mut outs = vec![x.clone(); 11];
+        outs[3] = HostSample::zeros(vec![1, 4, 2, 3]);
+        let e = super::run_scheduler(s.as_mut(), &x, &outs, 10, &mut NoNoise).unwrap_err();
+        assert!(e.to_string().contains("shape"), "{e}");
+    }
 }

@@ -118,16 +118,9 @@ impl Default for ImageSettings {
 pub fn scheduler_in_use(dir: &Path, override_name: Option<&str>) -> Result<(String, Option<String>)> {
     let serr = |e: scheduler::SchedulerError| Error::invalid(e.to_string());
     let cfg = SchedulerConfig::from_file(&dir.join("scheduler_config.json")).map_err(serr)?;
-    let kind = scheduler::from_config::<HostSample>(&cfg, override_name).map_err(serr)?.kind();
-    let sigma_schedules = matches!(kind, SchedulerKind::Euler | SchedulerKind::DpmSolverMultistep);
-    let flag = |k: &str| sigma_schedules && cfg.bool_or(k, false).unwrap_or(false);
-    let sigmas = if override_name == Some("dpm++2m-karras") || flag("use_karras_sigmas") {
-        Some("karras".to_string())
-    } else if flag("use_exponential_sigmas") {
-        Some("exponential".to_string())
-    } else {
-        None
-    };
+    let s = scheduler::from_config::<HostSample>(&cfg, override_name).map_err(serr)?;
+    let sigmas = s.sigma_spacing().name().map(str::to_string);
+    let kind = s.kind();
     Ok((kind.class_name().to_string(), sigmas))
 }
 

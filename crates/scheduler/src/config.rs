@@ -9,6 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::{Result, SchedulerError};
@@ -88,7 +90,8 @@ impl SchedulerKind {
 pub const CLI_NAMES: [&str; 6] = ["ddim", "ddpm", "pndm", "euler", "euler-a", "dpm++2m"];
 
 /// What the model predicts (`prediction_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum PredictionType {
     /// The added noise (`epsilon`).
     Epsilon,
@@ -111,7 +114,8 @@ impl PredictionType {
 }
 
 /// How inference timesteps are spread over the training range (`timestep_spacing`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TimestepSpacing {
     /// `np.linspace(0, T - 1, N)`, rounded.
     Linspace,
@@ -121,12 +125,291 @@ pub enum TimestepSpacing {
     Trailing,
 }
 
-/// A parsed `scheduler_config.json`: the raw key/value map plus where it came from (for errors).
+/// How the inference sigmas are spread (`use_karras_sigmas`, `use_exponential_sigmas`), for the
+/// classes that have the choice (Euler, DPM-Solver).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigmaSpacing {
+    /// Interpolated from the training sigmas at the inference timesteps (the default).
+    Interpolated,
+    /// Karras et al.'s `rho = 7` ramp between sigma_min and sigma_max.
+    Karras,
+    /// Log-linear between sigma_min and sigma_max.
+    Exponential,
+}
+
+impl SigmaSpacing {
+    /// The spacing two config flags choose; both set is an error, as in diffusers.
+    pub(crate) fn from_flags(cfg: &SchedulerConfig, karras: bool, exponential: bool) -> Result<Self> {
+        match (karras, exponential) {
+            (true, true) => Err(cfg.invalid("use_karras_sigmas", "and `use_exponential_sigmas` cannot both be true")),
+            (true, false) => Ok(SigmaSpacing::Karras),
+            (false, true) => Ok(SigmaSpacing::Exponential),
+            (false, false) => Ok(SigmaSpacing::Interpolated),
+        }
+    }
+
+    /// The metadata name of a non-default spacing (`karras`, `exponential`).
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            SigmaSpacing::Interpolated => None,
+            SigmaSpacing::Karras => Some("karras"),
+            SigmaSpacing::Exponential => Some("exponential"),
+        }
+    }
+}
+
+/// `beta_schedule`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BetaSchedule {
+    /// Betas linear from `beta_start` to `beta_end`.
+    Linear,
+    /// Square roots linear, then squared (Stable Diffusion).
+    ScaledLinear,
+    /// Glide's cosine schedule.
+    #[serde(rename = "squaredcos_cap_v2")]
+    SquaredcosCapV2,
+    /// A sigmoid ramp (DDPM only).
+    Sigmoid,
+}
+
+/// `final_sigmas_type`: the sigma after the last step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalSigmas {
+    /// 0: the last step denoises fully.
+    Zero,
+    /// The smallest training sigma.
+    SigmaMin,
+}
+
+/// The training-schedule keys every class reads, with diffusers' defaults (the same in all six).
 ///
 /// ```
-/// use scheduler::SchedulerConfig;
+/// use scheduler::{BetaConfig, BetaSchedule, SchedulerConfig};
+/// let b: BetaConfig = SchedulerConfig::from_json_str(r#"{"beta_schedule": "scaled_linear"}"#).unwrap().read().unwrap();
+/// assert_eq!((b.beta_schedule, b.num_train_timesteps), (BetaSchedule::ScaledLinear, 1000));
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct BetaConfig {
+    /// `num_train_timesteps` (1000).
+    #[serde(deserialize_with = "de::count")]
+    pub num_train_timesteps: usize,
+    /// `beta_start` (0.0001).
+    #[serde(deserialize_with = "de::float")]
+    pub beta_start: f64,
+    /// `beta_end` (0.02).
+    #[serde(deserialize_with = "de::float")]
+    pub beta_end: f64,
+    /// `beta_schedule` (`linear`).
+    pub beta_schedule: BetaSchedule,
+    /// `trained_betas`: the betas themselves, replacing the schedule.
+    #[serde(deserialize_with = "de::floats")]
+    pub trained_betas: Option<Vec<f64>>,
+    /// `rescale_betas_zero_snr` (false; PNDM has no such key and ignores it).
+    pub rescale_betas_zero_snr: bool,
+}
+
+impl Default for BetaConfig {
+    fn default() -> Self {
+        BetaConfig {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: BetaSchedule::Linear,
+            trained_betas: None,
+            rescale_betas_zero_snr: false,
+        }
+    }
+}
+
+/// `DDIMScheduler`'s own keys, with its defaults.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+#[allow(missing_docs)]
+pub struct DdimConfig {
+    pub prediction_type: PredictionType,
+    pub timestep_spacing: TimestepSpacing,
+    #[serde(deserialize_with = "de::int")]
+    pub steps_offset: i64,
+    pub clip_sample: bool,
+    #[serde(deserialize_with = "de::float")]
+    pub clip_sample_range: f64,
+    pub set_alpha_to_one: bool,
+    pub thresholding: bool,
+}
+
+impl Default for DdimConfig {
+    fn default() -> Self {
+        DdimConfig {
+            prediction_type: PredictionType::Epsilon,
+            timestep_spacing: TimestepSpacing::Leading,
+            steps_offset: 0,
+            clip_sample: true,
+            clip_sample_range: 1.0,
+            set_alpha_to_one: true,
+            thresholding: false,
+        }
+    }
+}
+
+/// `DDPMScheduler`'s own keys, with its defaults.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+#[allow(missing_docs)]
+pub struct DdpmConfig {
+    pub prediction_type: PredictionType,
+    pub timestep_spacing: TimestepSpacing,
+    #[serde(deserialize_with = "de::int")]
+    pub steps_offset: i64,
+    pub clip_sample: bool,
+    #[serde(deserialize_with = "de::float")]
+    pub clip_sample_range: f64,
+    pub variance_type: String,
+    pub thresholding: bool,
+}
+
+impl Default for DdpmConfig {
+    fn default() -> Self {
+        DdpmConfig {
+            prediction_type: PredictionType::Epsilon,
+            timestep_spacing: TimestepSpacing::Leading,
+            steps_offset: 0,
+            clip_sample: true,
+            clip_sample_range: 1.0,
+            variance_type: "fixed_small".into(),
+            thresholding: false,
+        }
+    }
+}
+
+/// `PNDMScheduler`'s own keys, with its defaults.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+#[allow(missing_docs)]
+pub struct PndmConfig {
+    pub prediction_type: PredictionType,
+    pub timestep_spacing: TimestepSpacing,
+    #[serde(deserialize_with = "de::int")]
+    pub steps_offset: i64,
+    pub skip_prk_steps: bool,
+    pub set_alpha_to_one: bool,
+}
+
+impl Default for PndmConfig {
+    fn default() -> Self {
+        PndmConfig {
+            prediction_type: PredictionType::Epsilon,
+            timestep_spacing: TimestepSpacing::Leading,
+            steps_offset: 0,
+            skip_prk_steps: false,
+            set_alpha_to_one: false,
+        }
+    }
+}
+
+/// `EulerDiscreteScheduler`'s own keys, with its defaults. `EulerAncestralDiscreteScheduler`
+/// reads only the first three (the sigma keys are not in its signature, so they are ignored).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+#[allow(missing_docs)]
+pub struct EulerConfig {
+    pub prediction_type: PredictionType,
+    pub timestep_spacing: TimestepSpacing,
+    #[serde(deserialize_with = "de::int")]
+    pub steps_offset: i64,
+    pub interpolation_type: String,
+    pub use_karras_sigmas: bool,
+    pub use_exponential_sigmas: bool,
+    pub use_beta_sigmas: bool,
+    #[serde(deserialize_with = "de::opt_float")]
+    pub sigma_min: Option<f64>,
+    #[serde(deserialize_with = "de::opt_float")]
+    pub sigma_max: Option<f64>,
+    pub timestep_type: String,
+    pub final_sigmas_type: FinalSigmas,
+}
+
+impl Default for EulerConfig {
+    fn default() -> Self {
+        EulerConfig {
+            prediction_type: PredictionType::Epsilon,
+            timestep_spacing: TimestepSpacing::Linspace,
+            steps_offset: 0,
+            interpolation_type: "linear".into(),
+            use_karras_sigmas: false,
+            use_exponential_sigmas: false,
+            use_beta_sigmas: false,
+            sigma_min: None,
+            sigma_max: None,
+            timestep_type: "discrete".into(),
+            final_sigmas_type: FinalSigmas::Zero,
+        }
+    }
+}
+
+/// `DPMSolverMultistepScheduler`'s own keys, with its defaults.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+#[allow(missing_docs)]
+pub struct DpmSolverConfig {
+    pub prediction_type: PredictionType,
+    pub timestep_spacing: TimestepSpacing,
+    #[serde(deserialize_with = "de::int")]
+    pub steps_offset: i64,
+    #[serde(deserialize_with = "de::count")]
+    pub solver_order: usize,
+    pub algorithm_type: String,
+    pub solver_type: String,
+    pub lower_order_final: bool,
+    pub euler_at_final: bool,
+    pub use_karras_sigmas: bool,
+    pub use_exponential_sigmas: bool,
+    pub use_beta_sigmas: bool,
+    pub use_lu_lambdas: bool,
+    pub use_flow_sigmas: bool,
+    pub use_dynamic_shifting: bool,
+    pub thresholding: bool,
+    pub final_sigmas_type: FinalSigmas,
+    #[serde(deserialize_with = "de::float")]
+    pub lambda_min_clipped: f64,
+    pub variance_type: Option<String>,
+}
+
+impl Default for DpmSolverConfig {
+    fn default() -> Self {
+        DpmSolverConfig {
+            prediction_type: PredictionType::Epsilon,
+            timestep_spacing: TimestepSpacing::Linspace,
+            steps_offset: 0,
+            solver_order: 2,
+            algorithm_type: "dpmsolver++".into(),
+            solver_type: "midpoint".into(),
+            lower_order_final: true,
+            euler_at_final: false,
+            use_karras_sigmas: false,
+            use_exponential_sigmas: false,
+            use_beta_sigmas: false,
+            use_lu_lambdas: false,
+            use_flow_sigmas: false,
+            use_dynamic_shifting: false,
+            thresholding: false,
+            final_sigmas_type: FinalSigmas::Zero,
+            lambda_min_clipped: f64::NEG_INFINITY,
+            variance_type: None,
+        }
+    }
+}
+
+/// A parsed `scheduler_config.json`: the key/value map plus where it came from (for errors).
+/// Each class reads its typed config from it with [`SchedulerConfig::read`].
+///
+/// ```
+/// use scheduler::{DdimConfig, SchedulerConfig};
 /// let cfg = SchedulerConfig::from_json_str(r#"{"_class_name": "DDIMScheduler", "steps_offset": 1}"#).unwrap();
 /// assert_eq!(cfg.class_name(), Some("DDIMScheduler"));
+/// assert_eq!(cfg.read::<DdimConfig>().unwrap().steps_offset, 1);
 /// ```
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -155,12 +438,14 @@ impl SchedulerConfig {
             return Err(SchedulerError::Json { path, message: "expected a JSON object".into() });
         };
         // As diffusers' extract_init_dict: keys that were defaults when saved are not carried
-        // over, so the class built from this config applies its own defaults.
+        // over, so the class built from this config applies its own defaults. `null` counts
+        // as missing.
         if let Some(Value::Array(defaults)) = values.remove("_use_default_values") {
             for key in defaults.iter().filter_map(Value::as_str) {
                 values.remove(key);
             }
         }
+        values.retain(|_, v| !v.is_null());
         Ok(SchedulerConfig { path, values })
     }
 
@@ -179,97 +464,30 @@ impl SchedulerConfig {
         self.values.insert(key.to_string(), value);
     }
 
-    fn get(&self, key: &str) -> Option<&Value> {
-        self.values.get(key).filter(|v| !v.is_null())
-    }
-
-    fn type_error(&self, key: &str, expected: &str, found: &Value) -> SchedulerError {
-        SchedulerError::Json { path: self.path.clone(), message: format!("`{key}` must be {expected}, found {found}") }
-    }
-
-    /// A float key, or `default`.
-    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
-        Ok(self.opt_f64(key)?.unwrap_or(default))
-    }
-
-    /// A float key, or `None` when missing or null. Python's `Infinity`, `-Infinity` and `NaN`
-    /// (which `json.dump` writes, e.g. `lambda_min_clipped: -Infinity`) are accepted.
-    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) if s == NON_FINITE[0].1 => Ok(Some(f64::NEG_INFINITY)),
-            Some(Value::String(s)) if s == NON_FINITE[1].1 => Ok(Some(f64::INFINITY)),
-            Some(Value::String(s)) if s == NON_FINITE[2].1 => Ok(Some(f64::NAN)),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.type_error(key, "a number", v)),
-        }
-    }
-
-    /// A non-negative integer key, or `default`. Integer-valued floats (`1000.0`) are accepted.
-    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => {
-                if let Some(u) = v.as_u64() {
-                    return usize::try_from(u).map_err(|_| self.type_error(key, "a small integer", v));
-                }
-                match v.as_f64() {
-                    Some(f) if f >= 0.0 && f.fract() == 0.0 && f < 1e15 => Ok(f as usize),
-                    _ => Err(self.type_error(key, "a non-negative integer", v)),
-                }
+    /// Reads a typed config ([`BetaConfig`], [`DdimConfig`], ...): the keys it knows, its own
+    /// defaults for the missing ones. A wrong type names the key; an unknown choice
+    /// (`timestep_spacing: "uniform"`) is [`SchedulerError::Unsupported`].
+    pub fn read<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_path_to_error::deserialize(Value::Object(self.values.clone())).map_err(|e| {
+            let field = e.path().to_string();
+            let message = e.into_inner().to_string();
+            // serde's wording for an unknown enum variant: "unknown variant `x`, expected ...".
+            if let (Some(rest), Some(Value::String(value))) =
+                (message.strip_prefix("unknown variant `"), self.values.get(&field))
+            {
+                let expected = rest.split_once("expected ").map_or("", |(_, e)| e);
+                let expected = expected.trim_start_matches("one of ").replace('`', "");
+                return SchedulerError::Unsupported { path: self.path.clone(), field, value: value.clone(), expected };
             }
-        }
-    }
-
-    /// An integer key (may be negative), or `default`.
-    pub fn i64_or(&self, key: &str, default: i64) -> Result<i64> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => {
-                if let Some(i) = v.as_i64() {
-                    return Ok(i);
-                }
-                match v.as_f64() {
-                    Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => Ok(f as i64),
-                    _ => Err(self.type_error(key, "an integer", v)),
-                }
-            }
-        }
-    }
-
-    /// A boolean key, or `default`.
-    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.type_error(key, "true or false", v)),
-        }
-    }
-
-    /// A string key, or `default`.
-    pub fn str_or<'a>(&'a self, key: &str, default: &'a str) -> Result<&'a str> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v.as_str().ok_or_else(|| self.type_error(key, "a string", v)),
-        }
-    }
-
-    /// A list of numbers (`trained_betas`), or `None`.
-    pub fn opt_f64_list(&self, key: &str) -> Result<Option<Vec<f64>>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| v.as_f64().ok_or_else(|| self.type_error(key, "a list of numbers", v)))
-                .collect::<Result<Vec<_>>>()
-                .map(Some),
-            Some(v) => Err(self.type_error(key, "a list of numbers", v)),
-        }
+            SchedulerError::Json { path: self.path.clone(), message: format!("`{field}`: {message}") }
+        })
     }
 
     /// An error for a key whose value is not one this crate implements.
-    pub(crate) fn unsupported(&self, field: &'static str, value: impl Into<String>, expected: &str) -> SchedulerError {
+    pub(crate) fn unsupported(&self, field: &str, value: impl Into<String>, expected: &str) -> SchedulerError {
         SchedulerError::Unsupported {
             path: self.path.clone(),
-            field,
+            field: field.to_string(),
             value: value.into(),
             expected: expected.to_string(),
         }
@@ -279,20 +497,60 @@ impl SchedulerConfig {
     pub(crate) fn invalid(&self, field: &'static str, message: impl Into<String>) -> SchedulerError {
         SchedulerError::InvalidField { path: self.path.clone(), field, message: message.into() }
     }
+}
 
-    /// `prediction_type` with the class's default (`epsilon` for all six).
-    pub fn prediction_type(&self) -> Result<PredictionType> {
-        let s = self.str_or("prediction_type", "epsilon")?;
-        PredictionType::parse(s).ok_or_else(|| self.unsupported("prediction_type", s, "epsilon, v_prediction, sample"))
+/// The number readers of the config structs: diffusers' JSON is written by Python.
+mod de {
+    use serde::de::{Deserialize, Deserializer, Error};
+    use serde_json::Value;
+
+    use super::NON_FINITE;
+
+    /// A float; Python's `Infinity`, `-Infinity` and `NaN` (which `json.dump` writes, e.g.
+    /// `lambda_min_clipped: -Infinity`) are accepted.
+    pub fn float<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) if s == NON_FINITE[0].1 => Ok(f64::NEG_INFINITY),
+            Value::String(s) if s == NON_FINITE[1].1 => Ok(f64::INFINITY),
+            Value::String(s) if s == NON_FINITE[2].1 => Ok(f64::NAN),
+            v => v.as_f64().ok_or_else(|| D::Error::custom(format!("must be a number, found {v}"))),
+        }
     }
 
-    /// `timestep_spacing` with the given class default.
-    pub fn timestep_spacing(&self, default: &str) -> Result<TimestepSpacing> {
-        match self.str_or("timestep_spacing", default)? {
-            "linspace" => Ok(TimestepSpacing::Linspace),
-            "leading" => Ok(TimestepSpacing::Leading),
-            "trailing" => Ok(TimestepSpacing::Trailing),
-            s => Err(self.unsupported("timestep_spacing", s, "leading, trailing, linspace")),
+    pub fn opt_float<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        float(d).map(Some)
+    }
+
+    /// A list of numbers (`trained_betas`).
+    pub fn floats<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<f64>>, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Array(items) => items
+                .iter()
+                .map(|v| v.as_f64().ok_or_else(|| D::Error::custom(format!("must be a list of numbers, found {v}"))))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            v => Err(D::Error::custom(format!("must be a list of numbers, found {v}"))),
+        }
+    }
+
+    /// An integer; integer-valued floats (`1000.0`) are accepted.
+    pub fn int<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        let v = Value::deserialize(d)?;
+        if let Some(i) = v.as_i64() {
+            return Ok(i);
+        }
+        match v.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => Ok(f as i64),
+            _ => Err(D::Error::custom(format!("must be an integer, found {v}"))),
+        }
+    }
+
+    /// A non-negative integer; integer-valued floats are accepted.
+    pub fn count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        let v = Value::deserialize(d)?;
+        match v.as_u64().map(|u| u as f64).or_else(|| v.as_f64()) {
+            Some(f) if f >= 0.0 && f.fract() == 0.0 && f < 1e15 => Ok(f as usize),
+            _ => Err(D::Error::custom(format!("must be a non-negative integer, found {v}"))),
         }
     }
 }
@@ -302,7 +560,7 @@ const NON_FINITE: [(&str, &str); 3] = [("-Infinity", "\u{0}-inf"), ("Infinity", 
 
 /// Rewrites the bare tokens `-Infinity`, `Infinity` and `NaN` outside strings (Python's
 /// `json.dump` writes them; strict JSON has no such numbers) as marker strings that
-/// [`SchedulerConfig::opt_f64`] reads back as floats.
+/// the config structs' float fields read back as floats.
 fn quote_non_finite(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut in_string = false;
@@ -334,15 +592,37 @@ fn quote_non_finite(text: &str) -> String {
 mod tests {
     use super::*;
 
+    #[derive(Deserialize)]
+    struct Floats {
+        #[serde(deserialize_with = "de::float")]
+        lambda_min_clipped: f64,
+        #[serde(deserialize_with = "de::float")]
+        a: f64,
+        #[serde(deserialize_with = "de::float")]
+        b: f64,
+        s: String,
+    }
+
     #[test]
     fn python_non_finite_floats_are_read() {
         let cfg = SchedulerConfig::from_json_str(
             r#"{"lambda_min_clipped": -Infinity, "a": Infinity, "b": NaN, "s": "NaN -Infinity"}"#,
         )
         .unwrap();
-        assert_eq!(cfg.opt_f64("lambda_min_clipped").unwrap(), Some(f64::NEG_INFINITY));
-        assert_eq!(cfg.opt_f64("a").unwrap(), Some(f64::INFINITY));
-        assert!(cfg.opt_f64("b").unwrap().unwrap().is_nan());
-        assert_eq!(cfg.str_or("s", "").unwrap(), "NaN -Infinity");
+        let f: Floats = cfg.read().unwrap();
+        assert_eq!(f.lambda_min_clipped, f64::NEG_INFINITY);
+        assert_eq!(f.a, f64::INFINITY);
+        assert!(f.b.is_nan());
+        assert_eq!(f.s, "NaN -Infinity");
+    }
+
+    #[test]
+    fn integral_floats_count_and_wrong_types_name_the_key() {
+        let cfg = SchedulerConfig::from_json_str(r#"{"num_train_timesteps": 1000.0, "steps_offset": null}"#).unwrap();
+        assert_eq!(cfg.read::<BetaConfig>().unwrap().num_train_timesteps, 1000);
+        assert_eq!(cfg.read::<DdimConfig>().unwrap().steps_offset, 0, "null is missing");
+        let cfg = SchedulerConfig::from_json_str(r#"{"clip_sample": "yes"}"#).unwrap();
+        let e = cfg.read::<DdimConfig>().unwrap_err().to_string();
+        assert!(e.contains("`clip_sample`") && e.contains("<config>"), "{e}");
     }
 }

@@ -1,6 +1,6 @@
 //! DDIM (Song et al. 2020), as diffusers' `DDIMScheduler`.
 
-use crate::config::{PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing};
+use crate::config::{DdimConfig, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing};
 use crate::error::{Result, SchedulerError};
 use crate::noise::NoiseSource;
 use crate::sample::Sample;
@@ -37,21 +37,19 @@ pub struct Ddim {
 impl Ddim {
     /// Builds the scheduler from a config (DDIM's defaults for missing keys).
     pub fn from_config(cfg: &SchedulerConfig) -> Result<Self> {
-        if cfg.bool_or("thresholding", false)? {
+        let c: DdimConfig = cfg.read()?;
+        if c.thresholding {
             return Err(cfg.unsupported("thresholding", "true", "false"));
         }
         let schedule = TrainSchedule::from_config(cfg, true)?;
-        let final_alpha_cumprod =
-            if cfg.bool_or("set_alpha_to_one", true)? { 1.0 } else { schedule.alphas_cumprod()[0] };
-        let clip_range =
-            if cfg.bool_or("clip_sample", true)? { Some(cfg.f64_or("clip_sample_range", 1.0)? as f32) } else { None };
+        let final_alpha_cumprod = if c.set_alpha_to_one { 1.0 } else { schedule.alphas_cumprod()[0] };
         Ok(Ddim {
             schedule,
-            prediction: cfg.prediction_type()?,
-            spacing: cfg.timestep_spacing("leading")?,
-            steps_offset: cfg.i64_or("steps_offset", 0)?,
+            prediction: c.prediction_type,
+            spacing: c.timestep_spacing,
+            steps_offset: c.steps_offset,
             final_alpha_cumprod,
-            clip_range,
+            clip_range: c.clip_sample.then_some(c.clip_sample_range as f32),
             eta: 0.0,
             num_inference_steps: 0,
             timesteps: Vec::new(),

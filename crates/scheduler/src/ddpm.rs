@@ -1,6 +1,6 @@
 //! DDPM (Ho et al. 2020), as diffusers' `DDPMScheduler`.
 
-use crate::config::{PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing};
+use crate::config::{DdpmConfig, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing};
 use crate::error::{Result, SchedulerError};
 use crate::noise::NoiseSource;
 use crate::sample::Sample;
@@ -47,24 +47,23 @@ pub struct Ddpm {
 impl Ddpm {
     /// Builds the scheduler from a config (DDPM's defaults for missing keys).
     pub fn from_config(cfg: &SchedulerConfig) -> Result<Self> {
-        if cfg.bool_or("thresholding", false)? {
+        let c: DdpmConfig = cfg.read()?;
+        if c.thresholding {
             return Err(cfg.unsupported("thresholding", "true", "false"));
         }
-        let variance_type = match cfg.str_or("variance_type", "fixed_small")? {
+        let variance_type = match c.variance_type.as_str() {
             "fixed_small" => VarianceType::Small,
             "fixed_small_log" => VarianceType::SmallLog,
             "fixed_large" => VarianceType::Large,
             other => return Err(cfg.unsupported("variance_type", other, "fixed_small, fixed_small_log, fixed_large")),
         };
-        let clip_range =
-            if cfg.bool_or("clip_sample", true)? { Some(cfg.f64_or("clip_sample_range", 1.0)? as f32) } else { None };
         Ok(Ddpm {
             schedule: TrainSchedule::build(cfg, true, true)?,
-            prediction: cfg.prediction_type()?,
-            spacing: cfg.timestep_spacing("leading")?,
-            steps_offset: cfg.i64_or("steps_offset", 0)?,
+            prediction: c.prediction_type,
+            spacing: c.timestep_spacing,
+            steps_offset: c.steps_offset,
             variance_type,
-            clip_range,
+            clip_range: c.clip_sample.then_some(c.clip_sample_range as f32),
             timesteps: Vec::new(),
         })
     }

@@ -2,22 +2,18 @@
 //! `algorithm_type = "dpmsolver++"`: "DPM++ 2M" at `solver_order = 2`, "DPM++ 2M Karras" with
 //! `use_karras_sigmas`.
 
-use crate::config::{PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing};
+use crate::config::{
+    BetaConfig, BetaSchedule, DpmSolverConfig, FinalSigmas, PredictionType, SchedulerConfig, SchedulerKind,
+    SigmaSpacing, TimestepSpacing,
+};
 use crate::error::{Result, SchedulerError};
 use crate::noise::NoiseSource;
 use crate::sample::Sample;
 use crate::schedule::{
-    check_steps, exponential_sigmas, karras_sigmas, np_arange, np_interp, np_linspace, sigma_to_t, train_sigmas,
-    TrainSchedule,
+    check_steps, exponential_sigmas, karras_sigmas, np_arange, np_interp, np_linspace, sigma_alphas, sigma_to_t,
+    train_sigmas, TrainSchedule,
 };
 use crate::{check_same_shape, Scheduler};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SigmaSpacing {
-    Interpolated,
-    Karras,
-    Exponential,
-}
 
 /// `DPMSolverMultistepScheduler` with the data-prediction (`dpmsolver++`) algorithm.
 ///
@@ -62,8 +58,9 @@ pub struct DpmSolverMultistep<S> {
 impl<S: Sample> DpmSolverMultistep<S> {
     /// Builds the scheduler from a config (DPM-Solver's defaults for missing keys).
     pub fn from_config(cfg: &SchedulerConfig) -> Result<Self> {
+        let c: DpmSolverConfig = cfg.read()?;
         let schedule = TrainSchedule::from_config(cfg, true)?;
-        match cfg.str_or("algorithm_type", "dpmsolver++")? {
+        match c.algorithm_type.as_str() {
             "dpmsolver++" | "deis" => {}
             other => {
                 return Err(cfg.unsupported(
@@ -73,68 +70,48 @@ impl<S: Sample> DpmSolverMultistep<S> {
                 ))
             }
         }
-        let heun = match cfg.str_or("solver_type", "midpoint")? {
+        let heun = match c.solver_type.as_str() {
             "midpoint" | "logrho" | "bh1" | "bh2" => false,
             "heun" => true,
             other => return Err(cfg.unsupported("solver_type", other, "midpoint, heun")),
         };
-        let solver_order = cfg.usize_or("solver_order", 2)?;
-        if !(1..=3).contains(&solver_order) {
-            return Err(cfg.unsupported("solver_order", solver_order.to_string(), "1, 2, 3"));
+        if !(1..=3).contains(&c.solver_order) {
+            return Err(cfg.unsupported("solver_order", c.solver_order.to_string(), "1, 2, 3"));
         }
-        for key in ["thresholding", "use_lu_lambdas", "use_beta_sigmas", "use_flow_sigmas", "use_dynamic_shifting"] {
-            if cfg.bool_or(key, false)? {
+        for (key, set) in [
+            ("thresholding", c.thresholding),
+            ("use_lu_lambdas", c.use_lu_lambdas),
+            ("use_beta_sigmas", c.use_beta_sigmas),
+            ("use_flow_sigmas", c.use_flow_sigmas),
+            ("use_dynamic_shifting", c.use_dynamic_shifting),
+        ] {
+            if set {
                 return Err(cfg.unsupported(key, "true", "false"));
             }
         }
-        let variance_type = cfg.str_or("variance_type", "")?;
-        if matches!(variance_type, "learned" | "learned_range") {
-            return Err(cfg.unsupported("variance_type", variance_type, "null (learned variances are not supported)"));
+        if let Some(v @ ("learned" | "learned_range")) = c.variance_type.as_deref() {
+            return Err(cfg.unsupported("variance_type", v, "null (learned variances are not supported)"));
         }
-        let karras = cfg.bool_or("use_karras_sigmas", false)?;
-        let exponential = cfg.bool_or("use_exponential_sigmas", false)?;
-        if karras && exponential {
-            return Err(cfg.invalid("use_karras_sigmas", "and `use_exponential_sigmas` cannot both be true"));
-        }
-        let final_sigma_min = match cfg.str_or("final_sigmas_type", "zero")? {
-            "zero" => false,
-            "sigma_min" => true,
-            other => return Err(cfg.unsupported("final_sigmas_type", other, "zero, sigma_min")),
-        };
+        let betas: BetaConfig = cfg.read()?;
         Ok(DpmSolverMultistep {
-            sigma_alphas: {
-                // As the Euler classes: zero-SNR rescaling pins the last alpha to 2^-24.
-                let mut ac = schedule.alphas_cumprod().to_vec();
-                if cfg.bool_or("rescale_betas_zero_snr", false)? {
-                    if let Some(last) = ac.last_mut() {
-                        *last = 2f32.powi(-24);
-                    }
-                }
-                ac
-            },
+            sigma_alphas: sigma_alphas(&schedule, &betas),
             schedule,
-            prediction: cfg.prediction_type()?,
-            spacing: cfg.timestep_spacing("linspace")?,
-            steps_offset: cfg.i64_or("steps_offset", 0)?,
-            solver_order,
+            prediction: c.prediction_type,
+            spacing: c.timestep_spacing,
+            steps_offset: c.steps_offset,
+            solver_order: c.solver_order,
             heun,
-            lower_order_final: cfg.bool_or("lower_order_final", true)?,
-            euler_at_final: cfg.bool_or("euler_at_final", false)?,
-            sigma_spacing: if karras {
-                SigmaSpacing::Karras
-            } else if exponential {
-                SigmaSpacing::Exponential
-            } else {
-                SigmaSpacing::Interpolated
-            },
+            lower_order_final: c.lower_order_final,
+            euler_at_final: c.euler_at_final,
+            sigma_spacing: SigmaSpacing::from_flags(cfg, c.use_karras_sigmas, c.use_exponential_sigmas)?,
             // diffusers leaves Karras timesteps fractional for the cosine schedule (then
             // truncates them to integers).
-            round_karras_timesteps: cfg.str_or("beta_schedule", "linear")? != "squaredcos_cap_v2",
-            final_sigma_min,
-            lambda_min_clipped: cfg.f64_or("lambda_min_clipped", f64::NEG_INFINITY)?,
+            round_karras_timesteps: betas.beta_schedule != BetaSchedule::SquaredcosCapV2,
+            final_sigma_min: c.final_sigmas_type == FinalSigmas::SigmaMin,
+            lambda_min_clipped: c.lambda_min_clipped,
             timesteps: Vec::new(),
             sigmas: Vec::new(),
-            model_outputs: vec![None; solver_order],
+            model_outputs: vec![None; c.solver_order],
             lower_order_nums: 0,
             step_index: None,
         })
@@ -221,6 +198,10 @@ impl<S: Sample> Scheduler<S> for DpmSolverMultistep<S> {
 
     fn prediction_type(&self) -> PredictionType {
         self.prediction
+    }
+
+    fn sigma_spacing(&self) -> SigmaSpacing {
+        self.sigma_spacing
     }
 
     fn train_schedule(&self) -> &TrainSchedule {

@@ -52,7 +52,7 @@ pub enum SchedulerError {
         /// The file.
         path: PathBuf,
         /// The config key.
-        field: &'static str,
+        field: String,
         /// The value found.
         value: String,
         /// The accepted values.

@@ -1,14 +1,16 @@
 //! The Euler samplers of Karras et al. (2022), as diffusers' `EulerDiscreteScheduler` and
-//! `EulerAncestralDiscreteScheduler`. They work in sigma space: the sample is scaled by
+//! `EulerAncestralDiscreteScheduler`: one type, [`Euler`], with an ancestral flag. They work in sigma space: the sample is scaled by
 //! `init_noise_sigma` at the start and the model input by `1 / sqrt(sigma^2 + 1)`.
 
-use crate::config::{PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing};
+use crate::config::{
+    EulerConfig, FinalSigmas, PredictionType, SchedulerConfig, SchedulerKind, SigmaSpacing, TimestepSpacing,
+};
 use crate::error::{Result, SchedulerError};
 use crate::noise::NoiseSource;
 use crate::sample::Sample;
 use crate::schedule::{
-    check_steps, exponential_sigmas, karras_sigmas, np_arange, np_interp, np_linspace, sigma_to_t, train_sigmas,
-    TrainSchedule,
+    check_steps, exponential_sigmas, karras_sigmas, np_arange, np_interp, np_linspace, sigma_alphas, sigma_to_t,
+    train_sigmas, TrainSchedule,
 };
 use crate::{check_same_shape, Scheduler};
 
@@ -28,18 +30,6 @@ fn euler_timesteps(spacing: TimestepSpacing, train: usize, n: usize, steps_offse
             .map(|v| v.round_ties_even() as f32 - 1.0)
             .collect(),
     }
-}
-
-/// The `alphas_cumprod` the Euler-type classes derive sigmas from: with
-/// `rescale_betas_zero_snr` diffusers sets the last one to 2^-24 so the last sigma is finite.
-fn sigma_alphas(schedule: &TrainSchedule, cfg: &SchedulerConfig) -> Result<Vec<f32>> {
-    let mut ac = schedule.alphas_cumprod().to_vec();
-    if cfg.bool_or("rescale_betas_zero_snr", false)? {
-        if let Some(last) = ac.last_mut() {
-            *last = 2f32.powi(-24);
-        }
-    }
-    Ok(ac)
 }
 
 /// diffusers' `index_for_timestep`: the position of `t` in the schedule, the second one if it
@@ -91,29 +81,34 @@ fn step_index(current: &mut Option<usize>, timesteps: &[f32], t: f32) -> Result<
     Ok(i)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SigmaSpacing {
-    Interpolated,
-    Karras,
-    Exponential,
-}
-
-/// `EulerDiscreteScheduler` (deterministic; `s_churn = 0`).
+/// `EulerDiscreteScheduler` (deterministic; `s_churn = 0`) and
+/// `EulerAncestralDiscreteScheduler` (an Euler step to `sigma_down` plus fresh noise of scale
+/// `sigma_up`; it draws one noise tensor every step, the last one too, scaled by 0, as
+/// diffusers). The two share the schedule, the model-input scaling and the x0 prediction.
 ///
-/// Config keys: `num_train_timesteps`, `beta_start`, `beta_end`, `beta_schedule`,
-/// `trained_betas`, `prediction_type`, `interpolation_type` (`linear`), `use_karras_sigmas`,
-/// `use_exponential_sigmas`, `sigma_min`, `sigma_max`, `timestep_spacing` (default linspace),
-/// `timestep_type` (`discrete`, or `continuous` with v-prediction), `steps_offset`,
-/// `rescale_betas_zero_snr`, `final_sigmas_type` (`zero`, `sigma_min`).
+/// Config keys ([`EulerConfig`]): `num_train_timesteps`, `beta_start`, `beta_end`,
+/// `beta_schedule`, `trained_betas`, `prediction_type`, `timestep_spacing` (default linspace),
+/// `steps_offset`, `rescale_betas_zero_snr`; for the plain class also `interpolation_type`
+/// (`linear`), `use_karras_sigmas`, `use_exponential_sigmas`, `sigma_min`, `sigma_max`,
+/// `timestep_type` (`discrete`, or `continuous` with v-prediction) and `final_sigmas_type`
+/// (`zero`, `sigma_min`).
 ///
 /// ```
-/// use scheduler::{Euler, HostSample, Scheduler, SchedulerConfig};
-/// let mut s = Euler::from_config(&SchedulerConfig::from_json_str("{}").unwrap()).unwrap();
+/// use scheduler::{Euler, HostSample, Scheduler, SchedulerConfig, SeededRng};
+/// let cfg = SchedulerConfig::from_json_str("{}").unwrap();
+/// let mut s = Euler::from_config(&cfg).unwrap();
 /// Scheduler::<HostSample>::set_timesteps(&mut s, 3).unwrap();
 /// assert_eq!(Scheduler::<HostSample>::timesteps(&s), &[999.0, 499.5, 0.0]);
+///
+/// let mut a = Euler::ancestral_from_config(&cfg).unwrap();
+/// Scheduler::<HostSample>::set_timesteps(&mut a, 5).unwrap();
+/// let x = HostSample::zeros(vec![1, 4]);
+/// let y = a.step(&x, 999.0, &x, &mut SeededRng::new(0)).unwrap();
+/// assert!(y.data.iter().all(|v| v.is_finite()));
 /// ```
 #[derive(Debug, Clone)]
 pub struct Euler {
+    ancestral: bool,
     schedule: TrainSchedule,
     sigma_alphas: Vec<f32>,
     prediction: PredictionType,
@@ -130,50 +125,57 @@ pub struct Euler {
 }
 
 impl Euler {
-    /// Builds the scheduler from a config (Euler's defaults for missing keys).
+    /// `EulerDiscreteScheduler` from a config (its defaults for missing keys).
     pub fn from_config(cfg: &SchedulerConfig) -> Result<Self> {
+        Self::build(cfg, false)
+    }
+
+    /// `EulerAncestralDiscreteScheduler` from a config (its defaults for missing keys).
+    pub fn ancestral_from_config(cfg: &SchedulerConfig) -> Result<Self> {
+        Self::build(cfg, true)
+    }
+
+    fn build(cfg: &SchedulerConfig, ancestral: bool) -> Result<Self> {
         let schedule = TrainSchedule::from_config(cfg, true)?;
-        let interpolation = cfg.str_or("interpolation_type", "linear")?;
-        if interpolation != "linear" {
-            return Err(cfg.unsupported("interpolation_type", interpolation, "linear"));
+        let mut c: EulerConfig = cfg.read()?;
+        if ancestral {
+            if c.prediction_type == PredictionType::Sample {
+                // diffusers raises NotImplementedError at the first step; fail early instead.
+                return Err(cfg.unsupported(
+                    "prediction_type",
+                    "sample",
+                    "epsilon, v_prediction (for EulerAncestralDiscreteScheduler)",
+                ));
+            }
+            // Not keys of the ancestral class: a config written for Euler keeps them, unread.
+            let own = (c.prediction_type, c.timestep_spacing, c.steps_offset);
+            c = EulerConfig::default();
+            (c.prediction_type, c.timestep_spacing, c.steps_offset) = own;
         }
-        if cfg.bool_or("use_beta_sigmas", false)? {
+        if c.interpolation_type != "linear" {
+            return Err(cfg.unsupported("interpolation_type", &c.interpolation_type, "linear"));
+        }
+        if c.use_beta_sigmas {
             return Err(cfg.unsupported("use_beta_sigmas", "true", "false"));
         }
-        let karras = cfg.bool_or("use_karras_sigmas", false)?;
-        let exponential = cfg.bool_or("use_exponential_sigmas", false)?;
-        if karras && exponential {
-            return Err(cfg.invalid("use_karras_sigmas", "and `use_exponential_sigmas` cannot both be true"));
-        }
-        let prediction = cfg.prediction_type()?;
-        let continuous_timesteps = match cfg.str_or("timestep_type", "discrete")? {
+        let continuous_timesteps = match c.timestep_type.as_str() {
             "discrete" => false,
             // diffusers uses continuous timesteps (0.25 ln sigma) only with v-prediction.
-            "continuous" => prediction == PredictionType::VPrediction,
+            "continuous" => c.prediction_type == PredictionType::VPrediction,
             other => return Err(cfg.unsupported("timestep_type", other, "discrete, continuous")),
         };
-        let final_sigma_min = match cfg.str_or("final_sigmas_type", "zero")? {
-            "zero" => false,
-            "sigma_min" => true,
-            other => return Err(cfg.unsupported("final_sigmas_type", other, "zero, sigma_min")),
-        };
         Ok(Euler {
-            sigma_alphas: sigma_alphas(&schedule, cfg)?,
+            ancestral,
+            sigma_alphas: sigma_alphas(&schedule, &cfg.read()?),
             schedule,
-            prediction,
-            spacing: cfg.timestep_spacing("linspace")?,
-            steps_offset: cfg.i64_or("steps_offset", 0)?,
-            sigma_spacing: if karras {
-                SigmaSpacing::Karras
-            } else if exponential {
-                SigmaSpacing::Exponential
-            } else {
-                SigmaSpacing::Interpolated
-            },
-            sigma_min: cfg.opt_f64("sigma_min")?,
-            sigma_max: cfg.opt_f64("sigma_max")?,
+            prediction: c.prediction_type,
+            spacing: c.timestep_spacing,
+            steps_offset: c.steps_offset,
+            sigma_spacing: SigmaSpacing::from_flags(cfg, c.use_karras_sigmas, c.use_exponential_sigmas)?,
+            sigma_min: c.sigma_min,
+            sigma_max: c.sigma_max,
             continuous_timesteps,
-            final_sigma_min,
+            final_sigma_min: c.final_sigmas_type == FinalSigmas::SigmaMin,
             timesteps: Vec::new(),
             sigmas: Vec::new(),
             step_index: None,
@@ -188,11 +190,19 @@ impl Euler {
 
 impl<S: Sample> Scheduler<S> for Euler {
     fn kind(&self) -> SchedulerKind {
-        SchedulerKind::Euler
+        if self.ancestral {
+            SchedulerKind::EulerAncestral
+        } else {
+            SchedulerKind::Euler
+        }
     }
 
     fn prediction_type(&self) -> PredictionType {
         self.prediction
+    }
+
+    fn sigma_spacing(&self) -> SigmaSpacing {
+        self.sigma_spacing
     }
 
     fn train_schedule(&self) -> &TrainSchedule {
@@ -233,125 +243,20 @@ impl<S: Sample> Scheduler<S> for Euler {
     }
 
     fn init_noise_sigma(&self) -> f32 {
-        euler_init_noise_sigma(&self.sigmas, &self.sigma_alphas, self.spacing)
+        // Before set_timesteps, from the training sigmas, as diffusers does.
+        if self.sigmas.is_empty() {
+            let mut s = train_sigmas(&self.sigma_alphas);
+            s.push(0.0);
+            return init_sigma(&s, self.spacing);
+        }
+        init_sigma(&self.sigmas, self.spacing)
     }
 
+    /// `sample / sqrt(sigma² + 1)`.
     fn scale_model_input(&mut self, sample: &S, timestep: f32) -> Result<S> {
-        euler_scale_model_input(&mut self.step_index, &self.timesteps, &self.sigmas, sample, timestep)
-    }
-
-    fn step(&mut self, model_output: &S, timestep: f32, sample: &S, _noise: &mut dyn NoiseSource<S>) -> Result<S> {
-        check_same_shape(model_output, sample)?;
         let i = step_index(&mut self.step_index, &self.timesteps, timestep)?;
-        if i + 1 >= self.sigmas.len() {
-            return Err(SchedulerError::PastEnd { calls: i + 1, len: self.timesteps.len() });
-        }
-        // gamma = 0 (no churn): sigma_hat = sigma.
         let sigma = self.sigmas[i];
-        let x0 = predict_x0(self.prediction, model_output, sample, sigma);
-        let derivative = S::lin(1.0, sample, -1.0, &x0).div(sigma);
-        let dt = self.sigmas[i + 1] - sigma;
-        self.step_index = Some(i + 1);
-        Ok(S::lin(1.0, sample, dt, &derivative))
-    }
-}
-
-/// `EulerAncestralDiscreteScheduler`: an Euler step to `sigma_down` plus fresh noise of scale
-/// `sigma_up`; draws one noise tensor every step (the last one too, scaled by 0), as diffusers.
-///
-/// Config keys: `num_train_timesteps`, `beta_start`, `beta_end`, `beta_schedule`,
-/// `trained_betas`, `prediction_type` (`epsilon`, `v_prediction`), `timestep_spacing` (default
-/// linspace), `steps_offset`, `rescale_betas_zero_snr`.
-///
-/// ```
-/// use scheduler::{EulerAncestral, HostSample, Scheduler, SchedulerConfig, SeededRng};
-/// let mut s = EulerAncestral::from_config(&SchedulerConfig::from_json_str("{}").unwrap()).unwrap();
-/// Scheduler::<HostSample>::set_timesteps(&mut s, 5).unwrap();
-/// let x = HostSample::zeros(vec![1, 4]);
-/// let y = s.step(&x, 999.0, &x, &mut SeededRng::new(0)).unwrap();
-/// assert!(y.data.iter().all(|v| v.is_finite()));
-/// ```
-#[derive(Debug, Clone)]
-pub struct EulerAncestral {
-    schedule: TrainSchedule,
-    sigma_alphas: Vec<f32>,
-    prediction: PredictionType,
-    spacing: TimestepSpacing,
-    steps_offset: i64,
-    timesteps: Vec<f32>,
-    sigmas: Vec<f32>,
-    step_index: Option<usize>,
-}
-
-impl EulerAncestral {
-    /// Builds the scheduler from a config (Euler ancestral's defaults for missing keys).
-    pub fn from_config(cfg: &SchedulerConfig) -> Result<Self> {
-        let schedule = TrainSchedule::from_config(cfg, true)?;
-        let prediction = cfg.prediction_type()?;
-        if prediction == PredictionType::Sample {
-            // diffusers raises NotImplementedError at the first step; fail early instead.
-            return Err(cfg.unsupported(
-                "prediction_type",
-                "sample",
-                "epsilon, v_prediction (for EulerAncestralDiscreteScheduler)",
-            ));
-        }
-        Ok(EulerAncestral {
-            sigma_alphas: sigma_alphas(&schedule, cfg)?,
-            schedule,
-            prediction,
-            spacing: cfg.timestep_spacing("linspace")?,
-            steps_offset: cfg.i64_or("steps_offset", 0)?,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
-            step_index: None,
-        })
-    }
-
-    /// The sigmas of the current schedule (one more than the timesteps: the final zero).
-    pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
-    }
-}
-
-impl<S: Sample> Scheduler<S> for EulerAncestral {
-    fn kind(&self) -> SchedulerKind {
-        SchedulerKind::EulerAncestral
-    }
-
-    fn prediction_type(&self) -> PredictionType {
-        self.prediction
-    }
-
-    fn train_schedule(&self) -> &TrainSchedule {
-        &self.schedule
-    }
-
-    fn set_timesteps(&mut self, n: usize) -> Result<()> {
-        let train = self.schedule.num_train_timesteps();
-        check_steps(n, train)?;
-        self.timesteps = euler_timesteps(self.spacing, train, n, self.steps_offset);
-        let train_sig = train_sigmas(&self.sigma_alphas);
-        self.sigmas = self
-            .timesteps
-            .iter()
-            .map(|&t| np_interp(t as f64, &train_sig) as f32)
-            .chain(std::iter::once(0.0))
-            .collect();
-        self.step_index = None;
-        Ok(())
-    }
-
-    fn timesteps(&self) -> &[f32] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f32 {
-        euler_init_noise_sigma(&self.sigmas, &self.sigma_alphas, self.spacing)
-    }
-
-    fn scale_model_input(&mut self, sample: &S, timestep: f32) -> Result<S> {
-        euler_scale_model_input(&mut self.step_index, &self.timesteps, &self.sigmas, sample, timestep)
+        Ok(sample.div((sigma * sigma + 1.0).sqrt()))
     }
 
     fn step(&mut self, model_output: &S, timestep: f32, sample: &S, noise: &mut dyn NoiseSource<S>) -> Result<S> {
@@ -360,40 +265,20 @@ impl<S: Sample> Scheduler<S> for EulerAncestral {
         if i + 1 >= self.sigmas.len() {
             return Err(SchedulerError::PastEnd { calls: i + 1, len: self.timesteps.len() });
         }
-        let sigma = self.sigmas[i];
+        // gamma = 0 (no churn): sigma_hat = sigma.
+        let (sigma, next) = (self.sigmas[i], self.sigmas[i + 1]);
         let x0 = predict_x0(self.prediction, model_output, sample, sigma);
-        let (from, to) = (sigma, self.sigmas[i + 1]);
-        let sigma_up = (to * to * (from * from - to * to) / (from * from)).sqrt();
-        let sigma_down = (to * to - sigma_up * sigma_up).sqrt();
         let derivative = S::lin(1.0, sample, -1.0, &x0).div(sigma);
-        let dt = sigma_down - sigma;
-        let prev = S::lin(1.0, sample, dt, &derivative);
-        let n = noise.standard_normal_like(model_output)?;
+        let out = if self.ancestral {
+            let sigma_up = (next * next * (sigma * sigma - next * next) / (sigma * sigma)).sqrt();
+            let sigma_down = (next * next - sigma_up * sigma_up).sqrt();
+            let prev = S::lin(1.0, sample, sigma_down - sigma, &derivative);
+            let n = noise.standard_normal_like(model_output)?;
+            S::lin(1.0, &prev, sigma_up, &n)
+        } else {
+            S::lin(1.0, sample, next - sigma, &derivative)
+        };
         self.step_index = Some(i + 1);
-        Ok(S::lin(1.0, &prev, sigma_up, &n))
+        Ok(out)
     }
-}
-
-/// `init_noise_sigma` of the Euler family: from the inference sigmas, or before
-/// `set_timesteps` from the training sigmas, as diffusers does.
-fn euler_init_noise_sigma(sigmas: &[f32], sigma_alphas: &[f32], spacing: TimestepSpacing) -> f32 {
-    if sigmas.is_empty() {
-        let mut s = train_sigmas(sigma_alphas);
-        s.push(0.0);
-        return init_sigma(&s, spacing);
-    }
-    init_sigma(sigmas, spacing)
-}
-
-/// `scale_model_input` of the Euler family: `sample / sqrt(sigma² + 1)`.
-fn euler_scale_model_input<S: Sample>(
-    step: &mut Option<usize>,
-    timesteps: &[f32],
-    sigmas: &[f32],
-    sample: &S,
-    timestep: f32,
-) -> Result<S> {
-    let i = step_index(step, timesteps, timestep)?;
-    let sigma = sigmas[i];
-    Ok(sample.div((sigma * sigma + 1.0).sqrt()))
 }

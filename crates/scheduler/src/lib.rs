@@ -13,7 +13,8 @@
 //!   [`NoiseQueue`], or `BurnNoise` on the device).
 //! * [`from_dir`] / [`load`] read a folder's `scheduler_config.json`; an override name
 //!   ([`CLI_NAMES`]) builds another class from the same config, as diffusers' `from_config`.
-//! * [`run_stage`] is the `scheduler` stage of the stage runner (see the README).
+//! * Each class reads its own typed config ([`DdimConfig`], [`EulerConfig`], ...) from the
+//!   same JSON with [`SchedulerConfig::read`], with that class's defaults, as diffusers does.
 //!
 //! ```
 //! use scheduler::{HostSample, NoNoise, Scheduler, SchedulerConfig};
@@ -42,12 +43,15 @@ mod schedule;
 
 use std::path::Path;
 
-pub use config::{PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing, CLI_NAMES};
+pub use config::{
+    BetaConfig, BetaSchedule, DdimConfig, DdpmConfig, DpmSolverConfig, EulerConfig, FinalSigmas, PndmConfig,
+    PredictionType, SchedulerConfig, SchedulerKind, SigmaSpacing, TimestepSpacing, CLI_NAMES,
+};
 pub use ddim::Ddim;
 pub use ddpm::Ddpm;
 pub use dpm_solver::DpmSolverMultistep;
 pub use error::{Result, SchedulerError};
-pub use euler::{Euler, EulerAncestral};
+pub use euler::Euler;
 #[cfg(feature = "burn")]
 pub use noise::BurnNoise;
 pub use noise::{NoNoise, NoiseQueue, NoiseSource, SeededRng};
@@ -73,6 +77,12 @@ pub trait Scheduler<S: Sample>: Send {
 
     /// `prediction_type` of the config.
     fn prediction_type(&self) -> PredictionType;
+
+    /// How the inference sigmas are spread (Karras, exponential); the default, interpolated,
+    /// is the only choice of the classes without sigma options.
+    fn sigma_spacing(&self) -> SigmaSpacing {
+        SigmaSpacing::Interpolated
+    }
 
     /// The training schedule (betas, alphas_cumprod) the training helpers use.
     fn train_schedule(&self) -> &TrainSchedule;
@@ -184,7 +194,7 @@ pub fn from_config<S: Sample + 'static>(
         SchedulerKind::Ddpm => Box::new(Ddpm::from_config(&cfg)?),
         SchedulerKind::Pndm => Box::new(Pndm::<S>::from_config(&cfg)?),
         SchedulerKind::Euler => Box::new(Euler::from_config(&cfg)?),
-        SchedulerKind::EulerAncestral => Box::new(EulerAncestral::from_config(&cfg)?),
+        SchedulerKind::EulerAncestral => Box::new(Euler::ancestral_from_config(&cfg)?),
         SchedulerKind::DpmSolverMultistep => Box::new(DpmSolverMultistep::<S>::from_config(&cfg)?),
     })
 }
@@ -212,88 +222,6 @@ pub fn load<S: Sample + 'static>(dir: &Path, override_name: Option<&str>) -> Res
 /// ```
 pub fn from_dir(dir: &Path, override_name: Option<&str>) -> Result<Box<dyn Scheduler<HostSample>>> {
     load(dir, override_name)
-}
-
-/// The seed of the host noise [`run_stage`] gives stochastic schedulers.
-pub const STAGE_NOISE_SEED: u64 = 0;
-
-/// The `scheduler` stage: sets `num_inference_steps`, then steps `sample` with one model output
-/// per timestep. Returns the timesteps and the sample after each step. Stochastic schedulers get
-/// [`SeededRng`] noise seeded with [`STAGE_NOISE_SEED`]; use [`run_stage_with`] to choose.
-///
-/// ```no_run
-/// use scheduler::HostSample;
-/// let x = HostSample::zeros(vec![1, 4, 8, 8]);
-/// let outs = vec![HostSample::zeros(vec![1, 4, 8, 8]); 25];
-/// let (timesteps, samples) = scheduler::run_stage("sd15/scheduler".as_ref(), &x, &outs, 25)?;
-/// # Ok::<(), scheduler::SchedulerError>(())
-/// ```
-pub fn run_stage(
-    dir: &Path,
-    sample: &HostSample,
-    model_outputs: &[HostSample],
-    num_inference_steps: usize,
-) -> Result<(Vec<f32>, Vec<HostSample>)> {
-    run_stage_with(dir, None, sample, model_outputs, num_inference_steps, &mut SeededRng::new(STAGE_NOISE_SEED))
-}
-
-/// [`run_stage`] with a scheduler override name and an explicit noise source.
-pub fn run_stage_with(
-    dir: &Path,
-    override_name: Option<&str>,
-    sample: &HostSample,
-    model_outputs: &[HostSample],
-    num_inference_steps: usize,
-    noise: &mut dyn NoiseSource<HostSample>,
-) -> Result<(Vec<f32>, Vec<HostSample>)> {
-    let mut s = from_dir(dir, override_name)?;
-    run_loop(s.as_mut(), sample, model_outputs, num_inference_steps, noise)
-}
-
-/// The sampling loop on given model outputs: `set_timesteps`, then per timestep
-/// `scale_model_input` (whose result the caller's model would consume) and `step`.
-///
-/// ```
-/// use scheduler::{HostSample, NoNoise, SchedulerConfig};
-/// let cfg = SchedulerConfig::from_json_str(r#"{"_class_name": "PNDMScheduler", "skip_prk_steps": true}"#).unwrap();
-/// let mut s = scheduler::from_config::<HostSample>(&cfg, None).unwrap();
-/// let x = HostSample::zeros(vec![1, 1]);
-/// // PNDM runs the model N + 1 times for N steps: 4 outputs are one short for 4 steps.
-/// let e = scheduler::run_loop(s.as_mut(), &x, &vec![x.clone(); 4], 4, &mut NoNoise).unwrap_err();
-/// assert!(e.to_string().contains("5 timesteps"));
-/// ```
-pub fn run_loop(
-    scheduler: &mut dyn Scheduler<HostSample>,
-    sample: &HostSample,
-    model_outputs: &[HostSample],
-    num_inference_steps: usize,
-    noise: &mut dyn NoiseSource<HostSample>,
-) -> Result<(Vec<f32>, Vec<HostSample>)> {
-    scheduler.set_timesteps(num_inference_steps)?;
-    let timesteps = scheduler.timesteps().to_vec();
-    if model_outputs.len() != timesteps.len() {
-        return Err(SchedulerError::Shape(format!(
-            "{} model outputs, but {} with {num_inference_steps} inference steps has {} timesteps; \
-             give one model output per timestep",
-            model_outputs.len(),
-            scheduler.kind().class_name(),
-            timesteps.len()
-        )));
-    }
-    if let Some(bad) = model_outputs.iter().find(|m| m.shape != sample.shape) {
-        return Err(SchedulerError::Shape(format!(
-            "model output {:?} does not match sample {:?}",
-            bad.shape, sample.shape
-        )));
-    }
-    let mut x = sample.clone();
-    let mut samples = Vec::with_capacity(timesteps.len());
-    for (&t, out) in timesteps.iter().zip(model_outputs) {
-        scheduler.scale_model_input(&x, t)?;
-        x = scheduler.step(out, t, &x, noise)?;
-        samples.push(x.clone());
-    }
-    Ok((timesteps, samples))
 }
 
 /// Checks that a model output has the sample's shape (every `step` does, so a wrong tensor is a

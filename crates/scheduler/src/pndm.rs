@@ -1,7 +1,7 @@
 //! PNDM's pseudo linear multistep (PLMS) sampler, as diffusers' `PNDMScheduler` with
 //! `skip_prk_steps = true` (the Stable Diffusion setting).
 
-use crate::config::{PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing};
+use crate::config::{PndmConfig, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing};
 use crate::error::{Result, SchedulerError};
 use crate::noise::NoiseSource;
 use crate::sample::Sample;
@@ -41,7 +41,8 @@ pub struct Pndm<S> {
 impl<S: Sample> Pndm<S> {
     /// Builds the scheduler from a config (PNDM's defaults for missing keys).
     pub fn from_config(cfg: &SchedulerConfig) -> Result<Self> {
-        if !cfg.bool_or("skip_prk_steps", false)? {
+        let c: PndmConfig = cfg.read()?;
+        if !c.skip_prk_steps {
             return Err(cfg.unsupported(
                 "skip_prk_steps",
                 "false",
@@ -49,17 +50,15 @@ impl<S: Sample> Pndm<S> {
             ));
         }
         let schedule = TrainSchedule::from_config(cfg, false)?;
-        let prediction = cfg.prediction_type()?;
-        if prediction == PredictionType::Sample {
+        if c.prediction_type == PredictionType::Sample {
             return Err(cfg.unsupported("prediction_type", "sample", "epsilon, v_prediction (for PNDMScheduler)"));
         }
-        let final_alpha_cumprod =
-            if cfg.bool_or("set_alpha_to_one", false)? { 1.0 } else { schedule.alphas_cumprod()[0] };
+        let final_alpha_cumprod = if c.set_alpha_to_one { 1.0 } else { schedule.alphas_cumprod()[0] };
         Ok(Pndm {
             schedule,
-            prediction,
-            spacing: cfg.timestep_spacing("leading")?,
-            steps_offset: cfg.i64_or("steps_offset", 0)?,
+            prediction: c.prediction_type,
+            spacing: c.timestep_spacing,
+            steps_offset: c.steps_offset,
             final_alpha_cumprod,
             num_inference_steps: 0,
             timesteps: Vec::new(),

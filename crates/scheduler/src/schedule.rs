@@ -5,7 +5,7 @@
 //! here says which one it mirrors. The differences matter only at the last bit, but they are what
 //! lets the crate match diffusers to ~1e-7 instead of ~1e-5.
 
-use crate::config::{PredictionType, SchedulerConfig};
+use crate::config::{BetaConfig, BetaSchedule, PredictionType, SchedulerConfig};
 use crate::error::{Result, SchedulerError};
 use crate::sample::Sample;
 
@@ -35,13 +35,13 @@ impl TrainSchedule {
 
     /// As [`TrainSchedule::from_config`]; `sigmoid_supported` adds DDPM's `sigmoid` schedule.
     pub(crate) fn build(cfg: &SchedulerConfig, rescale_supported: bool, sigmoid_supported: bool) -> Result<Self> {
-        let n = cfg.usize_or("num_train_timesteps", 1000)?;
+        let c: BetaConfig = cfg.read()?;
+        let n = c.num_train_timesteps;
         if n == 0 {
             return Err(cfg.invalid("num_train_timesteps", "must be at least 1, got 0"));
         }
-        let beta_start = cfg.f64_or("beta_start", 0.0001)?;
-        let beta_end = cfg.f64_or("beta_end", 0.02)?;
-        let mut betas = if let Some(trained) = cfg.opt_f64_list("trained_betas")? {
+        let (beta_start, beta_end) = (c.beta_start, c.beta_end);
+        let mut betas = if let Some(trained) = &c.trained_betas {
             if trained.len() != n {
                 return Err(cfg.invalid(
                     "trained_betas",
@@ -50,40 +50,40 @@ impl TrainSchedule {
             }
             trained.iter().map(|&b| b as f32).collect()
         } else {
-            match cfg.str_or("beta_schedule", "linear")? {
-                "linear" => torch_linspace_f32(beta_start as f32, beta_end as f32, n),
+            match c.beta_schedule {
+                BetaSchedule::Linear => torch_linspace_f32(beta_start as f32, beta_end as f32, n),
                 // torch.linspace(start ** 0.5, end ** 0.5) ** 2: the square roots in Python
                 // float64, the ramp and the square in float32.
-                "scaled_linear" => torch_linspace_f32(beta_start.powf(0.5) as f32, beta_end.powf(0.5) as f32, n)
-                    .into_iter()
-                    .map(|b| b * b)
-                    .collect(),
-                "squaredcos_cap_v2" => betas_for_alpha_bar(n),
-                "sigmoid" if sigmoid_supported => {
+                BetaSchedule::ScaledLinear => {
+                    torch_linspace_f32(beta_start.powf(0.5) as f32, beta_end.powf(0.5) as f32, n)
+                        .into_iter()
+                        .map(|b| b * b)
+                        .collect()
+                }
+                BetaSchedule::SquaredcosCapV2 => betas_for_alpha_bar(n),
+                BetaSchedule::Sigmoid if sigmoid_supported => {
                     let scale = (beta_end - beta_start) as f32;
                     torch_linspace_f32(-6.0, 6.0, n)
                         .into_iter()
                         .map(|x| 1.0 / (1.0 + (-x).exp()) * scale + beta_start as f32)
                         .collect()
                 }
-                other => {
-                    let expected = if sigmoid_supported {
-                        "linear, scaled_linear, squaredcos_cap_v2, sigmoid"
-                    } else {
-                        "linear, scaled_linear, squaredcos_cap_v2"
-                    };
-                    return Err(cfg.unsupported("beta_schedule", other, expected));
+                BetaSchedule::Sigmoid => {
+                    return Err(cfg.unsupported(
+                        "beta_schedule",
+                        "sigmoid",
+                        "linear, scaled_linear, squaredcos_cap_v2 (sigmoid: DDPMScheduler only)",
+                    ));
                 }
             }
         };
         // A beta outside [0, 1) makes alphas_cumprod negative or NaN: every step would then be
         // silent garbage (a black image).
         if let Some((i, b)) = betas.iter().enumerate().find(|(_, b)| !(b.is_finite() && (0.0..1.0).contains(*b))) {
-            let field =
-                if cfg.opt_f64_list("trained_betas")?.is_some() { "trained_betas" } else { "beta_start/beta_end" };
+            let field = if c.trained_betas.is_some() { "trained_betas" } else { "beta_start/beta_end" };
             return Err(cfg.invalid(field, format!("gives beta {b} at timestep {i}; betas must be in [0, 1)")));
         }
-        if rescale_supported && cfg.bool_or("rescale_betas_zero_snr", false)? {
+        if rescale_supported && c.rescale_betas_zero_snr {
             betas = rescale_zero_terminal_snr(&betas);
         }
         let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
@@ -257,6 +257,18 @@ fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
         out.push(1.0 - bar[i] / bar[i - 1]);
     }
     out
+}
+
+/// The `alphas_cumprod` the sigma-space classes (Euler, DPM-Solver) derive sigmas from: with
+/// `rescale_betas_zero_snr` diffusers sets the last one to 2^-24 so the last sigma is finite.
+pub(crate) fn sigma_alphas(schedule: &TrainSchedule, betas: &BetaConfig) -> Vec<f32> {
+    let mut ac = schedule.alphas_cumprod().to_vec();
+    if betas.rescale_betas_zero_snr {
+        if let Some(last) = ac.last_mut() {
+            *last = 2f32.powi(-24);
+        }
+    }
+    ac
 }
 
 /// `((1 - ac) / ac) ** 0.5` in float32 (the Karras-style sigmas of the training timesteps).

@@ -98,23 +98,6 @@ fn unknown_config_values_are_named() {
 }
 
 #[test]
-fn pndm_stage_needs_one_output_per_timestep() {
-    let dir = temp_dir("pndm-stage", SD15);
-    let x = HostSample::zeros(vec![1, 4, 2, 2]);
-    // 10 inference steps -> 11 PLMS timesteps.
-    let e = scheduler::run_stage(&dir, &x, &vec![x.clone(); 10], 10).unwrap_err();
-    let msg = e.to_string();
-    assert!(msg.contains("10 model outputs") && msg.contains("11 timesteps") && msg.contains("PNDMScheduler"), "{msg}");
-    let (ts, samples) = scheduler::run_stage(&dir, &x, &vec![x.clone(); 11], 10).unwrap();
-    assert_eq!((ts.len(), samples.len()), (11, 11));
-    assert_eq!(ts[1], ts[2], "PLMS repeats its second timestep");
-    // A model output of the wrong shape is an error, not a panic.
-    let mut outs = vec![x.clone(); 11];
-    outs[3] = HostSample::zeros(vec![1, 4, 2, 3]);
-    assert!(matches!(scheduler::run_stage(&dir, &x, &outs, 10), Err(SchedulerError::Shape(_))));
-}
-
-#[test]
 fn step_errors_are_clear() {
     let dir = temp_dir("step-errors", SD15);
     let x = HostSample::zeros(vec![1, 2]);

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::{fixtures, max_rel_err, read_safetensors, TOL};
-use scheduler::{DpmSolverMultistep, Euler, EulerAncestral, HostSample, NoiseQueue, Scheduler, SchedulerConfig};
+use scheduler::{DpmSolverMultistep, Euler, HostSample, NoiseQueue, Scheduler, SchedulerConfig};
 
 /// The sigmas the Rust scheduler of a fixture computes for its step count.
 fn rust_sigmas(dir: &Path) -> Option<Vec<f32>> {
@@ -25,7 +25,7 @@ fn rust_sigmas(dir: &Path) -> Option<Vec<f32>> {
             Some(s.sigmas().to_vec())
         }
         "EulerAncestralDiscreteScheduler" => {
-            let mut s = EulerAncestral::from_config(&cfg).unwrap();
+            let mut s = Euler::ancestral_from_config(&cfg).unwrap();
             Scheduler::<HostSample>::set_timesteps(&mut s, n).unwrap();
             Some(s.sigmas().to_vec())
         }
@@ -72,7 +72,7 @@ fn timestep_table_matches_diffusers() {
                     e.sigmas().to_vec()
                 }
                 "euler-a" => {
-                    let mut e = EulerAncestral::from_config(&cfg).unwrap();
+                    let mut e = Euler::ancestral_from_config(&cfg).unwrap();
                     Scheduler::<HostSample>::set_timesteps(&mut e, n).unwrap();
                     e.sigmas().to_vec()
                 }

@@ -29,65 +29,51 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
-use model_io::tensor_file::{write_tensors, HostTensor};
-
 use crate::root;
 
 /// Every bench, and those run when none is named.
 pub const BENCHES: &[&str] = &["unet", "vae", "text", "blip2", "generate", "train-step", "load"];
 const DEFAULT_BENCHES: &[&str] = &["unet", "vae", "text", "blip2"];
 
-/// The usage lines of `bench` (for `cargo xtask --help`).
-pub const USAGE: &str = "\
-bench [unet|vae|text|blip2|generate|train-step|load]... [--repeat N] [--steps N] [--torch PYTHON]\n    \
-    time full-size SD 1.5 / ViT-g work with random weights (default: unet vae text blip2):\n    \
-    median of N runs after a warm-up (N: 3; 1 for generate and train-step) and peak memory.\n    \
-    --steps N: generate's denoising steps (4). --torch PYTHON: run the same work in PyTorch\n    \
-    (a Python with numpy, torch, diffusers, transformers; peft for a LoRA train-step) and\n    \
-    print the ratio ours / PyTorch. load writes a 3.44 GB checkpoint once (target/bench-data).";
-
-/// Parsed `bench` arguments.
-#[derive(Debug, PartialEq)]
+/// Time full-size SD 1.5 / ViT-g work with random weights through the release `personalize`:
+/// the median of N runs after a warm-up, and peak memory; optionally the same work in PyTorch
+/// and the ratio ours / PyTorch.
+#[derive(Debug, PartialEq, clap::Args)]
 pub struct BenchArgs {
+    /// The benches to run (default: unet vae text blip2). `load` writes a 3.44 GB checkpoint
+    /// once, under target/bench-data.
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(BENCHES))]
     pub names: Vec<String>,
-    /// Timed runs; `None`: the bench's default.
-    pub repeat: Option<usize>,
-    pub steps: usize,
+    /// Timed runs (default 3; 1 for generate and train-step).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub repeat: Option<u64>,
+    /// The denoising steps of `generate`.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    pub steps: u64,
+    /// Run the same work in PyTorch with this Python (numpy, torch, diffusers, transformers;
+    /// peft for a LoRA train-step) and print the ratios.
+    #[arg(long, value_name = "PYTHON")]
     pub torch: Option<String>,
 }
 
-fn positive(flag: &str, v: Option<&String>) -> Result<usize, String> {
-    let v = v.ok_or_else(|| format!("{flag} needs a number"))?;
-    match v.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(format!("{flag} {v}: expected a positive whole number")),
-    }
-}
-
-pub fn parse_args(args: &[String]) -> Result<BenchArgs, String> {
-    let mut a = BenchArgs { names: vec![], repeat: None, steps: 4, torch: None };
-    let mut it = args.iter();
-    while let Some(x) = it.next() {
-        match x.as_str() {
-            "--repeat" => a.repeat = Some(positive("--repeat", it.next())?),
-            "--steps" => a.steps = positive("--steps", it.next())?,
-            "--torch" => a.torch = Some(it.next().ok_or("--torch needs a Python executable")?.clone()),
-            name if BENCHES.contains(&name) => {
-                if !a.names.iter().any(|n| n == name) {
-                    a.names.push(name.to_string());
-                }
+impl BenchArgs {
+    /// The benches to run, each once, in the order given.
+    fn benches(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for n in &self.names {
+            if !names.contains(n) {
+                names.push(n.clone());
             }
-            other => return Err(format!("unknown bench or flag `{other}`; benches: {}", BENCHES.join(", "))),
         }
+        if names.is_empty() {
+            names = DEFAULT_BENCHES.iter().map(|s| s.to_string()).collect();
+        }
+        names
     }
-    if a.names.is_empty() {
-        a.names = DEFAULT_BENCHES.iter().map(|s| s.to_string()).collect();
-    }
-    Ok(a)
 }
 
 /// Timed runs of `name` when `--repeat` is not given.
-fn default_repeat(name: &str) -> usize {
+fn default_repeat(name: &str) -> u64 {
     if matches!(name, "generate" | "train-step") {
         1
     } else {
@@ -191,6 +177,40 @@ pub fn table(rows: &[Row]) -> String {
         }
     }
     out
+}
+
+/// A stage input: f32 or i64 values with a shape.
+enum HostTensor {
+    F32(Vec<usize>, Vec<f32>),
+    I64(Vec<usize>, Vec<i64>),
+}
+
+impl HostTensor {
+    fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        HostTensor::F32(shape, data)
+    }
+
+    fn i64(shape: Vec<usize>, data: Vec<i64>) -> Self {
+        HostTensor::I64(shape, data)
+    }
+}
+
+/// Writes the inputs of a stage run as a safetensors file.
+fn write_tensors(path: &Path, tensors: Vec<(&str, HostTensor)>) -> Result<(), String> {
+    use safetensors::{tensor::TensorView, Dtype};
+    let raw: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(name, t)| match t {
+            HostTensor::F32(shape, d) => (name, Dtype::F32, shape, d.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            HostTensor::I64(shape, d) => (name, Dtype::I64, shape, d.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        })
+        .collect();
+    let views = raw
+        .iter()
+        .map(|(name, dtype, shape, data)| Ok((*name, TensorView::new(*dtype, shape.clone(), data)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+        .map_err(|e| e.to_string())?;
+    safetensors::serialize_to_file(views, None, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// A cheap deterministic `[-1, 1)` tensor: inputs only need to be non-trivial.
@@ -372,12 +392,12 @@ fn run_one(name: &str, exe: &Path, tmp: &Path, a: &BenchArgs) -> Result<Row, Str
         "load" => {
             let (dir, size) = load_checkpoint(exe)?;
             let input = tmp.join("load-in.safetensors");
-            let tensors = BTreeMap::from([
-                ("sample".to_string(), uniform(vec![1, 4, 8, 8], 5)),
-                ("timestep".to_string(), HostTensor::f32(vec![1], vec![981.0])),
-                ("encoder_hidden_states".to_string(), uniform(vec![1, 1, 768], 6)),
-            ]);
-            write_tensors(&input, &tensors, &Default::default()).map_err(|e| e.to_string())?;
+            let tensors = vec![
+                ("sample", uniform(vec![1, 4, 8, 8], 5)),
+                ("timestep", HostTensor::f32(vec![1], vec![981.0])),
+                ("encoder_hidden_states", uniform(vec![1, 1, 768], 6)),
+            ];
+            write_tensors(&input, tensors)?;
             eprintln!(
                 "bench load: {} ({:.2} GB), {repeat} load(s) in fresh processes after a warm-up one",
                 dir.display(),
@@ -410,10 +430,9 @@ fn run_one(name: &str, exe: &Path, tmp: &Path, a: &BenchArgs) -> Result<Row, Str
             torch_args.extend(["--unet-dir".to_string(), dir.display().to_string()]);
         }
         _ => {
-            let (stage, cfg, inputs) = stage_case(name).expect("parse_args checked the name");
+            let (stage, cfg, inputs) = stage_case(name).expect("clap checked the name");
             let input = tmp.join(format!("{name}-in.safetensors"));
-            let tensors = inputs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-            write_tensors(&input, &tensors, &Default::default()).map_err(|e| e.to_string())?;
+            write_tensors(&input, inputs)?;
             eprintln!("bench {name}: {stage} of {cfg}, random weights, {repeat} run(s) after a warm-up");
             let mut cmd = Command::new(exe);
             cmd.args(["stage", stage, "--random-weights", "--repeat", &(repeat + 1).to_string(), "--model"])
@@ -437,14 +456,7 @@ fn run_one(name: &str, exe: &Path, tmp: &Path, a: &BenchArgs) -> Result<Row, Str
 }
 
 /// `cargo xtask bench ...`.
-pub fn run(args: &[String]) -> ExitCode {
-    let a = match parse_args(args) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e}\nusage: cargo xtask {USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+pub fn run(a: &BenchArgs) -> ExitCode {
     if let Some(py) = &a.torch {
         // Fail before the long Rust work if the Python lacks a package (the script names it).
         if let Err(e) = run_torch(py, "check", &[]) {
@@ -459,17 +471,15 @@ pub fn run(args: &[String]) -> ExitCode {
         eprintln!("error: {}: {e}", tmp.display());
         return ExitCode::FAILURE;
     }
-    let build =
-        Command::new("cargo").args(["build", "--release", "-p", "personalize-cli"]).current_dir(root()).status();
-    if !build.is_ok_and(|s| s.success()) {
+    if !crate::cargo(&["build", "--release", "-p", "personalize-cli"]) {
         eprintln!("error: release build of personalize-cli failed");
         return ExitCode::FAILURE;
     }
     let exe = root().join("target/release/personalize");
     let mut rows = Vec::new();
     let mut failed = None;
-    for name in &a.names {
-        match run_one(name, &exe, &tmp, &a) {
+    for name in &a.benches() {
+        match run_one(name, &exe, &tmp, a) {
             Ok(r) => rows.push(r),
             Err(e) => {
                 failed = Some(e);
@@ -496,38 +506,37 @@ pub fn run(args: &[String]) -> ExitCode {
 mod tests {
     use super::*;
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
+    fn parse(s: &str) -> Result<BenchArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let args = std::iter::once("bench").chain(s.split_whitespace());
+        <Cli as clap::Parser>::try_parse_from(args).map(|c| c.bench)
     }
 
     #[test]
     fn parses_names_flags_and_defaults() {
-        let a = parse_args(&args("generate --steps 2 unet --repeat 5 --torch /venv/bin/python unet")).unwrap();
-        assert_eq!(
-            a,
-            BenchArgs {
-                names: vec!["generate".into(), "unet".into()],
-                repeat: Some(5),
-                steps: 2,
-                torch: Some("/venv/bin/python".into())
-            }
-        );
-        let a = parse_args(&[]).unwrap();
-        assert_eq!(a.names, ["unet", "vae", "text", "blip2"]);
+        let a = parse("generate --steps 2 unet --repeat 5 --torch /venv/bin/python unet").unwrap();
+        assert_eq!(a.benches(), ["generate", "unet"]);
+        assert_eq!((a.repeat, a.steps, a.torch.as_deref()), (Some(5), 2, Some("/venv/bin/python")));
+        let a = parse("").unwrap();
+        assert_eq!(a.benches(), ["unet", "vae", "text", "blip2"]);
         assert_eq!((a.repeat, a.steps, a.torch), (None, 4, None));
         assert_eq!(
             (default_repeat("unet"), default_repeat("load"), default_repeat("generate"), default_repeat("train-step")),
             (3, 3, 1, 1)
         );
         for (bad, needle) in [
-            ("unett", "unknown bench or flag `unett`"),
-            ("--repeat", "--repeat needs a number"),
-            ("--repeat 0", "--repeat 0: expected a positive"),
-            ("--steps x", "--steps x: expected a positive"),
-            ("--torch", "--torch needs a Python"),
-            ("--python p", "unknown bench or flag `--python`"),
+            ("unett", "unett"),
+            ("--repeat", "--repeat"),
+            ("--repeat 0", "0"),
+            ("--steps x", "x"),
+            ("--torch", "--torch"),
+            ("--python p", "--python"),
         ] {
-            let e = parse_args(&args(bad)).unwrap_err();
+            let e = parse(bad).unwrap_err().to_string();
             assert!(e.contains(needle), "{bad}: {e}");
         }
     }

@@ -15,7 +15,12 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use model_io::tensor_file::{read_tensors, HostTensor};
+
+use crate::png_text;
+
+/// The text chunk of the settings JSON and of A1111's `parameters` (the CLI's contract).
+const SETTINGS_KEY: &str = "personalize";
+const PARAMETERS_KEY: &str = "parameters";
 
 /// Steps of the quick-start training run (the README's command uses the same).
 pub const TRAIN_STEPS: usize = 60;
@@ -141,9 +146,9 @@ pub fn run(root: &Path, exe: &Path, work: &Path) -> Result<()> {
     let again = work.join("out-again");
     personalize(exe, &[&"generate", &"--params-from", &out.join("0000.png"), &"--out", &again])?;
     check_images(&again, 1, utf8)?;
-    let (a, _) = personalize::read_png(&out.join("0000.png"))?;
-    let (b, _) = personalize::read_png(&again.join("0000.png"))?;
-    ensure!(a == b, "generate --params-from {}: different pixels", out.join("0000.png").display());
+    let a = png_text::read(&out.join("0000.png"))?;
+    let b = png_text::read(&again.join("0000.png"))?;
+    ensure!(a.rgb == b.rgb, "generate --params-from {}: different pixels", out.join("0000.png").display());
     eprintln!("e2e: all checks passed ({})", work.display());
     Ok(())
 }
@@ -158,12 +163,15 @@ fn personalize(exe: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Result<()> {
     Ok(())
 }
 
-fn tensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
-    read_tensors(path).with_context(|| format!("reading {}", path.display()))
+/// The tensor shapes of a safetensors file, by name.
+fn tensors(path: &Path) -> Result<BTreeMap<String, Vec<usize>>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{}", path.display()))?;
+    Ok(st.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect())
 }
 
-fn shape_of(t: &BTreeMap<String, HostTensor>, file: &Path, name: &str) -> Result<Vec<usize>> {
-    t.get(name).map(|t| t.shape.clone()).with_context(|| format!("{}: no tensor `{name}`", file.display()))
+fn shape_of(t: &BTreeMap<String, Vec<usize>>, file: &Path, name: &str) -> Result<Vec<usize>> {
+    t.get(name).cloned().with_context(|| format!("{}: no tensor `{name}`", file.display()))
 }
 
 /// The concept folder of the tiny models: widths 32 (Q-Former and text), 32 queries, k = 8.
@@ -185,7 +193,7 @@ pub fn check_concept(dir: &Path) -> Result<()> {
 
     let f = dir.join("visual_queries.safetensors");
     let q = tensors(&f)?;
-    let shapes: Vec<Vec<usize>> = q.values().map(|t| t.shape.clone()).collect();
+    let shapes: Vec<Vec<usize>> = q.values().cloned().collect();
     ensure!(
         shapes == vec![vec![2, 32, 32]],
         "{}: expected one [2, 32, 32] tensor (2 images), found {shapes:?}",
@@ -230,7 +238,7 @@ pub fn loss_falls(csv: &str) -> Result<()> {
 pub fn check_images(dir: &Path, n: usize, prompt: &str) -> Result<()> {
     for i in 0..n {
         let path: PathBuf = dir.join(format!("{i:04}.png"));
-        let (img, text) = personalize::read_png(&path).with_context(|| format!("{}", path.display()))?;
+        let img = png_text::read(&path).with_context(|| format!("{}", path.display()))?;
         ensure!(
             (img.width, img.height) == (64, 64),
             "{}: {}×{}, expected 64×64",
@@ -238,29 +246,33 @@ pub fn check_images(dir: &Path, n: usize, prompt: &str) -> Result<()> {
             img.width,
             img.height
         );
-        let chunk = |key: &str| text.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
-        let Some(json) = chunk(personalize::SETTINGS_KEY) else {
-            bail!("{}: no `personalize` text chunk (found {text:?})", path.display());
+        let Some(json) = img.chunk(SETTINGS_KEY) else {
+            bail!("{}: no `personalize` text chunk (found {:?})", path.display(), img.text);
         };
-        let s = personalize::ImageSettings::from_json(json).with_context(|| format!("{}", path.display()))?;
-        ensure!(s.prompt == prompt, "{}: the settings' prompt is {:?}, expected {prompt:?}", path.display(), s.prompt);
+        let s: serde_json::Value = serde_json::from_str(json).with_context(|| format!("{}", path.display()))?;
         ensure!(
-            s.image_index == i && (s.width, s.height) == (Some(64), Some(64)),
+            s["prompt"] == prompt,
+            "{}: the settings' prompt is {}, expected {prompt:?}",
+            path.display(),
+            s["prompt"]
+        );
+        ensure!(
+            s["image_index"] == i && s["width"] == 64 && s["height"] == 64,
             "{}: settings of another image: {json}",
             path.display()
         );
-        let params = chunk(personalize::PARAMETERS_KEY).unwrap_or_default();
+        let params = img.chunk(PARAMETERS_KEY).unwrap_or_default();
         ensure!(
-            params.starts_with(&format!("{prompt}\n")) && params.contains(&format!("Seed: {}, Size: 64x64", s.seed)),
+            params.starts_with(&format!("{prompt}\n")) && params.contains(&format!("Seed: {}, Size: 64x64", s["seed"])),
             "{}: `parameters` chunk {params:?} is not the A1111 text of {prompt:?}",
             path.display()
         );
         ensure!(
-            chunk("prompt").is_none(),
+            img.chunk("prompt").is_none(),
             "{}: a `prompt` chunk (ComfyUI would read it as a workflow)",
             path.display()
         );
-        let (lo, hi) = img.data.iter().fold((255u8, 0u8), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let (lo, hi) = img.rgb.iter().fold((255u8, 0u8), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         ensure!(hi - lo > 10, "{}: a flat image (values {lo}..{hi})", path.display());
     }
     Ok(())
@@ -289,25 +301,27 @@ mod tests {
     fn image_check_rejects_missing_and_wrong_images() {
         let dir = tempfile::tempdir().unwrap();
         assert!(check_images(dir.path(), 1, "p").is_err(), "missing file");
-        let mut img = personalize::RgbImage { width: 64, height: 64, data: vec![0; 64 * 64 * 3] };
-        let s = personalize::ImageSettings {
-            prompt: "p の 🎨".into(),
-            height: Some(64),
-            width: Some(64),
-            ..Default::default()
-        };
+        let mut rgb = vec![0; 64 * 64 * 3];
+        let prompt = "p の 🎨";
+        let settings = serde_json::json!({"prompt": prompt, "image_index": 0, "width": 64, "height": 64, "seed": 7});
+        let text = vec![
+            (SETTINGS_KEY, settings.to_string()),
+            (PARAMETERS_KEY, format!("{prompt}\nSteps: 2, Seed: 7, Size: 64x64")),
+        ];
         let path = dir.path().join("0000.png");
-        personalize::write_png(&path, &img, &s.png_text().unwrap()).unwrap();
-        assert!(check_images(dir.path(), 1, "p の 🎨").unwrap_err().to_string().contains("flat"));
-        img.data[5] = 200;
-        personalize::write_png(&path, &img, &s.png_text().unwrap()).unwrap();
-        check_images(dir.path(), 1, "p の 🎨").unwrap();
+        png_text::write(&path, 64, 64, &rgb, &text);
+        assert!(check_images(dir.path(), 1, prompt).unwrap_err().to_string().contains("flat"));
+        rgb[5] = 200;
+        png_text::write(&path, 64, 64, &rgb, &text);
+        check_images(dir.path(), 1, prompt).unwrap();
         assert!(check_images(dir.path(), 1, "q").unwrap_err().to_string().contains("prompt"));
-        personalize::write_png(&path, &img, &[("prompt", "p".into())]).unwrap();
+        png_text::write(&path, 64, 64, &rgb, &[("prompt", "p".into())]);
         assert!(check_images(dir.path(), 1, "p").unwrap_err().to_string().contains("no `personalize`"));
-        let mut text = s.png_text().unwrap();
-        text.push(("prompt", "{}".into()));
-        personalize::write_png(&path, &img, &text).unwrap();
-        assert!(check_images(dir.path(), 1, "p の 🎨").unwrap_err().to_string().contains("ComfyUI"));
+        let mut with_workflow = text.clone();
+        with_workflow.push(("prompt", "{}".into()));
+        png_text::write(&path, 64, 64, &rgb, &with_workflow);
+        assert!(check_images(dir.path(), 1, prompt).unwrap_err().to_string().contains("ComfyUI"));
+        png_text::write(&path, 32, 64, &rgb[..32 * 64 * 3], &text);
+        assert!(check_images(dir.path(), 1, prompt).unwrap_err().to_string().contains("expected 64×64"));
     }
 }

@@ -4,19 +4,34 @@
 
 use std::process::ExitCode;
 
-fn usage() -> ExitCode {
+/// The presets and the cache, for `cargo xtask fetch --help`.
+fn after_help() -> String {
     let presets: String =
         hub::PRESETS.iter().map(|p| format!("\n  {:16} {}  ({})", p.name, p.repo_id, p.about)).collect();
-    eprintln!(
-        "usage: cargo xtask fetch <preset|owner/name>... [--revision R] [--fp16] [--offline]\n\n\
-         presets:{presets}\n\n\
-         --revision R  branch, tag or commit (default main)\n  \
-         --fp16        take the .fp16.safetensors weights of a Stable Diffusion pipeline\n  \
-         --offline     use the cache only (also HF_HUB_OFFLINE=1)\n\n\
+    format!(
+        "Presets:{presets}\n\n\
          The cache is Python's: HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub.\n\
          HF_TOKEN (or the token file in HF_HOME) and HF_ENDPOINT are honoured."
-    );
-    ExitCode::from(2)
+    )
+}
+
+/// Download the files the pipeline reads into the Hugging Face cache, and print each snapshot
+/// folder on stdout (for `--base` / `--blip2`).
+#[derive(Debug, clap::Args)]
+#[command(after_help = after_help())]
+pub struct FetchArgs {
+    /// Presets or repo ids (owner/name).
+    #[arg(required = true, value_name = "PRESET|OWNER/NAME")]
+    names: Vec<String>,
+    /// Branch, tag or commit (default: main).
+    #[arg(long)]
+    revision: Option<String>,
+    /// Take the .fp16.safetensors weights of a Stable Diffusion pipeline.
+    #[arg(long)]
+    fp16: bool,
+    /// Use the cache only (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
 }
 
 fn human(bytes: u64) -> String {
@@ -34,7 +49,7 @@ fn human(bytes: u64) -> String {
     }
 }
 
-pub fn run(args: &[String]) -> ExitCode {
+pub fn run(a: &FetchArgs) -> ExitCode {
     let mut opts = match hub::FetchOptions::from_env() {
         Ok(o) => o,
         Err(e) => {
@@ -42,35 +57,12 @@ pub fn run(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut names = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--fp16" => opts.fp16 = true,
-            "--offline" => opts.offline = true,
-            "--revision" => match it.next() {
-                Some(r) => opts.revision = r.clone(),
-                None => {
-                    eprintln!("error: --revision needs a branch, tag or commit");
-                    return ExitCode::from(2);
-                }
-            },
-            "-h" | "--help" => {
-                usage();
-                return ExitCode::SUCCESS;
-            }
-            flag if flag.starts_with('-') => {
-                eprintln!("error: unknown option `{flag}` for fetch");
-                return usage();
-            }
-            name => names.push(name.to_string()),
-        }
+    opts.fp16 |= a.fp16;
+    opts.offline |= a.offline;
+    if let Some(r) = &a.revision {
+        opts.revision = r.clone();
     }
-    if names.is_empty() {
-        eprintln!("error: fetch needs a preset or a repo id");
-        return usage();
-    }
-    for name in &names {
+    for name in &a.names {
         let f = match hub::fetch(name, &opts) {
             Ok(f) => f,
             Err(e) => {

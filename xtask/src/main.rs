@@ -1,19 +1,18 @@
-//! Project tasks: `cargo xtask <command>`.
+//! Project tasks: `cargo xtask <command>` (`cargo xtask --help` lists them).
 //!
-//! * `fixtures [--python PY] [GROUP...]` rebuilds the reference fixtures under tests/fixtures
-//!   with the pinned Python reference libraries (xtask/fixtures/requirements.txt).
-//! * `vocab [--python PY]` regenerates assets/clip-tokenizer from open-clip-torch's vocabulary.
-//! * `bench [unet|vae|text|blip2|generate|train-step|load]... [--repeat N] [--steps N] [--torch PY]`
-//!   times full-size SD 1.5 / ViT-g work with random weights through the release `personalize`,
-//!   with peak memory, optionally against PyTorch (see `bench.rs`).
+//! xtask builds no model code: `e2e` and `bench` run the `personalize` binary, `tiny-model` the
+//! `tiny-models` crate's binary, `fixtures` and `vocab` the pinned Python reference libraries
+//! (xtask/fixtures/requirements.txt). So `cargo xtask fetch` compiles in seconds.
 
 mod bench;
 mod e2e;
 mod fetch;
-mod tiny;
+mod png_text;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
+
+use clap::{Parser, Subcommand};
 
 fn root() -> PathBuf {
     // The workspace root: xtask's parent folder.
@@ -21,36 +20,57 @@ fn root() -> PathBuf {
     xtask.parent().map_or_else(|| xtask.join(".."), PathBuf::from)
 }
 
-fn usage() -> ExitCode {
-    eprintln!(
-        "usage: cargo xtask <command>\n\n\
-         commands:\n  \
-         fixtures [--python PY] [GROUP...]  rebuild tests/fixtures with the reference libraries\n  \
-         vocab [--python PY]                rebuild assets/clip-tokenizer from open-clip-torch\n  \
-         e2e [--release | --exe PATH]       the README's main job on the bundled tiny models, checked\n  \
-         tiny-model                         rebuild assets/tiny-sd, assets/tiny-blip2, assets/examples (fixed seed)\n  \
-         fetch <preset|owner/name>... [--revision R] [--fp16] [--offline]  download weights into the HF cache\n  \
-         {bench}\n\n\
-         PY defaults to $PERSONALIZE_PYTHON or python3; it needs the packages of\n\
-         xtask/fixtures/requirements.txt (pip install -r xtask/fixtures/requirements.txt).",
-        bench = bench::USAGE
-    );
-    ExitCode::from(2)
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "The project's tasks: fetch weights, run the end-to-end job, benchmarks, fixtures."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
 }
 
-/// Splits `--python PY` out of the arguments.
-fn python_and_rest(args: &[String]) -> Result<(String, Vec<String>), String> {
-    let mut py = std::env::var("PERSONALIZE_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut rest = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if a == "--python" {
-            py = it.next().ok_or("--python needs a path")?.clone();
-        } else {
-            rest.push(a.clone());
-        }
-    }
-    Ok((py, rest))
+/// The Python with the reference libraries: `--python`, else $PERSONALIZE_PYTHON, else python3.
+#[derive(clap::Args)]
+struct Python {
+    /// The Python interpreter (it needs the packages of xtask/fixtures/requirements.txt).
+    #[arg(long, env = "PERSONALIZE_PYTHON", default_value = "python3")]
+    python: String,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Download weights into the Hugging Face cache.
+    Fetch(fetch::FetchArgs),
+    /// The README's main job on the bundled tiny models (train, then generate), checked; its
+    /// files are kept in target/e2e.
+    E2e {
+        /// Build and run the release binary (default: the test profile, mostly built by
+        /// `cargo test`).
+        #[arg(long, conflicts_with = "exe")]
+        release: bool,
+        /// Run this `personalize` binary as built.
+        #[arg(long)]
+        exe: Option<PathBuf>,
+    },
+    /// Time full-size SD 1.5 / ViT-g work (random weights) through the release binary, with peak
+    /// memory, optionally against the same work in PyTorch (--torch).
+    Bench(bench::BenchArgs),
+    /// Rebuild tests/fixtures with the reference libraries.
+    Fixtures {
+        #[command(flatten)]
+        python: Python,
+        /// Fixture groups to rebuild (default: all).
+        groups: Vec<String>,
+    },
+    /// Rebuild assets/clip-tokenizer from open-clip-torch's vocabulary.
+    Vocab {
+        #[command(flatten)]
+        python: Python,
+    },
+    /// Rebuild assets/tiny-sd, assets/tiny-blip2 and assets/examples (fixed seed).
+    TinyModel,
 }
 
 fn run_python(py: &str, script: &str, args: &[String]) -> ExitCode {
@@ -70,32 +90,16 @@ fn run_python(py: &str, script: &str, args: &[String]) -> ExitCode {
 
 /// Builds the CLI (the test profile by default: after `cargo test` most of it is built), or
 /// takes `--exe PATH` as built, then runs [`e2e::run`] in target/e2e, kept for inspection.
-fn run_e2e(args: &[String]) -> ExitCode {
-    let exe = match args {
-        [a, path] if a == "--exe" => PathBuf::from(path),
-        [] | [_] => {
-            let release = match args.first().map(String::as_str) {
-                None => false,
-                Some("--release") => true,
-                Some(other) => {
-                    eprintln!("error: e2e: unknown option `{other}`; expected --release or --exe PATH");
-                    return ExitCode::from(2);
-                }
-            };
+fn run_e2e(release: bool, exe: Option<PathBuf>) -> ExitCode {
+    let exe = match exe {
+        Some(p) => p,
+        None => {
             let profile = if release { "release" } else { "test" };
-            let build = Command::new("cargo")
-                .args(["build", "--profile", profile, "-p", "personalize-cli"])
-                .current_dir(root())
-                .status();
-            if !build.is_ok_and(|s| s.success()) {
+            if !cargo(&["build", "--profile", profile, "-p", "personalize-cli"]) {
                 eprintln!("error: building personalize-cli ({profile} profile) failed");
                 return ExitCode::FAILURE;
             }
             root().join("target").join(if release { "release" } else { "debug" }).join("personalize")
-        }
-        _ => {
-            eprintln!("error: e2e takes --release or --exe PATH");
-            return ExitCode::from(2);
         }
     };
     if !exe.is_file() {
@@ -115,36 +119,32 @@ fn run_e2e(args: &[String]) -> ExitCode {
     }
 }
 
+/// Runs cargo in the workspace root; whether it succeeded.
+fn cargo(args: &[&str]) -> bool {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(root())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(cmd) = args.first() else { return usage() };
-    let (py, rest) = match python_and_rest(&args[1..]) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
+    match Cli::parse().command {
+        Task::Fetch(a) => fetch::run(&a),
+        Task::E2e { release, exe } => run_e2e(release, exe),
+        Task::Bench(a) => bench::run(&a),
+        Task::Fixtures { python, groups } => run_python(&python.python, "make_fixtures.py", &groups),
+        Task::Vocab { python } => {
+            run_python(&python.python, "clip_vocab.py", &[root().join("assets/clip-tokenizer").display().to_string()])
         }
-    };
-    match cmd.as_str() {
-        "fixtures" => run_python(&py, "make_fixtures.py", &rest),
-        "bench" => bench::run(&rest),
-        "fetch" => fetch::run(&rest),
-        "e2e" => run_e2e(&rest),
-        "tiny-model" => match tiny::write(&root(), &root().join("assets")) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
+        Task::TinyModel => {
+            let root = root().display().to_string();
+            if cargo(&["run", "--release", "-q", "-p", "tiny-models", "--", &root]) {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("error: tiny-models failed");
                 ExitCode::FAILURE
             }
-        },
-        "vocab" => run_python(&py, "clip_vocab.py", &[root().join("assets/clip-tokenizer").display().to_string()]),
-        "-h" | "--help" | "help" => {
-            usage();
-            ExitCode::SUCCESS
-        }
-        other => {
-            eprintln!("error: unknown xtask command `{other}`");
-            usage()
         }
     }
 }

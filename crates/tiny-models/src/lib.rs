@@ -1,5 +1,6 @@
-//! `cargo xtask tiny-model`: the bundled miniature models under assets/, made by this project's
-//! own model code from a fixed seed.
+//! The bundled miniature models under assets/, made by this project's own model code from a
+//! fixed seed: `cargo xtask tiny-model` runs this crate's binary
+//! (`cargo run --release -p tiny-models -- assets`).
 //!
 //! * `assets/tiny-sd/`: a Stable Diffusion folder in the diffusers layout (model_index.json,
 //!   scheduler, the real CLIP tokenizer, a 2-layer CLIP text encoder, a small UNet and VAE).
@@ -315,7 +316,7 @@ mod tests {
     use super::*;
 
     fn root() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
     }
 
     #[test]

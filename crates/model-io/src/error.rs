@@ -31,10 +31,6 @@ pub enum Error {
     Config { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
-    /// The work was stopped on request (Ctrl-C) between two steps; the message says where and
-    /// what was kept.
-    #[error("interrupted: {0}")]
-    Interrupted(String),
 }
 
 impl Error {

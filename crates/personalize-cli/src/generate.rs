@@ -282,7 +282,7 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
     settings.images = a.images.iter().map(|p| absolute(p)).collect();
     settings.blip2 = if a.images.is_empty() { None } else { a.blip2.as_deref().map(absolute) };
     settings.latents = a.latents.as_deref().map(absolute);
-    let text_of = |i: usize| -> model_io::Result<Vec<(&str, String)>> {
+    let text_of = |i: usize| -> personalize::Result<Vec<(&str, String)>> {
         let text = ImageSettings { image_index: i, ..settings.clone() }.png_text()?;
         personalize::check_png_text(&text)?;
         Ok(text)

@@ -23,5 +23,5 @@ pub fn install() {
 
 /// True when `e` is (or wraps) a stop on request.
 pub fn was_interrupted(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| matches!(c.downcast_ref::<model_io::Error>(), Some(model_io::Error::Interrupted(_))))
+    e.chain().any(|c| matches!(c.downcast_ref::<personalize::Error>(), Some(personalize::Error::Interrupted(_))))
 }

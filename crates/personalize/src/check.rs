@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
+use crate::Error;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{backend::Backend, ElementConversion, Tensor};
-use model_io::Error;
 
 /// True when every element is finite: one elementwise pass and one scalar read (`0 · x` sums
 /// to 0 exactly unless some `x` is NaN or infinite).
@@ -57,12 +57,12 @@ pub fn nonfinite_in_files(dir: &Path) -> Option<String> {
 /// causes: half precision (when `t` is f16 or bf16) or the config and scales.
 pub fn nonfinite_error<B: Backend, M: Module<B>>(what: &str, model: &str, m: &M, dir: &Path) -> Error {
     if let Some(t) = nonfinite_in_files(dir) {
-        return Error::invalid(format!(
+        return Error::NonFinite(format!(
             "{what} holds NaN or infinite values: the {model}'s {t} holds NaN or Inf; the file is damaged"
         ));
     }
     if let Some(p) = first_nonfinite_param::<B, M>(m) {
-        return Error::invalid(format!(
+        return Error::NonFinite(format!(
             "{what} holds NaN or infinite values: the {model}'s parameter `{p}` holds NaN or Inf (its files in {} are finite: an adapter or a merged change)",
             dir.display()
         ));
@@ -76,5 +76,5 @@ pub fn nonfinite_error<B: Backend, M: Module<B>>(what: &str, model: &str, m: &M,
     } else {
         "an overflow: check the scales in its config.json (norm_eps, scaling_factor), a LoRA's alpha, and --guidance"
     };
-    Error::invalid(format!("{what} holds NaN or infinite values, although the {model}'s weights are finite ({hint})"))
+    Error::NonFinite(format!("{what} holds NaN or infinite values, although the {model}'s weights are finite ({hint})"))
 }

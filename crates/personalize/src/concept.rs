@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::{Error, Result};
 use burn::tensor::{backend::Backend, Tensor};
-use model_io::{Error, Result};
 use q_aligner::Aligner;
 use serde::{Deserialize, Serialize};
 
@@ -207,7 +207,7 @@ impl<B: Backend> Concept<B> {
                 )));
             }
             if !crate::check::all_finite(&q) {
-                return Err(Error::invalid(format!("{}: tensor `queries` holds NaN or Inf", qpath.display())));
+                return Err(Error::NonFinite(format!("{}: tensor `queries` holds NaN or Inf", qpath.display())));
             }
             let max: f64 = burn::tensor::ElementConversion::elem(q.clone().abs().max().into_scalar());
             if max > 1e4 {
@@ -226,6 +226,6 @@ impl<B: Backend> Concept<B> {
     /// Writes `concept.json` atomically.
     pub fn write_info(dir: &Path, info: &ConceptInfo) -> Result<()> {
         let text = serde_json::to_string_pretty(info).map_err(|e| Error::invalid(e.to_string()))?;
-        model_io::write_atomic(&dir.join("concept.json"), text.as_bytes())
+        Ok(model_io::write_atomic(&dir.join("concept.json"), text.as_bytes())?)
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use model_io::{Error, Result};
+use crate::{Error, Result};
 
 /// An 8-bit RGB image.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,7 +49,7 @@ pub fn check_png_text(text: &[(&str, String)]) -> Result<()> {
 /// ```no_run
 /// let img = personalize::RgbImage { width: 1, height: 1, data: vec![255, 0, 0] };
 /// personalize::write_png("out.png".as_ref(), &img, &[("Description", "一个红色像素".into())])?;
-/// # Ok::<(), model_io::Error>(())
+/// # Ok::<(), personalize::Error>(())
 /// ```
 pub fn write_png(path: &Path, img: &RgbImage, text: &[(&str, String)]) -> Result<()> {
     check_png_text(text).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
@@ -69,7 +69,7 @@ pub fn write_png(path: &Path, img: &RgbImage, text: &[(&str, String)]) -> Result
         let mut w = enc.write_header().map_err(io)?;
         w.write_image_data(&img.data).map_err(io)?;
     }
-    model_io::write_atomic(path, &bytes)
+    Ok(model_io::write_atomic(path, &bytes)?)
 }
 
 /// Every text chunk of a decoded PNG: `tEXt`, then `zTXt`, then `iTXt` (decompressed).

@@ -12,11 +12,12 @@
 //!     let text = personalize::ImageSettings { image_index: i, ..settings.clone() }.png_text()?;
 //!     personalize::write_png(format!("{i:04}.png").as_ref(), img, &text)?;
 //! }
-//! # Ok::<(), model_io::Error>(())
+//! # Ok::<(), personalize::Error>(())
 //! ```
 
 pub mod check;
 mod concept;
+mod error;
 mod image_out;
 pub mod interrupt;
 pub mod memory;
@@ -25,6 +26,7 @@ mod pipeline;
 pub mod train;
 
 pub use concept::{Concept, ConceptInfo, UnetChange, CONCEPT_VERSION};
+pub use error::{Error, Result};
 pub use image_out::{check_png_text, read_png, read_png_text, write_png, RgbImage};
 pub use metadata::{model_name, scheduler_in_use, ImageSettings, PARAMETERS_KEY, SETTINGS_KEY};
 pub use pipeline::{Batches, GenerateOptions, Pipeline, PipelineParts, VisualPrompt, DEFAULT_MAX_BATCH};

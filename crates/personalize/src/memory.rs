@@ -8,7 +8,7 @@
 //! one block of queries at a time, not `L²`). The factors were fitted to the peak RSS of SD 1.5
 //! shapes (see `tests/memory.rs`), rounded up.
 
-use model_io::Error;
+use crate::Error;
 use sd_unet::UNetConfig;
 use sd_vae::AutoencoderKlConfig;
 

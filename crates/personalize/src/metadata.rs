@@ -14,7 +14,7 @@
 
 use std::path::{Component, Path};
 
-use model_io::{Error, Result};
+use crate::{Error, Result};
 use scheduler::{HostSample, SchedulerConfig, SchedulerKind};
 use serde::{Deserialize, Serialize};
 
@@ -113,12 +113,11 @@ impl Default for ImageSettings {
 /// ```no_run
 /// let (class, sigmas) = personalize::scheduler_in_use("sd-v1-5/scheduler".as_ref(), Some("dpm++2m-karras"))?;
 /// assert_eq!((class.as_str(), sigmas.as_deref()), ("DPMSolverMultistepScheduler", Some("karras")));
-/// # Ok::<(), model_io::Error>(())
+/// # Ok::<(), personalize::Error>(())
 /// ```
 pub fn scheduler_in_use(dir: &Path, override_name: Option<&str>) -> Result<(String, Option<String>)> {
-    let serr = |e: scheduler::SchedulerError| Error::invalid(e.to_string());
-    let cfg = SchedulerConfig::from_file(&dir.join("scheduler_config.json")).map_err(serr)?;
-    let s = scheduler::from_config::<HostSample>(&cfg, override_name).map_err(serr)?;
+    let cfg = SchedulerConfig::from_file(&dir.join("scheduler_config.json"))?;
+    let s = scheduler::from_config::<HostSample>(&cfg, override_name)?;
     let sigmas = s.sigma_spacing().name().map(str::to_string);
     let kind = s.kind();
     Ok((kind.class_name().to_string(), sigmas))
@@ -258,7 +257,7 @@ impl ImageSettings {
     /// assert_eq!((s.prompt.as_str(), s.negative_prompt.as_deref()), ("a fox", Some("blurry")));
     /// assert_eq!((s.steps, s.guidance, s.seed, s.width, s.height), (20, 7.0, 42, Some(512), Some(768)));
     /// assert_eq!(s.scheduler.as_deref(), Some("dpm++2m-karras"));
-    /// # Ok::<(), model_io::Error>(())
+    /// # Ok::<(), personalize::Error>(())
     /// ```
     pub fn from_a1111_parameters(text: &str) -> Result<Self> {
         let mut lines: Vec<&str> = text.trim().split('\n').collect();

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
 use clip_text::{ClipTextModel, ClipTokenizer};
-use model_io::{Checkpoint, Error, Result};
+use model_io::Checkpoint;
+
+use crate::{Error, Result};
 use q_aligner::Aligner;
 use scheduler::{BurnNoise, Sample, Scheduler};
 use sd_unet::UNet2DConditionModel;
@@ -123,7 +125,7 @@ impl<B: Backend> Pipeline<B> {
     /// let pipe = personalize::Pipeline::<Flex>::load("sd-v1-5".as_ref(), &FlexDevice)?;
     /// let opts = personalize::GenerateOptions { prompt: "a fox".into(), steps: 20, ..Default::default() };
     /// let images = pipe.generate(&opts, None, None, &mut |_, _| {})?;
-    /// # Ok::<(), model_io::Error>(())
+    /// # Ok::<(), personalize::Error>(())
     /// ```
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         let index = dir.join("model_index.json");
@@ -229,22 +231,21 @@ impl<B: Backend> Pipeline<B> {
 
     /// CLIP embeddings of `prompts`: `[N, 77, D]`.
     pub fn encode_prompts(&self, prompts: &[String]) -> Result<Tensor<B, 3>> {
-        let rows: Vec<Vec<i64>> = prompts.iter().map(|p| self.tokenizer.encode(p)).collect::<Result<_>>()?;
-        self.text_encoder.forward(self.text_encoder.ids_tensor(&rows))
+        let rows: Vec<Vec<i64>> = prompts.iter().map(|p| self.tokenizer.encode(p)).collect::<model_io::Result<_>>()?;
+        Ok(self.text_encoder.forward(self.text_encoder.ids_tensor(&rows))?)
     }
 
     /// Applies a concept's UNet changes (LoRA or full weights). Refuses a concept trained on
     /// another base model unless `allow_mismatch`.
     pub fn apply_concept(&mut self, concept: &Concept<B>, allow_mismatch: bool) -> Result<()> {
         if !self.is_base_of(&concept.info.base_unet_fingerprint) && !allow_mismatch {
-            return Err(Error::invalid(format!(
-                "concept {} was trained on a base model whose UNet weights differ from those of {} (fingerprint {} there, {} here; it names its base {}); pass --allow-base-mismatch to use it anyway",
-                concept.dir.display(),
-                self.base_dir.display(),
-                concept.info.base_unet_fingerprint,
-                self.unet_fingerprint,
-                concept.info.base_model
-            )));
+            return Err(Error::BaseMismatch {
+                concept: concept.dir.clone(),
+                base: self.base_dir.clone(),
+                trained_on: concept.info.base_unet_fingerprint.clone(),
+                here: self.unet_fingerprint.clone(),
+                named: concept.info.base_model.clone(),
+            });
         }
         if self.aligner_width_mismatch(&concept.aligner) {
             return Err(Error::invalid(format!(
@@ -272,7 +273,7 @@ impl<B: Backend> Pipeline<B> {
                         path.display()
                     )));
                 }
-                let on = |e: Error| Error::invalid(format!("{}: {e}", path.display()));
+                let on = |e: model_io::Error| Error::invalid(format!("{}: {e}", path.display()));
                 // The adapter config current diffusers writes into the file holds over concept.json.
                 match sd_unet::lora::PeftLoraConfig::from_metadata(&meta, "unet").map_err(on)? {
                     Some(cfg) if concept.info.lora_alpha.is_some_and(|a| a != cfg.lora_alpha) => {
@@ -348,7 +349,7 @@ impl<B: Backend> Pipeline<B> {
             }
             let [_, q, d] = v.queries.dims();
             if !crate::check::all_finite(&v.queries) {
-                return Err(Error::invalid("the visual prompt's BLIP-2 queries hold NaN or infinite values"));
+                return Err(Error::NonFinite("the visual prompt's BLIP-2 queries hold NaN or infinite values".into()));
             }
             let max: f64 = v.queries.clone().abs().max().into_scalar().elem();
             if max > 1e4 {
@@ -526,7 +527,7 @@ impl<B: Backend> Pipeline<B> {
                 )));
             }
             if !crate::check::all_finite(l) {
-                return Err(Error::invalid("the initial latents hold NaN or infinite values"));
+                return Err(Error::NonFinite("the initial latents hold NaN or infinite values".into()));
             }
             let max: f64 = l.clone().abs().max().into_scalar().elem();
             if max > 1e4 {
@@ -551,12 +552,10 @@ impl<B: Backend> Pipeline<B> {
         let guided = opts.guidance > 1.0;
         // The config is read once; a fresh scheduler per batch (the multistep ones keep the
         // previous outputs).
-        let sched_cfg = scheduler::SchedulerConfig::from_file(&self.scheduler_dir.join("scheduler_config.json"))
-            .map_err(|e| Error::invalid(e.to_string()))?;
+        let sched_cfg = scheduler::SchedulerConfig::from_file(&self.scheduler_dir.join("scheduler_config.json"))?;
         let new_sched = || -> Result<Box<dyn Scheduler<Tensor<B, 4>>>> {
-            let mut s = scheduler::from_config(&sched_cfg, opts.scheduler.as_deref())
-                .map_err(|e| Error::invalid(e.to_string()))?;
-            s.set_timesteps(opts.steps).map_err(|e| Error::invalid(e.to_string()))?;
+            let mut s = scheduler::from_config(&sched_cfg, opts.scheduler.as_deref())?;
+            s.set_timesteps(opts.steps)?;
             Ok(s)
         };
         let timesteps = new_sched()?.timesteps().to_vec();

@@ -210,10 +210,10 @@ fn resume_ends_with_the_weights_of_an_uninterrupted_run() {
         let mut other = c.clone();
         other.lr = 5e-4;
         other.steps = 8;
-        let e = train::train::<AD>(&base(), &other, &data(2), two.path(), true, &FlexDevice, &mut |_| {})
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("`lr`"), "{e}");
+        let e = train::train::<AD>(&base(), &other, &data(2), two.path(), true, &FlexDevice, &mut |_| {}).unwrap_err();
+        assert!(matches!(e, personalize::Error::ResumeMismatch { .. }), "{e:?}");
+        let e = e.to_string();
+        assert!(e.contains("cannot resume from") && e.contains("`lr`"), "{e}");
     }
 }
 
@@ -270,6 +270,15 @@ fn concept_folder_is_complete_and_loads() {
     let a0 = snapshot(&t.aligner.valid());
     assert_eq!(max_diff(&a0, &snapshot(&concept.aligner)), 0.0);
     let _ = t.train_step().unwrap();
+
+    // A concept of another base model is refused with its own error, unless allowed.
+    let mut other = concept;
+    other.info.base_unet_fingerprint = "t64:0000000000000000".into();
+    let mut fresh = personalize::Pipeline::<Flex>::load(&base(), &FlexDevice).unwrap();
+    let e = fresh.apply_concept(&other, false).unwrap_err();
+    assert!(matches!(e, personalize::Error::BaseMismatch { .. }), "{e:?}");
+    assert!(e.to_string().contains("--allow-base-mismatch"), "{e}");
+    fresh.apply_concept(&other, true).unwrap();
 }
 
 #[test]
@@ -348,9 +357,10 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     c.lr = 1e30;
     c.max_grad_norm = None;
     let mut last = 0;
-    let e = train::train::<AD>(&base(), &c, &data(1), dir.path(), false, &FlexDevice, &mut |s| last = s.step)
-        .unwrap_err()
-        .to_string();
+    let e =
+        train::train::<AD>(&base(), &c, &data(1), dir.path(), false, &FlexDevice, &mut |s| last = s.step).unwrap_err();
+    assert!(matches!(e, personalize::Error::NonFinite(_)), "{e:?}");
+    let e = e.to_string();
     assert!(e.contains("NaN"), "{e}");
     assert!(e.contains(&format!("step-{last:06}")), "{e}");
     let ck = train::list_checkpoints(dir.path());

@@ -110,22 +110,23 @@ impl<B: AutodiffBackend> Trainer<B> {
             .map_err(|e| Error::Io { path: dir.join("state.json"), cause: e })?;
         let st: CheckpointState =
             serde_json::from_str(&text).map_err(|e| Error::Json { path: dir.join("state.json"), cause: e })?;
+        let mismatch = |reason: String| Error::ResumeMismatch { checkpoint: dir.to_path_buf(), reason };
         let now = resume_settings(&self.cfg);
         if st.settings != now {
             let diff = now.as_object().and_then(|o| {
                 o.iter().find(|(k, v)| st.settings.get(k.as_str()) != Some(v)).map(|(k, v)| (k.clone(), v.clone()))
             });
             let (k, v) = diff.unwrap_or_default();
-            return Err(Error::invalid(format!(
+            return Err(mismatch(format!(
                 "it was trained with other settings (`{k}` was {}, now {v}); resume with the same settings",
                 st.settings.get(&k).cloned().unwrap_or_default()
             )));
         }
         if st.data_fingerprint != self.data_fingerprint {
-            return Err(Error::invalid("it was trained on other images or queries"));
+            return Err(mismatch("it was trained on other images or queries".into()));
         }
         if !self.pipe.is_base_of(&st.base_unet_fingerprint) {
-            return Err(Error::invalid("it was trained on another base model"));
+            return Err(mismatch("it was trained on another base model".into()));
         }
         let t = read_tensors(&dir.join("trainable.safetensors"))?;
         let pick = |prefix: &str| -> BTreeMap<String, HostTensor> {

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::{Error, Result};
 use image::imageops::FilterType;
-use model_io::{Error, Result};
 use scheduler::SeededRng;
 
 use crate::image_out::RgbImage;
@@ -14,7 +14,7 @@ use crate::image_out::RgbImage;
 ///
 /// ```no_run
 /// let imgs = personalize::train::load_images(&["dog1.jpg".into(), "dog2.png".into()])?;
-/// # Ok::<(), model_io::Error>(())
+/// # Ok::<(), personalize::Error>(())
 /// ```
 pub fn load_images(paths: &[PathBuf]) -> Result<Vec<RgbImage>> {
     if paths.is_empty() {

@@ -33,18 +33,18 @@
 //! let report = train::<Autodiff<Flex>>("sd-v1-5".as_ref(), &cfg, &data, "my-dog".as_ref(), false, &FlexDevice, &mut |s| {
 //!     println!("step {} loss {:.4}", s.step, s.loss)
 //! })?;
-//! # Ok::<(), model_io::Error>(())
+//! # Ok::<(), personalize::Error>(())
 //! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::{Error, Result};
 use burn::module::{AutodiffModule, Param};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use model_io::nn::Linear;
 use model_io::tensor_file::{read_tensors, read_tensors_with_metadata, write_tensors, HostTensor};
-use model_io::{Error, Result};
 use q_aligner::{Aligner, AlignerSettings, QuerySelection};
 use scheduler::{HostSample, Scheduler, SeededRng};
 use sd_unet::UNet2DConditionModel;
@@ -190,7 +190,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let qv = data.queries.as_f32("queries")?;
         if qv.iter().any(|v| !v.is_finite()) {
-            return Err(Error::invalid("the BLIP-2 queries contain NaN or infinite values"));
+            return Err(Error::NonFinite("the BLIP-2 queries contain NaN or infinite values".into()));
         }
         if cfg.query_selection == QuerySelection::First && cfg.num_queries > qs[1] {
             return Err(Error::invalid(format!(
@@ -251,8 +251,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 return Err(crate::memory::too_big(&what, need, avail, "; lower --resolution or --batch"));
             }
         }
-        let serr = |e: scheduler::SchedulerError| Error::invalid(e.to_string());
-        let sched = scheduler::load::<HostSample>(&base_dir.join("scheduler"), None).map_err(serr)?;
+        let sched = scheduler::load::<HostSample>(&base_dir.join("scheduler"), None)?;
         let d_text = pipe.unet.cross_attention_dim();
         let latent_shape = [pipe.vae.latent_channels(), cfg.resolution / f, cfg.resolution / f];
 
@@ -336,8 +335,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         t.scaling = t.pipe.vae_config.scaling_factor as f32;
         if resume {
             if let Some((step, dir)) = existing.last() {
-                t.load_checkpoint(dir)
-                    .map_err(|e| Error::invalid(format!("cannot resume from {}: {e}", dir.display())))?;
+                t.load_checkpoint(dir).map_err(|e| match e {
+                    e @ Error::ResumeMismatch { .. } => e,
+                    e => Error::invalid(format!("cannot resume from {}: {e}", dir.display())),
+                })?;
                 t.resumed_from = Some(*step);
             }
         }
@@ -413,11 +414,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         let tmax = self.sched.train_schedule().num_train_timesteps() as u64;
         let ts: Vec<usize> = (0..b).map(|_| (rng.next_u64() % tmax) as usize).collect();
         let shape = vec![b, c, hh, ww];
-        let serr = |e: scheduler::SchedulerError| Error::invalid(e.to_string());
-        let x0 = HostSample::new(x0, shape.clone()).map_err(serr)?;
-        let noise = HostSample::new(noise, shape).map_err(serr)?;
-        let noisy = self.sched.add_noise(&x0, &noise, &ts).map_err(serr)?;
-        let target = self.sched.training_target(&x0, &noise, &ts).map_err(serr)?;
+        let x0 = HostSample::new(x0, shape.clone())?;
+        let noise = HostSample::new(noise, shape)?;
+        let noisy = self.sched.add_noise(&x0, &noise, &ts)?;
+        let target = self.sched.training_target(&x0, &noise, &ts)?;
         Ok((picks, noisy, target, ts))
     }
 
@@ -524,7 +524,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             });
         if let Some(d) = damaged {
             let from = if step == 1 && self.resumed_from.is_none() { "the base model" } else { "a checkpoint" };
-            return Error::invalid(format!(
+            return Error::NonFinite(format!(
                 "the {what} became NaN or infinite at step {step} because {d} holds NaN or Inf: {from} is damaged (a lower --lr will not help)"
             ));
         }
@@ -536,7 +536,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             ),
             None => "no checkpoint was written yet (lower --lr and start again)".to_string(),
         };
-        Error::invalid(format!(
+        Error::NonFinite(format!(
             "the {what} became NaN or infinite at step {step}; training stopped, nothing of this step was kept; {kept}"
         ))
     }

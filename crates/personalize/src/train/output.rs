@@ -119,11 +119,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         let cfg = std::fs::read(self.pipe.base_dir.join("unet/config.json"))
             .map_err(|e| Error::Io { path: self.pipe.base_dir.join("unet/config.json"), cause: e })?;
         model_io::write_atomic(&dir.join("config.json"), &cfg)?;
-        write_tensors(
+        Ok(write_tensors(
             &dir.join("diffusion_pytorch_model.safetensors"),
             &tensors,
             &BTreeMap::from([("format".to_string(), "pt".to_string())]),
-        )
+        )?)
     }
 
     /// A sample image with the trained concept (the prompt, the mean of the training queries),

@@ -4,11 +4,11 @@
 
 use std::collections::BTreeMap;
 
+use crate::{Error, Result};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use model_io::tensor_file::HostTensor;
-use model_io::{Error, Result};
 
 /// Keeps the module path (`down_blocks.0.attentions.0...`) during a visit or a map, and the
 /// container type of the innermost field (`Struct:Linear` for a linear layer's weight).

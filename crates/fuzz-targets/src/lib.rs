@@ -96,7 +96,14 @@ pub fn concept_json(data: &[u8]) {
     if !dir.join("aligner.safetensors").is_file() {
         let _ = std::fs::create_dir_all(&dir);
         let s = q_aligner::AlignerSettings { num_queries: 2, ..Default::default() };
-        let a = q_aligner::Aligner::<burn_flex::Flex>::new(8, 8, 8, &s, &burn_flex::FlexDevice);
+        let a = q_aligner::Aligner::<burn_flex::Flex>::new(
+            8,
+            8,
+            8,
+            &s,
+            &mut seeded::SplitMix64::new(0),
+            &burn_flex::FlexDevice,
+        );
         a.save(&dir.join("aligner.safetensors")).expect("aligner written");
     }
     let _ = std::fs::write(dir.join("concept.json"), data);

@@ -8,7 +8,7 @@ use burn::tensor::{AllocationProperty, Bytes, DType, TensorData};
 use memmap2::Mmap;
 use serde::Deserialize;
 
-use crate::{Error, Result};
+use crate::{Error, Fnv64, Result};
 
 /// One tensor's entry in a safetensors header.
 #[derive(Debug, Clone)]
@@ -494,40 +494,5 @@ fn f32_from_le(b: &[u8]) -> Vec<f32> {
         v
     } else {
         b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-    }
-}
-
-/// FNV-1a, 64 bits: the fingerprints' hash (not for security: a cheap, stable digest).
-pub struct Fnv64(u64);
-
-impl Fnv64 {
-    /// The offset basis.
-    ///
-    /// ```
-    /// let mut h = model_io::Fnv64::new();
-    /// h.feed(b"a");
-    /// assert_eq!(h.finish(), 0xaf63dc4c8601ec8c);
-    /// ```
-    pub fn new() -> Self {
-        Fnv64(0xcbf2_9ce4_8422_2325)
-    }
-
-    /// Mixes in `bytes`.
-    pub fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= b as u64;
-            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
-        }
-    }
-
-    /// The hash so far.
-    pub fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-impl Default for Fnv64 {
-    fn default() -> Self {
-        Self::new()
     }
 }

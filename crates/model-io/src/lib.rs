@@ -33,9 +33,11 @@ pub mod nn;
 pub mod tensor_file;
 mod weights;
 
-pub use checkpoint::{Checkpoint, Fnv64, TensorInfo};
+pub use checkpoint::{Checkpoint, TensorInfo};
 pub use config::read_config;
 pub use error::{Error, Result};
+/// The fingerprints' hash (FNV-1a, 64 bits), from the `seeded` crate.
+pub use seeded::Fnv64;
 pub use weights::Weights;
 
 /// The environment variable that caps the memory estimates may use (bytes, or with a `K`,

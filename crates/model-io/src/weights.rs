@@ -175,6 +175,9 @@ impl<'a, B: Backend> Weights<'a, B> {
                 made.borrow_mut().insert(key, host);
                 return Ok(t);
             }
+            // Random weights for timing full-size models only (`stage --random-weights`, the
+            // benches): drawn on the device, as gigabytes of host-made values would take longer
+            // than the work timed. Models that are trained or shipped are seeded (`seeded`).
             let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
             let std = 1.0 / (fan_in as f64).sqrt();
             return Ok(Tensor::random(shape, burn::tensor::Distribution::Normal(0.0, std), &self.device));
@@ -248,17 +251,10 @@ impl<'a, B: Backend> Weights<'a, B> {
 /// hash, turned into normals by Box-Muller. Plain integer arithmetic, so every machine makes the
 /// same bytes.
 fn seeded_tensor(seed: u64, key: &str, shape: &[usize]) -> HostTensor {
-    // FNV-1a from the offset basis xor the seed (the `Fnv64` steps).
-    let mut state =
-        key.bytes().fold(crate::Fnv64::new().finish() ^ seed, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-    let mut next = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        // 53 random bits in (0, 1].
-        (((z ^ (z >> 31)) >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    };
+    let mut h = seeded::Fnv64::with_seed(seed);
+    h.feed(key.as_bytes());
+    let mut stream = seeded::SplitMix64::new(h.finish());
+    let mut next = move || stream.next_open01();
     let n: usize = shape.iter().product();
     let (mean, std) = if shape.len() >= 2 {
         (0.0, 1.0 / (shape[1..].iter().product::<usize>().max(1) as f64).sqrt())

@@ -184,7 +184,14 @@ fn concept_for_another_base_model_is_refused_unless_overridden() {
     let concept = d.path().join("concept");
     std::fs::create_dir_all(&concept).unwrap();
     let s = q_aligner::AlignerSettings { num_queries: 2, ..Default::default() };
-    let a = q_aligner::Aligner::<burn_flex::Flex>::new(8, 16, 32, &s, &burn_flex::FlexDevice);
+    let a = q_aligner::Aligner::<burn_flex::Flex>::new(
+        8,
+        16,
+        32,
+        &s,
+        &mut seeded::SplitMix64::new(0),
+        &burn_flex::FlexDevice,
+    );
     a.save(&concept.join("aligner.safetensors")).unwrap();
     let q = model_io::tensor_file::HostTensor::f32(vec![1, 4, 8], (0..32).map(|i| i as f32 / 32.0).collect());
     write_tensors(
@@ -258,7 +265,7 @@ fn encode_writes_queries_and_generate_uses_reference_images() {
     let concept = d.path().join("concept");
     std::fs::create_dir_all(&concept).unwrap();
     let s = q_aligner::AlignerSettings { num_queries: 4, ..Default::default() };
-    q_aligner::Aligner::<burn_flex::Flex>::new(32, 16, 32, &s, &burn_flex::FlexDevice)
+    q_aligner::Aligner::<burn_flex::Flex>::new(32, 16, 32, &s, &mut seeded::SplitMix64::new(0), &burn_flex::FlexDevice)
         .save(&concept.join("aligner.safetensors"))
         .unwrap();
     let base = fixtures().join("pipeline");

@@ -350,7 +350,14 @@ fn aligner_stage_reads_a_concept_folder() {
         query_selection: q_aligner::QuerySelection::Pool,
         final_gelu: true,
     };
-    let a = q_aligner::Aligner::<burn_flex::Flex>::new(8, 16, 12, &s, &burn_flex::FlexDevice);
+    let a = q_aligner::Aligner::<burn_flex::Flex>::new(
+        8,
+        16,
+        12,
+        &s,
+        &mut seeded::SplitMix64::new(0),
+        &burn_flex::FlexDevice,
+    );
     a.save(&dir.path().join("aligner.safetensors")).unwrap();
     let q = HostTensor::f32(vec![2, 5, 8], (0..80).map(|i| (i as f32 * 0.37).sin()).collect());
     let input = dir.path().join("in.safetensors");

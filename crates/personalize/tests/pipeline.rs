@@ -67,7 +67,7 @@ fn generate_matches_stable_diffusion_pipeline() {
 
 fn aligner(k: usize) -> Aligner<Flex> {
     let s = AlignerSettings { num_queries: k, query_selection: QuerySelection::First, final_gelu: true };
-    Aligner::new(8, 16, 32, &s, &FlexDevice)
+    Aligner::new(8, 16, 32, &s, &mut seeded::SplitMix64::new(0), &FlexDevice)
 }
 
 fn queries() -> Tensor<Flex, 3> {
@@ -135,7 +135,8 @@ fn bad_sizes_latents_and_aligners_are_errors() {
     let lat = Tensor::<Flex, 4>::zeros([1, 4, 5, 4], &FlexDevice);
     let msg = pipe.generate(&opts, None, Some(lat), &mut |_, _| {}).err().unwrap().to_string();
     assert!(msg.contains("latents have shape [1, 4, 5, 4]") && msg.contains("[N >= 1, 4, 4, 4]"), "{msg}");
-    let wide = Aligner::<Flex>::new(8, 16, 24, &AlignerSettings::default(), &FlexDevice);
+    let wide =
+        Aligner::<Flex>::new(8, 16, 24, &AlignerSettings::default(), &mut seeded::SplitMix64::new(0), &FlexDevice);
     let v = VisualPrompt { aligner: &wide, queries: Tensor::zeros([1, 8, 8], &FlexDevice) };
     let msg = pipe.generate(&opts, Some(&v), None, &mut |_, _| {}).err().unwrap().to_string();
     assert!(msg.contains("24") && msg.contains("32"), "{msg}");

@@ -28,7 +28,7 @@ use std::path::Path;
 use burn::module::Module;
 use burn::tensor::activation::gelu;
 use burn::tensor::module::adaptive_avg_pool1d;
-use burn::tensor::{backend::Backend, Distribution, Tensor};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 use model_io::nn::Linear;
 use model_io::tensor_file::{read_tensors_with_metadata, write_tensors, HostTensor};
 use model_io::{Error, Result};
@@ -89,16 +89,30 @@ pub struct Aligner<B: Backend> {
 
 impl<B: Backend> Aligner<B> {
     /// A freshly initialised aligner (`q_dim` → `hidden` → `out_dim`), weights as
-    /// PyTorch's `nn.Linear` default (uniform in ±1/sqrt(fan_in)).
-    pub fn new(q_dim: usize, hidden: usize, out_dim: usize, settings: &AlignerSettings, device: &B::Device) -> Self {
-        let lin = |i: usize, o: usize| {
+    /// PyTorch's `nn.Linear` default (uniform in ±1/sqrt(fan_in)), drawn from `init` in the
+    /// order fc1.weight, fc1.bias, fc2.weight, fc2.bias.
+    ///
+    /// ```
+    /// use burn_flex::{Flex, FlexDevice};
+    /// let mut init = seeded::SplitMix64::new(0);
+    /// let a = q_aligner::Aligner::<Flex>::new(768, 768, 768, &Default::default(), &mut init, &FlexDevice);
+    /// assert_eq!(a.out_dim(), 768);
+    /// ```
+    pub fn new(
+        q_dim: usize,
+        hidden: usize,
+        out_dim: usize,
+        settings: &AlignerSettings,
+        init: &mut dyn seeded::Init,
+        device: &B::Device,
+    ) -> Self {
+        let mut lin = |i: usize, o: usize| {
             let b = 1.0 / (i as f64).sqrt();
             // Drawn in PyTorch's `[out, in]` layout, as a loaded aligner holds it: the same
             // weights then give bit-identical outputs before and after a save and load.
-            Linear::from_torch(
-                Tensor::random([o, i], Distribution::Uniform(-b, b), device),
-                Some(Tensor::random([o], Distribution::Uniform(-b, b), device)),
-            )
+            let w = Tensor::from_data(TensorData::new(init.uniform(o * i, b), [o, i]), device);
+            let bias = Tensor::from_data(TensorData::new(init.uniform(o, b), [o]), device);
+            Linear::from_torch(w, Some(bias))
         };
         Self::from_parts(lin(q_dim, hidden), lin(hidden, out_dim), settings)
     }

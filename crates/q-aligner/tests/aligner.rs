@@ -13,7 +13,7 @@ fn queries(b: usize, q: usize, d: usize) -> Tensor<Flex, 3> {
 #[test]
 fn forward_matches_a_hand_computation() {
     let s = AlignerSettings { num_queries: 2, query_selection: QuerySelection::First, final_gelu: true };
-    let a = Aligner::<Flex>::new(3, 4, 5, &s, &FlexDevice);
+    let a = Aligner::<Flex>::new(3, 4, 5, &s, &mut seeded::SplitMix64::new(0), &FlexDevice);
     let q = queries(1, 3, 3);
     let got = HostTensor::from_tensor(a.forward(q.clone()).unwrap());
     assert_eq!(got.shape, vec![1, 2, 5]);
@@ -54,14 +54,14 @@ fn erf(x: f64) -> f64 {
 fn first_and_pool_selection() {
     let q = queries(2, 6, 3);
     let first = AlignerSettings { num_queries: 2, query_selection: QuerySelection::First, final_gelu: false };
-    let a = Aligner::<Flex>::new(3, 4, 5, &first, &FlexDevice);
+    let a = Aligner::<Flex>::new(3, 4, 5, &first, &mut seeded::SplitMix64::new(0), &FlexDevice);
     let sel = HostTensor::from_tensor(a.select(q.clone()).unwrap());
     let all = HostTensor::from_tensor(q.clone());
     assert_eq!(sel.shape, vec![2, 2, 3]);
     assert_eq!(sel.as_f32("").unwrap()[..6], all.as_f32("").unwrap()[..6]);
 
     let pool = AlignerSettings { num_queries: 4, query_selection: QuerySelection::Pool, final_gelu: false };
-    let a = Aligner::<Flex>::new(3, 4, 5, &pool, &FlexDevice);
+    let a = Aligner::<Flex>::new(3, 4, 5, &pool, &mut seeded::SplitMix64::new(0), &FlexDevice);
     let sel = HostTensor::from_tensor(a.select(q).unwrap());
     assert_eq!(sel.shape, vec![2, 4, 3]);
     // adaptive_avg_pool1d(6 → 4): windows [0,2) [1,3) [3,5) [4,6) (torch's start/end rule).
@@ -76,7 +76,14 @@ fn first_and_pool_selection() {
 
 #[test]
 fn context_assembly_and_unconditional_tokens() {
-    let a = Aligner::<Flex>::new(3, 4, 5, &AlignerSettings { num_queries: 3, ..Default::default() }, &FlexDevice);
+    let a = Aligner::<Flex>::new(
+        3,
+        4,
+        5,
+        &AlignerSettings { num_queries: 3, ..Default::default() },
+        &mut seeded::SplitMix64::new(0),
+        &FlexDevice,
+    );
     let text = Tensor::<Flex, 3>::ones([2, 77, 5], &FlexDevice);
     let ctx = assemble(text.clone(), a.forward(queries(2, 6, 3)).unwrap());
     assert_eq!(ctx.dims(), [2, 80, 5]);
@@ -87,7 +94,14 @@ fn context_assembly_and_unconditional_tokens() {
     let v = h.as_f32("").unwrap();
     assert!(v.chunks(5).all(|c| c == &v[..5]));
     // k = 0: the context is the text alone.
-    let a0 = Aligner::<Flex>::new(3, 4, 5, &AlignerSettings { num_queries: 0, ..Default::default() }, &FlexDevice);
+    let a0 = Aligner::<Flex>::new(
+        3,
+        4,
+        5,
+        &AlignerSettings { num_queries: 0, ..Default::default() },
+        &mut seeded::SplitMix64::new(0),
+        &FlexDevice,
+    );
     let ctx0 = assemble(text.clone(), a0.forward(queries(2, 6, 3)).unwrap());
     assert_eq!(HostTensor::from_tensor(ctx0), HostTensor::from_tensor(text));
 }
@@ -97,7 +111,7 @@ fn file_round_trip_in_torch_layout_with_metadata() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("aligner.safetensors");
     let s = AlignerSettings { num_queries: 4, query_selection: QuerySelection::Pool, final_gelu: false };
-    let a = Aligner::<Flex>::new(6, 7, 5, &s, &FlexDevice);
+    let a = Aligner::<Flex>::new(6, 7, 5, &s, &mut seeded::SplitMix64::new(0), &FlexDevice);
     a.save(&p).unwrap();
     let (t, meta) = model_io::tensor_file::read_tensors_with_metadata(&p).unwrap();
     assert_eq!(t["fc1.weight"].shape, vec![7, 6]);
@@ -117,7 +131,7 @@ fn file_round_trip_in_torch_layout_with_metadata() {
 fn bad_files_and_inputs_are_named() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("aligner.safetensors");
-    let a = Aligner::<Flex>::new(6, 7, 5, &AlignerSettings::default(), &FlexDevice);
+    let a = Aligner::<Flex>::new(6, 7, 5, &AlignerSettings::default(), &mut seeded::SplitMix64::new(0), &FlexDevice);
     let (mut t, mut meta) = a.to_tensors();
     t.remove("fc2.bias");
     model_io::tensor_file::write_tensors(&p, &t, &meta).unwrap();
@@ -137,7 +151,7 @@ fn bad_files_and_inputs_are_named() {
 #[test]
 fn pooling_into_more_queries_than_given_is_refused() {
     let s = AlignerSettings { num_queries: 33, query_selection: QuerySelection::Pool, final_gelu: true };
-    let a = Aligner::<Flex>::new(3, 4, 5, &s, &FlexDevice);
+    let a = Aligner::<Flex>::new(3, 4, 5, &s, &mut seeded::SplitMix64::new(0), &FlexDevice);
     let msg = a.forward(queries(1, 32, 3)).err().unwrap().to_string();
     assert!(msg.contains("32") && msg.contains("33") && msg.contains("fewer"), "{msg}");
 }

@@ -66,15 +66,8 @@ pub struct SeededRng {
 impl SeededRng {
     /// A generator seeded from `seed`.
     pub fn new(seed: u64) -> Self {
-        let mut x = seed;
-        let mut splitmix = || {
-            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
-        SeededRng { s: [splitmix(), splitmix(), splitmix(), splitmix()], spare: None }
+        let mut sm = seeded::SplitMix64::new(seed);
+        SeededRng { s: [sm.next_u64(), sm.next_u64(), sm.next_u64(), sm.next_u64()], spare: None }
     }
 
     /// The next 64 random bits (xoshiro256**).
@@ -114,6 +107,13 @@ impl SeededRng {
         for v in out {
             *v = self.standard_normal();
         }
+    }
+}
+
+/// The trainer seeds fresh aligner and LoRA weights with the same generator as its steps.
+impl seeded::Init for SeededRng {
+    fn uniform(&mut self, n: usize, bound: f64) -> Vec<f32> {
+        (0..n).map(|_| ((self.next_f64() * 2.0 - 1.0) * bound) as f32).collect()
     }
 }
 

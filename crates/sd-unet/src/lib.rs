@@ -12,7 +12,7 @@
 //! ```no_run
 //! use burn_flex::{Flex, FlexDevice};
 //! let mut unet = sd_unet::UNet2DConditionModel::<Flex>::load("sd/unet".as_ref(), &FlexDevice)?;
-//! sd_unet::lora::attach(&mut unet, 4, 4.0); // output unchanged until trained
+//! sd_unet::lora::attach(&mut unet, 4, 4.0, &mut seeded::SplitMix64::new(0)); // output unchanged until trained
 //! # Ok::<(), model_io::Error>(())
 //! ```
 

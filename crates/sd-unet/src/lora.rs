@@ -1,7 +1,7 @@
 //! LoRA adapters on the attention projections (`to_q`, `to_k`, `to_v`, `to_out.0`).
 
 use burn::module::Module;
-use burn::tensor::{backend::Backend, Distribution, Tensor};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 use model_io::nn::Linear;
 
 /// A low-rank update `scale · B(A(x))` with `A` `[in → r]` and `B` `[r → out]`.
@@ -19,10 +19,18 @@ pub struct Lora<B: Backend> {
 }
 
 impl<B: Backend> Lora<B> {
-    /// A new adapter: `A` Kaiming-uniform like PEFT (`a = sqrt(5)`), `B` zero.
-    pub fn new(d_in: usize, d_out: usize, rank: usize, alpha: f64, device: &B::Device) -> Self {
+    /// A new adapter: `A` Kaiming-uniform like PEFT (`a = sqrt(5)`), drawn from `init` in
+    /// the `[in, r]` layout; `B` zero.
+    pub fn new(
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        alpha: f64,
+        init: &mut dyn seeded::Init,
+        device: &B::Device,
+    ) -> Self {
         let bound = 1.0 / (d_in as f64).sqrt();
-        let a = Tensor::<B, 2>::random([d_in, rank], Distribution::Uniform(-bound, bound), device);
+        let a = Tensor::<B, 2>::from_data(TensorData::new(init.uniform(d_in * rank, bound), [d_in, rank]), device);
         let b = Tensor::<B, 2>::zeros([rank, d_out], device);
         Self { down: Linear::new(a, None), up: Linear::new(b, None), scale: alpha / rank as f64 }
     }
@@ -52,10 +60,10 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     /// Attaches a fresh zero-initialised adapter of `rank` and `alpha`.
-    pub fn attach(&mut self, rank: usize, alpha: f64) {
+    pub fn attach(&mut self, rank: usize, alpha: f64, init: &mut dyn seeded::Init) {
         let (i, o) = self.base.dims();
         let device = self.base.weight.device();
-        self.lora = Some(Lora::new(i, o, rank, alpha, &device));
+        self.lora = Some(Lora::new(i, o, rank, alpha, init, &device));
     }
 
     /// `base(x) + lora(x)`.

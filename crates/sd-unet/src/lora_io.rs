@@ -12,11 +12,12 @@ use crate::lora::Lora;
 use crate::UNet2DConditionModel;
 
 /// Attaches fresh adapters of `rank` and `alpha` to every attention projection
-/// (`to_q`, `to_k`, `to_v`, `to_out.0`). They are zero at first: the output is unchanged.
-pub fn attach<B: Backend>(unet: &mut UNet2DConditionModel<B>, rank: usize, alpha: f64) {
+/// (`to_q`, `to_k`, `to_v`, `to_out.0`), their `A` matrices drawn from `init` block by block.
+/// They are zero at first (`B` = 0): the output is unchanged.
+pub fn attach<B: Backend>(unet: &mut UNet2DConditionModel<B>, rank: usize, alpha: f64, init: &mut dyn seeded::Init) {
     for a in unet.attentions_mut() {
         for (_, p) in a.projections_mut() {
-            p.attach(rank, alpha);
+            p.attach(rank, alpha, init);
         }
     }
 }

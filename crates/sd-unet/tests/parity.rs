@@ -46,7 +46,7 @@ fn lora_is_zero_at_initialisation_and_round_trips() {
     let t = io["timestep"].to_float::<Flex, 1>("timestep", &FlexDevice).unwrap();
     let c = io["encoder_hidden_states"].to_float::<Flex, 3>("ctx", &FlexDevice).unwrap();
     let before = HostTensor::from_tensor(unet.forward(x.clone(), t.clone(), c.clone()).unwrap());
-    sd_unet::lora::attach(&mut unet, 4, 8.0);
+    sd_unet::lora::attach(&mut unet, 4, 8.0, &mut seeded::SplitMix64::new(0));
     let n_attn = unet.attentions().len();
     assert!(n_attn > 0);
     let after = HostTensor::from_tensor(unet.forward(x.clone(), t.clone(), c.clone()).unwrap());

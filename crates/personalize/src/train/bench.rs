@@ -40,11 +40,11 @@ pub fn bench_train_step<B: AutodiffBackend>(
     let inner = UNet2DConditionModel::<B::InnerBackend>::from_weights(&ucfg, &model_io::Weights::random(device))?;
     let mut unet = set_require_grad(UNet2DConditionModel::<B>::from_inner(inner), mode == UnetMode::Full);
     if let UnetMode::Lora { rank, alpha } = mode {
-        sd_unet::lora::attach(&mut unet, rank, alpha);
+        sd_unet::lora::attach(&mut unet, rank, alpha, &mut SeededRng::new(1));
     }
     let d = unet.cross_attention_dim();
     let settings = AlignerSettings::default();
-    let mut aligner = Aligner::<B>::new(768, d, d, &settings, device);
+    let mut aligner = Aligner::<B>::new(768, d, d, &settings, &mut SeededRng::new(2), device);
     let (mut oa, mut ou) = (AdamW::<B::InnerBackend>::new(1e-2), AdamW::<B::InnerBackend>::new(1e-2));
     let h = resolution / 8;
     let trainable = host_params::<B, _>(&aligner, true)

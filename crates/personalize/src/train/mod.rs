@@ -40,10 +40,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
-use burn::module::{AutodiffModule, Param};
+use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
-use model_io::nn::Linear;
 use model_io::tensor_file::{read_tensors, read_tensors_with_metadata, write_tensors, HostTensor};
 use q_aligner::{Aligner, AlignerSettings, QuerySelection};
 use scheduler::{HostSample, Scheduler, SeededRng};
@@ -155,10 +154,6 @@ pub struct Trainer<B: AutodiffBackend> {
     class_text: Option<HostTensor>,
     queries: HostTensor,
     data_fingerprint: String,
-}
-
-fn uniform(rng: &mut SeededRng, n: usize, bound: f64) -> Vec<f32> {
-    (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect()
 }
 
 /// The step's own generator: a function of the seed and the step only.
@@ -285,29 +280,12 @@ impl<B: AutodiffBackend> Trainer<B> {
             final_gelu: cfg.aligner_final_gelu,
         };
         let (dq, hidden) = (qs[2], cfg.aligner_hidden.unwrap_or(d_text));
-        let mut aligner = Aligner::<B>::new(dq, hidden, d_text, &settings, device);
-        let mut lin = |i: usize, o: usize| {
-            let b = 1.0 / (i as f64).sqrt();
-            let w = Tensor::<B, 2>::from_data(TensorData::new(uniform(&mut init, i * o, b), [i, o]), device);
-            let bias = Tensor::<B, 1>::from_data(TensorData::new(uniform(&mut init, o, b), [o]), device);
-            Linear::new(w, Some(bias))
-        };
-        aligner.fc1 = lin(dq, hidden);
-        aligner.fc2 = lin(hidden, d_text);
+        let aligner = Aligner::<B>::new(dq, hidden, d_text, &settings, &mut init, device);
 
         let mut unet =
             set_require_grad(UNet2DConditionModel::<B>::from_inner(pipe.unet.clone()), cfg.unet_mode == UnetMode::Full);
         if let UnetMode::Lora { rank, alpha } = cfg.unet_mode {
-            sd_unet::lora::attach(&mut unet, rank, alpha);
-            for a in unet.attentions_mut() {
-                for (_, p) in a.projections_mut() {
-                    let (i, _) = p.base.dims();
-                    if let Some(l) = p.lora.as_mut() {
-                        let w = uniform(&mut init, i * rank, 1.0 / (i as f64).sqrt());
-                        l.down.weight = Param::from_tensor(Tensor::from_data(TensorData::new(w, [i, rank]), device));
-                    }
-                }
-            }
+            sd_unet::lora::attach(&mut unet, rank, alpha, &mut init);
         }
 
         let mut t = Self {

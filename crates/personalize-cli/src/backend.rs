@@ -23,15 +23,14 @@ mod imp {
 
 pub use imp::{device, B, IS_GPU, NAME};
 
-/// Makes `dtype` (`f32`, `f16` or `bf16`) the float type of every tensor created on the device.
+/// Makes `dtype` the float type of every tensor created on the device.
 /// Must run before the first tensor is made: Burn fixes a device's defaults at first use.
-pub fn set_dtype(dtype: &str) -> anyhow::Result<()> {
+pub fn set_dtype(dtype: crate::names::Dtype) -> anyhow::Result<()> {
     use burn::tensor::FloatDType;
     let d = match dtype {
-        "f32" => return Ok(()),
-        "f16" => FloatDType::F16,
-        "bf16" => FloatDType::BF16,
-        other => anyhow::bail!("unknown float type `{other}`; expected f32, f16 or bf16"),
+        crate::names::Dtype::F32 => return Ok(()),
+        crate::names::Dtype::F16 => FloatDType::F16,
+        crate::names::Dtype::Bf16 => FloatDType::BF16,
     };
     burn::tensor::backend::set_default_float_dtype::<B>(&device(), d).map_err(|e| anyhow::anyhow!("{e:?}"))
 }

@@ -24,8 +24,27 @@ pub fn encode_images(blip2: &Path, images: &[PathBuf]) -> Result<Tensor<B, 3>> {
     Ok(q)
 }
 
-/// `personalize encode`: writes `queries` `[N, Q, 768]` to `out` (atomically).
-pub fn run(blip2: &Path, images: &[PathBuf], out: &Path) -> Result<()> {
+/// Encode images with BLIP-2 (vision transformer + Q-Former) into visual-prompt queries.
+///
+/// Writes tensor `queries` [N, Q, 768] (the Q-Former's last hidden state per image).
+#[derive(clap::Args)]
+pub struct EncodeArgs {
+    /// The BLIP-2 model (transformers layout: Blip2Model, Blip2ForConditionalGeneration
+    /// or Blip2ForImageTextRetrieval; language-model weights are never read): a folder, a
+    /// preset (blip2, blip2-itm-vit-g) or a repo id already fetched (`cargo xtask fetch`).
+    #[arg(long)]
+    pub blip2: PathBuf,
+    /// An image to encode (repeatable). PNG and JPEG; EXIF orientation is applied.
+    #[arg(long = "image", required = true)]
+    pub images: Vec<PathBuf>,
+    /// Output safetensors file (written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `personalize encode`: writes `queries` `[N, Q, 768]` to `--out` (atomically).
+pub fn run(a: &EncodeArgs) -> Result<()> {
+    let (blip2, images, out) = (a.blip2.as_path(), a.images.as_slice(), a.out.as_path());
     let same =
         |a: &Path, b: &Path| std::fs::canonicalize(a).ok().is_some_and(|a| std::fs::canonicalize(b).ok() == Some(a));
     if let Some(img) = images.iter().find(|i| same(i, out)) {

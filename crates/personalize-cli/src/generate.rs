@@ -35,9 +35,9 @@ pub struct GenerateCli {
     /// Classifier-free guidance scale; 1 disables guidance (one UNet pass per step) [default: 7.5].
     #[arg(long)]
     pub guidance: Option<f64>,
-    /// Scheduler: ddim, ddpm, pndm, euler, euler-a, dpm++2m, dpm++2m-karras (default: the model's).
+    /// The scheduler (default: the model's). diffusers' class names are accepted too.
     #[arg(long)]
-    pub scheduler: Option<String>,
+    pub scheduler: Option<crate::names::SchedulerName>,
     /// Random seed for the initial noise (default: a fresh one, recorded in the PNGs).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -123,7 +123,7 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
                 negative_prompt: cli.negative_prompt,
                 steps: cli.steps.unwrap_or(50),
                 guidance: cli.guidance.unwrap_or(7.5),
-                scheduler: cli.scheduler,
+                scheduler: cli.scheduler.map(|s| s.as_str().to_string()),
                 seed: cli.seed.unwrap_or(0),
                 num_images: cli.num_images.unwrap_or(1),
                 batch_size: cli.batch_size,
@@ -179,7 +179,7 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
             negative_prompt: cli.negative_prompt.or(s.negative_prompt),
             steps: cli.steps.unwrap_or(s.steps),
             guidance: cli.guidance.unwrap_or(s.guidance),
-            scheduler: cli.scheduler.or(s.scheduler),
+            scheduler: cli.scheduler.map(|s| s.as_str().to_string()).or(s.scheduler),
             seed: cli.seed.unwrap_or(s.seed),
             num_images,
             batch_size,

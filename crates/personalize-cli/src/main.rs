@@ -5,6 +5,7 @@ mod bench;
 mod encode;
 mod generate;
 mod interrupt;
+mod names;
 mod stage;
 mod train;
 
@@ -23,11 +24,11 @@ struct Cli {
     /// Log more (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
-    /// Float type for computation: f32 (default), f16 or bf16. Weights are converted as they
-    /// load; outputs are written as f32. Half precision is meant for the GPU build
-    /// (`--features cuda`); on the CPU it is slower than f32.
-    #[arg(long, global = true, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
-    dtype: String,
+    /// Float type for computation. Weights are converted as they load; outputs are written as
+    /// f32. Half precision is meant for the GPU build (`--features cuda`); on the CPU it is
+    /// slower than f32, and f16 is refused for generate, train and the VAE stages.
+    #[arg(long, global = true, default_value = "f32")]
+    dtype: names::Dtype,
     /// Use truncated JPEG input images (decoded as far as their data goes, with a warning)
     /// instead of refusing them.
     #[arg(long, global = true)]
@@ -75,57 +76,10 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Encode images with BLIP-2 (vision transformer + Q-Former) into visual-prompt queries.
-    ///
-    /// Writes tensor `queries` [N, Q, 768] (the Q-Former's last hidden state per image).
-    Encode {
-        /// The BLIP-2 model (transformers layout: Blip2Model, Blip2ForConditionalGeneration
-        /// or Blip2ForImageTextRetrieval; language-model weights are never read): a folder, a
-        /// preset (blip2, blip2-itm-vit-g) or a repo id already fetched (`cargo xtask fetch`).
-        #[arg(long)]
-        blip2: PathBuf,
-        /// An image to encode (repeatable). PNG and JPEG; EXIF orientation is applied.
-        #[arg(long = "image", required = true)]
-        images: Vec<PathBuf>,
-        /// Output safetensors file.
-        #[arg(long)]
-        out: PathBuf,
-    },
+    Encode(encode::EncodeArgs),
     #[command(allow_negative_numbers = true)]
     Generate(generate::GenerateCli),
-    /// Run one pipeline stage on tensors from a safetensors file and write its outputs.
-    ///
-    /// Stages: tokenizer, text-encoder, unet, vae-encode, vae-decode, scheduler, aligner, blip2. See the README's stage-runner table for the
-    /// tensor names each reads and writes.
-    Stage {
-        /// The stage to run: tokenizer, text-encoder, unet, vae-encode, vae-decode, scheduler, aligner or blip2.
-        stage: String,
-        /// The model folder the stage loads, as published (e.g. `sd/text_encoder`, `sd/vae`,
-        /// or a tokenizer folder); or a fetched preset or repo id with a subfolder
-        /// (`sd-v1-5/unet`, `blip2`).
-        #[arg(long)]
-        model: PathBuf,
-        /// Input tensors (safetensors). Not used by `tokenizer`, which takes --prompt.
-        #[arg(long)]
-        input: Option<PathBuf>,
-        /// Where to write the output tensors (safetensors; written atomically).
-        #[arg(long)]
-        output: PathBuf,
-        /// Run the stage N times after loading (for timing); the last output is written.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-        repeat: u64,
-        /// A prompt for the tokenizer stage; repeat the flag for a batch.
-        #[arg(long)]
-        prompt: Vec<String>,
-        /// Build the model from the folder's config.json alone, with random weights (for
-        /// timing full-size models without downloading them).
-        #[arg(long)]
-        random_weights: bool,
-        /// Scheduler stage only: use this scheduler instead of the config's `_class_name`
-        /// (ddim, ddpm, pndm, euler, euler-a, dpm++2m, dpm++2m-karras).
-        #[arg(long)]
-        scheduler: Option<String>,
-    },
+    Stage(stage::StageArgs),
 }
 
 /// `--base`, `--blip2` and `stage --model` take a folder, or a preset or repo id (with an
@@ -142,12 +96,12 @@ fn resolve_models(command: &mut Command) -> Result<(), hub::Error> {
             resolve(&mut a.base)?;
             resolve(&mut a.blip2)
         }
-        Command::Encode { blip2, .. } => resolve(blip2),
+        Command::Encode(a) => resolve(&mut a.blip2),
         Command::Generate(a) => {
             a.base.as_mut().map_or(Ok(()), resolve)?;
             a.blip2.as_mut().map_or(Ok(()), resolve)
         }
-        Command::Stage { model, .. } => resolve(model),
+        Command::Stage(a) => resolve(&mut a.model),
         _ => Ok(()),
     }
 }
@@ -169,14 +123,16 @@ fn init_logging(verbose: u8) {
 /// for it): a UNet pass stays within 1 % of f32, but the VAE decode collapses (pixel std 0.012
 /// against 0.50), images come out flat and training hits a NaN loss at step 2. Refused there;
 /// bf16 has f32's range.
-fn check_dtype(dtype: &str, command: &Command) -> Result<(), String> {
-    if dtype != "f16" || backend::IS_GPU {
+fn check_dtype(dtype: names::Dtype, command: &Command) -> Result<(), String> {
+    if dtype != names::Dtype::F16 || backend::IS_GPU {
         return Ok(());
     }
     let what = match command {
         Command::Train(_) => "train",
         Command::Generate(_) => "generate",
-        Command::Stage { stage, .. } if stage.starts_with("vae") => "the VAE stages",
+        Command::Stage(a) if matches!(a.stage, names::StageName::VaeEncode | names::StageName::VaeDecode) => {
+            "the VAE stages"
+        }
         _ => return Ok(()),
     };
     Err(format!(
@@ -184,17 +140,35 @@ fn check_dtype(dtype: &str, command: &Command) -> Result<(), String> {
     ))
 }
 
+/// clap's error as one line: the message and its value list, without the usage and the
+/// pointer to --help (the brief's one-line errors; `--help` itself prints in full).
+fn one_line(rendered: &str) -> String {
+    rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn main() -> ExitCode {
-    let mut cli = Cli::parse();
+    let mut cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            eprintln!("{}", one_line(&e.render().to_string()));
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
     init_logging(cli.verbose);
     model_io::image_file::accept_truncated(cli.allow_truncated_images);
-    tracing::debug!("backend: {}, dtype {}", backend::NAME, cli.dtype);
-    if let Err(e) = check_dtype(&cli.dtype, &cli.command) {
+    tracing::debug!("backend: {}, dtype {}", backend::NAME, cli.dtype.as_str());
+    if let Err(e) = check_dtype(cli.dtype, &cli.command) {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
-    if let Err(e) = backend::set_dtype(&cli.dtype) {
-        eprintln!("error: --dtype {}: {e:#}", cli.dtype);
+    if let Err(e) = backend::set_dtype(cli.dtype) {
+        eprintln!("error: --dtype {}: {e:#}", cli.dtype.as_str());
         return ExitCode::FAILURE;
     }
     if let Err(e) = resolve_models(&mut cli.command) {
@@ -208,20 +182,9 @@ fn main() -> ExitCode {
         }
         Command::BenchGenerate(a) => bench::generate(&a),
         Command::BenchWriteUnet { unet_config, out } => bench::write_unet(&unet_config, &out),
-        Command::Encode { blip2, images, out } => encode::run(&blip2, &images, &out),
+        Command::Encode(a) => encode::run(&a),
         Command::Generate(a) => generate::run(a),
-        Command::Stage { stage, model, input, output, repeat, prompt, random_weights, scheduler } => {
-            stage::run(&stage::StageArgs {
-                stage,
-                model,
-                input,
-                output,
-                repeat: repeat as usize,
-                prompts: prompt,
-                random_weights,
-                scheduler,
-            })
-        }
+        Command::Stage(a) => stage::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

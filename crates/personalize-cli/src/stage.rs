@@ -11,23 +11,39 @@ use model_io::tensor_file::{read_tensors, take, write_tensors, HostTensor};
 use personalize::train::peak_rss_bytes as peak_memory;
 
 use crate::backend::{device, B};
+use crate::names::{SchedulerName, StageName};
 
-/// The stages the runner knows, with their names on the command line.
-pub const STAGES: &[&str] =
-    &["tokenizer", "text-encoder", "unet", "vae-encode", "vae-decode", "scheduler", "aligner", "blip2"];
-
-/// Parsed `stage` arguments.
+/// Run one pipeline stage on tensors from a safetensors file and write its outputs.
+///
+/// See the README's stage-runner table for the tensor names each stage reads and writes.
+#[derive(clap::Args)]
 pub struct StageArgs {
-    pub stage: String,
+    /// The stage to run.
+    pub stage: StageName,
+    /// The model folder the stage loads, as published (e.g. `sd/text_encoder`, `sd/vae`,
+    /// or a tokenizer folder); or a fetched preset or repo id with a subfolder
+    /// (`sd-v1-5/unet`, `blip2`).
+    #[arg(long)]
     pub model: PathBuf,
+    /// Input tensors (safetensors). Not used by `tokenizer`, which takes --prompt.
+    #[arg(long)]
     pub input: Option<PathBuf>,
+    /// Where to write the output tensors (safetensors; written atomically).
+    #[arg(long)]
     pub output: PathBuf,
-    pub repeat: usize,
+    /// Run the stage N times after loading (for timing); the last output is written.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub repeat: u64,
+    /// A prompt for the tokenizer stage; repeat the flag for a batch.
+    #[arg(long = "prompt", value_name = "PROMPT")]
     pub prompts: Vec<String>,
-    /// Build the model from its config.json with random weights (benchmarks).
+    /// Build the model from the folder's config.json alone, with random weights (for
+    /// timing full-size models without downloading them).
+    #[arg(long)]
     pub random_weights: bool,
-    /// Scheduler stage: a CLI name (`euler-a`, ...) overriding the config's `_class_name`.
-    pub scheduler: Option<String>,
+    /// Scheduler stage only: use this scheduler instead of the config's `_class_name`.
+    #[arg(long)]
+    pub scheduler: Option<SchedulerName>,
 }
 
 fn load_text_encoder(args: &StageArgs) -> Result<clip_text::ClipTextModel<B>> {
@@ -107,7 +123,7 @@ fn loading<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<(T, Loaded)> 
 /// first run is a warm-up, left out of the statistics, and one line goes to stderr
 /// (`cargo xtask bench` parses it):
 /// `STAGE: load_s=… load_peak_mib=… warmup=1 runs=N-1 median_s=… min_s=… peak_mib=…`.
-fn timed<T>(stage: &str, repeat: usize, load: Option<&Loaded>, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+fn timed<T>(stage: &str, repeat: u64, load: Option<&Loaded>, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let mut times: Vec<Duration> = Vec::new();
     let mut last = None;
     for _ in 0..repeat.max(1) {
@@ -160,16 +176,16 @@ pub fn run(args: &StageArgs) -> Result<()> {
             bail!("--output {} is the --input file; write the outputs elsewhere", args.output.display());
         }
     }
-    if args.scheduler.is_some() && args.stage != "scheduler" {
+    if args.scheduler.is_some() && args.stage != StageName::Scheduler {
         bail!("--scheduler is for stage scheduler, not {}", args.stage);
     }
-    if !args.prompts.is_empty() && args.stage != "tokenizer" {
+    if !args.prompts.is_empty() && args.stage != StageName::Tokenizer {
         bail!("--prompt is for stage tokenizer, not {} (it reads its inputs from --input)", args.stage);
     }
     let dev = device();
     let model = args.model.as_path();
-    let outputs: Tensors = match args.stage.as_str() {
-        "tokenizer" => {
+    let outputs: Tensors = match args.stage {
+        StageName::Tokenizer => {
             if args.prompts.is_empty() {
                 bail!("stage tokenizer needs at least one --prompt TEXT");
             }
@@ -180,14 +196,14 @@ pub fn run(args: &StageArgs) -> Result<()> {
             let n = args.prompts.len();
             BTreeMap::from([("input_ids".to_string(), HostTensor::i64(vec![n, ids.len() / n], ids))])
         }
-        "text-encoder" => {
+        StageName::TextEncoder => {
             let (mut t, path) = inputs(args)?;
             let ids = take(&mut t, &path, "input_ids")?.to_int::<B, 2>("input_ids", &dev)?;
             let (enc, load) = loading("text-encoder", || load_text_encoder(args))?;
             let out = timed("text-encoder", args.repeat, Some(&load), || Ok(enc.forward(ids.clone())?))?;
             BTreeMap::from([("last_hidden_state".to_string(), HostTensor::from_tensor(out))])
         }
-        "unet" => {
+        StageName::Unet => {
             let (mut t, path) = inputs(args)?;
             in_range(&t, &path, "timestep", 0.0, 10_000.0, "a diffusion timestep (0..1000 for SD)")?;
             let x = take(&mut t, &path, "sample")?.to_float::<B, 4>("sample", &dev)?;
@@ -198,7 +214,7 @@ pub fn run(args: &StageArgs) -> Result<()> {
                 timed("unet", args.repeat, Some(&load), || Ok(unet.forward(x.clone(), ts.clone(), ctx.clone())?))?;
             BTreeMap::from([("sample".to_string(), HostTensor::from_tensor(out))])
         }
-        "vae-encode" => {
+        StageName::VaeEncode => {
             let (mut t, path) = inputs(args)?;
             in_range(&t, &path, "sample", -10.0, 10.0, "an image in [-1, 1]")?;
             let x = take(&mut t, &path, "sample")?.to_float::<B, 4>("sample", &dev)?;
@@ -209,14 +225,14 @@ pub fn run(args: &StageArgs) -> Result<()> {
                 ("logvar".to_string(), HostTensor::from_tensor(logvar)),
             ])
         }
-        "vae-decode" => {
+        StageName::VaeDecode => {
             let (mut t, path) = inputs(args)?;
             let z = take(&mut t, &path, "latent")?.to_float::<B, 4>("latent", &dev)?;
             let (vae, load) = loading("vae-decode", || load_vae(args))?;
             let out = timed("vae-decode", args.repeat, Some(&load), || Ok(vae.decode(z.clone())?))?;
             BTreeMap::from([("sample".to_string(), HostTensor::from_tensor(out))])
         }
-        "scheduler" => {
+        StageName::Scheduler => {
             let (mut t, path) = inputs(args)?;
             let sample = take(&mut t, &path, "sample")?;
             let outs = take(&mut t, &path, "model_outputs")?;
@@ -241,7 +257,7 @@ pub fn run(args: &StageArgs) -> Result<()> {
                 .map(|c| scheduler::HostSample { data: c.to_vec(), shape: sample.shape.clone() })
                 .collect();
             let (timesteps, samples) = timed("scheduler", args.repeat, None, || {
-                let mut s = scheduler::from_dir(model, args.scheduler.as_deref())?;
+                let mut s = scheduler::from_dir(model, args.scheduler.map(SchedulerName::as_str))?;
                 run_scheduler(s.as_mut(), &sample, &outputs, steps, &mut scheduler::SeededRng::new(STAGE_NOISE_SEED))
             })?;
             let mut shape = vec![samples.len()];
@@ -252,7 +268,7 @@ pub fn run(args: &StageArgs) -> Result<()> {
                 ("samples".to_string(), HostTensor::f32(shape, data)),
             ])
         }
-        "blip2" => {
+        StageName::Blip2 => {
             let (mut t, path) = inputs(args)?;
             let px = take(&mut t, &path, "pixel_values")?.to_float::<B, 4>("pixel_values", &dev)?;
             let (enc, load) = loading("blip2", || {
@@ -269,7 +285,7 @@ pub fn run(args: &StageArgs) -> Result<()> {
                 ("image_embeds".to_string(), HostTensor::from_tensor(emb)),
             ])
         }
-        "aligner" => {
+        StageName::Aligner => {
             // The model is a concept folder; only its aligner.safetensors is needed.
             let (mut t, path) = inputs(args)?;
             let q = take(&mut t, &path, "queries")?.to_float::<B, 3>("queries", &dev)?;
@@ -280,7 +296,6 @@ pub fn run(args: &StageArgs) -> Result<()> {
             })?;
             BTreeMap::from([("visual_prompt".to_string(), HostTensor::from_tensor(out))])
         }
-        other => bail!("unknown stage `{other}`; expected one of: {}", STAGES.join(", ")),
     };
     // Finite inputs and NaN out: say which, and whether the weights hold it.
     for (name, v) in &outputs {

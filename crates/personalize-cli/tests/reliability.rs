@@ -734,7 +734,7 @@ fn absurd_values_found_by_the_second_trial_are_one_line_errors() {
 
     let (ok, err) = run(&gen_args(o, &["--scheduler", "bogus"]));
     assert!(!ok);
-    one_line_error(&err, &["--scheduler \"bogus\" is unknown"]);
+    one_line_error(&err, &["invalid value 'bogus' for '--scheduler", "euler-a", "dpm++2m-karras"]);
     let blip2 = fixtures().join("blip2/opt_sharded");
     let (ok, err) = run(&gen_args(o, &["--blip2", blip2.to_str().unwrap()]));
     assert!(!ok);

@@ -29,7 +29,7 @@ import time
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 CONFIGS = os.path.join(ROOT, "xtask", "configs")
 BENCHES = ["unet", "vae", "text", "blip2", "train-step", "generate", "load"]
-# The same prompt as `personalize bench-generate` (crates/personalize-cli/src/bench.rs).
+# The same prompt as the bench example's `generate` (crates/personalize-cli/examples/bench.rs).
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
 
@@ -171,7 +171,7 @@ def bench_forward(torch, a):
 
 
 def bench_train_step(torch, a):
-    """One training step as `personalize bench-train-step`: the aligner (Linear, GELU, Linear,
+    """One training step as the bench example's `train-step`: the aligner (Linear, GELU, Linear,
     GELU) on the first 8 of 32 random queries joins 77 random text tokens; epsilon MSE loss on
     random latents at t = 500, batch 1; AdamW (lr 1e-4) on the aligner and LoRA rank 4 (alpha 4)
     on to_q, to_k, to_v, to_out.0 through peft, or on the whole UNet if peft is missing."""
@@ -213,7 +213,7 @@ def bench_train_step(torch, a):
 
 
 def bench_generate(torch, a):
-    """Whole generations as `personalize bench-generate`: StableDiffusionPipeline with random
+    """Whole generations as the bench example's `generate`: StableDiffusionPipeline with random
     weights, one image, guidance 7.5 (one UNet batch of 2 per step), the config's scheduler,
     `--steps` steps, VAE decode; per-step times from `callback_on_step_end`."""
     import diffusers

@@ -316,14 +316,14 @@ fn torch_notes(stdout: &str) -> Vec<String> {
     stdout.lines().filter_map(|l| l.strip_prefix("INFO ")).map(|l| format!("torch {l}")).collect()
 }
 
-/// The checkpoint of the `load` bench, written once by `personalize bench-write-unet`.
-fn load_checkpoint(exe: &Path) -> Result<(PathBuf, u64), String> {
+/// The checkpoint of the `load` bench, written once by the bench example's `write-unet`.
+fn load_checkpoint(benches: &Path) -> Result<(PathBuf, u64), String> {
     let dir = root().join("target/bench-data/sd15-unet-random");
     let file = dir.join("diffusion_pytorch_model.safetensors");
     if !file.is_file() {
         eprintln!("bench load: writing {} (3.44 GB, once)", file.display());
-        let status = Command::new(exe)
-            .arg("bench-write-unet")
+        let status = Command::new(benches)
+            .arg("write-unet")
             .arg("--unet-config")
             .arg(root().join("xtask/configs/sd15-unet"))
             .arg("--out")
@@ -343,7 +343,9 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 }
 
 /// Ours and (with `torch`) PyTorch for one bench.
-fn run_one(name: &str, exe: &Path, tmp: &Path, a: &BenchArgs) -> Result<Row, String> {
+/// `exe`: the release `personalize`; `benches`: the release bench example (generate,
+/// train-step, write-unet).
+fn run_one(name: &str, exe: &Path, benches: &Path, tmp: &Path, a: &BenchArgs) -> Result<Row, String> {
     let repeat = a.repeat.unwrap_or_else(|| default_repeat(name));
     let configs = root().join("xtask/configs");
     let mut row = Row { bench: name.to_string(), ..Default::default() };
@@ -351,8 +353,8 @@ fn run_one(name: &str, exe: &Path, tmp: &Path, a: &BenchArgs) -> Result<Row, Str
     match name {
         "train-step" => {
             eprintln!("bench train-step: sd15-unet, LoRA rank 4, 512x512, batch 1, random weights, {repeat} step(s) after a warm-up");
-            let mut cmd = Command::new(exe);
-            cmd.arg("bench-train-step")
+            let mut cmd = Command::new(benches);
+            cmd.arg("train-step")
                 .arg("--unet-config")
                 .arg(configs.join("sd15-unet"))
                 .args(["--steps", &repeat.to_string()]);
@@ -363,8 +365,8 @@ fn run_one(name: &str, exe: &Path, tmp: &Path, a: &BenchArgs) -> Result<Row, Str
         }
         "generate" => {
             eprintln!("bench generate: SD 1.5 configs, 512x512, {} steps, guidance 7.5, random weights, {repeat} generation(s)", a.steps);
-            let mut cmd = Command::new(exe);
-            cmd.arg("bench-generate")
+            let mut cmd = Command::new(benches);
+            cmd.arg("generate")
                 .arg("--unet")
                 .arg(configs.join("sd15-unet"))
                 .arg("--vae")
@@ -390,7 +392,7 @@ fn run_one(name: &str, exe: &Path, tmp: &Path, a: &BenchArgs) -> Result<Row, Str
             torch_args.extend(["--steps".to_string(), a.steps.to_string()]);
         }
         "load" => {
-            let (dir, size) = load_checkpoint(exe)?;
+            let (dir, size) = load_checkpoint(benches)?;
             let input = tmp.join("load-in.safetensors");
             let tensors = vec![
                 ("sample", uniform(vec![1, 4, 8, 8], 5)),
@@ -471,15 +473,16 @@ pub fn run(a: &BenchArgs) -> ExitCode {
         eprintln!("error: {}: {e}", tmp.display());
         return ExitCode::FAILURE;
     }
-    if !crate::cargo(&["build", "--release", "-p", "personalize-cli"]) {
+    if !crate::cargo(&["build", "--release", "-p", "personalize-cli", "--bins", "--example", "bench"]) {
         eprintln!("error: release build of personalize-cli failed");
         return ExitCode::FAILURE;
     }
     let exe = root().join("target/release/personalize");
+    let benches = root().join("target/release/examples/bench");
     let mut rows = Vec::new();
     let mut failed = None;
     for name in &a.benches() {
-        match run_one(name, &exe, &tmp, a) {
+        match run_one(name, &exe, &benches, &tmp, a) {
             Ok(r) => rows.push(r),
             Err(e) => {
                 failed = Some(e);
@@ -556,7 +559,7 @@ mod tests {
     #[test]
     fn reads_our_summary_lines_and_torch_result_lines() {
         let lines: Vec<String> = [
-            "bench-generate: 512x512, 4 steps",
+            "bench generate: 512x512, 4 steps",
             "unet: load_s=1.500 load_peak_mib=3300.5 warmup=1 runs=3 median_s=12.3456 min_s=12.0000 peak_mib=5000.0",
             "generate: load_s=2.000 load_peak_mib=- warmup=0 runs=1 steps=4 median_s=100.0 min_s=100.0 step_median_s=20.5 peak_mib=-",
         ]
@@ -570,7 +573,7 @@ mod tests {
         let (m, f) = ours_result(&lines, "generate", "median_s", "peak_mib").unwrap();
         assert_eq!((m.median_s, m.peak_mib, f["step_median_s"].as_str()), (100.0, None, "20.5"));
         assert!(ours_result(&lines, "vae-decode", "median_s", "peak_mib").is_none());
-        assert!(ours_result(&lines, "bench-generate", "median_s", "peak_mib").is_none(), "no median_s field");
+        assert!(ours_result(&lines, "bench generate", "median_s", "peak_mib").is_none(), "no median_s field");
 
         let out = "INFO unet what=x\nRESULT unet 10.0000 4800.5\nRESULT vae 1.5 nan-ish\n";
         assert_eq!(torch_result(out, "unet"), Some(Measured { median_s: 10.0, peak_mib: Some(4800.5) }));

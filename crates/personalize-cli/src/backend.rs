@@ -23,14 +23,10 @@ mod imp {
 
 pub use imp::{device, B, IS_GPU, NAME};
 
-/// Makes `dtype` the float type of every tensor created on the device.
-/// Must run before the first tensor is made: Burn fixes a device's defaults at first use.
-pub fn set_dtype(dtype: crate::names::Dtype) -> anyhow::Result<()> {
-    use burn::tensor::FloatDType;
-    let d = match dtype {
-        crate::names::Dtype::F32 => return Ok(()),
-        crate::names::Dtype::F16 => FloatDType::F16,
-        crate::names::Dtype::Bf16 => FloatDType::BF16,
-    };
+/// Makes `dtype` the float type of every tensor created on the device (`None`: f32, Burn's
+/// default). Must run before the first tensor is made: Burn fixes a device's defaults at
+/// first use.
+pub fn set_float_dtype(dtype: Option<burn::tensor::FloatDType>) -> anyhow::Result<()> {
+    let Some(d) = dtype else { return Ok(()) };
     burn::tensor::backend::set_default_float_dtype::<B>(&device(), d).map_err(|e| anyhow::anyhow!("{e:?}"))
 }

@@ -1,7 +1,6 @@
 //! `personalize`: personalise Stable Diffusion with BLIP-2 visual prompts.
 
 mod backend;
-mod bench;
 mod encode;
 mod generate;
 mod interrupt;
@@ -41,41 +40,6 @@ struct Cli {
 enum Command {
     #[command(allow_negative_numbers = true)]
     Train(train::TrainCli),
-    /// Time one training step of a full-size UNet from its config (random weights): the
-    /// `cargo xtask bench train-step` benchmark.
-    #[command(hide = true)]
-    BenchTrainStep {
-        /// A folder with the UNet's config.json.
-        #[arg(long)]
-        unet_config: PathBuf,
-        /// LoRA rank (0: full fine-tuning).
-        #[arg(long, default_value_t = 4)]
-        lora_rank: usize,
-        /// Image side in pixels.
-        #[arg(long, default_value_t = 512)]
-        resolution: usize,
-        /// Images per step.
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        /// Timed steps (after one warm-up step).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-        steps: u64,
-    },
-    /// Time whole generations with random weights from the component configs: the
-    /// `cargo xtask bench generate` benchmark.
-    #[command(hide = true)]
-    BenchGenerate(bench::GenerateBench),
-    /// Write a UNet with random weights, built from a config, as a diffusers folder: the
-    /// checkpoint of `cargo xtask bench load`.
-    #[command(hide = true)]
-    BenchWriteUnet {
-        /// A folder with the UNet's config.json.
-        #[arg(long)]
-        unet_config: PathBuf,
-        /// The folder to write (config.json, diffusion_pytorch_model.safetensors).
-        #[arg(long)]
-        out: PathBuf,
-    },
     Encode(encode::EncodeArgs),
     #[command(allow_negative_numbers = true)]
     Generate(generate::GenerateCli),
@@ -102,7 +66,6 @@ fn resolve_models(command: &mut Command) -> Result<(), hub::Error> {
             a.blip2.as_mut().map_or(Ok(()), resolve)
         }
         Command::Stage(a) => resolve(&mut a.model),
-        _ => Ok(()),
     }
 }
 
@@ -167,7 +130,12 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
-    if let Err(e) = backend::set_dtype(cli.dtype) {
+    let float = match cli.dtype {
+        names::Dtype::F32 => None,
+        names::Dtype::F16 => Some(burn::tensor::FloatDType::F16),
+        names::Dtype::Bf16 => Some(burn::tensor::FloatDType::BF16),
+    };
+    if let Err(e) = backend::set_float_dtype(float) {
         eprintln!("error: --dtype {}: {e:#}", cli.dtype.as_str());
         return ExitCode::FAILURE;
     }
@@ -177,11 +145,6 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Train(a) => train::run(a),
-        Command::BenchTrainStep { unet_config, lora_rank, resolution, batch, steps } => {
-            train::bench(&unet_config, lora_rank, resolution, batch, steps as usize)
-        }
-        Command::BenchGenerate(a) => bench::generate(&a),
-        Command::BenchWriteUnet { unet_config, out } => bench::write_unet(&unet_config, &out),
         Command::Encode(a) => encode::run(&a),
         Command::Generate(a) => generate::run(a),
         Command::Stage(a) => stage::run(&a),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend as _;
 use model_io::tensor_file::{read_tensors, take, write_tensors, HostTensor};
-use personalize::train::peak_rss_bytes as peak_memory;
+use personalize::memory::peak_rss_bytes as peak_memory;
 
 use crate::backend::{device, B};
 use crate::names::{SchedulerName, StageName};

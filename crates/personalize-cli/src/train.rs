@@ -368,33 +368,3 @@ fn run_in(args: TrainCli, cfg: train::TrainConfig) -> Result<()> {
     );
     Ok(())
 }
-
-/// `personalize bench-train-step`: one warm-up and `steps` timed steps, then one summary line
-/// (`train-step: ... median_s=... peak_mib=...`, parsed by `cargo xtask bench`).
-pub fn bench(
-    unet_config: &std::path::Path,
-    lora_rank: usize,
-    resolution: usize,
-    batch: usize,
-    steps: usize,
-) -> Result<()> {
-    let mode =
-        if lora_rank == 0 { UnetMode::Full } else { UnetMode::Lora { rank: lora_rank, alpha: lora_rank as f64 } };
-    let r =
-        train::bench_train_step::<burn_autodiff::Autodiff<B>>(unet_config, mode, resolution, batch, steps, &device())?;
-    let mut t = r.step_seconds.clone();
-    t.sort_by(f64::total_cmp);
-    eprintln!(
-        "train-step ({mode:?}, {resolution}x{resolution}, batch {batch}): {} trainable parameters",
-        r.trainable_params
-    );
-    eprintln!(
-        "train-step: warmup=1 runs={} median_s={:.4} min_s={:.4} mean_s={:.4} peak_mib={}",
-        t.len(),
-        t[t.len() / 2],
-        t[0],
-        r.seconds_per_step,
-        crate::stage::mib(r.peak_rss_bytes)
-    );
-    Ok(())
-}

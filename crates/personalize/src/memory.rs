@@ -139,6 +139,18 @@ pub fn too_big(what: &str, need: f64, avail: u64, hint: &str) -> Error {
     Error::invalid(format!("{what} needs about {need} of memory, but {} is available{hint}", human(avail)))
 }
 
+/// Peak resident memory of this process so far (Linux `VmHWM`), in bytes; `None` elsewhere.
+///
+/// ```
+/// if let Some(b) = personalize::memory::peak_rss_bytes() { assert!(b > 0); }
+/// ```
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

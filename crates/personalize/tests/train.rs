@@ -108,7 +108,7 @@ fn loss_falls_when_overfitting_one_image() {
     assert_eq!(r.steps_done, 40);
     let (first, last) = (mean(&losses[..8]), mean(&losses[32..]));
     eprintln!("loss: first 8 steps {first:.4}, last 8 steps {last:.4}");
-    if let Some(p) = train::peak_rss_bytes() {
+    if let Some(p) = personalize::memory::peak_rss_bytes() {
         eprintln!(
             "peak RSS of the test process (tiny pipeline, full mode, batch 4): {:.0} MiB",
             p as f64 / (1 << 20) as f64
@@ -128,9 +128,9 @@ fn only_the_named_parameters_change() {
         let text0 = snapshot(&t.pipe.text_encoder);
         let vae0 = snapshot(&t.pipe.vae);
         let base_unet0 = snapshot(&t.pipe.unet);
-        let aligner0 = snapshot(&t.aligner.valid());
-        let unet0 = snapshot(&t.unet.valid());
-        let lora0 = sd_unet::lora::lora_tensors(&t.unet.valid());
+        let aligner0 = snapshot(&t.model.aligner.valid());
+        let unet0 = snapshot(&t.model.unet.valid());
+        let lora0 = sd_unet::lora::lora_tensors(&t.model.unet.valid());
         for _ in 0..3 {
             let s = t.train_step().unwrap();
             assert!(
@@ -145,8 +145,8 @@ fn only_the_named_parameters_change() {
         }
         assert_eq!(max_diff(&text0, &snapshot(&t.pipe.text_encoder)), 0.0, "{mode:?}: text encoder changed");
         assert_eq!(max_diff(&vae0, &snapshot(&t.pipe.vae)), 0.0, "{mode:?}: VAE changed");
-        assert!(max_diff(&aligner0, &snapshot(&t.aligner.valid())) > 0.0, "{mode:?}: aligner did not change");
-        let unet1 = t.unet.valid();
+        assert!(max_diff(&aligner0, &snapshot(&t.model.aligner.valid())) > 0.0, "{mode:?}: aligner did not change");
+        let unet1 = t.model.unet.valid();
         match mode {
             UnetMode::Frozen => assert_eq!(max_diff(&unet0, &snapshot(&unet1)), 0.0),
             UnetMode::Lora { .. } => {
@@ -264,10 +264,10 @@ fn concept_folder_is_complete_and_loads() {
         TensorData::new((0..81 * 32).map(|i| (i as f32 * 0.11).cos()).collect::<Vec<_>>(), [1, 81, 32]),
         &FlexDevice,
     );
-    let ours = HostTensor::from_tensor(t.unet.valid().forward(x.clone(), tt.clone(), ctx.clone()).unwrap());
+    let ours = HostTensor::from_tensor(t.model.unet.valid().forward(x.clone(), tt.clone(), ctx.clone()).unwrap());
     let loaded = HostTensor::from_tensor(pipe.unet.forward(x, tt, ctx).unwrap());
     assert!(ours.max_abs_diff(&loaded) < 1e-5, "{}", ours.max_abs_diff(&loaded));
-    let a0 = snapshot(&t.aligner.valid());
+    let a0 = snapshot(&t.model.aligner.valid());
     assert_eq!(max_diff(&a0, &snapshot(&concept.aligner)), 0.0);
     let _ = t.train_step().unwrap();
 
@@ -288,7 +288,7 @@ fn full_mode_writes_a_diffusers_unet() {
     train::train::<AD>(&base(), &c, &data(1), dir.path(), false, &FlexDevice, &mut |_| {}).unwrap();
     let t = Trainer::<AD>::new(&base(), &c, &data(1), dir.path(), true, &FlexDevice).unwrap();
     let loaded = sd_unet::UNet2DConditionModel::<Flex>::load(&dir.path().join("unet"), &FlexDevice).unwrap();
-    assert_eq!(max_diff(&snapshot(&t.unet.valid()), &snapshot(&loaded)), 0.0);
+    assert_eq!(max_diff(&snapshot(&t.model.unet.valid()), &snapshot(&loaded)), 0.0);
     let mut pipe = personalize::Pipeline::<Flex>::load(&base(), &FlexDevice).unwrap();
     let concept = Concept::<Flex>::load(dir.path(), &FlexDevice).unwrap();
     pipe.apply_concept(&concept, false).unwrap();

@@ -39,20 +39,13 @@ pub fn list_checkpoints(out_dir: &Path) -> Vec<(usize, PathBuf)> {
 impl<B: AutodiffBackend> Trainer<B> {
     /// The trainable state as host tensors: `aligner.<path>` and `unet.<path>`.
     pub(super) fn trainable_host(&self) -> BTreeMap<String, HostTensor> {
-        let mut out = BTreeMap::new();
-        for (k, v) in host_params::<B, _>(&self.aligner, true) {
-            out.insert(format!("aligner.{k}"), v);
-        }
-        for (k, v) in host_params::<B, _>(&self.unet, true) {
-            out.insert(format!("unet.{k}"), v);
-        }
-        out
+        host_params::<B, _>(&self.model, true)
     }
 
     pub(super) fn state(&self) -> CheckpointState {
         CheckpointState {
             step: self.step,
-            optimizer_t: self.opt.t,
+            optimizer_t: self.opt.aligner.t,
             settings: resume_settings(&self.cfg),
             data_fingerprint: self.data_fingerprint.clone(),
             base_unet_fingerprint: self.pipe.unet_fingerprint.clone(),
@@ -73,9 +66,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         let write = || -> Result<()> {
             std::fs::create_dir_all(&tmp).map_err(|e| Error::Io { path: tmp.clone(), cause: e })?;
             write_tensors(&tmp.join("trainable.safetensors"), &self.trainable_host(), &BTreeMap::new())?;
-            let mut opt = self.opt.to_host("aligner.");
-            opt.extend(self.opt_unet.to_host("unet."));
-            let meta = BTreeMap::from([("t".to_string(), self.opt.t.to_string())]);
+            let mut opt = self.opt.aligner.to_host("aligner.");
+            opt.extend(self.opt.unet.to_host("unet."));
+            let meta = BTreeMap::from([("t".to_string(), self.opt.aligner.t.to_string())]);
             write_tensors(&tmp.join("optimizer.safetensors"), &opt, &meta)?;
             let state = serde_json::to_vec_pretty(&self.state()).map_err(|e| Error::invalid(e.to_string()))?;
             model_io::write_atomic(&tmp.join("state.json"), &state)?;
@@ -129,23 +122,18 @@ impl<B: AutodiffBackend> Trainer<B> {
             return Err(mismatch("it was trained on another base model".into()));
         }
         let t = read_tensors(&dir.join("trainable.safetensors"))?;
-        let pick = |prefix: &str| -> BTreeMap<String, HostTensor> {
-            t.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v.clone()))).collect()
-        };
-        self.aligner = load_params::<B, _>(self.aligner.clone(), &pick("aligner."), "checkpoint aligner")?;
-        self.unet = load_params::<B, _>(self.unet.clone(), &pick("unet."), "checkpoint UNet")?;
+        self.model = load_params::<B, _>(self.model.clone(), &t, "trainable.safetensors")?;
         let (ot, meta) = read_tensors_with_metadata(&dir.join("optimizer.safetensors"))?;
         let t = meta.get("t").and_then(|v| v.parse().ok()).unwrap_or(st.optimizer_t);
-        let (mut oa, mut ou) = (AdamW::new(self.cfg.weight_decay), AdamW::new(self.cfg.weight_decay));
-        oa.load_host(&ot, "aligner.", &self.device)?;
-        ou.load_host(&ot, "unet.", &self.device)?;
-        (oa.t, ou.t) = (t, t);
-        self.opt = oa;
-        self.opt_unet = ou;
+        let mut opt = Optimizer::new(self.cfg.weight_decay, self.cfg.max_grad_norm);
+        opt.aligner.load_host(&ot, "aligner.", &self.device)?;
+        opt.unet.load_host(&ot, "unet.", &self.device)?;
+        (opt.aligner.t, opt.unet.t) = (t, t);
+        self.opt = opt;
         self.step = st.step;
         self.losses = st.losses;
         if self.cfg.unet_mode == UnetMode::Full {
-            self.pipe.unet = self.unet.valid();
+            self.pipe.unet = self.model.unet.valid();
         }
         Ok(())
     }

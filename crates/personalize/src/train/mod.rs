@@ -46,22 +46,20 @@ use burn::tensor::{Tensor, TensorData};
 use model_io::tensor_file::{read_tensors, read_tensors_with_metadata, write_tensors, HostTensor};
 use q_aligner::{Aligner, AlignerSettings, QuerySelection};
 use scheduler::{HostSample, Scheduler, SeededRng};
-use sd_unet::UNet2DConditionModel;
 
 use crate::concept::{Concept, ConceptInfo};
 use crate::image_out::{write_png, RgbImage};
 use crate::metadata::ImageSettings;
 use crate::pipeline::{GenerateOptions, Pipeline, VisualPrompt};
-mod bench;
 mod checkpoint;
 mod class_images;
 mod config;
 mod data;
 mod lock;
+mod model;
 mod output;
 mod parts;
 
-pub use bench::{bench_train_step, peak_rss_bytes, TrainStepBench};
 use checkpoint::ckpt_name;
 pub use checkpoint::list_checkpoints;
 pub use class_images::{generate_class_images, ClassImages};
@@ -70,8 +68,9 @@ pub use lock::{OutLock, RUN_OUTPUTS};
 
 pub use data::{image_files, load_image, load_images, plot_losses};
 use data::{render, views};
+pub use model::{Batch, GradNorms, Optimizer, TrainModel};
 pub use parts::AdamW;
-use parts::{adamw_step, grad_sq_norm, host_params, load_params, set_require_grad};
+use parts::{host_params, load_params};
 
 /// What training reads: the images, their BLIP-2 queries and (prior preservation) class images.
 #[derive(Debug, Clone)]
@@ -127,18 +126,18 @@ struct CachedLatent {
     std: Vec<f32>,
 }
 
-/// The trainer: frozen parts (text encoder, VAE, tokenizer in `pipe`), trained parts (`aligner`,
-/// `unet`) and the optimizer, with the cached latents and embeddings. [`train`] drives it.
+/// The trainer: frozen parts (text encoder, VAE, tokenizer in `pipe`), the trained
+/// [`TrainModel`] and its [`Optimizer`], with the cached latents and embeddings. [`train`]
+/// drives it.
 pub struct Trainer<B: AutodiffBackend> {
     pub cfg: TrainConfig,
     /// The base pipeline on the inner backend. Its UNet is pointed at the trained weights before
     /// sample images are made.
     pub pipe: Pipeline<B::InnerBackend>,
-    pub unet: UNet2DConditionModel<B>,
-    pub aligner: Aligner<B>,
-    /// AdamW of the aligner and of the UNet.
-    pub opt: AdamW<B::InnerBackend>,
-    pub opt_unet: AdamW<B::InnerBackend>,
+    /// The aligner and the UNet being trained.
+    pub model: TrainModel<B>,
+    /// AdamW of the aligner and of the UNet, and the gradient clip.
+    pub opt: Optimizer<B>,
     /// Steps done.
     pub step: usize,
     pub resumed_from: Option<usize>,
@@ -281,20 +280,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
         let (dq, hidden) = (qs[2], cfg.aligner_hidden.unwrap_or(d_text));
         let aligner = Aligner::<B>::new(dq, hidden, d_text, &settings, &mut init, device);
-
-        let mut unet =
-            set_require_grad(UNet2DConditionModel::<B>::from_inner(pipe.unet.clone()), cfg.unet_mode == UnetMode::Full);
-        if let UnetMode::Lora { rank, alpha } = cfg.unet_mode {
-            sd_unet::lora::attach(&mut unet, rank, alpha, &mut init);
-        }
+        let model = TrainModel::new(aligner, pipe.unet.clone(), cfg.unet_mode, &mut init);
 
         let mut t = Self {
             cfg: cfg.clone(),
             pipe,
-            unet,
-            aligner,
-            opt: AdamW::new(cfg.weight_decay),
-            opt_unet: AdamW::new(cfg.weight_decay),
+            model,
+            opt: Optimizer::new(cfg.weight_decay, cfg.max_grad_norm),
             step: 0,
             resumed_from: None,
             losses: Vec::new(),
@@ -404,13 +396,20 @@ impl<B: AutodiffBackend> Trainer<B> {
         Tensor::from_data(TensorData::new(s.data, shape), &self.device)
     }
 
-    fn mse(&self, noisy: HostSample, target: HostSample, ts: &[usize], ctx: Tensor<B, 3>) -> Result<Tensor<B, 1>> {
-        let tt = Tensor::<B, 1>::from_data(
+    /// The batch of drawn views; `queries` (`None` for class images) of their images.
+    fn batch(
+        &self,
+        noisy: HostSample,
+        target: HostSample,
+        ts: &[usize],
+        text: Tensor<B, 3>,
+        queries: Option<Tensor<B, 3>>,
+    ) -> Batch<B> {
+        let timesteps = Tensor::<B, 1>::from_data(
             TensorData::new(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), [ts.len()]),
             &self.device,
         );
-        let pred = self.unet.forward(self.tensor4(noisy), tt, ctx)?;
-        Ok((pred - self.tensor4(target)).powi_scalar(2).mean())
+        Batch { queries, text, noisy: self.tensor4(noisy), timesteps, target: self.tensor4(target) }
     }
 
     fn text_batch(&self, t: &HostTensor, b: usize) -> Result<Tensor<B, 3>> {
@@ -434,14 +433,13 @@ impl<B: AutodiffBackend> Trainer<B> {
             qb.extend_from_slice(&all[i * q * dq..(i + 1) * q * dq]);
         }
         let qt = Tensor::<B, 3>::from_data(TensorData::new(qb, [b, q, dq]), &self.device);
-        let ctx = q_aligner::assemble(self.text_batch(&self.text, b)?, self.aligner.forward(qt)?);
-        let loss = self.mse(noisy, target, &ts, ctx)?;
+        let loss = self.model.loss(self.batch(noisy, target, &ts, self.text_batch(&self.text, b)?, Some(qt)))?;
         let loss_v = scalar(&loss);
 
         let (total, prior_v) = match (&self.cfg.prior, &self.class_text) {
             (Some(p), Some(ct)) => {
                 let (_, cn, ctg, cts) = self.draw(&mut rng, &self.class_views)?;
-                let pl = self.mse(cn, ctg, &cts, self.text_batch(ct, b)?)?;
+                let pl = self.model.loss(self.batch(cn, ctg, &cts, self.text_batch(ct, b)?, None))?;
                 let pv = scalar(&pl);
                 (loss + pl * p.weight, Some(pv))
             }
@@ -451,27 +449,16 @@ impl<B: AutodiffBackend> Trainer<B> {
             return Err(self.nan_error(step, "loss"));
         }
         let grads = total.backward();
-        let ga = grad_sq_norm::<B, _>(&self.aligner, &grads).sqrt();
-        let gu = grad_sq_norm::<B, _>(&self.unet, &grads).sqrt();
-        let norm = (ga * ga + gu * gu).sqrt();
-        if !norm.is_finite() {
+        let norms = self.opt.norms(&self.model, &grads);
+        if !norms.total().is_finite() {
             return Err(self.nan_error(step, "gradient"));
         }
-        let scale = match self.cfg.max_grad_norm {
-            Some(m) if norm > m => m / (norm + 1e-6),
-            _ => 1.0,
-        };
         let lr = self.cfg.lr * self.warmup(step);
         let unet_lr = self.cfg.unet_lr.unwrap_or(self.cfg.lr) * self.warmup(step);
-        self.opt.t += 1;
-        self.opt_unet.t += 1;
-        self.aligner = adamw_step::<B, _>(self.aligner.clone(), &mut self.opt, &grads, lr, scale);
-        if self.cfg.unet_mode != UnetMode::Frozen {
-            self.unet = adamw_step::<B, _>(self.unet.clone(), &mut self.opt_unet, &grads, unet_lr, scale);
-        }
+        self.model = self.opt.step(self.model.clone(), &grads, &norms, lr, unet_lr);
         if self.cfg.unet_mode == UnetMode::Full {
             // Let the inner pipeline share the new weights instead of keeping the old ones.
-            self.pipe.unet = self.unet.valid();
+            self.pipe.unet = self.model.unet.valid();
         }
         self.step = step;
         self.losses.push(LossRow { step, loss: loss_v as f32, prior_loss: prior_v.map(|v| v as f32), lr });
@@ -480,8 +467,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             total_steps: self.cfg.steps,
             loss: loss_v,
             prior_loss: prior_v,
-            grad_norm_aligner: ga,
-            grad_norm_unet: gu,
+            grad_norm_aligner: norms.aligner,
+            grad_norm_unet: norms.unet,
             lr,
         })
     }
@@ -489,10 +476,10 @@ impl<B: AutodiffBackend> Trainer<B> {
     fn nan_error(&self, step: usize, what: &str) -> Error {
         // Nothing of this step was applied: weights that hold NaN now held it before, and a
         // lower learning rate would not help.
-        let damaged = crate::check::first_nonfinite_param::<B, _>(&self.unet)
+        let damaged = crate::check::first_nonfinite_param::<B, _>(&self.model.unet)
             .map(|p| format!("the UNet's weight `{p}`"))
             .or_else(|| {
-                crate::check::first_nonfinite_param::<B, _>(&self.aligner)
+                crate::check::first_nonfinite_param::<B, _>(&self.model.aligner)
                     .map(|p| format!("the aligner's weight `{p}`"))
             })
             .or_else(|| {

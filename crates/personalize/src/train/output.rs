@@ -9,7 +9,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// scale `alpha / rank` folded into `lora_B`, so loaders that assume `alpha = rank`
     /// (diffusers' `load_lora_weights` on a plain PEFT file) reproduce our UNet exactly.
     pub fn lora_file_tensors(&self) -> BTreeMap<String, HostTensor> {
-        let mut t = sd_unet::lora::lora_tensors(&self.unet.valid());
+        let mut t = sd_unet::lora::lora_tensors(&self.model.unet.valid());
         if let UnetMode::Lora { rank, alpha } = self.cfg.unet_mode {
             let s = (alpha / rank as f64) as f32;
             if s != 1.0 {
@@ -36,7 +36,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn write_concept(&mut self) -> Result<()> {
         let dir = self.out_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|e| Error::Io { path: dir.clone(), cause: e })?;
-        self.aligner.valid().save(&dir.join("aligner.safetensors"))?;
+        self.model.aligner.valid().save(&dir.join("aligner.safetensors"))?;
         write_tensors(
             &dir.join("visual_queries.safetensors"),
             &BTreeMap::from([("queries".to_string(), self.queries.clone())]),
@@ -98,7 +98,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// `diffusion_pytorch_model.safetensors`, every key and shape checked against the base.
     fn write_full_unet(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.into(), cause: e })?;
-        let tensors = sd_unet::export::diffusers_tensors::<B, _>(&self.unet);
+        let tensors = sd_unet::export::diffusers_tensors::<B, _>(&self.model.unet);
         let base = model_io::Checkpoint::open_dir(&self.pipe.base_dir.join("unet"), &["diffusion_pytorch_model"])?;
         let names: std::collections::BTreeSet<String> = base.names().map(str::to_string).collect();
         for (k, v) in &tensors {
@@ -132,8 +132,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         if self.cfg.sample_steps == 0 {
             return Ok(None);
         }
-        self.pipe.unet = self.unet.valid();
-        let aligner = self.aligner.valid();
+        self.pipe.unet = self.model.unet.valid();
+        let aligner = self.model.aligner.valid();
         let opts = GenerateOptions {
             prompt: self.cfg.prompt.clone(),
             steps: self.cfg.sample_steps,

@@ -21,7 +21,7 @@ use burn::tensor::{Tensor, TensorData};
 use clap::Parser;
 use personalize::memory::peak_rss_bytes;
 use personalize::train::{Batch, Optimizer, TrainModel, UnetMode};
-use personalize::{GenerateOptions, Pipeline, PipelineParts};
+use personalize::{GenerateOptions, GenerateRequest, Pipeline, PipelineParts};
 use scheduler::SeededRng;
 
 use backend::{device, B};
@@ -242,10 +242,14 @@ fn generate(a: &GenerateBench) -> Result<String> {
     for run in 0..a.repeat {
         let t0 = Instant::now();
         let mut marks = Vec::with_capacity(a.steps);
-        pipe.generate(&opts, None, None, &mut |_, _| {
-            let _ = B::sync(&device());
-            marks.push(Instant::now());
-        })?;
+        pipe.generate_each(
+            GenerateRequest::new(&opts),
+            &mut |_, _| {
+                let _ = B::sync(&device());
+                marks.push(Instant::now());
+            },
+            &mut |_, _| Ok(()),
+        )?;
         let end = Instant::now();
         let total = (end - t0).as_secs_f64();
         let first = marks.first().map_or(total, |m| (*m - t0).as_secs_f64());

@@ -335,11 +335,9 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
     let n = a.opts.num_images;
     bar.set_message(if a.only.is_some() || n == 1 { "sampling".to_string() } else { format!("sampling {n} images") });
     let mut written: Vec<PathBuf> = Vec::new();
+    let request = personalize::GenerateRequest { options: &a.opts, visual: visual.as_ref(), latents, only: a.only };
     let result = pipe.generate_each(
-        &a.opts,
-        visual.as_ref(),
-        latents,
-        a.only,
+        request,
         &mut |i, total| {
             bar.set_length(total as u64);
             bar.set_position(i as u64);

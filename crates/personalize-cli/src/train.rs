@@ -342,19 +342,20 @@ fn run_in(args: TrainCli, cfg: train::TrainConfig) -> Result<()> {
     );
     let mut ema: Option<f64> = None;
     crate::interrupt::install();
-    let report =
-        train::train::<burn_autodiff::Autodiff<B>>(&args.base, &cfg, &data, &args.out, args.resume, &dev, &mut |s| {
-            let e = match ema {
-                Some(e) => 0.95 * e + 0.05 * s.loss,
-                None => s.loss,
-            };
-            ema = Some(e);
-            bar.set_position(s.step as u64);
-            bar.set_message(match s.prior_loss {
-                Some(p) => format!("{:.4} (avg {e:.4}, prior {p:.4})", s.loss),
-                None => format!("{:.4} (avg {e:.4})", s.loss),
-            });
+    let request =
+        train::TrainRequest { base: &args.base, config: &cfg, data: &data, out: &args.out, resume: args.resume };
+    let report = train::train::<burn_autodiff::Autodiff<B>>(&request, &dev, &mut |s| {
+        let e = match ema {
+            Some(e) => 0.95 * e + 0.05 * s.loss,
+            None => s.loss,
+        };
+        ema = Some(e);
+        bar.set_position(s.step as u64);
+        bar.set_message(match s.prior_loss {
+            Some(p) => format!("{:.4} (avg {e:.4}, prior {p:.4})", s.loss),
+            None => format!("{:.4} (avg {e:.4})", s.loss),
         });
+    });
     bar.finish_and_clear();
     let report = report?;
     if let Some(s) = report.resumed_from {

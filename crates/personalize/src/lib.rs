@@ -8,7 +8,7 @@
 //! let pipe = Pipeline::<Flex>::load("sd-v1-5".as_ref(), &FlexDevice)?;
 //! let opts = GenerateOptions { prompt: "a watercolor fox".into(), steps: 25, ..Default::default() };
 //! let settings = pipe.image_settings(&opts)?;
-//! for (i, img) in pipe.generate(&opts, None, None, &mut |_, _| {})?.iter().enumerate() {
+//! for (i, img) in pipe.generate(personalize::GenerateRequest::new(&opts))?.iter().enumerate() {
 //!     let text = personalize::ImageSettings { image_index: i, ..settings.clone() }.png_text()?;
 //!     personalize::write_png(format!("{i:04}.png").as_ref(), img, &text)?;
 //! }
@@ -29,4 +29,6 @@ pub use concept::{Concept, ConceptInfo, UnetChange, CONCEPT_VERSION};
 pub use error::{Error, Result};
 pub use image_out::{check_png_text, read_png, read_png_text, write_png, RgbImage};
 pub use metadata::{model_name, scheduler_in_use, ImageSettings, PARAMETERS_KEY, SETTINGS_KEY};
-pub use pipeline::{Batches, GenerateOptions, Pipeline, PipelineParts, VisualPrompt, DEFAULT_MAX_BATCH};
+pub use pipeline::{
+    Batches, GenerateOptions, GenerateRequest, Pipeline, PipelineParts, VisualPrompt, DEFAULT_MAX_BATCH,
+};

@@ -117,6 +117,51 @@ pub struct VisualPrompt<'a, B: Backend> {
     pub queries: Tensor<B, 3>,
 }
 
+/// One generation: the options, and what else conditions it.
+///
+/// ```no_run
+/// # fn f(pipe: &personalize::Pipeline<burn_flex::Flex>, vp: &personalize::VisualPrompt<burn_flex::Flex>) -> personalize::Result<()> {
+/// let opts = personalize::GenerateOptions { prompt: "a toy on a beach".into(), ..Default::default() };
+/// let images = pipe.generate(personalize::GenerateRequest::new(&opts).visual(vp))?;
+/// # Ok(()) }
+/// ```
+pub struct GenerateRequest<'a, B: Backend> {
+    /// What to generate.
+    pub options: &'a GenerateOptions,
+    /// A visual prompt (aligner and BLIP-2 queries); `None`: text only.
+    pub visual: Option<&'a VisualPrompt<'a, B>>,
+    /// Initial latents (unscaled noise `[N, 4, h, w]`), instead of the seed's; they set the
+    /// number of images.
+    pub latents: Option<Tensor<B, 4>>,
+    /// Make only this image (its batch is run, the others are not handed over).
+    pub only: Option<usize>,
+}
+
+impl<'a, B: Backend> GenerateRequest<'a, B> {
+    /// A text-to-image request with the seed's noise.
+    pub fn new(options: &'a GenerateOptions) -> Self {
+        GenerateRequest { options, visual: None, latents: None, only: None }
+    }
+
+    /// With a visual prompt.
+    pub fn visual(mut self, visual: &'a VisualPrompt<'a, B>) -> Self {
+        self.visual = Some(visual);
+        self
+    }
+
+    /// With initial latents.
+    pub fn latents(mut self, latents: Tensor<B, 4>) -> Self {
+        self.latents = Some(latents);
+        self
+    }
+
+    /// Only image `index`.
+    pub fn only(mut self, index: usize) -> Self {
+        self.only = Some(index);
+        self
+    }
+}
+
 impl<B: Backend> Pipeline<B> {
     /// Loads every component of a diffusers Stable Diffusion folder.
     ///
@@ -124,7 +169,7 @@ impl<B: Backend> Pipeline<B> {
     /// use burn_flex::{Flex, FlexDevice};
     /// let pipe = personalize::Pipeline::<Flex>::load("sd-v1-5".as_ref(), &FlexDevice)?;
     /// let opts = personalize::GenerateOptions { prompt: "a fox".into(), steps: 20, ..Default::default() };
-    /// let images = pipe.generate(&opts, None, None, &mut |_, _| {})?;
+    /// let images = pipe.generate(personalize::GenerateRequest::new(&opts))?;
     /// # Ok::<(), personalize::Error>(())
     /// ```
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
@@ -473,15 +518,9 @@ impl<B: Backend> Pipeline<B> {
 
     /// Runs the denoising loop and decodes, returning every image: [`Pipeline::generate_each`]
     /// collected.
-    pub fn generate(
-        &self,
-        opts: &GenerateOptions,
-        visual: Option<&VisualPrompt<B>>,
-        latents: Option<Tensor<B, 4>>,
-        on_step: &mut dyn FnMut(usize, usize),
-    ) -> Result<Vec<RgbImage>> {
+    pub fn generate(&self, request: GenerateRequest<'_, B>) -> Result<Vec<RgbImage>> {
         let mut out = Vec::new();
-        self.generate_each(opts, visual, latents, None, on_step, &mut |_, img| {
+        self.generate_each(request, &mut |_, _| {}, &mut |_, img| {
             out.push(img);
             Ok(())
         })?;
@@ -495,23 +534,22 @@ impl<B: Backend> Pipeline<B> {
     /// Image `i`'s initial noise is the `i`-th slice of the seed's noise stream, so it does not
     /// depend on the batch size. Ancestral schedulers (`euler-a`, `ddpm`) draw their step noise
     /// for a whole batch, from `seed + 1 + first image of the batch`: for them the batch size
-    /// is part of the settings. `latents` (unscaled initial noise, as diffusers' `latents=`)
-    /// overrides the seed's and sets the number of images. `only`: run just the batch holding
-    /// this image and hand over just it (re-running one image of an earlier generation).
-    /// `on_step(done, total)` is called after each step of each batch (progress bars).
+    /// is part of the settings. The request's `latents` (unscaled initial noise, as diffusers'
+    /// `latents=`) override the seed's and set the number of images; `only` runs just the batch
+    /// holding that image and hands over just it (re-running one image of an earlier
+    /// generation). `on_step(done, total)` is called after each step of each batch (progress
+    /// bars).
     ///
     /// Stops with [`Error::Interrupted`] between steps once [`crate::interrupt::request`] was
     /// called (Ctrl-C); the images handed over until then are kept by the caller. Stops with
     /// an error naming the stage when one makes NaN or infinite values.
     pub fn generate_each(
         &self,
-        opts: &GenerateOptions,
-        visual: Option<&VisualPrompt<B>>,
-        latents: Option<Tensor<B, 4>>,
-        only: Option<usize>,
+        request: GenerateRequest<'_, B>,
         on_step: &mut dyn FnMut(usize, usize),
         on_image: &mut dyn FnMut(usize, RgbImage) -> Result<()>,
     ) -> Result<()> {
+        let GenerateRequest { options: opts, visual, latents, only } = request;
         let mut opts = opts.clone();
         let shape = self.latent_shape(&opts)?;
         if let Some(l) = &latents {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Tensor, TensorData};
 use burn_flex::{Flex, FlexDevice};
 use model_io::tensor_file::{read_tensors, HostTensor};
-use personalize::{GenerateOptions, Pipeline, RgbImage, VisualPrompt};
+use personalize::{GenerateOptions, GenerateRequest, Pipeline, RgbImage, VisualPrompt};
 use q_aligner::{Aligner, AlignerSettings, QuerySelection};
 
 fn fixtures() -> PathBuf {
@@ -56,7 +56,12 @@ fn generate_matches_stable_diffusion_pipeline() {
         };
         let lat = io[&format!("{name}.latents")].to_float::<Flex, 4>("latents", &FlexDevice).unwrap();
         let mut steps = 0;
-        let imgs = pipe.generate(&opts, None, Some(lat), &mut |_, _| steps += 1).unwrap();
+        let mut imgs = Vec::new();
+        pipe.generate_each(GenerateRequest::new(&opts).latents(lat), &mut |_, _| steps += 1, &mut |_, img| {
+            imgs.push(img);
+            Ok(())
+        })
+        .unwrap();
         assert_eq!(steps, opts.steps, "{name}: one callback per step");
         assert_eq!(imgs.len(), opts.num_images);
         let (max, mean) = compare(&imgs, &io[&format!("{name}.images")]);
@@ -91,15 +96,15 @@ fn visual_prompt_adds_k_tokens_and_changes_the_image() {
     let v = VisualPrompt { aligner: &a, queries: queries() };
     let ctx = pipe.contexts(&opts, Some(&v), 1).unwrap();
     assert_eq!(ctx.dims(), [2, 77 + 4, 32], "uncond and cond, 77 + k tokens each");
-    let text_only = pipe.generate(&opts, None, None, &mut |_, _| {}).unwrap();
-    let with = pipe.generate(&opts, Some(&v), None, &mut |_, _| {}).unwrap();
+    let text_only = pipe.generate(GenerateRequest::new(&opts)).unwrap();
+    let with = pipe.generate(GenerateRequest::new(&opts).visual(&v)).unwrap();
     assert_ne!(text_only[0].data, with[0].data, "the visual prompt changes the image");
 
     // k = 0: identical to text-only.
     let a0 = aligner(0);
     let v0 = VisualPrompt { aligner: &a0, queries: queries() };
     assert_eq!(pipe.contexts(&opts, Some(&v0), 1).unwrap().dims(), [2, 77, 32]);
-    let zero = pipe.generate(&opts, Some(&v0), None, &mut |_, _| {}).unwrap();
+    let zero = pipe.generate(GenerateRequest::new(&opts).visual(&v0)).unwrap();
     assert_eq!(text_only[0].data, zero[0].data);
 }
 
@@ -116,11 +121,11 @@ fn seeds_are_reproducible_and_distinct() {
         seed: 9,
         ..Default::default()
     };
-    let a = pipe.generate(&opts, None, None, &mut |_, _| {}).unwrap();
-    let b = pipe.generate(&opts, None, None, &mut |_, _| {}).unwrap();
+    let a = pipe.generate(GenerateRequest::new(&opts)).unwrap();
+    let b = pipe.generate(GenerateRequest::new(&opts)).unwrap();
     assert_eq!(a, b);
     assert_ne!(a[0].data, a[1].data, "two images of one batch differ");
-    let c = pipe.generate(&GenerateOptions { seed: 10, ..opts }, None, None, &mut |_, _| {}).unwrap();
+    let c = pipe.generate(GenerateRequest::new(&GenerateOptions { seed: 10, ..opts })).unwrap();
     assert_ne!(a[0].data, c[0].data);
 }
 
@@ -129,16 +134,16 @@ fn bad_sizes_latents_and_aligners_are_errors() {
     let pipe = pipe();
     let opts =
         GenerateOptions { prompt: "x".into(), steps: 1, height: Some(30), width: Some(32), ..Default::default() };
-    let msg = pipe.generate(&opts, None, None, &mut |_, _| {}).err().unwrap().to_string();
+    let msg = pipe.generate(GenerateRequest::new(&opts)).err().unwrap().to_string();
     assert!(msg.contains("--height 30") && msg.contains("multiple of 8"), "{msg}");
     let opts = GenerateOptions { height: Some(32), ..opts };
     let lat = Tensor::<Flex, 4>::zeros([1, 4, 5, 4], &FlexDevice);
-    let msg = pipe.generate(&opts, None, Some(lat), &mut |_, _| {}).err().unwrap().to_string();
+    let msg = pipe.generate(GenerateRequest::new(&opts).latents(lat)).err().unwrap().to_string();
     assert!(msg.contains("latents have shape [1, 4, 5, 4]") && msg.contains("[N >= 1, 4, 4, 4]"), "{msg}");
     let wide =
         Aligner::<Flex>::new(8, 16, 24, &AlignerSettings::default(), &mut seeded::SplitMix64::new(0), &FlexDevice);
     let v = VisualPrompt { aligner: &wide, queries: Tensor::zeros([1, 8, 8], &FlexDevice) };
-    let msg = pipe.generate(&opts, Some(&v), None, &mut |_, _| {}).err().unwrap().to_string();
+    let msg = pipe.generate(GenerateRequest::new(&opts).visual(&v)).err().unwrap().to_string();
     assert!(msg.contains("24") && msg.contains("32"), "{msg}");
 }
 
@@ -177,7 +182,7 @@ fn a_pipeline_from_parts_generates_as_the_loaded_one() {
         seed: 3,
         ..Default::default()
     };
-    let a = loaded.generate(&opts, None, None, &mut |_, _| {}).unwrap();
-    let b = parts.generate(&opts, None, None, &mut |_, _| {}).unwrap();
+    let a = loaded.generate(GenerateRequest::new(&opts)).unwrap();
+    let b = parts.generate(GenerateRequest::new(&opts)).unwrap();
     assert_eq!(a, b);
 }

@@ -10,7 +10,7 @@ use burn::tensor::{Tensor, TensorData};
 use burn_autodiff::Autodiff;
 use burn_flex::{Flex, FlexDevice};
 use model_io::tensor_file::{read_tensors, write_tensors, HostTensor};
-use personalize::train::{self, PriorConfig, StepInfo, TrainConfig, TrainData, Trainer, UnetMode};
+use personalize::train::{self, PriorConfig, StepInfo, TrainConfig, TrainData, TrainRequest, Trainer, UnetMode};
 use personalize::{Concept, RgbImage};
 
 type AD = Autodiff<Flex>;
@@ -101,9 +101,11 @@ fn loss_falls_when_overfitting_one_image() {
     c.augment = 0;
     c.lr = 2e-3;
     let mut losses = Vec::new();
-    let r = train::train::<AD>(&base(), &c, &data(1), dir.path(), false, &FlexDevice, &mut |s: &StepInfo| {
-        losses.push(s.loss)
-    })
+    let r = train::train::<AD>(
+        &TrainRequest { base: &base(), config: &c, data: &data(1), out: dir.path(), resume: false },
+        &FlexDevice,
+        &mut |s: &StepInfo| losses.push(s.loss),
+    )
     .unwrap();
     assert_eq!(r.steps_done, 40);
     let (first, last) = (mean(&losses[..8]), mean(&losses[32..]));
@@ -124,7 +126,11 @@ fn only_the_named_parameters_change() {
     for mode in [UnetMode::Frozen, UnetMode::Lora { rank: 2, alpha: 4.0 }, UnetMode::Full] {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(mode);
-        let mut t = Trainer::<AD>::new(&base(), &c, &data(2), dir.path(), false, &FlexDevice).unwrap();
+        let mut t = Trainer::<AD>::new(
+            &TrainRequest { base: &base(), config: &c, data: &data(2), out: dir.path(), resume: false },
+            &FlexDevice,
+        )
+        .unwrap();
         let text0 = snapshot(&t.pipe.text_encoder);
         let vae0 = snapshot(&t.pipe.vae);
         let base_unet0 = snapshot(&t.pipe.unet);
@@ -181,18 +187,37 @@ fn resume_ends_with_the_weights_of_an_uninterrupted_run() {
         c.steps = 6;
         c.save_every = 2;
         let one = tempfile::tempdir().unwrap();
-        let r1 = train::train::<AD>(&base(), &c, &data(2), one.path(), false, &FlexDevice, &mut |_| {}).unwrap();
+        let r1 = train::train::<AD>(
+            &TrainRequest { base: &base(), config: &c, data: &data(2), out: one.path(), resume: false },
+            &FlexDevice,
+            &mut |_| {},
+        )
+        .unwrap();
 
         let two = tempfile::tempdir().unwrap();
         let mut half = c.clone();
         half.steps = 3;
-        train::train::<AD>(&base(), &half, &data(2), two.path(), false, &FlexDevice, &mut |_| {}).unwrap();
+        train::train::<AD>(
+            &TrainRequest { base: &base(), config: &half, data: &data(2), out: two.path(), resume: false },
+            &FlexDevice,
+            &mut |_| {},
+        )
+        .unwrap();
         // Without --resume an existing run is refused.
-        let e = train::train::<AD>(&base(), &c, &data(2), two.path(), false, &FlexDevice, &mut |_| {})
-            .unwrap_err()
-            .to_string();
+        let e = train::train::<AD>(
+            &TrainRequest { base: &base(), config: &c, data: &data(2), out: two.path(), resume: false },
+            &FlexDevice,
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("--resume"), "{e}");
-        let r2 = train::train::<AD>(&base(), &c, &data(2), two.path(), true, &FlexDevice, &mut |_| {}).unwrap();
+        let r2 = train::train::<AD>(
+            &TrainRequest { base: &base(), config: &c, data: &data(2), out: two.path(), resume: true },
+            &FlexDevice,
+            &mut |_| {},
+        )
+        .unwrap();
         assert_eq!(r2.resumed_from, Some(3));
         assert_eq!(r1.losses, r2.losses, "{mode:?}: loss histories differ");
         let files: &[&str] = match mode {
@@ -210,7 +235,12 @@ fn resume_ends_with_the_weights_of_an_uninterrupted_run() {
         let mut other = c.clone();
         other.lr = 5e-4;
         other.steps = 8;
-        let e = train::train::<AD>(&base(), &other, &data(2), two.path(), true, &FlexDevice, &mut |_| {}).unwrap_err();
+        let e = train::train::<AD>(
+            &TrainRequest { base: &base(), config: &other, data: &data(2), out: two.path(), resume: true },
+            &FlexDevice,
+            &mut |_| {},
+        )
+        .unwrap_err();
         assert!(matches!(e, personalize::Error::ResumeMismatch { .. }), "{e:?}");
         let e = e.to_string();
         assert!(e.contains("cannot resume from") && e.contains("`lr`"), "{e}");
@@ -224,7 +254,12 @@ fn concept_folder_is_complete_and_loads() {
     c.steps = 4;
     c.save_every = 2;
     c.sample_steps = 2;
-    let r = train::train::<AD>(&base(), &c, &data(2), dir.path(), false, &FlexDevice, &mut |_| {}).unwrap();
+    let r = train::train::<AD>(
+        &TrainRequest { base: &base(), config: &c, data: &data(2), out: dir.path(), resume: false },
+        &FlexDevice,
+        &mut |_| {},
+    )
+    .unwrap();
     let d = dir.path();
     for f in [
         "concept.json",
@@ -252,7 +287,11 @@ fn concept_folder_is_complete_and_loads() {
     assert_eq!(concept.queries.as_ref().unwrap().dims(), [2, 12, 24]);
 
     // The concept, applied to the base pipeline, reproduces the trained UNet (alpha folded in).
-    let mut t = Trainer::<AD>::new(&base(), &c, &data(2), d, true, &FlexDevice).unwrap();
+    let mut t = Trainer::<AD>::new(
+        &TrainRequest { base: &base(), config: &c, data: &data(2), out: d, resume: true },
+        &FlexDevice,
+    )
+    .unwrap();
     assert_eq!(t.step, 4);
     pipe.apply_concept(&concept, false).unwrap();
     let x = Tensor::<Flex, 4>::from_data(
@@ -285,8 +324,17 @@ fn concept_folder_is_complete_and_loads() {
 fn full_mode_writes_a_diffusers_unet() {
     let dir = tempfile::tempdir().unwrap();
     let c = cfg(UnetMode::Full);
-    train::train::<AD>(&base(), &c, &data(1), dir.path(), false, &FlexDevice, &mut |_| {}).unwrap();
-    let t = Trainer::<AD>::new(&base(), &c, &data(1), dir.path(), true, &FlexDevice).unwrap();
+    train::train::<AD>(
+        &TrainRequest { base: &base(), config: &c, data: &data(1), out: dir.path(), resume: false },
+        &FlexDevice,
+        &mut |_| {},
+    )
+    .unwrap();
+    let t = Trainer::<AD>::new(
+        &TrainRequest { base: &base(), config: &c, data: &data(1), out: dir.path(), resume: true },
+        &FlexDevice,
+    )
+    .unwrap();
     let loaded = sd_unet::UNet2DConditionModel::<Flex>::load(&dir.path().join("unet"), &FlexDevice).unwrap();
     assert_eq!(max_diff(&snapshot(&t.model.unet.valid()), &snapshot(&loaded)), 0.0);
     let mut pipe = personalize::Pipeline::<Flex>::load(&base(), &FlexDevice).unwrap();
@@ -302,11 +350,22 @@ fn prior_preservation_adds_the_class_loss() {
     c.steps = 2;
     c.prior = Some(PriorConfig { class_prompt: "a photo of a toy".into(), weight: 1.0 });
     let mut d = data(1);
-    let e = train::train::<AD>(&base(), &c, &d, dir.path(), false, &FlexDevice, &mut |_| {}).unwrap_err().to_string();
+    let e = train::train::<AD>(
+        &TrainRequest { base: &base(), config: &c, data: &d, out: dir.path(), resume: false },
+        &FlexDevice,
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("class images"), "{e}");
     d.class_images = vec![picture(32, 32, 9), picture(48, 40, 11)];
     let mut seen = Vec::new();
-    train::train::<AD>(&base(), &c, &d, dir.path(), false, &FlexDevice, &mut |s| seen.push(s.prior_loss)).unwrap();
+    train::train::<AD>(
+        &TrainRequest { base: &base(), config: &c, data: &d, out: dir.path(), resume: false },
+        &FlexDevice,
+        &mut |s| seen.push(s.prior_loss),
+    )
+    .unwrap();
     assert!(seen.iter().all(|p| p.is_some_and(|v| v.is_finite() && v > 0.0)), "{seen:?}");
 }
 
@@ -318,9 +377,13 @@ fn bad_input_is_refused_before_training() {
     assert!(e.contains("no training images"), "{e}");
     let mut d = data(1);
     d.images.clear();
-    let e = train::train::<AD>(&base(), &cfg(UnetMode::Frozen), &d, dir.path(), false, &FlexDevice, &mut |_| {})
-        .unwrap_err()
-        .to_string();
+    let e = train::train::<AD>(
+        &TrainRequest { base: &base(), config: &cfg(UnetMode::Frozen), data: &d, out: dir.path(), resume: false },
+        &FlexDevice,
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("no training images"), "{e}");
     // One unreadable image among several: named.
     let good = dir.path().join("good.png");
@@ -336,14 +399,24 @@ fn bad_input_is_refused_before_training() {
     let mut c = cfg(UnetMode::Frozen);
     c.resolution = 36;
     let out = dir.path().join("out");
-    let e = train::train::<AD>(&base(), &c, &data(1), &out, false, &FlexDevice, &mut |_| {}).unwrap_err().to_string();
+    let e = train::train::<AD>(
+        &TrainRequest { base: &base(), config: &c, data: &data(1), out: &out, resume: false },
+        &FlexDevice,
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("multiple of 8"), "{e}");
     // Queries that do not match the images.
     let mut d = data(2);
     d.queries = queries(1, 1);
-    let e = train::train::<AD>(&base(), &cfg(UnetMode::Frozen), &d, &out, false, &FlexDevice, &mut |_| {})
-        .unwrap_err()
-        .to_string();
+    let e = train::train::<AD>(
+        &TrainRequest { base: &base(), config: &cfg(UnetMode::Frozen), data: &d, out: &out, resume: false },
+        &FlexDevice,
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("queries"), "{e}");
     assert!(!out.exists(), "nothing may be written before training starts");
 }
@@ -357,8 +430,12 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     c.lr = 1e30;
     c.max_grad_norm = None;
     let mut last = 0;
-    let e =
-        train::train::<AD>(&base(), &c, &data(1), dir.path(), false, &FlexDevice, &mut |s| last = s.step).unwrap_err();
+    let e = train::train::<AD>(
+        &TrainRequest { base: &base(), config: &c, data: &data(1), out: dir.path(), resume: false },
+        &FlexDevice,
+        &mut |s| last = s.step,
+    )
+    .unwrap_err();
     assert!(matches!(e, personalize::Error::NonFinite(_)), "{e:?}");
     let e = e.to_string();
     assert!(e.contains("NaN"), "{e}");
@@ -378,7 +455,11 @@ fn full_disk_leaves_no_partial_checkpoint() {
         let mut c = cfg(UnetMode::Full);
         c.steps = 2;
         c.save_every = 1;
-        let r = train::train::<AD>(&base(), &c, &data(1), Path::new(&out), false, &FlexDevice, &mut |_| {});
+        let r = train::train::<AD>(
+            &TrainRequest { base: &base(), config: &c, data: &data(1), out: Path::new(&out), resume: false },
+            &FlexDevice,
+            &mut |_| {},
+        );
         std::fs::write(
             Path::new(&out).join("child-result.txt"),
             match r {
@@ -423,7 +504,12 @@ fn lora_file_matches_diffusers() {
         let mut c = cfg(UnetMode::Lora { rank: 2, alpha: 3.0 });
         c.steps = 5;
         c.lr = 1e-2;
-        train::train::<AD>(&base(), &c, &data(1), dir.path(), false, &FlexDevice, &mut |_| {}).unwrap();
+        train::train::<AD>(
+            &TrainRequest { base: &base(), config: &c, data: &data(1), out: dir.path(), resume: false },
+            &FlexDevice,
+            &mut |_| {},
+        )
+        .unwrap();
         std::fs::copy(dir.path().join("unet_lora.safetensors"), &lora_path).unwrap();
         let mut rng = scheduler::SeededRng::new(11);
         let mut n = |len: usize| {
@@ -480,7 +566,12 @@ fn write_unet_safetensors_reproduces_the_diffusers_file() {
 fn concept_with_empty_queries_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let c = cfg(UnetMode::Frozen);
-    train::train::<AD>(&base(), &c, &data(1), dir.path(), false, &FlexDevice, &mut |_| {}).unwrap();
+    train::train::<AD>(
+        &TrainRequest { base: &base(), config: &c, data: &data(1), out: dir.path(), resume: false },
+        &FlexDevice,
+        &mut |_| {},
+    )
+    .unwrap();
     let q = dir.path().join("visual_queries.safetensors");
     let d = model_io::tensor_file::read_tensors(&q).unwrap()["queries"].shape[2];
     let empty = std::collections::BTreeMap::from([("queries".to_string(), HostTensor::f32(vec![0, 32, d], vec![]))]);
@@ -498,8 +589,12 @@ fn training_refuses_what_would_lose_work() {
     let dir = tempfile::tempdir().unwrap();
     let c = cfg(UnetMode::Frozen);
     let run = |c: &TrainConfig, resume: bool| {
-        train::train::<AD>(&base(), c, &data(1), dir.path(), resume, &FlexDevice, &mut |_| {})
-            .map_err(|e| e.to_string())
+        train::train::<AD>(
+            &TrainRequest { base: &base(), config: c, data: &data(1), out: dir.path(), resume },
+            &FlexDevice,
+            &mut |_| {},
+        )
+        .map_err(|e| e.to_string())
     };
     let e = run(&c, true).unwrap_err();
     assert!(e.contains("--resume") && e.contains("no checkpoint"), "{e}");
@@ -519,10 +614,20 @@ fn training_refuses_what_would_lose_work() {
     let other = tempfile::tempdir().unwrap();
     let lock = other.path().join(".lock");
     std::fs::write(&lock, "1").unwrap(); // pid 1 is always alive
-    let e = train::train::<AD>(&base(), &c, &data(1), other.path(), false, &FlexDevice, &mut |_| {}).unwrap_err();
+    let e = train::train::<AD>(
+        &TrainRequest { base: &base(), config: &c, data: &data(1), out: other.path(), resume: false },
+        &FlexDevice,
+        &mut |_| {},
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("in use by another training run"), "{e}");
     std::fs::write(&lock, "4000000000").unwrap(); // no such process
-    train::train::<AD>(&base(), &c, &data(1), other.path(), false, &FlexDevice, &mut |_| {}).unwrap();
+    train::train::<AD>(
+        &TrainRequest { base: &base(), config: &c, data: &data(1), out: other.path(), resume: false },
+        &FlexDevice,
+        &mut |_| {},
+    )
+    .unwrap();
     assert!(!lock.exists(), "the lock is released after the run");
 }
 

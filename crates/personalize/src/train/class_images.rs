@@ -51,7 +51,7 @@ pub fn generate_class_images<B: burn::tensor::backend::Backend>(
                 ..Default::default()
             };
             let text = p.image_settings(&opts)?.png_text()?;
-            let img = p.generate(&opts, None, None, &mut |_, _| {})?;
+            let img = p.generate(crate::GenerateRequest::new(&opts))?;
             write_png(&path, &img[0], &text)?;
         }
         on_image(i + 1, n);

@@ -25,12 +25,13 @@
 //! ```no_run
 //! use burn_autodiff::Autodiff;
 //! use burn_flex::{Flex, FlexDevice};
-//! use personalize::train::{train, TrainConfig, TrainData, UnetMode};
+//! use personalize::train::{train, TrainConfig, TrainData, TrainRequest, UnetMode};
 //! let images = personalize::train::load_images(&["dog.jpg".into()])?;
 //! let queries = model_io::tensor_file::read_tensors("queries.safetensors".as_ref())?.remove("queries").unwrap();
 //! let cfg = TrainConfig { unet_mode: UnetMode::Lora { rank: 4, alpha: 4.0 }, ..TrainConfig::default() };
 //! let data = TrainData { images, queries, class_images: vec![] };
-//! let report = train::<Autodiff<Flex>>("sd-v1-5".as_ref(), &cfg, &data, "my-dog".as_ref(), false, &FlexDevice, &mut |s| {
+//! let request = TrainRequest { base: "sd-v1-5".as_ref(), config: &cfg, data: &data, out: "my-dog".as_ref(), resume: false };
+//! let report = train::<Autodiff<Flex>>(&request, &FlexDevice, &mut |s| {
 //!     println!("step {} loss {:.4}", s.step, s.loss)
 //! })?;
 //! # Ok::<(), personalize::Error>(())
@@ -50,7 +51,7 @@ use scheduler::{HostSample, Scheduler, SeededRng};
 use crate::concept::{Concept, ConceptInfo};
 use crate::image_out::{write_png, RgbImage};
 use crate::metadata::ImageSettings;
-use crate::pipeline::{GenerateOptions, Pipeline, VisualPrompt};
+use crate::pipeline::{GenerateOptions, GenerateRequest, Pipeline, VisualPrompt};
 mod checkpoint;
 mod class_images;
 mod config;
@@ -126,6 +127,20 @@ struct CachedLatent {
     std: Vec<f32>,
 }
 
+/// One training run: the base model, the settings, the data, and the concept folder.
+pub struct TrainRequest<'a> {
+    /// The base Stable Diffusion folder (diffusers layout).
+    pub base: &'a Path,
+    /// The settings.
+    pub config: &'a TrainConfig,
+    /// The images, their BLIP-2 queries and the class images.
+    pub data: &'a TrainData,
+    /// The concept folder to write (checkpoints under `checkpoints/`).
+    pub out: &'a Path,
+    /// Continue from the latest checkpoint in `out` instead of starting over.
+    pub resume: bool,
+}
+
 /// The trainer: frozen parts (text encoder, VAE, tokenizer in `pipe`), the trained
 /// [`TrainModel`] and its [`Optimizer`], with the cached latents and embeddings. [`train`]
 /// drives it.
@@ -163,14 +178,8 @@ fn step_rng(seed: u64, step: usize) -> SeededRng {
 impl<B: AutodiffBackend> Trainer<B> {
     /// Loads the base model, checks the data, caches latents and embeddings, builds the aligner
     /// and the UNet per the mode, and with `resume` restores the latest checkpoint in `out_dir`.
-    pub fn new(
-        base_dir: &Path,
-        cfg: &TrainConfig,
-        data: &TrainData,
-        out_dir: &Path,
-        resume: bool,
-        device: &B::Device,
-    ) -> Result<Self> {
+    pub fn new(request: &TrainRequest<'_>, device: &B::Device) -> Result<Self> {
+        let TrainRequest { base: base_dir, config: cfg, data, out: out_dir, resume } = *request;
         cfg.validate()?;
         if data.images.is_empty() {
             return Err(Error::invalid("no training images given"));
@@ -538,18 +547,15 @@ fn scalar<B: burn::tensor::backend::Backend>(t: &Tensor<B, 1>) -> f64 {
 /// each step. On a NaN loss it stops with an error that names the last good checkpoint (whose
 /// weights the concept folder holds).
 pub fn train<B: AutodiffBackend>(
-    base_dir: &Path,
-    cfg: &TrainConfig,
-    data: &TrainData,
-    out_dir: &Path,
-    resume: bool,
+    request: &TrainRequest<'_>,
     device: &B::Device,
     on_step: &mut dyn FnMut(&StepInfo),
 ) -> Result<TrainReport> {
+    let (cfg, out_dir) = (request.config, request.out);
     let created = !out_dir.exists();
     std::fs::create_dir_all(out_dir).map_err(|e| Error::Io { path: out_dir.to_path_buf(), cause: e })?;
     let lock = OutLock::take(out_dir)?;
-    let mut t = match Trainer::<B>::new(base_dir, cfg, data, out_dir, resume, device) {
+    let mut t = match Trainer::<B>::new(request, device) {
         Ok(t) => t,
         Err(e) => {
             // Refused before training: leave no trace (remove_dir only removes an empty folder).

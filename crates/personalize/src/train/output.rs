@@ -154,7 +154,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let text = settings.png_text()?;
         let q = self.queries.to_float::<B::InnerBackend, 3>("queries", &self.device)?;
         let vp = VisualPrompt { aligner: &aligner, queries: q };
-        let img = self.pipe.generate(&opts, Some(&vp), None, &mut |_, _| {})?;
+        let img = self.pipe.generate(GenerateRequest::new(&opts).visual(&vp))?;
         let dir = self.out_dir.join("samples");
         std::fs::create_dir_all(&dir).map_err(|e| Error::Io { path: dir.clone(), cause: e })?;
         let path = dir.join(format!("{}.png", ckpt_name(self.step)));

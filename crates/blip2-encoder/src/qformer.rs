@@ -3,8 +3,8 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
-use model_io::nn::{LayerNorm, Linear};
 use model_io::{Result, Weights};
+use model_layers::nn::{LayerNorm, Linear};
 
 use crate::config::{Activation, Blip2QFormerConfig};
 

@@ -2,8 +2,8 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
-use model_io::nn::{Conv2d, LayerNorm, Linear};
 use model_io::{Result, Weights};
+use model_layers::nn::{Conv2d, LayerNorm, Linear};
 
 use crate::config::{Activation, Blip2VisionConfig};
 

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::{backend::Backend, Int, Tensor};
-use model_io::nn::{Embedding, LayerNorm, Linear};
 use model_io::{Checkpoint, Error, Result, Weights};
+use model_layers::nn::{Embedding, LayerNorm, Linear};
 use serde::Deserialize;
 
 /// `config.json` of a transformers `CLIPTextModel` (or the `text_config` of a `CLIPModel`).

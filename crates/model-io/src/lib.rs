@@ -11,17 +11,17 @@
 //! * [`Weights`] walks a checkpoint by module path (`down_blocks.0.resnets.1.conv1`), checks
 //!   each tensor's shape when it is read and, at the end, that every tensor was used (apart
 //!   from prefixes the caller declared to skip, which are never read);
-//! * [`nn`] holds the small layers (linear, conv, norms) built from those weights;
+//! * the layers built from those weights are in the `model-layers` crate;
 //! * [`tensor_file`] reads and writes named host tensors (the stage runner's files),
 //!   atomically.
 //!
 //! ```no_run
 //! use burn_flex::{Flex, FlexDevice};
-//! use model_io::{Checkpoint, Weights, nn::Linear};
+//! use model_io::{Checkpoint, Weights};
 //!
 //! let ckpt = Checkpoint::open_dir("text_encoder".as_ref(), &["model"])?;
 //! let w = Weights::<Flex>::new(&ckpt, &FlexDevice);
-//! let q = Linear::load(&w.pp("text_model.encoder.layers.0.self_attn.q_proj"), 768, 768, true)?;
+//! let q_weight = w.pp("text_model.encoder.layers.0.self_attn.q_proj").get::<2>("weight", [768, 768])?;
 //! # Ok::<(), model_io::Error>(())
 //! ```
 
@@ -29,7 +29,6 @@ mod checkpoint;
 mod config;
 mod error;
 pub mod image_file;
-pub mod nn;
 pub mod tensor_file;
 mod weights;
 

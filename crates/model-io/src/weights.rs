@@ -100,7 +100,7 @@ impl<'a, B: Backend> Weights<'a, B> {
 
     /// The same view, but every tensor read from here on is copied out of the checkpoint's
     /// memory map and its pages released at once. For a frozen model whose large weights are
-    /// laid out anew at load ([`crate::nn::Linear::load_frozen`], which still reads those
+    /// laid out anew at load (`model_layers::nn::Linear::load_frozen`, which still reads those
     /// through the map, then releases them once packed): its small tensors (biases, norms)
     /// read through the mapping on every forward would otherwise fault back whole page-cache
     /// folios (up to 2 MiB on ext4 and XFS) of the released weights around them. A large
@@ -109,7 +109,7 @@ impl<'a, B: Backend> Weights<'a, B> {
     /// ```no_run
     /// # fn f(ckpt: &model_io::Checkpoint) -> model_io::Result<()> {
     /// let w = model_io::Weights::<burn_flex::Flex>::new(ckpt, &burn_flex::FlexDevice).copied();
-    /// let fc = model_io::nn::Linear::load_frozen(&w.pp("fc"), 1408, 6144, true)?;
+    /// let bias = w.pp("fc").get::<1>("bias", [6144])?; // copied out, the map's pages untouched
     /// # Ok(()) }
     /// ```
     pub fn copied(&self) -> Self {

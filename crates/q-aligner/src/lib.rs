@@ -29,9 +29,9 @@ use burn::module::Module;
 use burn::tensor::activation::gelu;
 use burn::tensor::module::adaptive_avg_pool1d;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use model_io::nn::Linear;
 use model_io::tensor_file::{read_tensors_with_metadata, write_tensors, HostTensor};
 use model_io::{Error, Result};
+use model_layers::nn::Linear;
 
 /// Which of the Q-Former's queries feed the aligner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

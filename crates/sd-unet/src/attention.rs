@@ -3,8 +3,8 @@
 
 use burn::module::Module;
 use burn::tensor::{backend::Backend, Tensor};
-use model_io::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use model_io::{Result, Weights};
+use model_layers::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 
 use crate::lora::LoraLinear;
 

@@ -4,7 +4,7 @@
 use burn::module::Module;
 use burn::tensor::{backend::Backend, Tensor};
 use model_io::{Result, Weights};
-use sd_vae::blocks::{Downsample2D, ResnetBlock2D, Upsample2D};
+use model_layers::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 
 use crate::attention::{Transformer2D, TransformerSpec};
 

@@ -3,8 +3,8 @@
 use burn::module::Module;
 use burn::tensor::activation::silu;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use model_io::nn::Linear;
 use model_io::{Result, Weights};
+use model_layers::nn::Linear;
 
 /// diffusers' `get_timestep_embedding`: `[N]` timesteps to `[N, dim]` sinusoids.
 /// Frequencies are computed in f32 as torch does, so the result matches bit for bit up to the

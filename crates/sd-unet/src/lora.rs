@@ -2,7 +2,7 @@
 
 use burn::module::Module;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use model_io::nn::Linear;
+use model_layers::nn::Linear;
 
 /// A low-rank update `scale · B(A(x))` with `A` `[in → r]` and `B` `[r → out]`.
 ///

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::{backend::Backend, Tensor};
-use model_io::nn::Linear;
 use model_io::tensor_file::HostTensor;
 use model_io::{Error, Result};
+use model_layers::nn::Linear;
 
 use crate::lora::Lora;
 use crate::UNet2DConditionModel;

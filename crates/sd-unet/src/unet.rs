@@ -4,8 +4,8 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::{backend::Backend, Tensor};
-use model_io::nn::{Conv2d, GroupNorm};
 use model_io::{Checkpoint, Error, Result, Weights};
+use model_layers::nn::{Conv2d, GroupNorm};
 
 use crate::attention::{Attention, TransformerSpec};
 use crate::blocks::{BlockSpec, DownBlock, MidBlock, UpBlock};

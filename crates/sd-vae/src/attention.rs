@@ -3,8 +3,8 @@
 
 use burn::module::Module;
 use burn::tensor::{backend::Backend, Tensor};
-use model_io::nn::{GroupNorm, Linear};
 use model_io::{Result, Weights};
+use model_layers::nn::{GroupNorm, Linear};
 
 /// Single-block spatial attention: `x + to_out(attn(norm(x)))` over the `H·W` positions.
 #[derive(Module, Debug)]

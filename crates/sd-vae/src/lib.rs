@@ -5,8 +5,8 @@
 //! mean and log-variance, [`AutoencoderKl::decode`] turns unscaled latents into pixels.
 //! Multiply latents by `scaling_factor` from the config before the UNet, divide after.
 //!
-//! The diffusers building blocks (`ResnetBlock2D`, `Downsample2D`, `Upsample2D`) are public
-//! in [`blocks`] for the UNet crate.
+//! Its ResNet blocks (`ResnetBlock2D`, `Downsample2D`, `Upsample2D`) are the `model-layers`
+//! crate's, shared with the UNet.
 //!
 //! ```no_run
 //! use burn_flex::{Flex, FlexDevice};
@@ -18,14 +18,8 @@
 
 mod attention;
 mod config;
-mod resnet;
 mod vae;
 
 pub use attention::SpatialSelfAttention;
 pub use config::AutoencoderKlConfig;
 pub use vae::{AutoencoderKl, Decoder, Encoder};
-
-/// The diffusers blocks shared with the UNet.
-pub mod blocks {
-    pub use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
-}

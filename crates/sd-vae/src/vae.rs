@@ -4,12 +4,12 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::{backend::Backend, Tensor};
-use model_io::nn::{Conv2d, GroupNorm};
 use model_io::{Checkpoint, Error, Result, Weights};
+use model_layers::nn::{Conv2d, GroupNorm};
 
 use crate::attention::SpatialSelfAttention;
-use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::AutoencoderKlConfig;
+use model_layers::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 
 const EPS: f64 = 1e-6;
 

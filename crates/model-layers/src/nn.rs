@@ -9,7 +9,7 @@ use burn::module::{Module, Param};
 use burn::tensor::module::embedding;
 use burn::tensor::{backend::Backend, Int, Tensor};
 
-use crate::{Result, Weights};
+use model_io::{Result, Weights};
 
 /// `torch.nn.Linear`: `y = x Wᵀ + b`.
 #[derive(Module, Debug)]
@@ -29,7 +29,7 @@ impl<B: Backend> Linear<B> {
     /// ```
     /// use burn::tensor::Tensor;
     /// use burn_flex::{Flex, FlexDevice};
-    /// let l = model_io::nn::Linear::<Flex>::new(Tensor::ones([3, 2], &FlexDevice), None);
+    /// let l = model_layers::nn::Linear::<Flex>::new(Tensor::ones([3, 2], &FlexDevice), None);
     /// assert_eq!(l.dims(), (3, 2));
     /// ```
     pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
@@ -40,7 +40,7 @@ impl<B: Backend> Linear<B> {
     ///
     /// ```no_run
     /// # fn f(w: &model_io::Weights<burn_flex::Flex>) -> model_io::Result<()> {
-    /// let to_q = model_io::nn::Linear::load(&w.pp("to_q"), 320, 320, false)?;
+    /// let to_q = model_layers::nn::Linear::load(&w.pp("to_q"), 320, 320, false)?;
     /// # Ok(()) }
     /// ```
     pub fn load(w: &Weights<B>, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
@@ -166,7 +166,7 @@ impl<B: Backend> GroupNorm<B> {
     /// Reads `weight` and `bias` `[channels]` under `w`.
     pub fn load(w: &Weights<B>, groups: usize, channels: usize, eps: f64) -> Result<Self> {
         if groups == 0 || !channels.is_multiple_of(groups) {
-            return Err(crate::Error::invalid(format!(
+            return Err(model_io::Error::invalid(format!(
                 "{}: {channels} channels cannot be split into {groups} norm groups",
                 w.key("weight")
             )));

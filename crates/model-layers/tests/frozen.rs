@@ -5,8 +5,8 @@ use std::path::Path;
 
 use burn::tensor::{Distribution, Tensor};
 use burn_flex::{Flex, FlexDevice};
-use model_io::nn::Linear;
 use model_io::{Checkpoint, Weights};
+use model_layers::nn::Linear;
 
 /// Resident kibibytes of this process's mapping of `file` (from /proc/self/smaps).
 #[cfg(target_os = "linux")]

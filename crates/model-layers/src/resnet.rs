@@ -1,11 +1,11 @@
 //! diffusers' `ResnetBlock2D`, `Downsample2D` and `Upsample2D`.
 
+use crate::nn::{Conv2d, GroupNorm, Linear};
 use burn::module::Module;
 use burn::tensor::activation::silu;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{backend::Backend, Tensor};
-use model_io::nn::{Conv2d, GroupNorm, Linear};
 use model_io::{Result, Weights};
 
 /// `ResnetBlock2D` with the default time-embedding mode (added after `conv1`).
@@ -13,7 +13,7 @@ use model_io::{Result, Weights};
 /// ```no_run
 /// # fn f(w: &model_io::Weights<burn_flex::Flex>) -> model_io::Result<()> {
 /// // A VAE block: no time embedding, 32 groups, eps 1e-6.
-/// let block = sd_vae::blocks::ResnetBlock2D::load(&w.pp("resnets.0"), 128, 256, None, 32, 1e-6)?;
+/// let block = model_layers::resnet::ResnetBlock2D::load(&w.pp("resnets.0"), 128, 256, None, 32, 1e-6)?;
 /// # Ok(()) }
 /// ```
 #[derive(Module, Debug)]

@@ -1,31 +1,17 @@
 //! `personalize generate` end to end: PNGs, text chunks, parity with diffusers, bad input.
 
+mod common;
+
+use common::{fixtures, one_line_error, run, tiny_sd};
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use model_io::tensor_file::{read_tensors, write_tensors};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_personalize")).args(args).output().expect("binary runs");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
 
 /// The text of chunk `key`.
 fn chunk(text: &[(String, String)], key: &str) -> Option<String> {
     text.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
-}
-
-fn one_line_error(err: &str, needles: &[&str]) {
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line expected: {err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "`{n}` not in {err}");
-    }
 }
 
 #[test]
@@ -375,11 +361,6 @@ fn stage_repeat_reports_load_time_and_memory() {
     assert!(s["load_s"].parse::<f64>().unwrap() > 0.0, "{err}");
     assert!(s["load_peak_mib"].parse::<f64>().unwrap() > 0.0, "{err}");
     assert!(s["peak_mib"].parse::<f64>().unwrap() >= s["load_peak_mib"].parse::<f64>().unwrap(), "{err}");
-}
-
-/// The bundled tiny Stable Diffusion (the README's main job).
-fn tiny_sd() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/tiny-sd")
 }
 
 /// The chunk types of a PNG file, in order.

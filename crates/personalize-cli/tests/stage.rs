@@ -1,33 +1,13 @@
 //! The stage runner as other tools call it: the binary, files in, files out, exit codes.
 
+mod common;
+
+use common::{fixtures, one_line_error, root, run};
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use model_io::tensor_file::{read_tensors, write_tensors, HostTensor};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn fixtures() -> PathBuf {
-    root().join("tests/fixtures")
-}
-
-/// Runs `personalize` with `args`; returns (success, stderr).
-fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_personalize")).args(args).output().expect("binary runs");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn assert_one_line_error(stderr: &str, needles: &[&str]) {
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    for n in needles {
-        assert!(lines[0].contains(n), "`{n}` not in: {stderr}");
-    }
-}
 
 #[test]
 fn tokenizer_stage_writes_padded_ids() {
@@ -118,7 +98,7 @@ fn vae_stages_match_reference() {
 fn unknown_stage_is_a_one_line_error() {
     let (ok, err) = run(&["stage", "upscaler", "--model", ".", "--output", "/tmp/x.safetensors"]);
     assert!(!ok);
-    assert_one_line_error(&err, &["upscaler", "tokenizer", "vae-decode"]);
+    one_line_error(&err, &["upscaler", "tokenizer", "vae-decode"]);
 }
 
 #[test]
@@ -139,7 +119,7 @@ fn input_file_lacking_a_tensor_names_it() {
         dir.path().join("o.safetensors").to_str().unwrap(),
     ]);
     assert!(!ok);
-    assert_one_line_error(&err, &["input_ids", "in.safetensors"]);
+    one_line_error(&err, &["input_ids", "in.safetensors"]);
 }
 
 #[test]
@@ -162,7 +142,7 @@ fn wrong_dtype_and_shape_inputs_are_errors() {
     ];
     let (ok, err) = run(&args);
     assert!(!ok);
-    assert_one_line_error(&err, &["input_ids", "f32", "i64"]);
+    one_line_error(&err, &["input_ids", "f32", "i64"]);
 
     let vae = fixtures().join("vae");
     let t = BTreeMap::from([("latent".to_string(), HostTensor::f32(vec![1, 3, 2, 2], vec![0.0; 12]))]);
@@ -178,7 +158,7 @@ fn wrong_dtype_and_shape_inputs_are_errors() {
         out.to_str().unwrap(),
     ]);
     assert!(!ok);
-    assert_one_line_error(&err, &["latent", "[1, 3, 2, 2]"]);
+    one_line_error(&err, &["latent", "[1, 3, 2, 2]"]);
     assert!(!out.exists(), "no output on failure");
 }
 
@@ -207,12 +187,12 @@ fn truncated_weights_and_bad_config_are_one_line_errors() {
     let a = args(dir.path());
     let (ok, err) = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!ok);
-    assert_one_line_error(&err, &["model.safetensors", "truncated"]);
+    one_line_error(&err, &["model.safetensors", "truncated"]);
 
     std::fs::write(dir.path().join("config.json"), r#"{"model_type": "t5", "d_model": 4}"#).unwrap();
     let (ok, err) = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!ok);
-    assert_one_line_error(&err, &["config.json", "t5"]);
+    one_line_error(&err, &["config.json", "t5"]);
 
     // A shape that does not match the config.
     let mut cfg: serde_json::Value =
@@ -222,7 +202,7 @@ fn truncated_weights_and_bad_config_are_one_line_errors() {
     std::fs::write(dir.path().join("model.safetensors"), &bytes).unwrap();
     let (ok, err) = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!ok);
-    assert_one_line_error(&err, &["fc1.weight", "[37, 32]", "[40, 32]"]);
+    one_line_error(&err, &["fc1.weight", "[37, 32]", "[40, 32]"]);
 }
 
 #[test]
@@ -236,7 +216,7 @@ fn missing_input_flag_is_named() {
         "/tmp/never.safetensors",
     ]);
     assert!(!ok);
-    assert_one_line_error(&err, &["--input"]);
+    one_line_error(&err, &["--input"]);
 }
 
 #[test]
@@ -339,7 +319,7 @@ fn scheduler_stage_matches_diffusers_and_checks_output_count() {
         out.to_str().unwrap(),
     ]);
     assert!(!ok);
-    assert_one_line_error(&err, &["model output"]);
+    one_line_error(&err, &["model output"]);
 }
 
 #[test]
@@ -471,7 +451,7 @@ fn output_over_the_input_or_into_a_missing_folder_is_refused() {
         same.to_str().unwrap(),
     ]);
     assert!(!ok);
-    assert_one_line_error(&err, &["--output", "--input"]);
+    one_line_error(&err, &["--output", "--input"]);
     assert_eq!(std::fs::read(&input).unwrap(), before);
     let missing = dir.path().join("no/such/out.safetensors");
     let (ok, err) = run(&[
@@ -485,7 +465,7 @@ fn output_over_the_input_or_into_a_missing_folder_is_refused() {
         missing.to_str().unwrap(),
     ]);
     assert!(!ok);
-    assert_one_line_error(&err, &["no/such", "does not exist"]);
+    one_line_error(&err, &["no/such", "does not exist"]);
 }
 
 /// Logs written to a pipe (CI, a file) carry no ANSI colour codes.

@@ -1,16 +1,10 @@
 //! The main job end to end on the tiny models: `personalize train`, then `generate --concept`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use common::{fixtures, run};
 
-fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_personalize")).args(args).output().expect("binary runs");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
+use std::path::PathBuf;
 
 #[test]
 fn train_then_generate_with_the_concept() {

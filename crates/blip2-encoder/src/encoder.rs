@@ -72,10 +72,7 @@ impl<B: Backend> Blip2Encoder<B> {
                 hint: " (the checkpoint has no Q-Former weights: no `qformer.*` tensors)".into(),
             });
         }
-        // Frozen: its linear weights are packed at load (`Linear::load_frozen`) and their mapped
-        // pages released; the small tensors are copied so that reading them does not fault the
-        // released pages back in (see `Weights::copied`).
-        let w = Weights::new(&ckpt, device).copied();
+        let w = Weights::new(&ckpt, device);
         let mut enc = Self::from_weights(&cfg, &w)?;
         let text_branch: Vec<String> = (0..cfg.qformer_config.num_hidden_layers)
             .flat_map(|i| {
@@ -102,6 +99,9 @@ impl<B: Backend> Blip2Encoder<B> {
     /// ```
     pub fn from_weights(cfg: &Blip2Config, w: &Weights<B>) -> Result<Self> {
         cfg.check().map_err(Error::invalid)?;
+        // Never trained: its layers lay their weights out for the backend and release the
+        // mapped originals (`Weights::frozen`).
+        let w = &w.frozen();
         let vision = VisionModel::load(&w.pp("vision_model"), &cfg.vision_config)?;
         let qformer = QFormer::load(w, &cfg.qformer_config, cfg.num_query_tokens, cfg.vision_config.hidden_size)?;
         let size = cfg.vision_config.image_size;

@@ -28,10 +28,10 @@ impl<B: Backend> BertAttention<B> {
         let a = w.pp("attention");
         let o = w.pp("output");
         Ok(Self {
-            query: Linear::load_frozen(&a.pp("query"), d, d, true)?,
-            key: Linear::load_frozen(&a.pp("key"), kv_dim, d, true)?,
-            value: Linear::load_frozen(&a.pp("value"), kv_dim, d, true)?,
-            dense: Linear::load_frozen(&o.pp("dense"), d, d, true)?,
+            query: Linear::load(&a.pp("query"), d, d, true)?,
+            key: Linear::load(&a.pp("key"), kv_dim, d, true)?,
+            value: Linear::load(&a.pp("value"), kv_dim, d, true)?,
+            dense: Linear::load(&o.pp("dense"), d, d, true)?,
             layer_norm: LayerNorm::load(&o.pp("LayerNorm"), d, cfg.layer_norm_eps)?,
             heads: cfg.num_attention_heads,
         })
@@ -104,13 +104,8 @@ impl<B: Backend> QFormer<B> {
                 attention: BertAttention::load(&lw.pp("attention"), cfg, d)?,
                 crossattention,
                 ffn: FeedForward {
-                    intermediate: Linear::load_frozen(
-                        &lw.pp("intermediate_query.dense"),
-                        d,
-                        cfg.intermediate_size,
-                        true,
-                    )?,
-                    output: Linear::load_frozen(&lw.pp("output_query.dense"), cfg.intermediate_size, d, true)?,
+                    intermediate: Linear::load(&lw.pp("intermediate_query.dense"), d, cfg.intermediate_size, true)?,
+                    output: Linear::load(&lw.pp("output_query.dense"), cfg.intermediate_size, d, true)?,
                     layer_norm: LayerNorm::load(&lw.pp("output_query.LayerNorm"), d, cfg.layer_norm_eps)?,
                     act,
                 },

@@ -19,26 +19,23 @@ struct Attention<B: Backend> {
 impl<B: Backend> Attention<B> {
     fn load(w: &Weights<B>, cfg: &Blip2VisionConfig) -> Result<Self> {
         let d = cfg.hidden_size;
-        // Through the map even when `w` copies: packed below, then released.
-        let weight = w.mapped().get::<2>("qkv.weight", [3 * d, d])?;
         // transformers stores the fused bias `qkv.bias` = cat(q_bias, 0, v_bias); checkpoints
         // converted by other tools may keep EVA's separate `q_bias`/`v_bias`. Random weights
         // (benchmarks) report no optional tensors and take the first branch.
-        let bias = if !cfg.qkv_bias {
-            None
-        } else if !w.contains("qkv.bias") && w.contains("q_bias") && w.contains("v_bias") {
-            let q = w.get::<1>("q_bias", [d])?;
-            let v = w.get::<1>("v_bias", [d])?;
-            Some(Tensor::cat(vec![q, Tensor::zeros([d], w.device()), v], 0))
-        } else {
-            Some(w.get::<1>("qkv.bias", [3 * d])?)
+        let bias = || {
+            Ok(if !cfg.qkv_bias {
+                None
+            } else if !w.contains("qkv.bias") && w.contains("q_bias") && w.contains("v_bias") {
+                let q = w.get::<1>("q_bias", [d])?;
+                let v = w.get::<1>("v_bias", [d])?;
+                Some(Tensor::cat(vec![q, Tensor::zeros([d], w.device()), v], 0))
+            } else {
+                Some(w.get::<1>("qkv.bias", [3 * d])?)
+            })
         };
-        // Frozen: laid out once for the CPU GEMM, the mapped original released.
-        let mut qkv = Linear::from_torch(weight, bias);
-        qkv.freeze(w, "qkv.weight");
         Ok(Self {
-            qkv,
-            projection: Linear::load_frozen(&w.pp("projection"), d, d, true)?,
+            qkv: Linear::load_with_bias(&w.pp("qkv"), d, 3 * d, bias)?,
+            projection: Linear::load(&w.pp("projection"), d, d, true)?,
             heads: cfg.num_attention_heads,
         })
     }
@@ -99,8 +96,8 @@ impl<B: Backend> VisionModel<B> {
                 layer_norm1: LayerNorm::load(&lw.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
                 self_attn: Attention::load(&lw.pp("self_attn"), cfg)?,
                 layer_norm2: LayerNorm::load(&lw.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
-                fc1: Linear::load_frozen(&lw.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
-                fc2: Linear::load_frozen(&lw.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
+                fc1: Linear::load(&lw.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
+                fc2: Linear::load(&lw.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
                 act,
             });
         }

@@ -144,10 +144,7 @@ impl<B: Backend> ClipTextModel<B> {
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         let cfg = ClipTextConfig::load(dir)?;
         let ckpt = Checkpoint::open_dir(dir, &["model"])?;
-        // Frozen: its linear weights are packed at load (`Linear::load_frozen`) and their mapped
-        // pages released; the small tensors are copied so that reading them does not fault the
-        // released pages back in (see `Weights::copied`).
-        let w = Weights::new(&ckpt, device).copied();
+        let w = Weights::new(&ckpt, device);
         let prefix = key_prefix(&ckpt);
         let m = Self::from_weights(&cfg, &w.pp(prefix.trim_end_matches('.')))?;
         // Buffers and heads the encoder does not use.
@@ -158,6 +155,9 @@ impl<B: Backend> ClipTextModel<B> {
     /// Builds the model from weights under `w` (the checkpoint's `text_model` prefix, or the
     /// root for checkpoints saved by transformers 5; see [`key_prefix`]).
     pub fn from_weights(cfg: &ClipTextConfig, w: &Weights<B>) -> Result<Self> {
+        // Never trained: its layers lay their weights out for the backend and release the
+        // mapped originals (`Weights::frozen`).
+        let w = &w.frozen();
         let d = cfg.hidden_size;
         let emb = w.pp("embeddings");
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -167,21 +167,21 @@ impl<B: Backend> ClipTextModel<B> {
             layers.push(EncoderLayer {
                 layer_norm1: LayerNorm::load(&lw.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
                 self_attn: Attention {
-                    q_proj: Linear::load_frozen(&a.pp("q_proj"), d, d, true)?,
-                    k_proj: Linear::load_frozen(&a.pp("k_proj"), d, d, true)?,
-                    v_proj: Linear::load_frozen(&a.pp("v_proj"), d, d, true)?,
-                    out_proj: Linear::load_frozen(&a.pp("out_proj"), d, d, true)?,
+                    q_proj: Linear::load(&a.pp("q_proj"), d, d, true)?,
+                    k_proj: Linear::load(&a.pp("k_proj"), d, d, true)?,
+                    v_proj: Linear::load(&a.pp("v_proj"), d, d, true)?,
+                    out_proj: Linear::load(&a.pp("out_proj"), d, d, true)?,
                     heads: cfg.num_attention_heads,
                 },
                 layer_norm2: LayerNorm::load(&lw.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
-                fc1: Linear::load_frozen(&lw.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
-                fc2: Linear::load_frozen(&lw.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
+                fc1: Linear::load(&lw.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
+                fc2: Linear::load(&lw.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
                 quick_gelu: cfg.hidden_act == "quick_gelu",
             });
         }
         Ok(Self {
             // Borrowed from the map: a prompt reads a few of its rows (copied, 145 MiB resident).
-            token_embedding: Embedding::load(&emb.mapped().pp("token_embedding"), cfg.vocab_size, d)?,
+            token_embedding: Embedding::load(&emb.pp("token_embedding"), cfg.vocab_size, d)?,
             position_embedding: Embedding::load(&emb.pp("position_embedding"), cfg.max_position_embeddings, d)?,
             layers,
             final_layer_norm: LayerNorm::load(&w.pp("final_layer_norm"), d, cfg.layer_norm_eps)?,

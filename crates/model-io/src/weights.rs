@@ -38,6 +38,8 @@ pub struct Weights<'a, B: Backend> {
     seeded: Option<(u64, Recorded)>,
     /// Copy each tensor out of the checkpoint's memory map (see [`Weights::copied`]).
     copy: bool,
+    /// The model is never trained (see [`Weights::frozen`]).
+    frozen: bool,
     /// Random weights only: bytes made so far, checked against the memory available before
     /// each tensor, so an absurd config is an error instead of an abort.
     made_bytes: Rc<RefCell<u64>>,
@@ -53,6 +55,7 @@ impl<'a, B: Backend> Weights<'a, B> {
             used: Rc::default(),
             seeded: None,
             copy: false,
+            frozen: false,
             made_bytes: Rc::default(),
         }
     }
@@ -68,6 +71,7 @@ impl<'a, B: Backend> Weights<'a, B> {
             used: Rc::default(),
             seeded: None,
             copy: false,
+            frozen: false,
             made_bytes: Rc::default(),
         }
     }
@@ -100,7 +104,7 @@ impl<'a, B: Backend> Weights<'a, B> {
 
     /// The same view, but every tensor read from here on is copied out of the checkpoint's
     /// memory map and its pages released at once. For a frozen model whose large weights are
-    /// laid out anew at load (`model_layers::nn::Linear::load_frozen`, which still reads those
+    /// laid out anew at load (model-layers' `Linear::load` under [`Weights::frozen`], which reads those
     /// through the map, then releases them once packed): its small tensors (biases, norms)
     /// read through the mapping on every forward would otherwise fault back whole page-cache
     /// folios (up to 2 MiB on ext4 and XFS) of the released weights around them. A large
@@ -121,6 +125,27 @@ impl<'a, B: Backend> Weights<'a, B> {
     /// forward touches a few rows.
     pub fn mapped(&self) -> Self {
         Self { copy: false, ..self.clone() }
+    }
+
+    /// The view a model that is never trained (the frozen encoders) is built from, set once by
+    /// the model at the top of its construction: the layers built from it lay their weights
+    /// out for the backend that wants it (model-layers' `Linear` packs for the CPU GEMM) and
+    /// release the mapped originals, and the small tensors are copied ([`Weights::copied`]).
+    /// The model code itself only calls the layers' `load`.
+    ///
+    /// ```no_run
+    /// # fn f(ckpt: &model_io::Checkpoint) -> model_io::Result<()> {
+    /// let w = model_io::Weights::<burn_flex::Flex>::new(ckpt, &burn_flex::FlexDevice).frozen();
+    /// assert!(w.pp("encoder").is_frozen());
+    /// # Ok(()) }
+    /// ```
+    pub fn frozen(&self) -> Self {
+        Self { copy: true, frozen: true, ..self.clone() }
+    }
+
+    /// Whether this view is [`Weights::frozen`].
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
     }
 
     /// The view one level down (`push prefix`).

@@ -43,34 +43,32 @@ impl<B: Backend> Linear<B> {
     /// let to_q = model_layers::nn::Linear::load(&w.pp("to_q"), 320, 320, false)?;
     /// # Ok(()) }
     /// ```
-    pub fn load(w: &Weights<B>, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
-        let weight = w.get::<2>("weight", [d_out, d_in])?.transpose();
-        let bias = if bias { Some(w.get::<1>("bias", [d_out])?) } else { None };
-        Ok(Self::new(weight, bias))
-    }
-
-    /// [`Linear::load`] for a layer that is never trained (a frozen encoder): the weight is
-    /// packed at once ([`Linear::pack`]) and its pages in the checkpoint's memory map released,
-    /// so the process holds one copy of it.
     ///
-    /// The weight is read through the memory map even from [`Weights::copied`] (packing
-    /// copies it anyway: a copy first would cost a pass and the page faults of a second
-    /// buffer); the bias as `w` reads it.
-    pub fn load_frozen(w: &Weights<B>, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
-        let weight = w.mapped().get::<2>("weight", [d_out, d_in])?.transpose();
-        let bias = if bias { Some(w.get::<1>("bias", [d_out])?) } else { None };
-        let mut layer = Self::new(weight, bias);
-        layer.freeze(w, "weight");
-        Ok(layer)
+    /// Under [`Weights::frozen`] (a model that is never trained), the weight is packed at once
+    /// ([`Linear::pack`]) and its pages in the checkpoint's memory map released, so the process
+    /// holds one copy of it. It is read through the map even though a frozen view copies
+    /// (packing copies it anyway: a copy first would cost a pass and the page faults of a
+    /// second buffer).
+    pub fn load(w: &Weights<B>, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
+        Self::load_with_bias(w, d_in, d_out, || if bias { Ok(Some(w.get::<1>("bias", [d_out])?)) } else { Ok(None) })
     }
 
-    /// [`Linear::pack`], then, if it packed, drops the checkpoint pages of `name` under `w`
-    /// (the tensor the weight was read from) from resident memory: for a frozen layer built
-    /// from a weight read some other way than [`Linear::load_frozen`] does.
-    pub fn freeze(&mut self, w: &Weights<B>, name: &str) {
-        if self.pack() {
-            w.release(name);
+    /// [`Linear::load`] with the bias made by `bias` (read after the weight) rather than read
+    /// as `bias`: a fused projection's bias put together from parts, as EVA's
+    /// `q_bias`/`v_bias`.
+    pub fn load_with_bias(
+        w: &Weights<B>,
+        d_in: usize,
+        d_out: usize,
+        bias: impl FnOnce() -> Result<Option<Tensor<B, 1>>>,
+    ) -> Result<Self> {
+        let source = if w.is_frozen() { w.mapped() } else { w.clone() };
+        let weight = source.get::<2>("weight", [d_out, d_in])?.transpose();
+        let mut layer = Self::new(weight, bias()?);
+        if w.is_frozen() && layer.pack() {
+            w.release("weight");
         }
+        Ok(layer)
     }
 
     /// Builds a layer from a PyTorch-layout weight `[out, in]`.
@@ -241,9 +239,10 @@ pub struct Embedding<B: Backend> {
 }
 
 impl<B: Backend> Embedding<B> {
-    /// Reads `weight` `[num, dim]` under `w`.
+    /// Reads `weight` `[num, dim]` under `w`, through the memory map even from a copying view:
+    /// a lookup touches a few rows of a large table.
     pub fn load(w: &Weights<B>, num: usize, dim: usize) -> Result<Self> {
-        Ok(Self { weight: Param::from_tensor(w.get::<2>("weight", [num, dim])?) })
+        Ok(Self { weight: Param::from_tensor(w.mapped().get::<2>("weight", [num, dim])?) })
     }
 
     /// Looks up `[B, L]` ids, giving `[B, L, dim]`.

@@ -66,7 +66,7 @@ fn frozen_linear_matches_and_releases_its_weight_pages() {
     let plain = Linear::load(&weights.pp("l"), D_IN, D_OUT, true).unwrap();
     let want = plain.forward(x.clone());
     drop(plain);
-    let mut frozen = Linear::load_frozen(&weights.pp("l"), D_IN, D_OUT, true).unwrap();
+    let mut frozen = Linear::load(&weights.frozen().pp("l"), D_IN, D_OUT, true).unwrap();
     // The plain forward read the whole mapped weight; the frozen load dropped its pages.
     #[cfg(target_os = "linux")]
     {
@@ -96,8 +96,9 @@ fn copied_weights_keep_nothing_of_the_mapping_resident() {
         Linear::load(&Weights::<Flex>::new(&ckpt, &dev).pp("l"), D_IN, D_OUT, true).unwrap().forward(x.clone())
     };
     let ckpt = Checkpoint::open_dir(dir.path(), &["model"]).unwrap();
-    let weights = Weights::<Flex>::new(&ckpt, &dev).copied();
-    let frozen = Linear::load_frozen(&weights.pp("l"), D_IN, D_OUT, true).unwrap();
+    // A frozen view copies the small tensors.
+    let weights = Weights::<Flex>::new(&ckpt, &dev).frozen();
+    let frozen = Linear::load(&weights.pp("l"), D_IN, D_OUT, true).unwrap();
     let got = frozen.forward(x);
     #[cfg(target_os = "linux")]
     {

@@ -4,10 +4,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
-use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use crate::flex::{from_vec, operand_view, rows_3d, to_flex_view, Kernel, SharedMut};
+use crate::flex::{from_vec, operand_view, rows_3d, to_flex_view, FlexTensor, Kernel, SharedMut};
 use crate::rows::exp_row_fn;
 use crate::sgemm::{sgemm, BSource, MatRef, PackedB};
 

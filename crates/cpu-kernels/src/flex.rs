@@ -5,7 +5,51 @@ use std::sync::OnceLock;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
-use burn_flex::FlexTensor;
+#[cfg(feature = "flex")]
+pub(crate) use burn_flex::FlexTensor;
+#[cfg(not(feature = "flex"))]
+pub(crate) use no_flex::FlexTensor;
+
+/// Without the `flex` feature no tensor is ever a `FlexTensor`: [`to_flex`] always hands the
+/// tensor back, so every kernel runs Burn's ops, and the code past it is unreachable. These
+/// stand-ins only let that code compile.
+#[cfg(not(feature = "flex"))]
+mod no_flex {
+    use burn::tensor::TensorData;
+
+    pub(crate) enum FlexTensor {}
+    pub(crate) enum Layout {}
+
+    impl FlexTensor {
+        pub(crate) fn to_contiguous(self) -> Self {
+            match self {}
+        }
+        pub(crate) fn layout(&self) -> &Layout {
+            match *self {}
+        }
+        pub(crate) fn storage<T>(&self) -> &[T] {
+            match *self {}
+        }
+        pub(crate) fn as_slice<T>(&self) -> Option<&[T]> {
+            match *self {}
+        }
+        pub(crate) fn from_data(_: TensorData) -> Self {
+            unreachable!("no kernel runs without the flex feature")
+        }
+    }
+
+    impl Layout {
+        pub(crate) fn strides(&self) -> &[isize] {
+            match *self {}
+        }
+        pub(crate) fn shape(&self) -> &[usize] {
+            match *self {}
+        }
+        pub(crate) fn start_offset(&self) -> usize {
+            match *self {}
+        }
+    }
+}
 
 /// `a` as a `T` when `A` is `T`, else `a` back.
 fn cast<A: 'static, T: 'static>(a: A) -> Result<T, A> {

@@ -2,11 +2,10 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
-use burn_flex::FlexTensor;
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use crate::flex::{data, from_vec, operand, operand_view, strided_2d, to_flex, to_flex_view, Kernel};
+use crate::flex::{data, from_vec, operand, operand_view, strided_2d, to_flex, to_flex_view, FlexTensor, Kernel};
 use crate::sgemm::{sgemm, untranspose_rows, BSource, MatRef, PackedB};
 
 /// `x · weight + bias` with `x` `[rows, in]`, `weight` `[in, out]` and `bias` `[out]`.

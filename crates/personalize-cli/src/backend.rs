@@ -1,7 +1,10 @@
 //! The compute backend, chosen at build time: burn-flex on the CPU by default, burn-cuda with
 //! the `cuda` feature. The float type is chosen at run time (`--dtype`).
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cpu", feature = "cuda")))]
+compile_error!("personalize-cli needs a backend: the `cpu` feature (the default) or `cuda`");
+
+#[cfg(all(feature = "cpu", not(feature = "cuda")))]
 mod imp {
     pub type B = burn_flex::Flex;
     pub fn device() -> burn_flex::FlexDevice {

@@ -210,7 +210,7 @@ fn random_pipeline(a: &GenerateBench) -> Result<Pipeline<B>> {
         vae_config,
         scheduler_dir: component(&a.scheduler, &a.base, "scheduler", "scheduler")?,
     };
-    Ok(Pipeline::from_parts(parts, &dev))
+    Ok(Pipeline::from_parts(parts, &dev)?)
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -107,17 +107,17 @@ impl Default for ImageSettings {
 }
 
 /// The diffusers class and the non-default sigma schedule (`karras`, `exponential`) of the
-/// scheduler that `dir/scheduler_config.json` with `override_name` (a `--scheduler` name)
-/// builds, as [`scheduler::load`] does; its errors are those of the pipeline.
+/// scheduler that `cfg` with `override_name` (a `--scheduler` name) builds, as
+/// [`scheduler::from_config`] does; its errors are those of the pipeline.
 ///
-/// ```no_run
-/// let (class, sigmas) = personalize::scheduler_in_use("sd-v1-5/scheduler".as_ref(), Some("dpm++2m-karras"))?;
+/// ```
+/// let cfg = scheduler::SchedulerConfig::from_json_str(r#"{"_class_name": "PNDMScheduler"}"#).unwrap();
+/// let (class, sigmas) = personalize::scheduler_in_use(&cfg, Some("dpm++2m-karras"))?;
 /// assert_eq!((class.as_str(), sigmas.as_deref()), ("DPMSolverMultistepScheduler", Some("karras")));
 /// # Ok::<(), personalize::Error>(())
 /// ```
-pub fn scheduler_in_use(dir: &Path, override_name: Option<&str>) -> Result<(String, Option<String>)> {
-    let cfg = SchedulerConfig::from_file(&dir.join("scheduler_config.json"))?;
-    let s = scheduler::from_config::<HostSample>(&cfg, override_name)?;
+pub fn scheduler_in_use(cfg: &SchedulerConfig, override_name: Option<&str>) -> Result<(String, Option<String>)> {
+    let s = scheduler::from_config::<HostSample>(cfg, override_name)?;
     let sigmas = s.sigma_spacing().name().map(str::to_string);
     let kind = s.kind();
     Ok((kind.class_name().to_string(), sigmas))
@@ -528,19 +528,18 @@ mod tests {
 
     #[test]
     fn the_scheduler_in_use_follows_the_config_and_the_override() {
-        let d = tempfile::tempdir().unwrap();
-        let write = |json: &str| std::fs::write(d.path().join("scheduler_config.json"), json).unwrap();
-        write(r#"{"_class_name": "PNDMScheduler", "skip_prk_steps": true}"#);
-        assert_eq!(scheduler_in_use(d.path(), None).unwrap(), ("PNDMScheduler".into(), None));
+        let cfg = |json: &str| SchedulerConfig::from_json_str(json).unwrap();
+        let pndm = cfg(r#"{"_class_name": "PNDMScheduler", "skip_prk_steps": true}"#);
+        assert_eq!(scheduler_in_use(&pndm, None).unwrap(), ("PNDMScheduler".into(), None));
         assert_eq!(
-            scheduler_in_use(d.path(), Some("dpm++2m-karras")).unwrap(),
+            scheduler_in_use(&pndm, Some("dpm++2m-karras")).unwrap(),
             ("DPMSolverMultistepScheduler".into(), Some("karras".into()))
         );
-        assert!(scheduler_in_use(d.path(), Some("heun")).unwrap_err().to_string().contains("heun"));
-        write(r#"{"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": true}"#);
-        assert_eq!(scheduler_in_use(d.path(), None).unwrap(), ("EulerDiscreteScheduler".into(), Some("karras".into())));
+        assert!(scheduler_in_use(&pndm, Some("heun")).unwrap_err().to_string().contains("heun"));
+        let euler = cfg(r#"{"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": true}"#);
+        assert_eq!(scheduler_in_use(&euler, None).unwrap(), ("EulerDiscreteScheduler".into(), Some("karras".into())));
         assert_eq!(
-            scheduler_in_use(d.path(), Some("ddim")).unwrap(),
+            scheduler_in_use(&euler, Some("ddim")).unwrap(),
             ("DDIMScheduler".into(), None),
             "DDIM has no sigmas"
         );

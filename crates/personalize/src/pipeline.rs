@@ -36,6 +36,9 @@ pub struct Pipeline<B: Backend> {
     /// for messages.
     unet_dir: PathBuf,
     scheduler_dir: PathBuf,
+    /// `scheduler_dir/scheduler_config.json`, read once: each generation builds its schedulers
+    /// from it.
+    scheduler_config: scheduler::SchedulerConfig,
     device: B::Device,
 }
 
@@ -193,6 +196,7 @@ impl<B: Backend> Pipeline<B> {
         drop(ckpt);
         let unet_cfg = sd_unet::UNetConfig::load(&unet_dir)?;
         let vae_config = AutoencoderKlConfig::load(&dir.join("vae"))?;
+        let scheduler_config = scheduler::SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
             text_encoder: ClipTextModel::load(&dir.join("text_encoder"), device)?,
@@ -205,6 +209,7 @@ impl<B: Backend> Pipeline<B> {
             unet_config: unet_cfg,
             unet_dir,
             scheduler_dir: dir.join("scheduler"),
+            scheduler_config,
             device: device.clone(),
         })
     }
@@ -212,8 +217,10 @@ impl<B: Backend> Pipeline<B> {
     /// A pipeline from separately built components. It has no base folder: `base_dir` is the
     /// scheduler folder and `unet_fingerprint` is empty, so concepts trained elsewhere need
     /// `allow_mismatch` and training needs [`Pipeline::load`].
-    pub fn from_parts(parts: PipelineParts<B>, device: &B::Device) -> Self {
-        Self {
+    pub fn from_parts(parts: PipelineParts<B>, device: &B::Device) -> Result<Self> {
+        let scheduler_config =
+            scheduler::SchedulerConfig::from_file(&parts.scheduler_dir.join("scheduler_config.json"))?;
+        Ok(Self {
             tokenizer: parts.tokenizer,
             text_encoder: parts.text_encoder,
             unet: parts.unet,
@@ -225,8 +232,9 @@ impl<B: Backend> Pipeline<B> {
             unet_config: parts.unet_config,
             unet_dir: parts.scheduler_dir.join("../unet"),
             scheduler_dir: parts.scheduler_dir,
+            scheduler_config,
             device: device.clone(),
-        }
+        })
     }
 
     /// The UNet's config.
@@ -249,13 +257,18 @@ impl<B: Backend> Pipeline<B> {
         &self.scheduler_dir
     }
 
+    /// The scheduler config every generation builds its schedulers from.
+    pub fn scheduler_config(&self) -> &scheduler::SchedulerConfig {
+        &self.scheduler_config
+    }
+
     /// The settings a generation with `opts` records in its images' text chunks (image 0 of
     /// `opts.num_images`, no concept): the size it resolves to and the scheduler class that
     /// runs, checked as [`Pipeline::generate`] checks them, so an error comes before sampling.
     pub fn image_settings(&self, opts: &GenerateOptions) -> Result<ImageSettings> {
         let [_, _, h, w] = self.latent_shape(opts)?;
         let f = self.vae.downscale_factor();
-        let (class, sigmas) = crate::metadata::scheduler_in_use(&self.scheduler_dir, opts.scheduler.as_deref())?;
+        let (class, sigmas) = crate::metadata::scheduler_in_use(&self.scheduler_config, opts.scheduler.as_deref())?;
         Ok(ImageSettings {
             prompt: opts.prompt.clone(),
             negative_prompt: opts.negative_prompt.clone(),
@@ -588,11 +601,10 @@ impl<B: Backend> Pipeline<B> {
         let ranges: Vec<_> = batches.ranges().filter(|r| only.is_none_or(|i| r.contains(&i))).collect();
         let ctx1 = self.contexts(&opts, visual, 1)?;
         let guided = opts.guidance > 1.0;
-        // The config is read once; a fresh scheduler per batch (the multistep ones keep the
-        // previous outputs).
-        let sched_cfg = scheduler::SchedulerConfig::from_file(&self.scheduler_dir.join("scheduler_config.json"))?;
+        // A fresh scheduler per batch (the multistep ones keep the previous outputs).
+        let sched_cfg = &self.scheduler_config;
         let new_sched = || -> Result<Box<dyn Scheduler<Tensor<B, 4>>>> {
-            let mut s = scheduler::from_config(&sched_cfg, opts.scheduler.as_deref())?;
+            let mut s = scheduler::from_config(sched_cfg, opts.scheduler.as_deref())?;
             s.set_timesteps(opts.steps)?;
             Ok(s)
         };

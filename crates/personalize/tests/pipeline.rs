@@ -172,7 +172,7 @@ fn a_pipeline_from_parts_generates_as_the_loaded_one() {
         vae_config: sd_vae::AutoencoderKlConfig::load(&dir.join("vae")).unwrap(),
         scheduler_dir: dir.join("scheduler"),
     };
-    let parts = Pipeline::from_parts(parts, &FlexDevice);
+    let parts = Pipeline::from_parts(parts, &FlexDevice).unwrap();
     assert_eq!(parts.default_size(), loaded.default_size());
     let opts = GenerateOptions {
         prompt: "a cat".into(),

@@ -30,6 +30,10 @@
 //! * [`group_norm`] (and the SiLU after it) and [`layer_norm`]: two passes instead of about
 //!   eight; [`gelu`] on a vectorised erf, [`quick_gelu`] on the vectorised exp.
 //!
+//! The kernels need the `flex` feature (on by default; the model crates' `cpu` features turn it
+//! on). Without it the crate depends on no burn-flex and every function runs Burn's ops, for
+//! GPU-only builds.
+//!
 //! `PERSONALIZE_CPU_KERNELS` picks kernels for measuring and checking: `off`, or a comma list
 //! of those to use (`conv`, `attention`, `linear`, `layout`, `norm`; `all`, the default).
 //!

@@ -239,10 +239,12 @@ pub struct Embedding<B: Backend> {
 }
 
 impl<B: Backend> Embedding<B> {
-    /// Reads `weight` `[num, dim]` under `w`, through the memory map even from a copying view:
-    /// a lookup touches a few rows of a large table.
+    /// Reads `weight` `[num, dim]` under `w`. A large table (1 MiB or more, as the token
+    /// embedding) is read through the memory map even from a copying view: a lookup touches a
+    /// few rows of it. A small one (positions) is read as the view reads.
     pub fn load(w: &Weights<B>, num: usize, dim: usize) -> Result<Self> {
-        Ok(Self { weight: Param::from_tensor(w.mapped().get::<2>("weight", [num, dim])?) })
+        let source = if num * dim * 4 >= 1 << 20 { w.mapped() } else { w.clone() };
+        Ok(Self { weight: Param::from_tensor(source.get::<2>("weight", [num, dim])?) })
     }
 
     /// Looks up `[B, L]` ids, giving `[B, L, dim]`.

@@ -117,7 +117,8 @@ fn one_line(rendered: &str) -> String {
 fn main() -> ExitCode {
     let mut cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) if e.use_stderr() => {
+        // A missing subcommand prints the help (on stderr): keep it as clap lays it out.
+        Err(e) if e.use_stderr() && e.kind() != clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             eprintln!("{}", one_line(&e.render().to_string()));
             return ExitCode::from(2);
         }

@@ -24,23 +24,33 @@ pub enum StageName {
     Blip2,
 }
 
-/// A scheduler (`--scheduler`): the short names, and diffusers' class names as aliases.
+/// A scheduler (`--scheduler`): the short names, which force what they promise (`pndm` sets
+/// `skip_prk_steps`, `dpm++2m` the 2M solver), and, not listed in `--help`, diffusers' class
+/// names, which build that class from the model's config as it is (as `from_config`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SchedulerName {
-    #[value(alias = "DDIMScheduler")]
     Ddim,
-    #[value(alias = "DDPMScheduler")]
     Ddpm,
-    #[value(alias = "PNDMScheduler")]
     Pndm,
-    #[value(alias = "EulerDiscreteScheduler")]
     Euler,
-    #[value(name = "euler-a", alias = "EulerAncestralDiscreteScheduler")]
+    #[value(name = "euler-a")]
     EulerA,
-    #[value(name = "dpm++2m", alias = "DPMSolverMultistepScheduler")]
+    #[value(name = "dpm++2m")]
     DpmPp2m,
     #[value(name = "dpm++2m-karras")]
     DpmPp2mKarras,
+    #[value(name = "DDIMScheduler", hide = true)]
+    DdimClass,
+    #[value(name = "DDPMScheduler", hide = true)]
+    DdpmClass,
+    #[value(name = "PNDMScheduler", hide = true)]
+    PndmClass,
+    #[value(name = "EulerDiscreteScheduler", hide = true)]
+    EulerClass,
+    #[value(name = "EulerAncestralDiscreteScheduler", hide = true)]
+    EulerAClass,
+    #[value(name = "DPMSolverMultistepScheduler", hide = true)]
+    DpmClass,
 }
 
 impl StageName {
@@ -76,6 +86,12 @@ impl SchedulerName {
             SchedulerName::EulerA => "euler-a",
             SchedulerName::DpmPp2m => "dpm++2m",
             SchedulerName::DpmPp2mKarras => "dpm++2m-karras",
+            SchedulerName::DdimClass => "DDIMScheduler",
+            SchedulerName::DdpmClass => "DDPMScheduler",
+            SchedulerName::PndmClass => "PNDMScheduler",
+            SchedulerName::EulerClass => "EulerDiscreteScheduler",
+            SchedulerName::EulerAClass => "EulerAncestralDiscreteScheduler",
+            SchedulerName::DpmClass => "DPMSolverMultistepScheduler",
         }
     }
 }
@@ -98,16 +114,26 @@ mod tests {
     /// The short names are those of the scheduler crate, so every one builds a scheduler.
     #[test]
     fn scheduler_names_are_the_scheduler_crates() {
-        let cfg = scheduler::SchedulerConfig::from_json_str(r#"{"_class_name": "PNDMScheduler"}"#).unwrap();
+        let cfg =
+            scheduler::SchedulerConfig::from_json_str(r#"{"_class_name": "PNDMScheduler", "skip_prk_steps": true}"#)
+                .unwrap();
         let typed = |v: &dyn Fn() -> Option<clap::builder::PossibleValue>| v().unwrap().get_name().to_string();
         for v in SchedulerName::value_variants() {
             assert_eq!(typed(&|| v.to_possible_value()), v.as_str());
             let s = scheduler::from_config::<scheduler::HostSample>(&cfg, Some(v.as_str()));
             assert!(s.is_ok(), "{}: {:?}", v.as_str(), s.err());
         }
-        let mut short: Vec<&str> = SchedulerName::value_variants().iter().map(|v| v.as_str()).collect();
+        let shown = SchedulerName::value_variants().iter().filter(|v| !v.to_possible_value().unwrap().is_hide_set());
+        let mut short: Vec<&str> = shown.map(|v| v.as_str()).collect();
         short.retain(|n| *n != "dpm++2m-karras");
         assert_eq!(short, scheduler::CLI_NAMES);
+        // A class name builds that class from the config as it is: no forced settings.
+        let dpm = scheduler::SchedulerConfig::from_json_str(
+            r#"{"_class_name": "PNDMScheduler", "skip_prk_steps": true, "algorithm_type": "sde-dpmsolver++"}"#,
+        )
+        .unwrap();
+        assert!(scheduler::from_config::<scheduler::HostSample>(&dpm, Some(SchedulerName::DpmClass.as_str())).is_err());
+        assert!(scheduler::from_config::<scheduler::HostSample>(&dpm, Some(SchedulerName::DpmPp2m.as_str())).is_ok());
         for v in StageName::value_variants() {
             assert_eq!(typed(&|| v.to_possible_value()), v.as_str());
         }

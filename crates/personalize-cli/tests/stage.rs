@@ -488,3 +488,11 @@ fn logs_to_a_pipe_have_no_colour_codes() {
     assert!(err.contains("too long"), "the truncation warning is logged: {err}");
     assert!(!err.contains('\u{1b}'), "colour codes in {err:?}");
 }
+
+/// With no command the help is printed as clap lays it out (not flattened into one line).
+#[test]
+fn no_command_prints_the_help() {
+    let (ok, err) = run(&[]);
+    assert!(!ok);
+    assert!(err.lines().count() > 5 && err.contains("Usage:") && err.contains("generate"), "{err}");
+}

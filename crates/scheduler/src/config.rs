@@ -309,8 +309,7 @@ impl Default for PndmConfig {
     }
 }
 
-/// `EulerDiscreteScheduler`'s own keys, with its defaults. `EulerAncestralDiscreteScheduler`
-/// reads only the first three (the sigma keys are not in its signature, so they are ignored).
+/// `EulerDiscreteScheduler`'s own keys, with its defaults.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 #[allow(missing_docs)]
@@ -345,6 +344,27 @@ impl Default for EulerConfig {
             sigma_max: None,
             timestep_type: "discrete".into(),
             final_sigmas_type: FinalSigmas::Zero,
+        }
+    }
+}
+
+/// `EulerAncestralDiscreteScheduler`'s own keys, with its defaults.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+#[allow(missing_docs)]
+pub struct EulerAncestralConfig {
+    pub prediction_type: PredictionType,
+    pub timestep_spacing: TimestepSpacing,
+    #[serde(deserialize_with = "de::int")]
+    pub steps_offset: i64,
+}
+
+impl Default for EulerAncestralConfig {
+    fn default() -> Self {
+        EulerAncestralConfig {
+            prediction_type: PredictionType::Epsilon,
+            timestep_spacing: TimestepSpacing::Linspace,
+            steps_offset: 0,
         }
     }
 }

@@ -3,7 +3,8 @@
 //! `init_noise_sigma` at the start and the model input by `1 / sqrt(sigma^2 + 1)`.
 
 use crate::config::{
-    EulerConfig, FinalSigmas, PredictionType, SchedulerConfig, SchedulerKind, SigmaSpacing, TimestepSpacing,
+    EulerAncestralConfig, EulerConfig, FinalSigmas, PredictionType, SchedulerConfig, SchedulerKind, SigmaSpacing,
+    TimestepSpacing,
 };
 use crate::error::{Result, SchedulerError};
 use crate::noise::NoiseSource;
@@ -137,20 +138,26 @@ impl Euler {
 
     fn build(cfg: &SchedulerConfig, ancestral: bool) -> Result<Self> {
         let schedule = TrainSchedule::from_config(cfg, true)?;
-        let mut c: EulerConfig = cfg.read()?;
-        if ancestral {
-            if c.prediction_type == PredictionType::Sample {
-                // diffusers raises NotImplementedError at the first step; fail early instead.
-                return Err(cfg.unsupported(
-                    "prediction_type",
-                    "sample",
-                    "epsilon, v_prediction (for EulerAncestralDiscreteScheduler)",
-                ));
+        let c: EulerConfig = if ancestral {
+            // Only the keys of the ancestral class are read (a config written for Euler keeps
+            // the others, unread and unchecked, as diffusers does).
+            let own: EulerAncestralConfig = cfg.read()?;
+            EulerConfig {
+                prediction_type: own.prediction_type,
+                timestep_spacing: own.timestep_spacing,
+                steps_offset: own.steps_offset,
+                ..EulerConfig::default()
             }
-            // Not keys of the ancestral class: a config written for Euler keeps them, unread.
-            let own = (c.prediction_type, c.timestep_spacing, c.steps_offset);
-            c = EulerConfig::default();
-            (c.prediction_type, c.timestep_spacing, c.steps_offset) = own;
+        } else {
+            cfg.read()?
+        };
+        if ancestral && c.prediction_type == PredictionType::Sample {
+            // diffusers raises NotImplementedError at the first step; fail early instead.
+            return Err(cfg.unsupported(
+                "prediction_type",
+                "sample",
+                "epsilon, v_prediction (for EulerAncestralDiscreteScheduler)",
+            ));
         }
         if c.interpolation_type != "linear" {
             return Err(cfg.unsupported("interpolation_type", &c.interpolation_type, "linear"));

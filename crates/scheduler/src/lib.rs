@@ -44,8 +44,8 @@ mod schedule;
 use std::path::Path;
 
 pub use config::{
-    BetaConfig, BetaSchedule, DdimConfig, DdpmConfig, DpmSolverConfig, EulerConfig, FinalSigmas, PndmConfig,
-    PredictionType, SchedulerConfig, SchedulerKind, SigmaSpacing, TimestepSpacing, CLI_NAMES,
+    BetaConfig, BetaSchedule, DdimConfig, DdpmConfig, DpmSolverConfig, EulerAncestralConfig, EulerConfig, FinalSigmas,
+    PndmConfig, PredictionType, SchedulerConfig, SchedulerKind, SigmaSpacing, TimestepSpacing, CLI_NAMES,
 };
 pub use ddim::Ddim;
 pub use ddpm::Ddpm;

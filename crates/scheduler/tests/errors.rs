@@ -184,3 +184,14 @@ fn betas_outside_zero_one_are_refused() {
         "beta_start": 0.00085, "beta_end": 0.012}"#;
     assert!(scheduler::from_config::<HostSample>(&SchedulerConfig::from_json_str(zsnr).unwrap(), None).is_ok());
 }
+
+/// A class reads only its own keys: Euler ancestral ignores the Euler-only keys of a config
+/// written for Euler, even values Euler would refuse (as diffusers ignores them).
+#[test]
+fn euler_ancestral_ignores_the_euler_only_keys() {
+    let json = r#"{"_class_name": "EulerAncestralDiscreteScheduler", "final_sigmas_type": "foo", "sigma_min": "x"}"#;
+    let cfg = SchedulerConfig::from_json_str(json).unwrap();
+    assert!(scheduler::from_config::<HostSample>(&cfg, None).is_ok());
+    let e = err_of(scheduler::from_config::<HostSample>(&cfg, Some("euler")));
+    assert!(e.to_string().contains("final_sigmas_type") || e.to_string().contains("sigma_min"), "{e}");
+}

@@ -1,6 +1,6 @@
 //! The bundled miniature models under assets/, made by this project's own model code from a
 //! fixed seed: `cargo xtask tiny-model` runs this crate's binary
-//! (`cargo run --release -p tiny-models -- assets`).
+//! (`cargo run --release -p tiny-models -- .` from the workspace root).
 //!
 //! * `assets/tiny-sd/`: a Stable Diffusion folder in the diffusers layout (model_index.json,
 //!   scheduler, the real CLIP tokenizer, a 2-layer CLIP text encoder, a small UNet and VAE).

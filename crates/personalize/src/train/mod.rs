@@ -254,7 +254,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 return Err(crate::memory::too_big(&what, need, avail, "; lower --resolution or --batch"));
             }
         }
-        let sched = scheduler::load::<HostSample>(&base_dir.join("scheduler"), None)?;
+        let sched = scheduler::from_config::<HostSample>(pipe.scheduler_config(), None)?;
         let d_text = pipe.unet.cross_attention_dim();
         let latent_shape = [pipe.vae.latent_channels(), cfg.resolution / f, cfg.resolution / f];
 

@@ -23,6 +23,7 @@ pub mod interrupt;
 pub mod memory;
 mod metadata;
 mod pipeline;
+mod request;
 pub mod train;
 
 pub use concept::{Concept, ConceptInfo, UnetChange, CONCEPT_VERSION};

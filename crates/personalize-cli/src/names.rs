@@ -111,15 +111,19 @@ impl Dtype {
 mod tests {
     use super::*;
 
+    /// The name clap takes for `v`.
+    fn typed<T: ValueEnum>(v: &T) -> String {
+        v.to_possible_value().unwrap().get_name().to_string()
+    }
+
     /// The short names are those of the scheduler crate, so every one builds a scheduler.
     #[test]
     fn scheduler_names_are_the_scheduler_crates() {
         let cfg =
             scheduler::SchedulerConfig::from_json_str(r#"{"_class_name": "PNDMScheduler", "skip_prk_steps": true}"#)
                 .unwrap();
-        let typed = |v: &dyn Fn() -> Option<clap::builder::PossibleValue>| v().unwrap().get_name().to_string();
         for v in SchedulerName::value_variants() {
-            assert_eq!(typed(&|| v.to_possible_value()), v.as_str());
+            assert_eq!(typed(v), v.as_str());
             let s = scheduler::from_config::<scheduler::HostSample>(&cfg, Some(v.as_str()));
             assert!(s.is_ok(), "{}: {:?}", v.as_str(), s.err());
         }
@@ -135,10 +139,10 @@ mod tests {
         assert!(scheduler::from_config::<scheduler::HostSample>(&dpm, Some(SchedulerName::DpmClass.as_str())).is_err());
         assert!(scheduler::from_config::<scheduler::HostSample>(&dpm, Some(SchedulerName::DpmPp2m.as_str())).is_ok());
         for v in StageName::value_variants() {
-            assert_eq!(typed(&|| v.to_possible_value()), v.as_str());
+            assert_eq!(typed(v), v.as_str());
         }
         for v in Dtype::value_variants() {
-            assert_eq!(typed(&|| v.to_possible_value()), v.as_str());
+            assert_eq!(typed(v), v.as_str());
         }
     }
 }

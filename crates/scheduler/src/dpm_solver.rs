@@ -3,15 +3,15 @@
 //! `use_karras_sigmas`.
 
 use crate::config::{
-    BetaConfig, BetaSchedule, DpmSolverConfig, FinalSigmas, PredictionType, SchedulerConfig, SchedulerKind,
-    SigmaSpacing, TimestepSpacing,
+    BetaSchedule, DpmSolverConfig, FinalSigmas, PredictionType, SchedulerConfig, SchedulerKind, SigmaSpacing,
+    TimestepSpacing,
 };
 use crate::error::{Result, SchedulerError};
 use crate::noise::NoiseSource;
 use crate::sample::Sample;
 use crate::schedule::{
-    check_steps, exponential_sigmas, karras_sigmas, np_arange, np_interp, np_linspace, sigma_alphas, sigma_to_t,
-    train_sigmas, TrainSchedule,
+    check_steps, exponential_sigmas, karras_sigmas, np_arange, np_interp, np_linspace, sigma_to_t, train_sigmas,
+    TrainSchedule,
 };
 use crate::{check_same_shape, Scheduler};
 
@@ -92,9 +92,11 @@ impl<S: Sample> DpmSolverMultistep<S> {
         if let Some(v @ ("learned" | "learned_range")) = c.variance_type.as_deref() {
             return Err(cfg.unsupported("variance_type", v, "null (learned variances are not supported)"));
         }
-        let betas: BetaConfig = cfg.read()?;
+        // diffusers leaves Karras timesteps fractional for the cosine schedule (then truncates
+        // them to integers).
+        let round_karras_timesteps = schedule.beta_schedule() != BetaSchedule::SquaredcosCapV2;
         Ok(DpmSolverMultistep {
-            sigma_alphas: sigma_alphas(&schedule, &betas),
+            sigma_alphas: schedule.sigma_alphas(),
             schedule,
             prediction: c.prediction_type,
             spacing: c.timestep_spacing,
@@ -104,9 +106,7 @@ impl<S: Sample> DpmSolverMultistep<S> {
             lower_order_final: c.lower_order_final,
             euler_at_final: c.euler_at_final,
             sigma_spacing: SigmaSpacing::from_flags(cfg, c.use_karras_sigmas, c.use_exponential_sigmas)?,
-            // diffusers leaves Karras timesteps fractional for the cosine schedule (then
-            // truncates them to integers).
-            round_karras_timesteps: betas.beta_schedule != BetaSchedule::SquaredcosCapV2,
+            round_karras_timesteps,
             final_sigma_min: c.final_sigmas_type == FinalSigmas::SigmaMin,
             lambda_min_clipped: c.lambda_min_clipped,
             timesteps: Vec::new(),

@@ -10,8 +10,8 @@ use crate::error::{Result, SchedulerError};
 use crate::noise::NoiseSource;
 use crate::sample::Sample;
 use crate::schedule::{
-    check_steps, exponential_sigmas, karras_sigmas, np_arange, np_interp, np_linspace, sigma_alphas, sigma_to_t,
-    train_sigmas, TrainSchedule,
+    check_steps, exponential_sigmas, karras_sigmas, np_arange, np_interp, np_linspace, sigma_to_t, train_sigmas,
+    TrainSchedule,
 };
 use crate::{check_same_shape, Scheduler};
 
@@ -173,7 +173,7 @@ impl Euler {
         };
         Ok(Euler {
             ancestral,
-            sigma_alphas: sigma_alphas(&schedule, &cfg.read()?),
+            sigma_alphas: schedule.sigma_alphas(),
             schedule,
             prediction: c.prediction_type,
             spacing: c.timestep_spacing,

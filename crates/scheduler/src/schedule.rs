@@ -24,6 +24,10 @@ use crate::sample::Sample;
 pub struct TrainSchedule {
     betas: Vec<f32>,
     alphas_cumprod: Vec<f32>,
+    /// `beta_schedule` of the config (what the sigma-space classes also read).
+    beta_schedule: BetaSchedule,
+    /// Whether the betas were rescaled to zero terminal SNR.
+    zero_snr: bool,
 }
 
 impl TrainSchedule {
@@ -83,12 +87,13 @@ impl TrainSchedule {
             let field = if c.trained_betas.is_some() { "trained_betas" } else { "beta_start/beta_end" };
             return Err(cfg.invalid(field, format!("gives beta {b} at timestep {i}; betas must be in [0, 1)")));
         }
-        if rescale_supported && c.rescale_betas_zero_snr {
+        let zero_snr = rescale_supported && c.rescale_betas_zero_snr;
+        if zero_snr {
             betas = rescale_zero_terminal_snr(&betas);
         }
         let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
         let alphas_cumprod = cumprod_f32(&alphas);
-        Ok(TrainSchedule { betas, alphas_cumprod })
+        Ok(TrainSchedule { betas, alphas_cumprod, beta_schedule: c.beta_schedule, zero_snr })
     }
 
     /// `num_train_timesteps`.
@@ -99,6 +104,24 @@ impl TrainSchedule {
     /// The betas, float32.
     pub fn betas(&self) -> &[f32] {
         &self.betas
+    }
+
+    /// `beta_schedule` of the config.
+    pub(crate) fn beta_schedule(&self) -> BetaSchedule {
+        self.beta_schedule
+    }
+
+    /// The `alphas_cumprod` the sigma-space classes (Euler, DPM-Solver) derive sigmas from:
+    /// after zero-terminal-SNR rescaling diffusers sets the last one to 2^-24 so the last
+    /// sigma is finite.
+    pub(crate) fn sigma_alphas(&self) -> Vec<f32> {
+        let mut ac = self.alphas_cumprod.clone();
+        if self.zero_snr {
+            if let Some(last) = ac.last_mut() {
+                *last = 2f32.powi(-24);
+            }
+        }
+        ac
     }
 
     /// The cumulative products of `1 - beta`, float32.
@@ -257,18 +280,6 @@ fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
         out.push(1.0 - bar[i] / bar[i - 1]);
     }
     out
-}
-
-/// The `alphas_cumprod` the sigma-space classes (Euler, DPM-Solver) derive sigmas from: with
-/// `rescale_betas_zero_snr` diffusers sets the last one to 2^-24 so the last sigma is finite.
-pub(crate) fn sigma_alphas(schedule: &TrainSchedule, betas: &BetaConfig) -> Vec<f32> {
-    let mut ac = schedule.alphas_cumprod().to_vec();
-    if betas.rescale_betas_zero_snr {
-        if let Some(last) = ac.last_mut() {
-            *last = 2f32.powi(-24);
-        }
-    }
-    ac
 }
 
 /// `((1 - ac) / ac) ** 0.5` in float32 (the Karras-style sigmas of the training timesteps).

@@ -1,18 +1,23 @@
 //! The trainable model and its optimizer: what a training step is, apart from drawing data.
 //!
-//! ```no_run
+//! ```
 //! use burn_autodiff::Autodiff;
-//! use burn_flex::{Flex, FlexDevice};
+//! use burn_flex::Flex;
 //! use personalize::train::{Batch, Optimizer, TrainModel, UnetMode};
-//! # fn parts() -> (q_aligner::Aligner<Autodiff<Flex>>, sd_unet::UNet2DConditionModel<Flex>, Batch<Autodiff<Flex>>) { unimplemented!() }
-//! let (aligner, unet, batch) = parts();
-//! let mut model = TrainModel::new(aligner, unet, UnetMode::Lora { rank: 4, alpha: 4.0 }, &mut seeded::SplitMix64::new(0));
-//! let mut opt = Optimizer::new(1e-2, Some(1.0));
-//! let loss = model.loss(batch)?;
-//! let grads = loss.backward();
-//! let norms = opt.norms(&model, &grads);
-//! model = opt.step(model, &grads, &norms, 1e-4, 1e-4);
-//! # Ok::<(), personalize::Error>(())
+//! type AD = Autodiff<Flex>;
+//!
+//! /// One LoRA training step from fresh adapters.
+//! fn step(
+//!     aligner: q_aligner::Aligner<AD>,
+//!     unet: sd_unet::UNet2DConditionModel<Flex>,
+//!     batch: Batch<AD>,
+//! ) -> personalize::Result<TrainModel<AD>> {
+//!     let model = TrainModel::new(aligner, unet, UnetMode::Lora { rank: 4, alpha: 4.0 }, &mut seeded::SplitMix64::new(0));
+//!     let mut opt = Optimizer::new(1e-2, Some(1.0));
+//!     let grads = model.loss(batch)?.backward();
+//!     let norms = opt.norms(&model, &grads);
+//!     Ok(opt.step(model, &grads, &norms, 1e-4, 1e-4))
+//! }
 //! ```
 
 use burn::module::{AutodiffModule, Module};

@@ -294,7 +294,7 @@ def main():
     p.add_argument("--text-config", default=os.path.join(CONFIGS, "sd15-text"))
     p.add_argument("--blip2-config", default=os.path.join(CONFIGS, "blip2-vitg"))
     p.add_argument("--scheduler-config", default=os.path.join(CONFIGS, "sd15-scheduler"))
-    p.add_argument("--tokenizer", default=os.path.join(ROOT, "assets", "clip-tokenizer"))
+    p.add_argument("--tokenizer", default=os.path.join(ROOT, "crates", "clip-text", "vocab"))
     p.add_argument("--unet-dir", help="load: a diffusers UNet folder")
     p.add_argument("--size", type=int, help="generate: image side (default: the UNet's sample size times the VAE factor)")
     p.add_argument("--latent-size", type=int, help="vae: latent side (default: the VAE's sample size / its factor)")

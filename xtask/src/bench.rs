@@ -376,7 +376,7 @@ fn run_one(name: &str, exe: &Path, benches: &Path, tmp: &Path, a: &BenchArgs) ->
                 .arg("--scheduler")
                 .arg(configs.join("sd15-scheduler"))
                 .arg("--tokenizer")
-                .arg(root().join("assets/clip-tokenizer"))
+                .arg(root().join("crates/clip-text/vocab"))
                 .args(["--steps", &a.steps.to_string(), "--repeat", &repeat.to_string()]);
             let lines = run_ours(cmd, "bench generate")?;
             let (m, f) = ours_result(&lines, "generate", "median_s", "peak_mib")

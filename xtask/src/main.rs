@@ -64,7 +64,7 @@ enum Task {
         /// Fixture groups to rebuild (default: all).
         groups: Vec<String>,
     },
-    /// Rebuild assets/clip-tokenizer from open-clip-torch's vocabulary.
+    /// Rebuild crates/clip-text/vocab from open-clip-torch's vocabulary.
     Vocab {
         #[command(flatten)]
         python: Python,
@@ -135,7 +135,7 @@ fn main() -> ExitCode {
         Task::Bench(a) => bench::run(&a),
         Task::Fixtures { python, groups } => run_python(&python.python, "make_fixtures.py", &groups),
         Task::Vocab { python } => {
-            run_python(&python.python, "clip_vocab.py", &[root().join("assets/clip-tokenizer").display().to_string()])
+            run_python(&python.python, "clip_vocab.py", &[root().join("crates/clip-text/vocab").display().to_string()])
         }
         Task::TinyModel => {
             let root = root().display().to_string();

@@ -15,6 +15,7 @@
 //! # Ok::<(), model_io::Error>(())
 //! ```
 
+pub mod ldm;
 mod model;
 mod tokenizer;
 

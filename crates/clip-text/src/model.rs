@@ -35,8 +35,21 @@ fn default_eps() -> f64 {
 impl ClipTextConfig {
     /// Reads `dir/config.json`, accepting a top-level text config or a nested `text_config`.
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join("config.json");
         let v: serde_json::Value = model_io::read_config(dir, "config.json")?;
+        Self::from_json(v, &dir.join("config.json"))
+    }
+
+    /// The config from its JSON (`path` names it in errors), checked as [`ClipTextConfig::load`]
+    /// checks it.
+    ///
+    /// ```
+    /// let v = serde_json::json!({"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+    ///     "num_hidden_layers": 1, "num_attention_heads": 3, "max_position_embeddings": 4});
+    /// let e = clip_text::ClipTextConfig::from_json(v, "c.json".as_ref()).unwrap_err();
+    /// assert!(e.to_string().contains("c.json"));
+    /// ```
+    pub fn from_json(v: serde_json::Value, path: &Path) -> Result<Self> {
+        let path = path.to_path_buf();
         let mt = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
         let body = match (mt, v.get("text_config")) {
             ("clip", Some(t)) => t.clone(),

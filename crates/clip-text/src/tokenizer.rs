@@ -87,15 +87,22 @@ struct SpecialTokens {
 
 impl SpecialTokens {
     fn read(dir: &Path) -> Result<Self> {
+        let mut configs = Vec::new();
+        for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+            let p = dir.join(f);
+            if p.is_file() {
+                configs.push(read_json(&p)?);
+            }
+        }
+        Self::from_configs(&configs, dir)
+    }
+
+    /// From the configs' JSON, `tokenizer_config.json` first; `dir` names them in errors.
+    fn from_configs(configs: &[Value], dir: &Path) -> Result<Self> {
         let mut values: Vec<(&'static str, Value)> = Vec::new();
         let mut decoder: Vec<AddedToken> = Vec::new();
         let mut max_length = 77;
-        for f in ["tokenizer_config.json", "special_tokens_map.json"] {
-            let p = dir.join(f);
-            if !p.is_file() {
-                continue;
-            }
-            let v = read_json(&p)?;
+        for v in configs {
             if let Some(d) = v.get("added_tokens_decoder").and_then(Value::as_object) {
                 decoder.extend(d.values().filter_map(added_token));
             }
@@ -135,9 +142,9 @@ impl SpecialTokens {
     }
 }
 
-/// The merges of `merges.txt`: one `a b` pair a line after the `#version` header.
-fn read_merges(path: &Path) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.into(), cause: e })?;
+/// The merges of `merges.txt` (`text`, read from `path`): one `a b` pair a line after the
+/// `#version` header.
+fn parse_merges(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
     let mut merges = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if (i == 0 && line.starts_with("#version")) || line.trim().is_empty() {
@@ -167,16 +174,60 @@ impl ClipTokenizer {
         let merges = dir.join("merges.txt");
         let tj = dir.join("tokenizer.json");
         let specials = SpecialTokens::read(dir)?;
-        let mut tok = if tj.is_file() {
-            Tokenizer::from_file(&tj).map_err(lib_err(&tj, "not a tokenizers file"))?
+        let (tok, source) = if tj.is_file() {
+            (Tokenizer::from_file(&tj).map_err(lib_err(&tj, "not a tokenizers file"))?, tj)
         } else if vocab.is_file() && merges.is_file() {
-            Self::build(&vocab, &merges, &specials)?
+            let text = std::fs::read_to_string(&merges).map_err(|e| Error::Io { path: merges.clone(), cause: e })?;
+            (Self::build(&read_json(&vocab)?, &vocab, &parse_merges(&text, &merges)?, &merges, &specials)?, vocab)
         } else {
             return Err(Error::NoWeights {
                 dir: dir.into(),
                 expected: "vocab.json + merges.txt, or tokenizer.json".into(),
             });
         };
+        Self::finish(tok, &specials, &source, dir)
+    }
+
+    /// OpenAI's CLIP vocabulary, built into this crate (`vocab/`, as open-clip-torch ships
+    /// it): the tokenizer of every Stable Diffusion 1.x model, for checkpoints that come
+    /// without a tokenizer folder (single files). `pad_token` replaces its padding token
+    /// (SD 2.x's OpenCLIP tokenizer pads with `!`).
+    ///
+    /// ```
+    /// let tok = clip_text::ClipTokenizer::bundled(None)?;
+    /// assert_eq!(tok.special_ids(), (49406, 49407, 49407));
+    /// let sd2 = clip_text::ClipTokenizer::bundled(Some("!"))?;
+    /// assert_eq!(sd2.special_ids().2, 0);
+    /// # Ok::<(), model_io::Error>(())
+    /// ```
+    pub fn bundled(pad_token: Option<&str>) -> Result<Self> {
+        let dir = Path::new("(bundled CLIP vocabulary)");
+        let json = |name: &str, text: &str| -> Result<Value> {
+            serde_json::from_str(text).map_err(|e| Error::Json { path: dir.join(name), cause: e })
+        };
+        let mut special_map = json("special_tokens_map.json", include_str!("../vocab/special_tokens_map.json"))?;
+        if let (Some(pad), Some(o)) = (pad_token, special_map.as_object_mut()) {
+            o.insert("pad_token".into(), Value::String(pad.to_string()));
+        }
+        let mut config = json("tokenizer_config.json", include_str!("../vocab/tokenizer_config.json"))?;
+        if let (Some(pad), Some(o)) = (pad_token, config.as_object_mut()) {
+            o.insert("pad_token".into(), Value::String(pad.to_string()));
+        }
+        let specials = SpecialTokens::from_configs(&[config, special_map], dir)?;
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        let merges_list = parse_merges(include_str!("../vocab/merges.txt"), &merges)?;
+        let tok = Self::build(
+            &json("vocab.json", include_str!("../vocab/vocab.json"))?,
+            &vocab,
+            &merges_list,
+            &merges,
+            &specials,
+        )?;
+        Self::finish(tok, &specials, &vocab, dir)
+    }
+
+    /// The special tokens, truncation and padding on a built `tokenizers` pipeline.
+    fn finish(mut tok: Tokenizer, specials: &SpecialTokens, source: &Path, dir: &Path) -> Result<Self> {
         // transformers adds the configs' special tokens to whatever the backend holds; when
         // two keys name the same text (eos, unk and pad are all `<|endoftext|>` in SD 1.x), the
         // last one's flags hold there, while this crate's `add_special_tokens` keeps the first.
@@ -186,10 +237,9 @@ impl ClipTokenizer {
             added.push(t.clone());
         }
         tok.add_special_tokens(&added);
-        let source = if tj.is_file() { tj.clone() } else { vocab.clone() };
         let id = |t: &str| {
             tok.token_to_id(t).map(i64::from).ok_or_else(|| Error::Config {
-                path: source.clone(),
+                path: source.to_path_buf(),
                 message: format!("vocabulary lacks the special token {t}"),
             })
         };
@@ -213,7 +263,7 @@ impl ClipTokenizer {
                 stride: 0,
                 direction: TruncationDirection::Right,
             }))
-            .map_err(lib_err(&source, "truncation"))?
+            .map_err(lib_err(source, "truncation"))?
             .with_padding(Some(PaddingParams {
                 strategy: PaddingStrategy::Fixed(max_length),
                 direction: PaddingDirection::Right,
@@ -226,8 +276,13 @@ impl ClipTokenizer {
     }
 
     /// The pipeline transformers' `CLIPTokenizer.__init__` builds from a vocabulary and merges.
-    fn build(vocab_path: &Path, merges_path: &Path, specials: &SpecialTokens) -> Result<Tokenizer> {
-        let v = read_json(vocab_path)?;
+    fn build(
+        v: &Value,
+        vocab_path: &Path,
+        merges: &[(String, String)],
+        merges_path: &Path,
+        specials: &SpecialTokens,
+    ) -> Result<Tokenizer> {
         let obj = v.as_object().ok_or_else(|| Error::Config {
             path: vocab_path.into(),
             message: "vocabulary is not a JSON object".into(),
@@ -240,9 +295,8 @@ impl ClipTokenizer {
             })?;
             vocab.insert(k.clone(), id);
         }
-        let merges = read_merges(merges_path)?;
         let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
+            .vocab_and_merges(vocab, merges.to_vec())
             .continuing_subword_prefix(String::new())
             .end_of_word_suffix("</w>".into())
             .fuse_unk(false)

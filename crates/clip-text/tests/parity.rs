@@ -16,7 +16,7 @@ fn root() -> PathBuf {
 fn tokenizer_dir(layout: &str) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
     for f in ["vocab.json", "merges.txt"] {
-        std::fs::copy(root().join("assets/clip-tokenizer").join(f), d.path().join(f)).unwrap();
+        std::fs::copy(root().join("crates/clip-text/vocab").join(f), d.path().join(f)).unwrap();
     }
     for f in ["tokenizer_config.json", "special_tokens_map.json"] {
         std::fs::copy(root().join("tests/fixtures/tokenizer").join(layout).join(f), d.path().join(f)).unwrap();
@@ -35,7 +35,7 @@ fn ids(v: &serde_json::Value) -> Vec<i64> {
 
 #[test]
 fn bundled_vocabulary_gives_the_known_ids() {
-    let tok = ClipTokenizer::from_dir(&root().join("assets/clip-tokenizer")).unwrap();
+    let tok = ClipTokenizer::from_dir(&root().join("crates/clip-text/vocab")).unwrap();
     let ids = tok.encode("a photo of a cat").unwrap();
     assert_eq!(&ids[..7], &[49406, 320, 1125, 539, 320, 2368, 49407]);
     assert!(ids[7..].iter().all(|&i| i == 49407));
@@ -85,7 +85,7 @@ fn tokenizer_matches_transformers_5_on_the_corpus() {
 /// The example: transformers 5 gives these ids, transformers 4's slow tokenizer gave others.
 #[test]
 fn cjk_ids_are_those_of_transformers_5() {
-    let tok = ClipTokenizer::from_dir(&root().join("assets/clip-tokenizer")).unwrap();
+    let tok = ClipTokenizer::from_dir(&root().join("crates/clip-text/vocab")).unwrap();
     assert_eq!(
         tok.tokenize("日本語のテキスト").unwrap(),
         vec![39121, 44353, 34002, 252, 21575, 2429, 228, 47121, 32421, 486]
@@ -139,7 +139,7 @@ fn sd2_pads_with_exclamation_marks_and_splits_them_off() {
 
 #[test]
 fn long_prompts_are_truncated_keeping_eos() {
-    let tok = ClipTokenizer::from_dir(&root().join("assets/clip-tokenizer")).unwrap();
+    let tok = ClipTokenizer::from_dir(&root().join("crates/clip-text/vocab")).unwrap();
     let long = "cat ".repeat(200);
     let ids = tok.encode(&long).unwrap();
     assert_eq!(ids.len(), 77);

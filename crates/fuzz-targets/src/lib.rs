@@ -85,7 +85,7 @@ pub fn image(data: &[u8]) {
 pub fn tokenizer(data: &[u8]) {
     static TOK: OnceLock<clip_text::ClipTokenizer> = OnceLock::new();
     let tok = TOK.get_or_init(|| {
-        clip_text::ClipTokenizer::from_dir(&workspace().join("assets/clip-tokenizer")).expect("bundled tokenizer")
+        clip_text::ClipTokenizer::from_dir(&workspace().join("crates/clip-text/vocab")).expect("bundled tokenizer")
     });
     let _ = tok.encode(&String::from_utf8_lossy(data));
 }

@@ -16,12 +16,13 @@ pub struct TensorInfo {
     /// safetensors dtype name: `F32`, `F16`, `BF16`, `I64`, ...
     pub dtype: String,
     pub shape: Vec<usize>,
-    shard: usize,
-    start: usize,
-    end: usize,
+    pub(crate) shard: usize,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
 }
 
-struct Shard {
+#[derive(Clone)]
+pub(crate) struct Shard {
     path: PathBuf,
     map: Arc<Mmap>,
     /// The same mapping as reference-counted bytes, for tensors that borrow it.
@@ -45,13 +46,13 @@ impl AsRef<[u8]> for SharedMap {
 /// wrong tensor. Tensor data stays on disk until [`Checkpoint::read_f32`] asks for it, or, for
 /// [`Checkpoint::tensor_data_f32`], until a tensor borrowing the map first reads it.
 pub struct Checkpoint {
-    name: String,
-    shards: Vec<Shard>,
-    tensors: HashMap<String, TensorInfo>,
-    metadata: BTreeMap<String, String>,
+    pub(crate) name: String,
+    pub(crate) shards: Vec<Shard>,
+    pub(crate) tensors: HashMap<String, TensorInfo>,
+    pub(crate) metadata: BTreeMap<String, String>,
     /// Sharded checkpoints only: tensors the index lists in shards that are not on disk, with
     /// the index and the shard's path. Reading one is a [`Error::MissingShard`].
-    absent: HashMap<String, (PathBuf, PathBuf)>,
+    pub(crate) absent: HashMap<String, (PathBuf, PathBuf)>,
 }
 
 #[derive(Deserialize)]
@@ -388,7 +389,7 @@ impl Checkpoint {
 }
 
 /// Size in bytes of one element of a safetensors dtype.
-fn dtype_size(dtype: &str) -> Option<usize> {
+pub(crate) fn dtype_size(dtype: &str) -> Option<usize> {
     Some(match dtype {
         "F64" | "I64" | "U64" => 8,
         "F32" | "I32" | "U32" => 4,

@@ -8,6 +8,8 @@
 //!   `diffusion_pytorch_model.fp16.safetensors`, `*.safetensors.index.json`, ...), validates
 //!   every header up front, and converts f16/bf16/f32 on disk to f32 tensors one at a time, so
 //!   a model is never held twice in memory;
+//! * [`Checkpoint::derive`] renames, reshapes or splits a checkpoint's tensors without copying
+//!   them, so a file of another layout (a single-file checkpoint) loads as the model's own;
 //! * [`Weights`] walks a checkpoint by module path (`down_blocks.0.resnets.1.conv1`), checks
 //!   each tensor's shape when it is read and, at the end, that every tensor was used (apart
 //!   from prefixes the caller declared to skip, which are never read);
@@ -27,6 +29,7 @@
 
 mod checkpoint;
 mod config;
+mod derive;
 mod error;
 pub mod image_file;
 pub mod tensor_file;
@@ -34,6 +37,7 @@ mod weights;
 
 pub use checkpoint::{Checkpoint, TensorInfo};
 pub use config::read_config;
+pub use derive::{Derive, KeyMap};
 pub use error::{Error, Result};
 /// The fingerprints' hash (FNV-1a, 64 bits), from the `seeded` crate.
 pub use seeded::Fnv64;

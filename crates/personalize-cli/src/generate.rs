@@ -18,11 +18,24 @@ use crate::backend::{device, B};
 /// (all settings as JSON, for --params-from).
 #[derive(clap::Args, Debug, Clone)]
 pub struct GenerateCli {
-    /// The base model, a diffusers Stable Diffusion pipeline (model_index.json, unet/, vae/, ...):
-    /// a folder, a preset (sd-v1-5, sd-2-1-base, sd-2-1) or a repo id already fetched
-    /// (`cargo xtask fetch`). Required unless --params-from gives one.
+    /// The base model: a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, ...),
+    /// a preset (sd-v1-5, sd-2-1-base, sd-2-1) or a repo id already fetched (`cargo xtask
+    /// fetch`), or a single-file checkpoint (FILE.safetensors, the A1111/civitai layout).
+    /// Required unless --params-from gives one.
     #[arg(long, required_unless_present = "params_from")]
     pub base: Option<PathBuf>,
+    /// Single-file --base only: a diffusers folder whose configs (unet/, vae/, text_encoder/,
+    /// tokenizer/, scheduler/) describe the file's models, as diffusers'
+    /// `from_single_file(config=DIR)`. Without it the configs of a standard SD 1.x/2.x model
+    /// are inferred from the tensors' shapes, with the bundled CLIP tokenizer and SD 1.5's
+    /// scheduler.
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
+    /// Single-file --base only: what the UNet predicts, `epsilon` or `v_prediction` (SD 2.x
+    /// 768-pixel models). Default: the file's metadata (modelspec.prediction_type), else the
+    /// config's, else epsilon.
+    #[arg(long, value_name = "TYPE", value_parser = ["epsilon", "v_prediction"])]
+    pub prediction_type: Option<String>,
     /// What to draw. Required unless --params-from gives it.
     #[arg(long, required_unless_present = "params_from")]
     pub prompt: Option<String>,
@@ -91,6 +104,9 @@ pub struct GenerateCli {
 /// Parsed `generate` arguments.
 pub struct GenerateArgs {
     pub base: PathBuf,
+    /// `--config` and `--prediction-type` (single-file bases).
+    pub base_config: Option<PathBuf>,
+    pub prediction_type: Option<String>,
     pub opts: GenerateOptions,
     pub seed_given: bool,
     pub latents: Option<PathBuf>,
@@ -118,6 +134,8 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
         let (Some(base), Some(prompt)) = (cli.base, cli.prompt) else { bail!("--base and --prompt are required") };
         return Ok(GenerateArgs {
             base,
+            base_config: cli.config,
+            prediction_type: cli.prediction_type,
             opts: GenerateOptions {
                 prompt,
                 negative_prompt: cli.negative_prompt,
@@ -174,6 +192,8 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
     };
     Ok(GenerateArgs {
         base,
+        base_config: cli.config,
+        prediction_type: cli.prediction_type,
         opts: GenerateOptions {
             prompt: cli.prompt.unwrap_or(s.prompt),
             negative_prompt: cli.negative_prompt.or(s.negative_prompt),
@@ -237,8 +257,15 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     }
     let dev = device();
-    let mut pipe =
-        Pipeline::<B>::load(&a.base, &dev).with_context(|| format!("loading base model {}", a.base.display()))?;
+    let mut pipe = Pipeline::<B>::open(
+        &personalize::Base {
+            path: a.base.clone(),
+            config: a.base_config.clone(),
+            prediction_type: a.prediction_type.clone(),
+        },
+        &dev,
+    )
+    .with_context(|| format!("loading base model {}", a.base.display()))?;
     let latents = match &a.latents {
         Some(p) => {
             let mut t = model_io::tensor_file::read_tensors(p)?;

@@ -63,6 +63,7 @@ fn resolve_models(command: &mut Command) -> Result<(), hub::Error> {
         Command::Encode(a) => resolve(&mut a.blip2),
         Command::Generate(a) => {
             a.base.as_mut().map_or(Ok(()), resolve)?;
+            a.config.as_mut().map_or(Ok(()), resolve)?;
             a.blip2.as_mut().map_or(Ok(()), resolve)
         }
         Command::Stage(a) => resolve(&mut a.model),

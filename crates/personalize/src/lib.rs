@@ -24,6 +24,7 @@ pub mod memory;
 mod metadata;
 mod pipeline;
 mod request;
+mod single_file;
 pub mod train;
 
 pub use concept::{Concept, ConceptInfo, UnetChange, CONCEPT_VERSION};
@@ -31,5 +32,6 @@ pub use error::{Error, Result};
 pub use image_out::{check_png_text, read_png, read_png_text, write_png, RgbImage};
 pub use metadata::{model_name, scheduler_in_use, ImageSettings, PARAMETERS_KEY, SETTINGS_KEY};
 pub use pipeline::{
-    Batches, GenerateOptions, GenerateRequest, Pipeline, PipelineParts, VisualPrompt, DEFAULT_MAX_BATCH,
+    Base, Batches, GenerateOptions, GenerateRequest, Pipeline, PipelineParts, VisualPrompt, DEFAULT_MAX_BATCH,
 };
+pub use single_file::{SingleFile, TextLayout};

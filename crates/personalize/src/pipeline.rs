@@ -17,16 +17,27 @@ use crate::concept::Concept;
 use crate::image_out::RgbImage;
 use crate::metadata::ImageSettings;
 pub use crate::request::{Batches, GenerateOptions, GenerateRequest, VisualPrompt, DEFAULT_MAX_BATCH};
+pub use crate::single_file::Base;
 
 /// A Stable Diffusion pipeline loaded from a diffusers folder (`model_index.json`,
-/// `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
+/// `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) or a single-file checkpoint.
 pub struct Pipeline<B: Backend> {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel<B>,
     pub unet: UNet2DConditionModel<B>,
     pub vae: AutoencoderKl<B>,
     pub vae_config: AutoencoderKlConfig,
-    pub base_dir: PathBuf,
+    /// The base model: its folder, or its single file.
+    pub base_path: PathBuf,
+    /// The UNet's `config.json` as read or inferred (what a full fine-tune writes next to its
+    /// weights).
+    pub unet_config_json: serde_json::Value,
+    /// The base UNet's tensor shapes by diffusers key (what a full fine-tune's export is
+    /// checked against).
+    pub base_unet_shapes: std::collections::BTreeMap<String, Vec<usize>>,
+    /// Where the text encoder and the VAE came from, for messages.
+    text_encoder_source: PathBuf,
+    pub(crate) vae_source: PathBuf,
     /// Fingerprint of the base UNet weights (see [`Checkpoint::fingerprint`]).
     pub unet_fingerprint: String,
     /// The fingerprint of the same weights as the first releases computed it (file bytes), so
@@ -58,6 +69,11 @@ pub struct PipelineParts<B: Backend> {
     pub scheduler_dir: PathBuf,
 }
 
+/// Every tensor's shape by key.
+fn shapes(ckpt: &Checkpoint) -> std::collections::BTreeMap<String, Vec<usize>> {
+    ckpt.names().filter_map(|k| Some((k.to_string(), ckpt.info(k)?.shape.clone()))).collect()
+}
+
 impl<B: Backend> Pipeline<B> {
     /// Loads every component of a diffusers Stable Diffusion folder.
     ///
@@ -69,9 +85,35 @@ impl<B: Backend> Pipeline<B> {
     /// # Ok::<(), personalize::Error>(())
     /// ```
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        Self::open(&Base::new(dir), device)
+    }
+
+    /// Loads a base model: a diffusers folder as [`Pipeline::load`], or a single-file
+    /// checkpoint (see [`crate::SingleFile`]) with the configs of `base.config` or inferred.
+    ///
+    /// ```no_run
+    /// use burn_flex::{Flex, FlexDevice};
+    /// let base = personalize::Base::new("v1-5-pruned-emaonly.safetensors");
+    /// let pipe = personalize::Pipeline::<Flex>::open(&base, &FlexDevice)?;
+    /// # Ok::<(), personalize::Error>(())
+    /// ```
+    pub fn open(base: &Base, device: &B::Device) -> Result<Self> {
+        let dir = base.path.as_path();
+        if dir.is_file() {
+            return Self::open_single_file(base, device);
+        }
+        if base.config.is_some() || base.prediction_type.is_some() {
+            return Err(Error::invalid(format!(
+                "{}: --config and --prediction-type apply to single-file checkpoints; a diffusers folder has its own configs",
+                dir.display()
+            )));
+        }
         let index = dir.join("model_index.json");
         if !index.is_file() {
-            return Err(Error::Config { path: index, message: "missing: not a diffusers pipeline folder".into() });
+            return Err(Error::Config {
+                path: index,
+                message: "missing: not a diffusers pipeline folder (nor a single .safetensors file)".into(),
+            });
         }
         let index_json: serde_json::Value = model_io::read_config(dir, "model_index.json")?;
         match index_json.get("_class_name").and_then(|c| c.as_str()) {
@@ -86,8 +128,10 @@ impl<B: Backend> Pipeline<B> {
         let unet_dir = dir.join("unet");
         let ckpt = Checkpoint::open_dir(&unet_dir, &["diffusion_pytorch_model"])?;
         let (unet_fingerprint, unet_fingerprint_legacy) = (ckpt.fingerprint(), ckpt.legacy_fingerprint());
+        let base_unet_shapes = shapes(&ckpt);
         drop(ckpt);
         let unet_cfg = sd_unet::UNetConfig::load(&unet_dir)?;
+        let unet_config_json = model_io::read_config(&unet_dir, "config.json")?;
         let vae_config = AutoencoderKlConfig::load(&dir.join("vae"))?;
         let scheduler_config = scheduler::SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
         Ok(Self {
@@ -96,7 +140,11 @@ impl<B: Backend> Pipeline<B> {
             unet: UNet2DConditionModel::load(&unet_dir, device)?,
             vae: AutoencoderKl::load(&dir.join("vae"), device)?,
             vae_config,
-            base_dir: dir.to_path_buf(),
+            base_path: dir.to_path_buf(),
+            unet_config_json,
+            base_unet_shapes,
+            text_encoder_source: dir.join("text_encoder"),
+            vae_source: dir.join("vae"),
             unet_fingerprint,
             unet_fingerprint_legacy,
             unet_config: unet_cfg,
@@ -107,7 +155,48 @@ impl<B: Backend> Pipeline<B> {
         })
     }
 
-    /// A pipeline from separately built components. It has no base folder: `base_dir` is the
+    fn open_single_file(base: &Base, device: &B::Device) -> Result<Self> {
+        let f = crate::SingleFile::open(base)?;
+        let unet_config: sd_unet::UNetConfig = serde_json::from_value(f.unet_config.clone())
+            .map_err(|e| Error::invalid(format!("{}: UNet config: {e}", f.path.display())))?;
+        let vae_config = AutoencoderKlConfig::from_json(f.vae_config.clone(), &f.path)?;
+        let text_config = clip_text::ClipTextConfig::from_json(f.text_config.clone(), &f.path)?;
+        fn built<'a, B: Backend>(ckpt: &'a Checkpoint, device: &B::Device) -> model_io::Weights<'a, B> {
+            model_io::Weights::new(ckpt, device)
+        }
+        let w = built::<B>(&f.text_encoder, device);
+        let text_encoder = ClipTextModel::from_weights(&text_config, &w.pp("text_model"))?;
+        w.finish(&[])?;
+        let w = built::<B>(&f.unet, device);
+        let unet = UNet2DConditionModel::from_weights(&unet_config, &w)?;
+        w.finish(&[])?;
+        let w = built::<B>(&f.vae, device);
+        let vae = AutoencoderKl::from_weights(&vae_config, &w)?;
+        w.finish(&[])?;
+        let scheduler_dir = base.config.as_ref().map_or_else(|| f.path.clone(), |d| d.join("scheduler"));
+        Ok(Self {
+            tokenizer: f.tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            vae_config,
+            base_path: f.path.clone(),
+            unet_config_json: f.unet_config,
+            base_unet_shapes: shapes(&f.unet),
+            text_encoder_source: f.path.clone(),
+            vae_source: f.path.clone(),
+            // Over the UNet's tensors under diffusers' keys: the same as the folder's.
+            unet_fingerprint: f.unet.fingerprint(),
+            unet_fingerprint_legacy: String::new(),
+            unet_config,
+            unet_dir: f.path.clone(),
+            scheduler_dir,
+            scheduler_config: f.scheduler_config,
+            device: device.clone(),
+        })
+    }
+
+    /// A pipeline from separately built components. It has no base folder: `base_path` is the
     /// scheduler folder and `unet_fingerprint` is empty, so concepts trained elsewhere need
     /// `allow_mismatch` and training needs [`Pipeline::load`].
     pub fn from_parts(parts: PipelineParts<B>, device: &B::Device) -> Result<Self> {
@@ -119,7 +208,11 @@ impl<B: Backend> Pipeline<B> {
             unet: parts.unet,
             vae: parts.vae,
             vae_config: parts.vae_config,
-            base_dir: parts.scheduler_dir.clone(),
+            base_path: parts.scheduler_dir.clone(),
+            unet_config_json: serde_json::Value::Null,
+            base_unet_shapes: Default::default(),
+            text_encoder_source: parts.scheduler_dir.join("../text_encoder"),
+            vae_source: parts.scheduler_dir.join("../vae"),
             unet_fingerprint: String::new(),
             unet_fingerprint_legacy: String::new(),
             unet_config: parts.unet_config,
@@ -173,7 +266,7 @@ impl<B: Backend> Pipeline<B> {
             sigmas,
             height: Some(h * f),
             width: Some(w * f),
-            base: Some(self.base_dir.display().to_string()),
+            base: Some(self.base_path.display().to_string()),
             num_images: opts.num_images,
             batch_size: Some(self.batches(opts)?.batch),
             ..Default::default()
@@ -192,7 +285,7 @@ impl<B: Backend> Pipeline<B> {
         if !self.is_base_of(&concept.info.base_unet_fingerprint) && !allow_mismatch {
             return Err(Error::BaseMismatch {
                 concept: concept.dir.clone(),
-                base: self.base_dir.clone(),
+                base: self.base_path.clone(),
                 trained_on: concept.info.base_unet_fingerprint.clone(),
                 here: self.unet_fingerprint.clone(),
                 named: concept.info.base_model.clone(),
@@ -273,7 +366,7 @@ impl<B: Backend> Pipeline<B> {
                     &format!("the text encoder's output for {prompt:?}"),
                     "text encoder",
                     &self.text_encoder,
-                    &self.base_dir.join("text_encoder"),
+                    &self.text_encoder_source,
                 ));
             }
             Ok(t)
@@ -599,7 +692,7 @@ impl<B: Backend> Pipeline<B> {
     pub fn decode(&self, latents: Tensor<B, 4>) -> Result<Vec<RgbImage>> {
         let img = self.vae.decode(latents / self.vae_config.scaling_factor)?;
         if !crate::check::all_finite(&img) {
-            return Err(crate::check::nonfinite_error("the VAE decode", "VAE", &self.vae, &self.base_dir.join("vae")));
+            return Err(crate::check::nonfinite_error("the VAE decode", "VAE", &self.vae, &self.vae_source));
         }
         let img = (img / 2.0 + 0.5).clamp(0.0, 1.0);
         let [n, c, h, w] = img.dims();

@@ -233,3 +233,27 @@ pub(crate) fn check_same_shape<S: Sample>(model_output: &S, sample: &S) -> Resul
     }
     Ok(())
 }
+
+/// Stable Diffusion 1.5's published `scheduler/scheduler_config.json` (PNDM, scaled-linear betas):
+/// the scheduler of a model that comes without one (single-file checkpoints, the tiny models).
+///
+/// ```
+/// let cfg = scheduler::SchedulerConfig::from_json_str(scheduler::SD15_SCHEDULER_CONFIG).unwrap();
+/// assert_eq!(cfg.class_name(), Some("PNDMScheduler"));
+/// ```
+pub const SD15_SCHEDULER_CONFIG: &str = r#"{
+  "_class_name": "PNDMScheduler",
+  "_diffusers_version": "0.35.1",
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085,
+  "clip_sample": false,
+  "num_train_timesteps": 1000,
+  "prediction_type": "epsilon",
+  "set_alpha_to_one": false,
+  "skip_prk_steps": true,
+  "steps_offset": 1,
+  "timestep_spacing": "leading",
+  "trained_betas": null
+}
+"#;

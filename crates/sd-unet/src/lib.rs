@@ -22,6 +22,7 @@ mod config;
 mod embeddings;
 pub mod export;
 mod keys;
+pub mod ldm;
 pub mod lora;
 mod lora_io;
 mod unet;

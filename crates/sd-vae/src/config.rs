@@ -64,8 +64,21 @@ fn default_scaling() -> f64 {
 impl AutoencoderKlConfig {
     /// Reads and checks `dir/config.json`.
     pub fn load(dir: &Path) -> Result<Self> {
-        let cfg: Self = model_io::read_config(dir, "config.json")?;
-        let path = dir.join("config.json");
+        let v: serde_json::Value = model_io::read_config(dir, "config.json")?;
+        Self::from_json(v, &dir.join("config.json"))
+    }
+
+    /// The config from its JSON (`path` names it in errors), checked as
+    /// [`AutoencoderKlConfig::load`] checks it.
+    ///
+    /// ```
+    /// let v = serde_json::json!({"block_out_channels": [32], "act_fn": "relu"});
+    /// let e = sd_vae::AutoencoderKlConfig::from_json(v, "vae.json".as_ref()).unwrap_err();
+    /// assert!(e.to_string().contains("vae.json") && e.to_string().contains("relu"));
+    /// ```
+    pub fn from_json(v: serde_json::Value, path: &Path) -> Result<Self> {
+        let cfg: Self = serde_json::from_value(v).map_err(|e| Error::Json { path: path.to_path_buf(), cause: e })?;
+        let path = path.to_path_buf();
         let bad = |message: String| Err(Error::Config { path: path.clone(), message });
         match cfg.class_name.as_deref() {
             None | Some("AutoencoderKL") => {}

@@ -18,6 +18,7 @@
 
 mod attention;
 mod config;
+pub mod ldm;
 mod vae;
 
 pub use attention::SpatialSelfAttention;

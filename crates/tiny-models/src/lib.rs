@@ -39,24 +39,6 @@ const MODEL_INDEX: &str = r#"{
 }
 "#;
 
-/// Stable Diffusion 1.5's published scheduler config.
-const SCHEDULER: &str = r#"{
-  "_class_name": "PNDMScheduler",
-  "_diffusers_version": "0.35.1",
-  "beta_end": 0.012,
-  "beta_schedule": "scaled_linear",
-  "beta_start": 0.00085,
-  "clip_sample": false,
-  "num_train_timesteps": 1000,
-  "prediction_type": "epsilon",
-  "set_alpha_to_one": false,
-  "skip_prk_steps": true,
-  "steps_offset": 1,
-  "timestep_spacing": "leading",
-  "trained_betas": null
-}
-"#;
-
 /// CLIPTextModel with SD 1.5's vocabulary and 77 positions, 32 wide, 2 layers.
 const TEXT_ENCODER: &str = r#"{
   "architectures": ["CLIPTextModel"],
@@ -215,9 +197,9 @@ pub fn build(root: &Path) -> Result<BTreeMap<PathBuf, Vec<u8>>> {
     };
 
     put("tiny-sd/model_index.json", MODEL_INDEX.into());
-    put("tiny-sd/scheduler/scheduler_config.json", SCHEDULER.into());
+    put("tiny-sd/scheduler/scheduler_config.json", scheduler::SD15_SCHEDULER_CONFIG.into());
     for f in TOKENIZER_FILES {
-        let src = root.join("assets/clip-tokenizer").join(f);
+        let src = root.join("crates/clip-text/vocab").join(f);
         put(&format!("tiny-sd/tokenizer/{f}"), std::fs::read(&src).with_context(|| format!("{}", src.display()))?);
     }
 

@@ -348,7 +348,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let mean = HostTensor::from_tensor(mean).as_f32("mean")?.to_vec();
                 let std = HostTensor::from_tensor(std).as_f32("std")?.to_vec();
                 if mean.iter().chain(&std).any(|v| !v.is_finite()) {
-                    let vae = pipe.base_dir.join("vae");
+                    let vae = pipe.vae_source.clone();
                     return Err(crate::check::nonfinite_error(
                         &format!("the VAE encoding of training image {i}"),
                         "VAE",

@@ -75,7 +75,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         write_png(&dir.join("loss.png"), &plot_losses(&losses, 640, 360), &[("title", "training loss".into())])?;
         let info = ConceptInfo {
             version: crate::CONCEPT_VERSION,
-            base_model: self.pipe.base_dir.display().to_string(),
+            base_model: self.pipe.base_path.display().to_string(),
             base_unet_fingerprint: self.pipe.unet_fingerprint.clone(),
             num_queries: self.cfg.num_queries,
             query_selection: self.cfg.query_selection.as_str().to_string(),
@@ -99,25 +99,20 @@ impl<B: AutodiffBackend> Trainer<B> {
     fn write_full_unet(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.into(), cause: e })?;
         let tensors = sd_unet::export::diffusers_tensors::<B, _>(&self.model.unet);
-        let base = model_io::Checkpoint::open_dir(&self.pipe.base_dir.join("unet"), &["diffusion_pytorch_model"])?;
-        let names: std::collections::BTreeSet<String> = base.names().map(str::to_string).collect();
+        let base = &self.pipe.base_unet_shapes;
         for (k, v) in &tensors {
-            match base.info(k) {
-                Some(i) if i.shape == v.shape => {}
-                Some(i) => {
-                    return Err(Error::invalid(format!(
-                        "UNet export: `{k}` has shape {:?}, the base {:?}",
-                        v.shape, i.shape
-                    )))
+            match base.get(k) {
+                Some(s) if *s == v.shape => {}
+                Some(s) => {
+                    return Err(Error::invalid(format!("UNet export: `{k}` has shape {:?}, the base {s:?}", v.shape)))
                 }
                 None => return Err(Error::invalid(format!("UNet export: `{k}` is not a key of the base UNet"))),
             }
         }
-        if let Some(k) = names.iter().find(|k| !tensors.contains_key(*k)) {
+        if let Some(k) = base.keys().find(|k| !tensors.contains_key(*k)) {
             return Err(Error::invalid(format!("UNet export: base key `{k}` has no parameter")));
         }
-        let cfg = std::fs::read(self.pipe.base_dir.join("unet/config.json"))
-            .map_err(|e| Error::Io { path: self.pipe.base_dir.join("unet/config.json"), cause: e })?;
+        let cfg = serde_json::to_vec_pretty(&self.pipe.unet_config_json).expect("JSON value serialises");
         model_io::write_atomic(&dir.join("config.json"), &cfg)?;
         Ok(write_tensors(
             &dir.join("diffusion_pytorch_model.safetensors"),

@@ -1,0 +1,282 @@
+//! Single-file checkpoints (the A1111/civitai layout, `model.safetensors` holding
+//! `model.diffusion_model.*`, `first_stage_model.*` and `cond_stage_model.*`): split into the
+//! UNet, VAE and text encoder as diffusers' `from_single_file` splits them, each a view of the
+//! file under its model's keys (the key maps are the model crates' `ldm` modules), with the
+//! configs from a diffusers folder (`--config`) or inferred from the shapes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use clip_text::ClipTokenizer;
+use model_io::Checkpoint;
+
+use crate::{Error, Result};
+
+/// Where a base model comes from: a diffusers folder, or a single file with optional configs.
+///
+/// ```
+/// let base = personalize::Base::new("v1-5-pruned-emaonly.safetensors")
+///     .with_config("sd-v1-5")
+///     .with_prediction_type("v_prediction");
+/// assert!(base.config.is_some());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Base {
+    /// A diffusers pipeline folder or a single `.safetensors` file.
+    pub path: PathBuf,
+    /// Single files only: a diffusers folder whose configs (`unet/`, `vae/`, `text_encoder/`,
+    /// `tokenizer/`, `scheduler/`) describe the file's models, as `from_single_file(config=…)`.
+    pub config: Option<PathBuf>,
+    /// Single files only: `epsilon` or `v_prediction`, over the file's metadata and the default.
+    pub prediction_type: Option<String>,
+}
+
+impl Base {
+    /// A base at `path`, configs inferred.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into(), ..Self::default() }
+    }
+
+    /// With the configs of a diffusers folder.
+    pub fn with_config(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config = Some(dir.into());
+        self
+    }
+
+    /// With a prediction type (`epsilon`, `v_prediction`).
+    pub fn with_prediction_type(mut self, p: impl Into<String>) -> Self {
+        self.prediction_type = Some(p.into());
+        self
+    }
+}
+
+/// The text encoder's layout in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextLayout {
+    /// SD 1.x: transformers' CLIP under `cond_stage_model.transformer.`.
+    Clip,
+    /// SD 2.x: OpenCLIP under `cond_stage_model.model.`.
+    OpenClip,
+}
+
+/// A single file split into its models: each checkpoint a view of the file under the model's
+/// own (diffusers) keys, with the configs the models are built from.
+pub struct SingleFile {
+    pub path: PathBuf,
+    pub unet: Checkpoint,
+    pub vae: Checkpoint,
+    pub text_encoder: Checkpoint,
+    pub text_layout: TextLayout,
+    pub unet_config: serde_json::Value,
+    pub vae_config: serde_json::Value,
+    pub text_config: serde_json::Value,
+    pub tokenizer: ClipTokenizer,
+    pub scheduler_config: scheduler::SchedulerConfig,
+}
+
+/// Top-level keys of LDM checkpoints that are not weights of the three models: the EMA copy,
+/// the training schedule's buffers, the loss's log-variance.
+fn ignored(key: &str) -> bool {
+    key.starts_with("model_ema.")
+        || !key.contains('.')
+        || key.starts_with("cond_stage_model.transformer.text_model.embeddings.position_ids")
+}
+
+/// Whether `path` names a pickle checkpoint, by extension or by its first bytes (a PyTorch zip
+/// or a raw pickle).
+fn is_pickle(path: &Path) -> bool {
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    if matches!(ext.as_deref(), Some("ckpt" | "pt" | "pth" | "bin" | "pkl")) {
+        return true;
+    }
+    let mut head = [0u8; 2];
+    std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok()
+        && (head == *b"PK" || head == [0x80, 0x02] || head[0] == 0x80 && (2..=5).contains(&head[1]))
+}
+
+fn config_error(path: &Path, message: impl Into<String>) -> Error {
+    Error::Config { path: path.to_path_buf(), message: message.into() }
+}
+
+impl SingleFile {
+    /// Opens a single-file checkpoint and splits it (see the module docs). A pickle file
+    /// (`.ckpt`), an SDXL file, a file with keys of no known model, or one missing a model is an
+    /// error saying which.
+    pub fn open(base: &Base) -> Result<Self> {
+        let path = base.path.as_path();
+        if is_pickle(path) {
+            return Err(config_error(
+                path,
+                "is a pickle checkpoint (.ckpt/.pt/.bin): loading one can run arbitrary code, so it is \
+                 refused. Convert it once to safetensors, e.g. `python -c \"import torch, safetensors.torch as s; \
+                 d = torch.load('model.ckpt', map_location='cpu', weights_only=True); \
+                 s.save_file({k: v.contiguous() for k, v in d.get('state_dict', d).items() if hasattr(v, 'contiguous')}, \
+                 'model.safetensors')\"`",
+            ));
+        }
+        let file = Checkpoint::open_files(&path.display().to_string(), &[path.to_path_buf()])?;
+        let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let mut parts: BTreeMap<&str, BTreeMap<String, Vec<usize>>> = BTreeMap::new();
+        let mut unknown: BTreeMap<String, usize> = BTreeMap::new();
+        let mut text_layout = None;
+        let mut keys: Vec<&str> = file.names().collect();
+        keys.sort_unstable();
+        for k in keys {
+            let shape = file.info(k).map(|i| i.shape.clone()).unwrap_or_default();
+            let put = |part: &'static str, rest: &str, parts: &mut BTreeMap<&str, BTreeMap<String, Vec<usize>>>| {
+                parts.entry(part).or_default().insert(rest.to_string(), shape.clone());
+            };
+            if k.starts_with("conditioner.embedders.") {
+                return Err(config_error(
+                    path,
+                    "is an SDXL checkpoint (`conditioner.embedders.*`); SDXL is not supported yet (SD 1.x and 2.x files are)",
+                ));
+            } else if let Some(r) = k.strip_prefix(sd_unet::ldm::PREFIX) {
+                put("unet", r, &mut parts);
+            } else if let Some((p, r)) = sd_vae::ldm::PREFIXES.iter().find_map(|p| Some((*p, k.strip_prefix(p)?))) {
+                let _ = p;
+                put("vae", r, &mut parts);
+            } else if let Some(r) = k.strip_prefix(clip_text::ldm::CLIP_PREFIX) {
+                text_layout = Some(TextLayout::Clip);
+                put("text", r, &mut parts);
+            } else if let Some(r) = k.strip_prefix(clip_text::ldm::OPEN_CLIP_PREFIX) {
+                text_layout = Some(TextLayout::OpenClip);
+                put("text", r, &mut parts);
+            } else if !ignored(k) {
+                let top = k.split('.').take(2).collect::<Vec<_>>().join(".");
+                *unknown.entry(top).or_default() += 1;
+            }
+        }
+        let found = || {
+            let mut f: Vec<String> = parts.iter().map(|(p, t)| format!("{p}: {} tensors", t.len())).collect();
+            f.extend(unknown.iter().map(|(p, n)| format!("`{p}.*`: {n} tensors")));
+            if f.is_empty() {
+                "no tensors".to_string()
+            } else {
+                f.join(", ")
+            }
+        };
+        if !unknown.is_empty() {
+            return Err(config_error(
+                path,
+                format!(
+                    "not a Stable Diffusion 1.x/2.x single file (model.diffusion_model.*, first_stage_model.*, \
+                     cond_stage_model.*); found {}",
+                    found()
+                ),
+            ));
+        }
+        for (part, what) in [
+            ("unet", "UNet (model.diffusion_model.*)"),
+            ("vae", "VAE (first_stage_model.*)"),
+            ("text", "text encoder (cond_stage_model.*)"),
+        ] {
+            if !parts.contains_key(part) {
+                return Err(config_error(path, format!("has no {what}; found {}", found())));
+            }
+        }
+        let text_layout = text_layout.unwrap_or(TextLayout::Clip);
+        let meta = file.metadata();
+        let prediction = match base.prediction_type.as_deref() {
+            Some(p @ ("epsilon" | "v_prediction")) => Some(p.to_string()),
+            Some("v") => Some("v_prediction".to_string()),
+            Some(other) => {
+                return Err(Error::invalid(format!("--prediction-type `{other}`: expected epsilon or v_prediction")))
+            }
+            None => metadata_prediction(meta),
+        };
+        let v_prediction = prediction.as_deref() == Some("v_prediction");
+        let (unet_config, vae_config, text_config, tokenizer, mut scheduler_config) = match &base.config {
+            Some(dir) => {
+                let read = |sub: &str| -> Result<serde_json::Value> {
+                    Ok(model_io::read_config(&dir.join(sub), "config.json")?)
+                };
+                let sched = scheduler::SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
+                (
+                    read("unet")?,
+                    read("vae")?,
+                    read("text_encoder")?,
+                    ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
+                    sched,
+                )
+            }
+            None => {
+                let infer = |r: std::result::Result<serde_json::Value, String>, what: &str| {
+                    r.map_err(|m| {
+                        config_error(
+                            path,
+                            format!("{what}: {m}; pass --config DIR with a diffusers folder describing this model"),
+                        )
+                    })
+                };
+                let unet = infer(sd_unet::ldm::infer_config(&parts["unet"], v_prediction), "the UNet's config")?;
+                let vae = infer(sd_vae::ldm::infer_config(&parts["vae"]), "the VAE's config")?;
+                let open_clip = text_layout == TextLayout::OpenClip;
+                let text = infer(clip_text::ldm::infer_config(&parts["text"], open_clip), "the text encoder's config")?;
+                let tokenizer = ClipTokenizer::bundled(open_clip.then_some("!"))?;
+                let sched = scheduler::SchedulerConfig::from_json_str(scheduler::SD15_SCHEDULER_CONFIG)?;
+                (unet, vae, text, tokenizer, sched)
+            }
+        };
+        if let Some(p) = &prediction {
+            scheduler_config.set("prediction_type", serde_json::Value::String(p.clone()));
+        }
+        let cfg_path =
+            |sub: &str| base.config.as_ref().map_or_else(|| path.to_path_buf(), |d| d.join(sub).join("config.json"));
+        let unet_cfg: sd_unet::UNetConfig = serde_json::from_value(unet_config.clone())
+            .map_err(|e| Error::Json { path: cfg_path("unet"), cause: e })?;
+        unet_cfg.validate().map_err(|m| config_error(&cfg_path("unet"), m))?;
+        let vae_cfg = sd_vae::AutoencoderKlConfig::from_json(vae_config.clone(), &cfg_path("vae"))?;
+        let text_cfg = clip_text::ClipTextConfig::from_json(text_config.clone(), &cfg_path("text_encoder"))?;
+
+        let view = |part: &str, entries: Vec<clip_text::ldm::Entry>| file.derive(&format!("{name} [{part}]"), entries);
+        let place =
+            |what: &str, key: &str| config_error(path, format!("`{key}` has no place in the {what} as configured"));
+        let mut unet_entries = Vec::new();
+        let unet_map = sd_unet::ldm::key_map(&unet_cfg);
+        for k in parts["unet"].keys() {
+            let m = unet_map.to_model(k).ok_or_else(|| place("UNet", &format!("{}{k}", sd_unet::ldm::PREFIX)))?;
+            unet_entries.push((m, format!("{}{k}", sd_unet::ldm::PREFIX), model_io::Derive::Same));
+        }
+        let vae_prefix =
+            sd_vae::ldm::PREFIXES.iter().find(|p| file.names().any(|k| k.starts_with(*p))).copied().unwrap_or("");
+        let vae_map = sd_vae::ldm::key_map(&vae_cfg);
+        let mut vae_entries = Vec::new();
+        for (k, shape) in &parts["vae"] {
+            let m = vae_map.to_model(k).ok_or_else(|| place("VAE", &format!("{vae_prefix}{k}")))?;
+            let d = sd_vae::ldm::derive(&m, shape);
+            vae_entries.push((m, format!("{vae_prefix}{k}"), d));
+        }
+        let text_entries = match text_layout {
+            TextLayout::Clip => clip_text::ldm::clip_entries(parts["text"].keys().map(String::as_str)),
+            TextLayout::OpenClip => clip_text::ldm::open_clip_entries(&parts["text"], text_cfg.num_hidden_layers)
+                .map_err(|m| config_error(path, m))?,
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            unet: view("unet", unet_entries)?,
+            vae: view("vae", vae_entries)?,
+            text_encoder: view("text encoder", text_entries)?,
+            text_layout,
+            unet_config,
+            vae_config,
+            text_config,
+            tokenizer,
+            scheduler_config,
+        })
+    }
+}
+
+/// The prediction type a file's metadata states: ModelSpec's `modelspec.prediction_type`
+/// (`epsilon`, `v`), or kohya's `ss_v_parameterization`.
+fn metadata_prediction(meta: &BTreeMap<String, String>) -> Option<String> {
+    match meta.get("modelspec.prediction_type").map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+        Some("v" | "v_prediction" | "v-prediction") => return Some("v_prediction".into()),
+        Some("epsilon" | "eps") => return Some("epsilon".into()),
+        _ => {}
+    }
+    match meta.get("ss_v_parameterization").map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+        Some("true") => Some("v_prediction".into()),
+        _ => None,
+    }
+}

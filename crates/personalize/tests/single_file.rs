@@ -1,0 +1,165 @@
+//! Single-file checkpoints (LDM layout) against diffusers' `from_single_file`, the inferred
+//! configs of full-size SD 1.5 and 2.1 files, and the errors for files that are not one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn_flex::{Flex, FlexDevice};
+use model_io::tensor_file::{read_tensors, write_tensors, HostTensor};
+use personalize::{Base, GenerateOptions, GenerateRequest, Pipeline, RgbImage, SingleFile};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn compare(ours: &[RgbImage], reference: &HostTensor) -> u8 {
+    let r = reference.as_f32("images").unwrap();
+    let ours: Vec<u8> = ours.iter().flat_map(|i| i.data.iter().copied()).collect();
+    assert_eq!(ours.len(), r.len(), "image sizes differ");
+    ours.iter().zip(r).map(|(a, b)| a.abs_diff((b * 255.0).round().clamp(0.0, 255.0) as u8)).max().unwrap_or(0)
+}
+
+#[test]
+fn single_files_generate_as_diffusers_from_single_file() {
+    let dir = fixtures().join("single_file");
+    let io = read_tensors(&dir.join("io.safetensors")).unwrap();
+    let folder = Pipeline::<Flex>::load(&fixtures().join("pipeline"), &FlexDevice).unwrap();
+    for (name, layout) in [("sd1", personalize::TextLayout::Clip), ("sd2", personalize::TextLayout::OpenClip)] {
+        let base = Base::new(dir.join(format!("{name}.safetensors"))).with_config(fixtures().join("pipeline"));
+        assert_eq!(SingleFile::open(&base).unwrap().text_layout, layout);
+        let pipe = Pipeline::<Flex>::open(&base, &FlexDevice).unwrap();
+        let opts = GenerateOptions {
+            prompt: "a photo of a cat".into(),
+            negative_prompt: Some("blurry".into()),
+            steps: 4,
+            guidance: 7.5,
+            scheduler: Some("ddim".into()),
+            height: Some(32),
+            width: Some(48),
+            ..Default::default()
+        };
+        let lat = io["latents"].to_float::<Flex, 4>("latents", &FlexDevice).unwrap();
+        let imgs = pipe.generate(GenerateRequest::new(&opts).latents(lat)).unwrap();
+        let max = compare(&imgs, &io[&format!("{name}.images")]);
+        eprintln!("{name}: max {max} levels against from_single_file");
+        assert!(max <= 3, "{name}: {max} levels from diffusers' from_single_file");
+        // The UNet is the folder's under the same keys and shapes (its values rounded to f16/bf16).
+        assert_eq!(pipe.base_unet_shapes, folder.base_unet_shapes, "{name}");
+    }
+}
+
+/// The key/shape lists of full-size SD 1.5 and 2.1 files, with their published configs.
+fn shapes() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("single_file/shapes.json")).unwrap()).unwrap()
+}
+
+fn under(all: &serde_json::Value, prefix: &str) -> BTreeMap<String, Vec<usize>> {
+    all.as_object()
+        .unwrap()
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), serde_json::from_value(v.clone()).unwrap())))
+        .collect()
+}
+
+#[test]
+fn standard_configs_are_inferred_from_the_shapes() {
+    for (name, open_clip) in [("sd15", false), ("sd21", true)] {
+        let m = &shapes()[name];
+        let unet = sd_unet::ldm::infer_config(&under(&m["shapes"], sd_unet::ldm::PREFIX), name == "sd21").unwrap();
+        for (k, want) in m["unet"].as_object().unwrap() {
+            assert_eq!(&unet[k], want, "{name}: unet {k}");
+        }
+        let vae = sd_vae::ldm::infer_config(&under(&m["shapes"], "first_stage_model.")).unwrap();
+        for (k, want) in m["vae"].as_object().unwrap() {
+            assert_eq!(&vae[k], want, "{name}: vae {k}");
+        }
+        let prefix = if open_clip { clip_text::ldm::OPEN_CLIP_PREFIX } else { clip_text::ldm::CLIP_PREFIX };
+        let text = clip_text::ldm::infer_config(&under(&m["shapes"], prefix), open_clip).unwrap();
+        for (k, want) in m["text_encoder"].as_object().unwrap() {
+            assert_eq!(&text[k], want, "{name}: text encoder {k}");
+        }
+        // Every UNet and VAE key has a place, and maps back to itself.
+        let ucfg: sd_unet::UNetConfig = serde_json::from_value(unet).unwrap();
+        let umap = sd_unet::ldm::key_map(&ucfg);
+        let vcfg: sd_vae::AutoencoderKlConfig = serde_json::from_value(vae).unwrap();
+        let vmap = sd_vae::ldm::key_map(&vcfg);
+        for (k, _) in under(&m["shapes"], sd_unet::ldm::PREFIX) {
+            let d = umap.to_model(&k).unwrap_or_else(|| panic!("{name}: {k} has no place"));
+            assert_eq!(umap.to_file(&d).as_deref(), Some(k.as_str()), "{name}: {k} -> {d}");
+        }
+        for (k, _) in under(&m["shapes"], "first_stage_model.") {
+            let d = vmap.to_model(&k).unwrap_or_else(|| panic!("{name}: {k} has no place"));
+            assert_eq!(vmap.to_file(&d).as_deref(), Some(k.as_str()), "{name}: {k} -> {d}");
+        }
+        if open_clip {
+            // 24 blocks in the file, 23 run: the last is skipped, the rest split into q/k/v.
+            let e = clip_text::ldm::open_clip_entries(&under(&m["shapes"], prefix), 23).unwrap();
+            assert!(e.iter().all(|(_, f, _)| !f.contains("resblocks.23.")));
+            assert_eq!(e.iter().filter(|(k, ..)| k.ends_with("q_proj.weight")).count(), 23);
+        }
+    }
+}
+
+#[test]
+fn a_non_standard_file_without_config_asks_for_one() {
+    let e = SingleFile::open(&Base::new(fixtures().join("single_file/sd1.safetensors"))).err().unwrap().to_string();
+    assert!(e.contains("sd1.safetensors") && e.contains("--config") && e.contains("[16, 32]"), "{e}");
+}
+
+fn write(dir: &Path, name: &str, keys: &[&str]) -> PathBuf {
+    let p = dir.join(name);
+    let t: BTreeMap<String, HostTensor> =
+        keys.iter().map(|k| (k.to_string(), HostTensor::f32(vec![1], vec![0.0]))).collect();
+    write_tensors(&p, &t, &BTreeMap::new()).unwrap();
+    p
+}
+
+#[test]
+fn files_that_are_not_sd_single_files_are_named_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let open = |p: PathBuf| SingleFile::open(&Base::new(p)).err().unwrap().to_string();
+    // A pickle is refused without being read, with a way out.
+    let ckpt = d.path().join("model.ckpt");
+    std::fs::write(&ckpt, b"PK\x03\x04rest").unwrap();
+    let e = open(ckpt);
+    assert!(e.contains("model.ckpt") && e.contains("arbitrary code") && e.contains("safetensors"), "{e}");
+    let e =
+        open(write(d.path(), "xl.safetensors", &["conditioner.embedders.0.transformer.x", "model.diffusion_model.a"]));
+    assert!(e.contains("SDXL") && e.contains("not supported yet"), "{e}");
+    let e = open(write(d.path(), "flux.safetensors", &["double_blocks.0.img_attn.x", "double_blocks.1.y"]));
+    assert!(e.contains("flux.safetensors") && e.contains("`double_blocks.0.*`: 1 tensors"), "{e}");
+    let e = open(write(d.path(), "novae.safetensors", &["model.diffusion_model.a", "cond_stage_model.transformer.b"]));
+    assert!(e.contains("no VAE") && e.contains("unet: 1 tensors"), "{e}");
+    // A truncated download.
+    let bytes = std::fs::read(fixtures().join("single_file/sd1.safetensors")).unwrap();
+    let cut = d.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = open(cut);
+    assert!(e.contains("cut.safetensors") && e.contains("truncated"), "{e}");
+    // --config and --prediction-type are for single files.
+    let e = Pipeline::<Flex>::open(&Base::new(fixtures().join("pipeline")).with_config("x"), &FlexDevice)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("single-file"), "{e}");
+    let e = SingleFile::open(
+        &Base::new(fixtures().join("single_file/sd1.safetensors"))
+            .with_config(fixtures().join("pipeline"))
+            .with_prediction_type("x0"),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("--prediction-type `x0`"), "{e}");
+}
+
+#[test]
+fn the_prediction_type_reaches_the_scheduler() {
+    let base = Base::new(fixtures().join("single_file/sd1.safetensors")).with_config(fixtures().join("pipeline"));
+    let f = SingleFile::open(&base.clone().with_prediction_type("v_prediction")).unwrap();
+    let got: serde_json::Value = f.scheduler_config.read().unwrap();
+    assert_eq!(got["prediction_type"], "v_prediction");
+    let f = SingleFile::open(&base).unwrap();
+    let got: serde_json::Value = f.scheduler_config.read().unwrap();
+    assert_eq!(got["prediction_type"], "epsilon");
+}

@@ -2,6 +2,7 @@
 
 mod backend;
 mod encode;
+mod export;
 mod generate;
 mod interrupt;
 mod names;
@@ -44,6 +45,7 @@ enum Command {
     #[command(allow_negative_numbers = true)]
     Generate(generate::GenerateCli),
     Stage(stage::StageArgs),
+    ExportLora(export::ExportLoraArgs),
 }
 
 /// `--base`, `--blip2` and `stage --model` take a folder, or a preset or repo id (with an
@@ -67,6 +69,7 @@ fn resolve_models(command: &mut Command) -> Result<(), hub::Error> {
             a.blip2.as_mut().map_or(Ok(()), resolve)
         }
         Command::Stage(a) => resolve(&mut a.model),
+        Command::ExportLora(_) => Ok(()),
     }
 }
 
@@ -150,6 +153,7 @@ fn main() -> ExitCode {
         Command::Encode(a) => encode::run(&a),
         Command::Generate(a) => generate::run(a),
         Command::Stage(a) => stage::run(&a),
+        Command::ExportLora(a) => export::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

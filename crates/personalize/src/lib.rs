@@ -29,6 +29,10 @@ pub mod train;
 
 pub use concept::{Concept, ConceptInfo, UnetChange, CONCEPT_VERSION};
 pub use error::{Error, Result};
+
+/// The concept's UNet LoRA in kohya's layout (`lora_unet_*`), which `train` writes next to
+/// `unet_lora.safetensors` for A1111, ComfyUI and kohya's tools.
+pub const KOHYA_LORA_FILE: &str = "unet_lora.kohya.safetensors";
 pub use image_out::{check_png_text, read_png, read_png_text, write_png, RgbImage};
 pub use metadata::{model_name, scheduler_in_use, ImageSettings, PARAMETERS_KEY, SETTINGS_KEY};
 pub use pipeline::{

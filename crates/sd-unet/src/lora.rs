@@ -76,5 +76,6 @@ impl<B: Backend> LoraLinear<B> {
 }
 
 pub use crate::lora_io::{
-    attach, load_lora, load_lora_scaled, lora_tensors, PeftLoraConfig, LORA_ADAPTER_METADATA_KEY,
+    attach, kohya_name, load_lora, load_lora_scaled, lora_tensors, peft_to_kohya, PeftLoraConfig,
+    LORA_ADAPTER_METADATA_KEY,
 };

@@ -201,3 +201,66 @@ pub fn load_lora_scaled<B: Backend>(
     }
     Ok(())
 }
+
+/// The kohya/A1111 name of the adapter on UNet module `module` (its diffusers path):
+/// `lora_unet_` and the path with `_` for `.`, as diffusers' `convert_state_dict_to_kohya`
+/// names it and ComfyUI's SD 1.x key map reads it.
+///
+/// ```
+/// assert_eq!(
+///     sd_unet::lora::kohya_name("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"),
+///     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
+/// );
+/// ```
+pub fn kohya_name(module: &str) -> String {
+    format!("lora_unet_{}", module.replace('.', "_"))
+}
+
+/// A UNet LoRA in the diffusers/PEFT layout (`unet.<module>.lora_A.weight`, `lora_B.weight`;
+/// the `unet.` prefix optional) in kohya's layout, which A1111, ComfyUI, Forge, InvokeAI and
+/// kohya's scripts read: `<kohya_name>.lora_down.weight` (A), `.lora_up.weight` (B) and
+/// `.alpha`, a scalar with `scale(module, rank) · rank`, so each module keeps its scale
+/// (diffusers' own converter writes `alpha = rank`, which loses a `lora_alpha` other than `r`).
+/// A key that is not half of an A/B pair is an error naming it.
+///
+/// ```
+/// use model_io::tensor_file::HostTensor;
+/// let t = std::collections::BTreeMap::from([
+///     ("unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight".to_string(), HostTensor::f32(vec![2, 3], vec![0.0; 6])),
+///     ("unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight".to_string(), HostTensor::f32(vec![3, 2], vec![0.0; 6])),
+/// ]);
+/// let k = sd_unet::lora::peft_to_kohya(&t, &|_, r| 0.5).unwrap();
+/// let alpha = &k["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.alpha"];
+/// assert_eq!((alpha.shape.len(), alpha.as_f32("alpha").unwrap()), (0, &[1.0f32][..]));
+/// ```
+pub fn peft_to_kohya(
+    tensors: &BTreeMap<String, HostTensor>,
+    scale: &dyn Fn(&str, usize) -> f64,
+) -> Result<BTreeMap<String, HostTensor>> {
+    let mut out = BTreeMap::new();
+    for (k, a) in tensors {
+        let Some(module) = k.strip_suffix(".lora_A.weight") else {
+            if k.ends_with(".lora_B.weight") && tensors.contains_key(&k.replace(".lora_B.", ".lora_A.")) {
+                continue;
+            }
+            return Err(Error::invalid(format!(
+                "LoRA tensor `{k}` is not a lora_A/lora_B weight with its partner (diffusers/PEFT layout)"
+            )));
+        };
+        let b_key = format!("{module}.lora_B.weight");
+        let b = tensors.get(&b_key).ok_or_else(|| Error::invalid(format!("LoRA tensor `{k}` has no `{b_key}`")))?;
+        let module = module.strip_prefix("unet.").unwrap_or(module);
+        let rank = a.shape.first().copied().unwrap_or(0);
+        if rank == 0 || b.shape.get(1) != Some(&rank) {
+            return Err(Error::invalid(format!(
+                "LoRA for `{module}`: lora_A {:?} and lora_B {:?} do not share a rank",
+                a.shape, b.shape
+            )));
+        }
+        let name = kohya_name(module);
+        out.insert(format!("{name}.lora_down.weight"), a.clone());
+        out.insert(format!("{name}.lora_up.weight"), b.clone());
+        out.insert(format!("{name}.alpha"), HostTensor::f32(vec![], vec![(scale(module, rank) * rank as f64) as f32]));
+    }
+    Ok(out)
+}

@@ -75,6 +75,7 @@ pub const RUN_OUTPUTS: &[&str] = &[
     "concept.json",
     "aligner.safetensors",
     "unet_lora.safetensors",
+    crate::KOHYA_LORA_FILE,
     "unet",
     "visual_queries.safetensors",
     "loss.csv",

@@ -51,7 +51,13 @@ impl<B: AutodiffBackend> Trainer<B> {
                     rank as f64,
                     &sd_unet::Attention::<B>::PROJECTIONS,
                 );
-                write_tensors(&dir.join("unet_lora.safetensors"), &self.lora_file_tensors(), &meta)?;
+                let lora = self.lora_file_tensors();
+                write_tensors(&dir.join("unet_lora.safetensors"), &lora, &meta)?;
+                // The same adapter for A1111, ComfyUI and kohya's tools (alpha = rank: the
+                // scale is in lora_B).
+                let kohya = sd_unet::lora::peft_to_kohya(&lora, &|_, _| 1.0)?;
+                let pt = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+                write_tensors(&dir.join(crate::KOHYA_LORA_FILE), &kohya, &pt)?;
                 (Some(rank), Some(rank as f64))
             }
             UnetMode::Full => {

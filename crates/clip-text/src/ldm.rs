@@ -85,7 +85,7 @@ pub fn open_clip_entries(shapes: &BTreeMap<String, Vec<usize>>, layers: usize) -
             let kind = if k.ends_with("weight") { "weight" } else { "bias" };
             let base = map.to_model(stem).ok_or_else(|| format!("`{file}` has no place in the text encoder"))?;
             let d = shape.first().copied().unwrap_or(0) / 3;
-            if d == 0 || shape[0] != 3 * d {
+            if d == 0 || shape.first() != Some(&(3 * d)) {
                 return Err(format!("`{file}` has shape {shape:?}, expected [3·hidden, ...]"));
             }
             for (j, p) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
@@ -99,8 +99,9 @@ pub fn open_clip_entries(shapes: &BTreeMap<String, Vec<usize>>, layers: usize) -
     Ok(out)
 }
 
+/// The block of an OpenCLIP key; indices beyond any real model's (a damaged file) are ignored.
 fn block_index(k: &str) -> Option<usize> {
-    k.strip_prefix("transformer.resblocks.")?.split('.').next()?.parse().ok()
+    k.strip_prefix("transformer.resblocks.")?.split('.').next()?.parse().ok().filter(|&i: &usize| i < 1024)
 }
 
 /// A `CLIPTextModel` config (as `config.json`) from the shapes of either layout, keys
@@ -134,6 +135,7 @@ pub fn infer_config(shapes: &BTreeMap<String, Vec<usize>>, open_clip: bool) -> R
         let n = shapes
             .keys()
             .filter_map(|k| k.strip_prefix(&format!("{p}encoder.layers."))?.split('.').next()?.parse::<usize>().ok())
+            .filter(|&i| i < 1024)
             .max()
             .map_or(0, |i| i + 1);
         (
@@ -144,6 +146,9 @@ pub fn infer_config(shapes: &BTreeMap<String, Vec<usize>>, open_clip: bool) -> R
         )
     };
     let hidden = tok.get(1).copied().unwrap_or(0);
+    if tok.len() != 2 || pos.is_empty() || fc1.is_empty() {
+        return Err(format!("embedding shapes {tok:?} and {pos:?}, MLP {fc1:?}: not a CLIP text encoder's"));
+    }
     if blocks == 0 || hidden == 0 || !hidden.is_multiple_of(64) {
         return Err(format!("{blocks} layers of width {hidden}: not a standard CLIP text encoder"));
     }

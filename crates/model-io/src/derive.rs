@@ -73,11 +73,14 @@ impl Checkpoint {
                     let first = info.shape.first().copied().unwrap_or(0);
                     if rows.start >= rows.end || rows.end > first {
                         return Err(Error::invalid(format!(
-                            "{}: tensor `{source}` has shape {:?}, too few rows to take rows {}..{}",
+                            "{}: tensor `{source}` has shape {:?}: rows {}..{} are not a run of its rows",
                             self.name, info.shape, rows.start, rows.end
                         )));
                     }
-                    let row_bytes = numel / first * dtype_size(&info.dtype).unwrap_or(0);
+                    let size = dtype_size(&info.dtype).ok_or_else(|| {
+                        Error::invalid(format!("{}: tensor `{source}` has unknown dtype {}", self.name, info.dtype))
+                    })?;
+                    let row_bytes = numel / first * size;
                     out.start = info.start + rows.start * row_bytes;
                     out.end = info.start + rows.end * row_bytes;
                     out.shape[0] = rows.end - rows.start;
@@ -134,7 +137,8 @@ impl KeyMap {
         self.apply(file_key, false)
     }
 
-    /// The other layout's key for the model's `model_key`, `None` when no rule covers it.
+    /// The other layout's key for the model's `model_key`, `None` when no rule covers it (a
+    /// rule with an empty model prefix covers every key).
     pub fn to_file(&self, model_key: &str) -> Option<String> {
         self.apply(model_key, true)
     }
@@ -247,6 +251,8 @@ mod tests {
         assert!(e.contains("`conv`") && e.contains("[3]"), "{e}");
         let e = c.derive("v", [("a".into(), "qkv".into(), Derive::Rows(4..7))]).err().unwrap().to_string();
         assert!(e.contains("`qkv`") && e.contains("4..7"), "{e}");
+        let e = c.derive("v", [("a".into(), "qkv".into(), Derive::Rows(2..2))]).err().unwrap().to_string();
+        assert!(e.contains("2..2 are not a run"), "{e}");
         let e = c
             .derive("v", [("a".into(), "qkv".into(), Derive::Same), ("a".into(), "conv".into(), Derive::Same)])
             .err()

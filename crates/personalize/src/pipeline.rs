@@ -238,7 +238,8 @@ impl<B: Backend> Pipeline<B> {
         self.unet_config.sample_size.unwrap_or(64) * self.vae.downscale_factor()
     }
 
-    /// The folder with `scheduler_config.json` the model's scheduler is built from.
+    /// The folder with `scheduler_config.json` the model's scheduler is built from; for a
+    /// single file without `--config`, the file itself (its scheduler is SD 1.5's).
     pub fn scheduler_dir(&self) -> &Path {
         &self.scheduler_dir
     }

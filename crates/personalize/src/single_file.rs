@@ -82,16 +82,22 @@ fn ignored(key: &str) -> bool {
         || key.starts_with("cond_stage_model.transformer.text_model.embeddings.position_ids")
 }
 
-/// Whether `path` names a pickle checkpoint, by extension or by its first bytes (a PyTorch zip
-/// or a raw pickle).
+/// Whether `path` names a pickle checkpoint: by extension, or, for a file not named
+/// `.safetensors`, by its first bytes (a PyTorch zip or a raw pickle). A `.safetensors` file is
+/// never sniffed: its first bytes are a header length, which can read as either.
 fn is_pickle(path: &Path) -> bool {
     let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-    if matches!(ext.as_deref(), Some("ckpt" | "pt" | "pth" | "bin" | "pkl")) {
-        return true;
+    match ext.as_deref() {
+        Some("ckpt" | "pt" | "pth" | "bin" | "pkl") => return true,
+        Some("safetensors") => return false,
+        _ => {}
     }
-    let mut head = [0u8; 2];
-    std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok()
-        && (head == *b"PK" || head == [0x80, 0x02] || head[0] == 0x80 && (2..=5).contains(&head[1]))
+    let mut head = [0u8; 9];
+    if std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_err() {
+        return false;
+    }
+    // A safetensors header (its JSON opens at byte 8) under another name is not sniffed.
+    head[8] != b'{' && (head[..2] == *b"PK" || head[0] == 0x80 && (2..=5).contains(&head[1]))
 }
 
 fn config_error(path: &Path, message: impl Into<String>) -> Error {
@@ -119,6 +125,7 @@ impl SingleFile {
         let mut parts: BTreeMap<&str, BTreeMap<String, Vec<usize>>> = BTreeMap::new();
         let mut unknown: BTreeMap<String, usize> = BTreeMap::new();
         let mut text_layout = None;
+        let mut vae_prefix: Option<&str> = None;
         let mut keys: Vec<&str> = file.names().collect();
         keys.sort_unstable();
         for k in keys {
@@ -134,13 +141,25 @@ impl SingleFile {
             } else if let Some(r) = k.strip_prefix(sd_unet::ldm::PREFIX) {
                 put("unet", r, &mut parts);
             } else if let Some((p, r)) = sd_vae::ldm::PREFIXES.iter().find_map(|p| Some((*p, k.strip_prefix(p)?))) {
-                let _ = p;
+                if vae_prefix.is_some_and(|q| q != p) {
+                    return Err(config_error(path, "holds two VAEs (`first_stage_model.*` and `vae.*`); keep one"));
+                }
+                vae_prefix = Some(p);
                 put("vae", r, &mut parts);
-            } else if let Some(r) = k.strip_prefix(clip_text::ldm::CLIP_PREFIX) {
-                text_layout = Some(TextLayout::Clip);
-                put("text", r, &mut parts);
-            } else if let Some(r) = k.strip_prefix(clip_text::ldm::OPEN_CLIP_PREFIX) {
-                text_layout = Some(TextLayout::OpenClip);
+            } else if let Some((layout, r)) = [
+                (TextLayout::Clip, clip_text::ldm::CLIP_PREFIX),
+                (TextLayout::OpenClip, clip_text::ldm::OPEN_CLIP_PREFIX),
+            ]
+            .into_iter()
+            .find_map(|(l, p)| Some((l, k.strip_prefix(p)?)))
+            {
+                if text_layout.is_some_and(|t| t != layout) {
+                    return Err(config_error(
+                        path,
+                        "holds two text encoders (`cond_stage_model.transformer.*` and `cond_stage_model.model.*`); keep one",
+                    ));
+                }
+                text_layout = Some(layout);
                 put("text", r, &mut parts);
             } else if !ignored(k) {
                 let top = k.split('.').take(2).collect::<Vec<_>>().join(".");
@@ -184,6 +203,19 @@ impl SingleFile {
                 return Err(Error::invalid(format!("--prediction-type `{other}`: expected epsilon or v_prediction")))
             }
             None => metadata_prediction(meta),
+        };
+        // As diffusers' `from_single_file` without a config: an SD 2.x file (OpenCLIP) gets
+        // SD 2.1's v-prediction; the 512-pixel 2.x-base models need `--prediction-type epsilon`.
+        let prediction = match prediction {
+            None if base.config.is_none() && text_layout == TextLayout::OpenClip => {
+                tracing::warn!(
+                    "{}: an SD 2.x file without a prediction type in its metadata; using v_prediction as SD 2.1 \
+                     (pass --prediction-type epsilon for a 2.x-base model)",
+                    path.display()
+                );
+                Some("v_prediction".to_string())
+            }
+            p => p,
         };
         let v_prediction = prediction.as_deref() == Some("v_prediction");
         let (unet_config, vae_config, text_config, tokenizer, mut scheduler_config) = match &base.config {
@@ -238,8 +270,7 @@ impl SingleFile {
             let m = unet_map.to_model(k).ok_or_else(|| place("UNet", &format!("{}{k}", sd_unet::ldm::PREFIX)))?;
             unet_entries.push((m, format!("{}{k}", sd_unet::ldm::PREFIX), model_io::Derive::Same));
         }
-        let vae_prefix =
-            sd_vae::ldm::PREFIXES.iter().find(|p| file.names().any(|k| k.starts_with(*p))).copied().unwrap_or("");
+        let vae_prefix = vae_prefix.unwrap_or("");
         let vae_map = sd_vae::ldm::key_map(&vae_cfg);
         let mut vae_entries = Vec::new();
         for (k, shape) in &parts["vae"] {
@@ -278,5 +309,40 @@ fn metadata_prediction(meta: &BTreeMap<String, String>) -> Option<String> {
     match meta.get("ss_v_parameterization").map(|s| s.trim().to_ascii_lowercase()).as_deref() {
         Some("true") => Some("v_prediction".into()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metadata_states_the_prediction_type() {
+        let m = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        assert_eq!(metadata_prediction(&m("modelspec.prediction_type", "v")).as_deref(), Some("v_prediction"));
+        assert_eq!(metadata_prediction(&m("modelspec.prediction_type", "epsilon")).as_deref(), Some("epsilon"));
+        assert_eq!(metadata_prediction(&m("ss_v_parameterization", "True")).as_deref(), Some("v_prediction"));
+        assert_eq!(metadata_prediction(&m("ss_v_parameterization", "False")), None);
+        assert_eq!(metadata_prediction(&BTreeMap::new()), None);
+    }
+
+    #[test]
+    fn a_safetensors_header_is_never_taken_for_a_pickle() {
+        let d = tempfile::tempdir().unwrap();
+        // A 640-byte header: its length starts with the bytes 0x80 0x02 of a pickle.
+        let mut header = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#.to_vec();
+        header.resize(640, b' ');
+        let mut bytes = 640u64.to_le_bytes().to_vec();
+        bytes.extend(header);
+        bytes.extend([0u8; 4]);
+        assert_eq!(&bytes[..2], &[0x80, 0x02]);
+        for name in ["m.safetensors", "m.sft", "m"] {
+            let p = d.path().join(name);
+            std::fs::write(&p, &bytes).unwrap();
+            assert!(!is_pickle(&p), "{name}");
+        }
+        let p = d.path().join("m.data");
+        std::fs::write(&p, [0x80, 0x02, 0x7d, 0x71, 0, 0, 0, 0, 0]).unwrap();
+        assert!(is_pickle(&p));
     }
 }

@@ -128,8 +128,30 @@ fn files_that_are_not_sd_single_files_are_named_errors() {
     assert!(e.contains("SDXL") && e.contains("not supported yet"), "{e}");
     let e = open(write(d.path(), "flux.safetensors", &["double_blocks.0.img_attn.x", "double_blocks.1.y"]));
     assert!(e.contains("flux.safetensors") && e.contains("`double_blocks.0.*`: 1 tensors"), "{e}");
+    let both = [
+        "model.diffusion_model.a",
+        "first_stage_model.b",
+        "cond_stage_model.transformer.c",
+        "cond_stage_model.model.d",
+    ];
+    let e = open(write(d.path(), "both.safetensors", &both));
+    assert!(e.contains("two text encoders"), "{e}");
     let e = open(write(d.path(), "novae.safetensors", &["model.diffusion_model.a", "cond_stage_model.transformer.b"]));
     assert!(e.contains("no VAE") && e.contains("unet: 1 tensors"), "{e}");
+    // Damaged shapes and indices are errors, not panics or endless loops.
+    let p = d.path().join("rank0.safetensors");
+    let t: BTreeMap<String, HostTensor> = [
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "model.diffusion_model.input_blocks.18446744073709551615.0.weight",
+        "first_stage_model.encoder.conv_in.weight",
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+    ]
+    .iter()
+    .map(|k| (k.to_string(), HostTensor::f32(vec![], vec![1.0])))
+    .collect();
+    write_tensors(&p, &t, &BTreeMap::new()).unwrap();
+    let e = open(p);
+    assert!(e.contains("input_blocks.0.0.weight") && e.contains("too few dimensions"), "{e}");
     // A truncated download.
     let bytes = std::fs::read(fixtures().join("single_file/sd1.safetensors")).unwrap();
     let cut = d.path().join("cut.safetensors");
@@ -161,5 +183,9 @@ fn the_prediction_type_reaches_the_scheduler() {
     assert_eq!(got["prediction_type"], "v_prediction");
     let f = SingleFile::open(&base).unwrap();
     let got: serde_json::Value = f.scheduler_config.read().unwrap();
+    assert_eq!(got["prediction_type"], "epsilon");
+    // An SD 2.x file takes its config's prediction type; only without one is it SD 2.1's.
+    let sd2 = Base::new(fixtures().join("single_file/sd2.safetensors")).with_config(fixtures().join("pipeline"));
+    let got: serde_json::Value = SingleFile::open(&sd2).unwrap().scheduler_config.read().unwrap();
     assert_eq!(got["prediction_type"], "epsilon");
 }

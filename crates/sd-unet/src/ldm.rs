@@ -9,6 +9,9 @@ use model_io::KeyMap;
 
 use crate::UNetConfig;
 
+/// More blocks than any UNet has: a larger index in a key is a damaged file.
+const MAX_BLOCKS: usize = 1024;
+
 /// The prefix of the UNet's tensors in a single-file checkpoint.
 pub const PREFIX: &str = "model.diffusion_model.";
 
@@ -92,10 +95,18 @@ pub fn key_map(cfg: &UNetConfig) -> KeyMap {
 /// Returns the config as `config.json` would hold it, or what is missing or unexpected.
 pub fn infer_config(shapes: &BTreeMap<String, Vec<usize>>, v_prediction: bool) -> Result<serde_json::Value, String> {
     let shape = |k: &str| shapes.get(k).ok_or_else(|| format!("no `{PREFIX}{k}`"));
-    let conv_in = shape("input_blocks.0.0.weight")?;
+    // Dimension `i` of tensor `k`, an error for a tensor of too few dimensions.
+    let dim = |k: &str, i: usize| -> Result<usize, String> {
+        shape(k)?.get(i).copied().ok_or_else(|| format!("`{PREFIX}{k}` has shape {:?}, too few dimensions", shapes[k]))
+    };
+    let in_channels = dim("input_blocks.0.0.weight", 1)?;
     let index = |prefix: &str| -> Vec<usize> {
-        let mut v: Vec<usize> =
-            shapes.keys().filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse().ok()).collect();
+        let mut v: Vec<usize> = shapes
+            .keys()
+            .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse().ok())
+            // A block index beyond any real model's is a damaged file, not a loop to run.
+            .filter(|&i: &usize| i < MAX_BLOCKS)
+            .collect();
         v.sort_unstable();
         v.dedup();
         v
@@ -117,13 +128,13 @@ pub fn infer_config(shapes: &BTreeMap<String, Vec<usize>>, v_prediction: bool) -
     let mut context = None;
     let mut linear = false;
     for b in 0..n {
-        channels.push(shape(&format!("input_blocks.{}.0.out_layers.3.weight", first(b)))?[0]);
+        channels.push(dim(&format!("input_blocks.{}.0.out_layers.3.weight", first(b)), 0)?);
         let attn = format!("input_blocks.{}.1", first(b));
         let has = shapes.contains_key(&format!("{attn}.proj_in.weight"));
         down.push(if has { "CrossAttnDownBlock2D" } else { "DownBlock2D" });
         depth.push(if has { index(&format!("{attn}.transformer_blocks.")).len() } else { 1 });
         if has {
-            context = Some(shape(&format!("{attn}.transformer_blocks.0.attn2.to_k.weight"))?[1]);
+            context = Some(dim(&format!("{attn}.transformer_blocks.0.attn2.to_k.weight"), 1)?);
             linear = shape(&format!("{attn}.proj_in.weight"))?.len() == 2;
         }
     }
@@ -139,7 +150,7 @@ pub fn infer_config(shapes: &BTreeMap<String, Vec<usize>>, v_prediction: bool) -
         .collect();
     let context = match context {
         Some(c) => c,
-        None => shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")?[1],
+        None => dim("middle_block.1.transformer_blocks.0.attn2.to_k.weight", 1)?,
     };
     // Only the standard widths carry the head counts assumed below: a model of other widths
     // (a tiny test model, a distilled one) would load with wrong heads and draw noise.
@@ -156,8 +167,8 @@ pub fn infer_config(shapes: &BTreeMap<String, Vec<usize>>, v_prediction: bool) -
     Ok(serde_json::json!({
         "_class_name": "UNet2DConditionModel",
         "sample_size": if sd2 && v_prediction { 96 } else { 64 },
-        "in_channels": conv_in[1],
-        "out_channels": shape("out.2.weight")?[0],
+        "in_channels": in_channels,
+        "out_channels": dim("out.2.weight", 0)?,
         "down_block_types": down,
         "up_block_types": up,
         "block_out_channels": channels,

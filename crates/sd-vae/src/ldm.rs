@@ -87,10 +87,14 @@ pub fn file_shape(model_key: &str, shape: &[usize]) -> Vec<usize> {
 /// groups (32) and scaling factor (0.18215) of every SD 1.x/2.x VAE.
 pub fn infer_config(shapes: &BTreeMap<String, Vec<usize>>) -> Result<serde_json::Value, String> {
     let get = |k: &str| shapes.get(k).ok_or_else(|| format!("no `{k}` (under the VAE's prefix)"));
+    let dim = |k: &str, i: usize| -> Result<usize, String> {
+        get(k)?.get(i).copied().ok_or_else(|| format!("`{k}` has shape {:?}, too few dimensions", shapes[k]))
+    };
     let index = |prefix: &str| -> usize {
         shapes
             .keys()
             .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
+            .filter(|&i| i < 1024)
             .max()
             .map_or(0, |i| i + 1)
     };
@@ -104,13 +108,13 @@ pub fn infer_config(shapes: &BTreeMap<String, Vec<usize>>) -> Result<serde_json:
         .collect::<Result<_, _>>()?;
     Ok(serde_json::json!({
         "_class_name": "AutoencoderKL",
-        "in_channels": get("encoder.conv_in.weight")?[1],
-        "out_channels": get("decoder.conv_out.weight")?[0],
+        "in_channels": dim("encoder.conv_in.weight", 1)?,
+        "out_channels": dim("decoder.conv_out.weight", 0)?,
         "down_block_types": vec!["DownEncoderBlock2D"; n],
         "up_block_types": vec!["UpDecoderBlock2D"; n],
         "block_out_channels": channels,
         "layers_per_block": l,
-        "latent_channels": get("decoder.conv_in.weight")?[1],
+        "latent_channels": dim("decoder.conv_in.weight", 1)?,
         "norm_num_groups": 32,
         "scaling_factor": 0.18215,
         "use_quant_conv": shapes.contains_key("quant_conv.weight"),

@@ -8,6 +8,9 @@ use std::collections::BTreeMap;
 
 use model_io::tensor_file::{read_tensors, write_tensors};
 
+#[path = "../../personalize/tests/support/single_file.rs"]
+mod support;
+
 #[test]
 fn generate_from_a_single_file_with_config_makes_diffusers_images() {
     let dir = fixtures().join("single_file");
@@ -16,7 +19,7 @@ fn generate_from_a_single_file_with_config_makes_diffusers_images() {
     let lat = d.path().join("latents.safetensors");
     write_tensors(&lat, &BTreeMap::from([("latents".to_string(), io["latents"].clone())]), &BTreeMap::new()).unwrap();
     let out = d.path().join("out");
-    let file = dir.join("sd2.safetensors");
+    let file = support::write_single_file(&fixtures(), "sd2", d.path());
     let config = fixtures().join("pipeline");
     let (ok, err) = run(&[
         "generate",
@@ -61,7 +64,8 @@ fn bad_single_files_are_one_line_errors() {
     assert!(!ok);
     one_line_error(&err, &["model.ckpt", "arbitrary code"]);
     // The tiny file's widths are not a standard model's: it needs --config.
-    let (ok, err) = gen(fixtures().join("single_file/sd1.safetensors").to_str().unwrap());
+    let sd1 = support::write_single_file(&fixtures(), "sd1", d.path());
+    let (ok, err) = gen(sd1.to_str().unwrap());
     assert!(!ok);
     one_line_error(&err, &["sd1.safetensors", "--config"]);
     assert!(!out.exists(), "nothing written on failure");

@@ -8,6 +8,9 @@ use burn_flex::{Flex, FlexDevice};
 use model_io::tensor_file::{read_tensors, write_tensors, HostTensor};
 use personalize::{Base, GenerateOptions, GenerateRequest, Pipeline, RgbImage, SingleFile};
 
+#[path = "support/single_file.rs"]
+mod support;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
@@ -21,11 +24,12 @@ fn compare(ours: &[RgbImage], reference: &HostTensor) -> u8 {
 
 #[test]
 fn single_files_generate_as_diffusers_from_single_file() {
-    let dir = fixtures().join("single_file");
-    let io = read_tensors(&dir.join("io.safetensors")).unwrap();
+    let io = read_tensors(&fixtures().join("single_file/io.safetensors")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
     let folder = Pipeline::<Flex>::load(&fixtures().join("pipeline"), &FlexDevice).unwrap();
     for (name, layout) in [("sd1", personalize::TextLayout::Clip), ("sd2", personalize::TextLayout::OpenClip)] {
-        let base = Base::new(dir.join(format!("{name}.safetensors"))).with_config(fixtures().join("pipeline"));
+        let file = support::write_single_file(&fixtures(), name, tmp.path());
+        let base = Base::new(file).with_config(fixtures().join("pipeline"));
         assert_eq!(SingleFile::open(&base).unwrap().text_layout, layout);
         let pipe = Pipeline::<Flex>::open(&base, &FlexDevice).unwrap();
         let opts = GenerateOptions {
@@ -102,7 +106,9 @@ fn standard_configs_are_inferred_from_the_shapes() {
 
 #[test]
 fn a_non_standard_file_without_config_asks_for_one() {
-    let e = SingleFile::open(&Base::new(fixtures().join("single_file/sd1.safetensors"))).err().unwrap().to_string();
+    let d = tempfile::tempdir().unwrap();
+    let file = support::write_single_file(&fixtures(), "sd1", d.path());
+    let e = SingleFile::open(&Base::new(file)).err().unwrap().to_string();
     assert!(e.contains("sd1.safetensors") && e.contains("--config") && e.contains("[16, 32]"), "{e}");
 }
 
@@ -153,7 +159,7 @@ fn files_that_are_not_sd_single_files_are_named_errors() {
     let e = open(p);
     assert!(e.contains("input_blocks.0.0.weight") && e.contains("too few dimensions"), "{e}");
     // A truncated download.
-    let bytes = std::fs::read(fixtures().join("single_file/sd1.safetensors")).unwrap();
+    let bytes = std::fs::read(support::write_single_file(&fixtures(), "sd1", d.path())).unwrap();
     let cut = d.path().join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let e = open(cut);
@@ -165,7 +171,7 @@ fn files_that_are_not_sd_single_files_are_named_errors() {
         .to_string();
     assert!(e.contains("single-file"), "{e}");
     let e = SingleFile::open(
-        &Base::new(fixtures().join("single_file/sd1.safetensors"))
+        &Base::new(support::write_single_file(&fixtures(), "sd1", d.path()))
             .with_config(fixtures().join("pipeline"))
             .with_prediction_type("x0"),
     )
@@ -177,7 +183,9 @@ fn files_that_are_not_sd_single_files_are_named_errors() {
 
 #[test]
 fn the_prediction_type_reaches_the_scheduler() {
-    let base = Base::new(fixtures().join("single_file/sd1.safetensors")).with_config(fixtures().join("pipeline"));
+    let d = tempfile::tempdir().unwrap();
+    let base =
+        Base::new(support::write_single_file(&fixtures(), "sd1", d.path())).with_config(fixtures().join("pipeline"));
     let f = SingleFile::open(&base.clone().with_prediction_type("v_prediction")).unwrap();
     let got: serde_json::Value = f.scheduler_config.read().unwrap();
     assert_eq!(got["prediction_type"], "v_prediction");
@@ -185,7 +193,8 @@ fn the_prediction_type_reaches_the_scheduler() {
     let got: serde_json::Value = f.scheduler_config.read().unwrap();
     assert_eq!(got["prediction_type"], "epsilon");
     // An SD 2.x file takes its config's prediction type; only without one is it SD 2.1's.
-    let sd2 = Base::new(fixtures().join("single_file/sd2.safetensors")).with_config(fixtures().join("pipeline"));
+    let sd2 =
+        Base::new(support::write_single_file(&fixtures(), "sd2", d.path())).with_config(fixtures().join("pipeline"));
     let got: serde_json::Value = SingleFile::open(&sd2).unwrap().scheduler_config.read().unwrap();
     assert_eq!(got["prediction_type"], "epsilon");
 }

@@ -157,10 +157,7 @@ impl<B: Backend> Pipeline<B> {
 
     fn open_single_file(base: &Base, device: &B::Device) -> Result<Self> {
         let f = crate::SingleFile::open(base)?;
-        let unet_config: sd_unet::UNetConfig = serde_json::from_value(f.unet_config.clone())
-            .map_err(|e| Error::invalid(format!("{}: UNet config: {e}", f.path.display())))?;
-        let vae_config = AutoencoderKlConfig::from_json(f.vae_config.clone(), &f.path)?;
-        let text_config = clip_text::ClipTextConfig::from_json(f.text_config.clone(), &f.path)?;
+        let (unet_config, vae_config, text_config) = (f.unet_config, f.vae_config, f.text_config);
         fn built<'a, B: Backend>(ckpt: &'a Checkpoint, device: &B::Device) -> model_io::Weights<'a, B> {
             model_io::Weights::new(ckpt, device)
         }
@@ -181,7 +178,7 @@ impl<B: Backend> Pipeline<B> {
             vae,
             vae_config,
             base_path: f.path.clone(),
-            unet_config_json: f.unet_config,
+            unet_config_json: f.unet_config_json,
             base_unet_shapes: shapes(&f.unet),
             text_encoder_source: f.path.clone(),
             vae_source: f.path.clone(),

@@ -67,9 +67,11 @@ pub struct SingleFile {
     pub vae: Checkpoint,
     pub text_encoder: Checkpoint,
     pub text_layout: TextLayout,
-    pub unet_config: serde_json::Value,
-    pub vae_config: serde_json::Value,
-    pub text_config: serde_json::Value,
+    /// The UNet's `config.json` as read or inferred (what a full fine-tune writes).
+    pub unet_config_json: serde_json::Value,
+    pub unet_config: sd_unet::UNetConfig,
+    pub vae_config: sd_vae::AutoencoderKlConfig,
+    pub text_config: clip_text::ClipTextConfig,
     pub tokenizer: ClipTokenizer,
     pub scheduler_config: scheduler::SchedulerConfig,
 }
@@ -258,8 +260,8 @@ impl SingleFile {
         let unet_cfg: sd_unet::UNetConfig = serde_json::from_value(unet_config.clone())
             .map_err(|e| Error::Json { path: cfg_path("unet"), cause: e })?;
         unet_cfg.validate().map_err(|m| config_error(&cfg_path("unet"), m))?;
-        let vae_cfg = sd_vae::AutoencoderKlConfig::from_json(vae_config.clone(), &cfg_path("vae"))?;
-        let text_cfg = clip_text::ClipTextConfig::from_json(text_config.clone(), &cfg_path("text_encoder"))?;
+        let vae_cfg = sd_vae::AutoencoderKlConfig::from_json(vae_config, &cfg_path("vae"))?;
+        let text_cfg = clip_text::ClipTextConfig::from_json(text_config, &cfg_path("text_encoder"))?;
 
         let view = |part: &str, entries: Vec<clip_text::ldm::Entry>| file.derive(&format!("{name} [{part}]"), entries);
         let place =
@@ -289,9 +291,10 @@ impl SingleFile {
             vae: view("vae", vae_entries)?,
             text_encoder: view("text encoder", text_entries)?,
             text_layout,
-            unet_config,
-            vae_config,
-            text_config,
+            unet_config_json: unet_config,
+            unet_config: unet_cfg,
+            vae_config: vae_cfg,
+            text_config: text_cfg,
             tokenizer,
             scheduler_config,
         })

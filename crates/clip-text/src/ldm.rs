@@ -106,8 +106,8 @@ fn block_index(k: &str) -> Option<usize> {
 
 /// A `CLIPTextModel` config (as `config.json`) from the shapes of either layout, keys
 /// without their prefix: widths, depth and vocabulary from the shapes, heads of 64 channels
-/// (ViT-L/14 and ViT-H/14 alike), QuickGELU for CLIP and GELU for OpenCLIP. OpenCLIP runs one
-/// block fewer than it has: SD 2.x takes the penultimate layer.
+/// (ViT-L/14 and ViT-H/14 alike), QuickGELU for CLIP and GELU for OpenCLIP. Of OpenCLIP's 24
+/// blocks SD 2.x runs 23 (it takes the penultimate layer); a file with fewer blocks runs them all.
 ///
 /// ```
 /// use std::collections::BTreeMap;
@@ -128,7 +128,10 @@ pub fn infer_config(shapes: &BTreeMap<String, Vec<usize>>, open_clip: bool) -> R
             get("token_embedding.weight")?,
             get("positional_embedding")?,
             get("transformer.resblocks.0.mlp.c_fc.weight")?,
-            n.saturating_sub(1),
+            // SD 2.x conditions on the penultimate of OpenCLIP ViT-H's 24 blocks. Files with
+            // fewer come from diffusers' conversion script (or `personalize export`), which
+            // writes only the 23 blocks the model runs.
+            if n >= 24 { n - 1 } else { n },
         )
     } else {
         let p = if shapes.keys().any(|k| k.starts_with("text_model.")) { "text_model." } else { "" };

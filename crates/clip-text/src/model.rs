@@ -157,9 +157,23 @@ impl<B: Backend> ClipTextModel<B> {
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         let cfg = ClipTextConfig::load(dir)?;
         let ckpt = Checkpoint::open_dir(dir, &["model"])?;
-        let w = Weights::new(&ckpt, device);
-        let prefix = key_prefix(&ckpt);
-        let m = Self::from_weights(&cfg, &w.pp(prefix.trim_end_matches('.')))?;
+        Self::from_checkpoint(&cfg, &ckpt, device)
+    }
+
+    /// Builds the model from a transformers checkpoint (keys under `text_model.` or at the
+    /// root, see [`key_prefix`]), every tensor used but the position ids and a projection head.
+    ///
+    /// ```no_run
+    /// use burn_flex::{Flex, FlexDevice};
+    /// let cfg = clip_text::ClipTextConfig::load("sd/text_encoder".as_ref())?;
+    /// let ckpt = model_io::Checkpoint::open_dir("sd/text_encoder".as_ref(), &["model"])?;
+    /// let te = clip_text::ClipTextModel::<Flex>::from_checkpoint(&cfg, &ckpt, &FlexDevice)?;
+    /// # Ok::<(), model_io::Error>(())
+    /// ```
+    pub fn from_checkpoint(cfg: &ClipTextConfig, ckpt: &Checkpoint, device: &B::Device) -> Result<Self> {
+        let w = Weights::new(ckpt, device);
+        let prefix = key_prefix(ckpt);
+        let m = Self::from_weights(cfg, &w.pp(prefix.trim_end_matches('.')))?;
         // Buffers and heads the encoder does not use.
         w.finish(&[&format!("{prefix}embeddings.position_ids"), "text_projection"])?;
         Ok(m)

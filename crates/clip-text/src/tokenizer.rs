@@ -200,6 +200,32 @@ impl ClipTokenizer {
     /// assert_eq!(sd2.special_ids().2, 0);
     /// # Ok::<(), model_io::Error>(())
     /// ```
+    /// The bundled vocabulary as a `tokenizer/` folder's files (`vocab.json`, `merges.txt`,
+    /// `tokenizer_config.json`, `special_tokens_map.json`), padding with `pad_token` when given:
+    /// what an exported diffusers folder holds for [`ClipTokenizer::bundled`].
+    ///
+    /// ```
+    /// let files = clip_text::ClipTokenizer::bundled_files(Some("!"));
+    /// assert!(files.iter().any(|(n, t)| *n == "tokenizer_config.json" && t.contains(r#""pad_token":"!""#)));
+    /// ```
+    pub fn bundled_files(pad_token: Option<&str>) -> Vec<(&'static str, String)> {
+        let with_pad = |text: &str| -> String {
+            match (pad_token, serde_json::from_str::<Value>(text)) {
+                (Some(pad), Ok(Value::Object(mut o))) => {
+                    o.insert("pad_token".into(), Value::String(pad.to_string()));
+                    Value::Object(o).to_string()
+                }
+                _ => text.to_string(),
+            }
+        };
+        vec![
+            ("vocab.json", include_str!("../vocab/vocab.json").to_string()),
+            ("merges.txt", include_str!("../vocab/merges.txt").to_string()),
+            ("tokenizer_config.json", with_pad(include_str!("../vocab/tokenizer_config.json"))),
+            ("special_tokens_map.json", with_pad(include_str!("../vocab/special_tokens_map.json"))),
+        ]
+    }
+
     pub fn bundled(pad_token: Option<&str>) -> Result<Self> {
         let dir = Path::new("(bundled CLIP vocabulary)");
         let json = |name: &str, text: &str| -> Result<Value> {

@@ -42,6 +42,22 @@ fn bundled_vocabulary_gives_the_known_ids() {
     assert_eq!(ids.len(), 77);
 }
 
+/// The files an exported folder gets for the bundled vocabulary load as the bundled tokenizer,
+/// with its padding (SD 2.x pads with `!`, id 0).
+#[test]
+fn bundled_files_load_as_the_bundled_tokenizer() {
+    for pad in [None, Some("!")] {
+        let d = tempfile::tempdir().unwrap();
+        for (name, text) in ClipTokenizer::bundled_files(pad) {
+            std::fs::write(d.path().join(name), text).unwrap();
+        }
+        let from_files = ClipTokenizer::from_dir(d.path()).unwrap().encode("a photo of a cat").unwrap();
+        let bundled = ClipTokenizer::bundled(pad).unwrap().encode("a photo of a cat").unwrap();
+        assert_eq!(from_files, bundled, "{pad:?}");
+        assert_eq!(bundled[76], if pad.is_some() { 0 } else { 49407 }, "{pad:?}");
+    }
+}
+
 /// The corpus of `cargo xtask fixtures tokenizer` (>= 2,000 prompts in many scripts and SD
 /// prompt syntax) through transformers 5's CLIPTokenizer, for each published folder layout and
 /// for the tokenizer.json transformers 5 saves: not one id may differ.

@@ -24,7 +24,8 @@ pub struct TensorInfo {
 #[derive(Clone)]
 pub(crate) struct Shard {
     path: PathBuf,
-    map: Arc<Mmap>,
+    /// The file's memory map; `None` for values held in memory ([`Checkpoint::set_f32`]).
+    map: Option<Arc<Mmap>>,
     /// The same mapping as reference-counted bytes, for tensors that borrow it.
     shared: bytes::Bytes,
     data_start: usize,
@@ -163,7 +164,7 @@ impl Checkpoint {
             }
             ckpt.metadata.extend(meta);
             let shared = bytes::Bytes::from_owner(SharedMap(map.clone()));
-            ckpt.shards.push(Shard { path: path.clone(), map, shared, data_start });
+            ckpt.shards.push(Shard { path: path.clone(), map: Some(map), shared, data_start });
         }
         Ok(ckpt)
     }
@@ -256,9 +257,10 @@ impl Checkpoint {
         let mut h = Fnv64::new();
         let mut feed = |bytes: &[u8]| h.feed(bytes);
         for s in &self.shards {
-            feed(&s.map[..s.data_start]);
-            feed(&(s.map.len() as u64).to_le_bytes());
-            let data = &s.map[s.data_start..];
+            let Some(map) = &s.map else { continue };
+            feed(&map[..s.data_start]);
+            feed(&(map.len() as u64).to_le_bytes());
+            let data = &map[s.data_start..];
             let n = 64usize;
             for i in 0..n {
                 let start = data.len().saturating_sub(4096) * i / (n - 1);
@@ -281,9 +283,42 @@ impl Checkpoint {
         self.tensors.get(name).map(|i| self.shards[i.shard].path.as_path())
     }
 
+    /// Replaces tensor `name` by `values` (f32, the same element count) held in memory: a
+    /// patched weight, such as a LoRA merged into its base layer. Reads, views
+    /// ([`Checkpoint::derive`]) and [`Checkpoint::fingerprint`] see the new values; the file is
+    /// not touched. `source` names where they came from, for messages.
+    ///
+    /// ```no_run
+    /// let mut ckpt = model_io::Checkpoint::open_dir("sd/unet".as_ref(), &["diffusion_pytorch_model"])?;
+    /// let (mut w, _) = ckpt.read_f32("conv_in.weight")?;
+    /// w.iter_mut().for_each(|v| *v *= 2.0);
+    /// ckpt.set_f32("conv_in.weight", w, "doubled".as_ref())?;
+    /// # Ok::<(), model_io::Error>(())
+    /// ```
+    pub fn set_f32(&mut self, name: &str, values: Vec<f32>, source: &Path) -> Result<()> {
+        let info = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
+        let numel: usize = info.shape.iter().product();
+        if values.len() != numel {
+            return Err(Error::invalid(format!(
+                "{}: `{name}` has {numel} elements ({:?}); {} values cannot replace them",
+                self.name,
+                info.shape,
+                values.len()
+            )));
+        }
+        let shape = info.shape.clone();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let end = bytes.len();
+        let shared = bytes::Bytes::from(bytes);
+        self.shards.push(Shard { path: source.to_path_buf(), map: None, shared, data_start: 0 });
+        let shard = self.shards.len() - 1;
+        self.tensors.insert(name.to_string(), TensorInfo { dtype: "F32".into(), shape, shard, start: 0, end });
+        Ok(())
+    }
+
     fn bytes(&self, info: &TensorInfo) -> &[u8] {
         let s = &self.shards[info.shard];
-        &s.map[s.data_start + info.start..s.data_start + info.end]
+        &s.shared[s.data_start + info.start..s.data_start + info.end]
     }
 
     /// The error for reading `name`, which is not in any shard on disk.
@@ -352,11 +387,12 @@ impl Checkpoint {
         #[cfg(unix)]
         {
             let s = &self.shards[info.shard];
+            let Some(map) = &s.map else { return };
             // SAFETY: the map is read-only and backed by the file, so MADV_DONTNEED only drops
             // page-table entries: a later read of the range faults the same bytes back in from
             // the page cache or the file. Best effort: an error leaves the pages mapped.
             let _ = unsafe {
-                s.map.unchecked_advise_range(
+                map.unchecked_advise_range(
                     memmap2::UncheckedAdvice::DontNeed,
                     s.data_start + info.start,
                     info.end - info.start,

@@ -201,9 +201,21 @@ pub fn write_f32_streamed(
     entries: &BTreeMap<String, Vec<usize>>,
     fill: &mut dyn FnMut(&str) -> Result<Vec<f32>>,
 ) -> Result<u64> {
+    write_f32_streamed_with_metadata(path, entries, &BTreeMap::new(), fill)
+}
+
+/// [`write_f32_streamed`] with string `metadata` in the header next to `format: pt`.
+pub fn write_f32_streamed_with_metadata(
+    path: &Path,
+    entries: &BTreeMap<String, Vec<usize>>,
+    metadata: &BTreeMap<String, String>,
+    fill: &mut dyn FnMut(&str) -> Result<Vec<f32>>,
+) -> Result<u64> {
     use std::io::{Seek, SeekFrom, Write};
     let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut meta = serde_json::Map::from_iter([("format".to_string(), serde_json::json!("pt"))]);
+    meta.extend(metadata.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))));
+    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
     let mut offsets = BTreeMap::new();
     let mut end = 0u64;
     for (k, shape) in entries {

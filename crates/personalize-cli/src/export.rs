@@ -63,3 +63,110 @@ pub fn run(a: &ExportLoraArgs) -> Result<()> {
     eprintln!("wrote {} ({} tensors)", a.out.display(), out.len());
     Ok(())
 }
+
+/// What `merge-lora` and `export` write.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelFormat {
+    /// A diffusers folder (`StableDiffusionPipeline.from_pretrained`; `--base DIR` here).
+    Diffusers,
+    /// One `.safetensors` file in the LDM layout (A1111, ComfyUI, Forge, `from_single_file`;
+    /// `--base FILE` here).
+    SingleFile,
+}
+
+/// The base model arguments `merge-lora` and `export` share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BaseArgs {
+    /// Single-file --base only: a diffusers folder with the file's configs (as for generate).
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
+    /// Single-file --base only: `epsilon` or `v_prediction` (as for generate).
+    #[arg(long, value_name = "TYPE", value_parser = ["epsilon", "v_prediction"])]
+    pub prediction_type: Option<String>,
+    /// The layout to write.
+    #[arg(long, value_enum, default_value = "diffusers")]
+    pub format: ModelFormat,
+    /// The folder (diffusers) or file (single-file) to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace `--out` if it exists instead of refusing.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// Bakes LoRAs into a base model: its UNet and text encoder with every `--lora` merged at its
+/// weight (as `generate --lora` applies them), written as a diffusers folder or a single file
+/// (f32 weights).
+#[derive(clap::Args, Debug, Clone)]
+#[command(allow_negative_numbers = true)]
+pub struct MergeLoraArgs {
+    /// The base model: a diffusers folder, a preset or fetched repo id, or a single file.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// A LoRA and its weight (default 1.0); repeatable, they add up. PEFT and kohya layouts.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", required = true)]
+    pub loras: Vec<personalize::LoraSpec>,
+    #[command(flatten)]
+    pub common: BaseArgs,
+}
+
+/// Writes a concept's base model with the concept's UNet change merged (its LoRA, or its
+/// fine-tuned UNet), and any `--lora`, for tools that load plain Stable Diffusion models. They
+/// get the UNet change only: the visual-prompt tokens (aligner and BLIP-2 queries) need
+/// `personalize generate --concept`, so the concept is reproduced there only in part.
+#[derive(clap::Args, Debug, Clone)]
+#[command(allow_negative_numbers = true)]
+pub struct ExportArgs {
+    /// A concept folder from `personalize train`.
+    #[arg(long)]
+    pub concept: PathBuf,
+    /// The base model (default: the one the concept records it was trained on).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// More LoRAs to merge, with their weights.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    pub loras: Vec<personalize::LoraSpec>,
+    /// Export even if the concept was trained on another base model.
+    #[arg(long)]
+    pub allow_base_mismatch: bool,
+    #[command(flatten)]
+    pub common: BaseArgs,
+}
+
+fn write(base: personalize::Base, concept: Option<&std::path::Path>, allow: bool, c: &BaseArgs) -> Result<()> {
+    let base = personalize::Base { config: c.config.clone(), prediction_type: c.prediction_type.clone(), ..base };
+    if c.out.exists() && !c.overwrite {
+        bail!("{} exists; pass --overwrite to replace it", c.out.display());
+    }
+    let spinner = indicatif::ProgressBar::new_spinner().with_message("merging");
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let dev = crate::backend::device();
+    let m = personalize::MergedModel::open::<crate::backend::B>(&base, concept, allow, &dev)
+        .with_context(|| format!("loading base model {}", base.path.display()))?;
+    spinner.set_message(format!("writing {}", c.out.display()));
+    match c.format {
+        ModelFormat::Diffusers => m.write_diffusers(&c.out, c.overwrite)?,
+        ModelFormat::SingleFile => m.write_single_file(&c.out, c.overwrite)?,
+    }
+    spinner.finish_and_clear();
+    eprintln!("wrote {}", c.out.display());
+    Ok(())
+}
+
+/// `personalize merge-lora`.
+pub fn merge_lora(a: &MergeLoraArgs) -> Result<()> {
+    write(personalize::Base::new(&a.base).with_loras(a.loras.clone()), None, false, &a.common)
+}
+
+/// `personalize export`.
+pub fn export(a: &ExportArgs) -> Result<()> {
+    let base = match &a.base {
+        Some(b) => b.clone(),
+        None => {
+            let info: personalize::ConceptInfo = model_io::read_config(&a.concept, "concept.json")?;
+            hub::resolve_model(&info.base_model)
+                .with_context(|| format!("the base model {} records; pass --base", a.concept.display()))?
+        }
+    };
+    write(personalize::Base::new(base).with_loras(a.loras.clone()), Some(&a.concept), a.allow_base_mismatch, &a.common)
+}

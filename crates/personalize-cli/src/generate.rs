@@ -36,6 +36,12 @@ pub struct GenerateCli {
     /// config's, else epsilon.
     #[arg(long, value_name = "TYPE", value_parser = ["epsilon", "v_prediction"])]
     pub prediction_type: Option<String>,
+    /// A LoRA merged into the base model's UNet and text encoder, with its weight (default 1.0);
+    /// repeatable, the LoRAs add up (as diffusers' `set_adapters` with `adapter_weights`). Reads
+    /// diffusers/PEFT files (`unet.…lora_A/lora_B`, `text_encoder.…`) and kohya/A1111 files
+    /// (`lora_unet_…`, `lora_te_…`, `lora_down/lora_up/alpha`, LoCon on convolutions).
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    pub loras: Vec<personalize::LoraSpec>,
     /// What to draw. Required unless --params-from gives it.
     #[arg(long, required_unless_present = "params_from")]
     pub prompt: Option<String>,
@@ -107,6 +113,7 @@ pub struct GenerateArgs {
     /// `--config` and `--prediction-type` (single-file bases).
     pub base_config: Option<PathBuf>,
     pub prediction_type: Option<String>,
+    pub loras: Vec<personalize::LoraSpec>,
     pub opts: GenerateOptions,
     pub seed_given: bool,
     pub latents: Option<PathBuf>,
@@ -136,6 +143,7 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
             base,
             base_config: cli.config,
             prediction_type: cli.prediction_type,
+            loras: cli.loras,
             opts: GenerateOptions {
                 prompt,
                 negative_prompt: cli.negative_prompt,
@@ -164,10 +172,23 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
     if cli.latents.is_some() && cli.num_images.is_some() {
         bail!("--num-images and --latents both set the number of images; give one of them");
     }
-    let base = match (cli.base, &s.base) {
-        (Some(b), _) => b,
-        (None, Some(b)) => resolve_model(b, "base model", &image)?,
+    // The image's --config and --prediction-type go with its base; its LoRAs unless --lora.
+    let (base, base_config, prediction_type) = match (cli.base, &s.base) {
+        (Some(b), _) => (b, cli.config, cli.prediction_type),
+        (None, Some(b)) => (
+            resolve_model(b, "base model", &image)?,
+            cli.config.or_else(|| s.config.as_ref().map(PathBuf::from)),
+            cli.prediction_type.or_else(|| s.prediction_type.clone()),
+        ),
         (None, None) => bail!("{} records no base model; pass --base", image.display()),
+    };
+    let loras = if cli.loras.is_empty() {
+        s.loras
+            .iter()
+            .map(|l| l.parse().with_context(|| format!("the LoRA recorded in {}", image.display())))
+            .collect::<Result<Vec<personalize::LoraSpec>>>()?
+    } else {
+        cli.loras
     };
     // The reference images belong to the image's concept; its latents to its seed and size.
     let image_concept = cli.concept.is_none();
@@ -192,8 +213,9 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
     };
     Ok(GenerateArgs {
         base,
-        base_config: cli.config,
-        prediction_type: cli.prediction_type,
+        base_config,
+        prediction_type,
+        loras,
         opts: GenerateOptions {
             prompt: cli.prompt.unwrap_or(s.prompt),
             negative_prompt: cli.negative_prompt.or(s.negative_prompt),
@@ -262,6 +284,7 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
             path: a.base.clone(),
             config: a.base_config.clone(),
             prediction_type: a.prediction_type.clone(),
+            loras: a.loras.clone(),
         },
         &dev,
     )
@@ -305,6 +328,9 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
     // Everything the images record, checked before any sampling.
     let mut settings = pipe.image_settings(&a.opts)?;
     settings.base = Some(absolute(&a.base));
+    settings.config = a.base_config.as_deref().map(absolute);
+    settings.prediction_type = a.prediction_type.clone();
+    settings.loras = a.loras.iter().map(|l| format!("{}:{}", absolute(&l.path), l.scale)).collect();
     settings.concept = a.concept.as_deref().map(absolute);
     settings.images = a.images.iter().map(|p| absolute(p)).collect();
     settings.blip2 = if a.images.is_empty() { None } else { a.blip2.as_deref().map(absolute) };

@@ -46,6 +46,8 @@ enum Command {
     Generate(generate::GenerateCli),
     Stage(stage::StageArgs),
     ExportLora(export::ExportLoraArgs),
+    MergeLora(export::MergeLoraArgs),
+    Export(export::ExportArgs),
 }
 
 /// `--base`, `--blip2` and `stage --model` take a folder, or a preset or repo id (with an
@@ -70,6 +72,14 @@ fn resolve_models(command: &mut Command) -> Result<(), hub::Error> {
         }
         Command::Stage(a) => resolve(&mut a.model),
         Command::ExportLora(_) => Ok(()),
+        Command::MergeLora(a) => {
+            resolve(&mut a.base)?;
+            a.common.config.as_mut().map_or(Ok(()), resolve)
+        }
+        Command::Export(a) => {
+            a.base.as_mut().map_or(Ok(()), resolve)?;
+            a.common.config.as_mut().map_or(Ok(()), resolve)
+        }
     }
 }
 
@@ -154,6 +164,8 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Stage(a) => stage::run(&a),
         Command::ExportLora(a) => export::run(&a),
+        Command::MergeLora(a) => export::merge_lora(&a),
+        Command::Export(a) => export::export(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

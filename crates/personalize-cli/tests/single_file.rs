@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{fixtures, one_line_error, run};
+use common::{fixtures, one_line_error, parity_args, run};
 
 use std::collections::BTreeMap;
 
@@ -21,29 +21,8 @@ fn generate_from_a_single_file_with_config_makes_diffusers_images() {
     let out = d.path().join("out");
     let file = support::write_single_file(&fixtures(), "sd2", d.path());
     let config = fixtures().join("pipeline");
-    let (ok, err) = run(&[
-        "generate",
-        "--base",
-        file.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-        "--prompt",
-        "a photo of a cat",
-        "--negative-prompt",
-        "blurry",
-        "--steps",
-        "4",
-        "--scheduler",
-        "ddim",
-        "--height",
-        "32",
-        "--width",
-        "48",
-        "--latents",
-        lat.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (file, config) = (file.to_str().unwrap(), config.to_str().unwrap());
+    let (ok, err) = run(&parity_args(file, lat.to_str().unwrap(), out.to_str().unwrap(), &["--config", config]));
     assert!(ok, "{err}");
     let (img, _) = personalize::read_png(&out.join("0000.png")).unwrap();
     let r = io["sd2.images"].as_f32("images").unwrap();

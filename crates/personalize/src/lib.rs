@@ -18,8 +18,10 @@
 pub mod check;
 mod concept;
 mod error;
+mod export;
 mod image_out;
 pub mod interrupt;
+mod lora;
 pub mod memory;
 mod metadata;
 mod pipeline;
@@ -33,7 +35,9 @@ pub use error::{Error, Result};
 /// The concept's UNet LoRA in kohya's layout (`lora_unet_*`), which `train` writes next to
 /// `unet_lora.safetensors` for A1111, ComfyUI and kohya's tools.
 pub const KOHYA_LORA_FILE: &str = "unet_lora.kohya.safetensors";
+pub use export::MergedModel;
 pub use image_out::{check_png_text, read_png, read_png_text, write_png, RgbImage};
+pub use lora::{merge_loras, LoraSpec, LoraSummary, LoraTarget};
 pub use metadata::{model_name, scheduler_in_use, ImageSettings, PARAMETERS_KEY, SETTINGS_KEY};
 pub use pipeline::{
     Base, Batches, GenerateOptions, GenerateRequest, Pipeline, PipelineParts, VisualPrompt, DEFAULT_MAX_BATCH,

@@ -54,6 +54,14 @@ pub struct ImageSettings {
     /// The base model folder.
     #[serde(default)]
     pub base: Option<String>,
+    /// Single-file bases: the `--config` folder and the `--prediction-type` given, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction_type: Option<String>,
+    /// LoRAs merged into the base (`--lora`), as `FILE:SCALE`, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<String>,
     /// The concept folder, if any.
     #[serde(default)]
     pub concept: Option<String>,
@@ -94,6 +102,9 @@ impl Default for ImageSettings {
             height: None,
             width: None,
             base: None,
+            config: None,
+            prediction_type: None,
+            loras: Vec::new(),
             concept: None,
             images: Vec::new(),
             blip2: None,
@@ -389,6 +400,9 @@ mod tests {
             height: Some(512),
             width: Some(768),
             base: Some("/models/stable-diffusion-v1-5".into()),
+            config: None,
+            prediction_type: None,
+            loras: vec!["/loras/ink.safetensors:0.6".into()],
             concept: Some("concepts/猫".into()),
             images: vec!["ref.png".into()],
             blip2: Some("blip2".into()),

@@ -126,18 +126,25 @@ impl<B: Backend> Pipeline<B> {
             }
         }
         let unet_dir = dir.join("unet");
-        let ckpt = Checkpoint::open_dir(&unet_dir, &["diffusion_pytorch_model"])?;
+        let mut ckpt = Checkpoint::open_dir(&unet_dir, &["diffusion_pytorch_model"])?;
+        // Of the base's own weights: a concept trained on it applies with LoRAs merged too.
         let (unet_fingerprint, unet_fingerprint_legacy) = (ckpt.fingerprint(), ckpt.legacy_fingerprint());
         let base_unet_shapes = shapes(&ckpt);
-        drop(ckpt);
         let unet_cfg = sd_unet::UNetConfig::load(&unet_dir)?;
         let unet_config_json = model_io::read_config(&unet_dir, "config.json")?;
         let vae_config = AutoencoderKlConfig::load(&dir.join("vae"))?;
         let scheduler_config = scheduler::SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
+        let text_dir = dir.join("text_encoder");
+        let text_config = clip_text::ClipTextConfig::load(&text_dir)?;
+        let mut text_ckpt = Checkpoint::open_dir(&text_dir, &["model"])?;
+        if !base.loras.is_empty() {
+            let ldm = sd_unet::ldm::key_map(&unet_cfg);
+            crate::merge_loras::<B>(&base.loras, &mut ckpt, Some(&ldm), &mut text_ckpt, device)?;
+        }
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
-            text_encoder: ClipTextModel::load(&dir.join("text_encoder"), device)?,
-            unet: UNet2DConditionModel::load(&unet_dir, device)?,
+            text_encoder: ClipTextModel::from_checkpoint(&text_config, &text_ckpt, device)?,
+            unet: UNet2DConditionModel::from_checkpoint(&unet_cfg, &ckpt, device)?,
             vae: AutoencoderKl::load(&dir.join("vae"), device)?,
             vae_config,
             base_path: dir.to_path_buf(),
@@ -156,8 +163,15 @@ impl<B: Backend> Pipeline<B> {
     }
 
     fn open_single_file(base: &Base, device: &B::Device) -> Result<Self> {
-        let f = crate::SingleFile::open(base)?;
+        let mut f = crate::SingleFile::open(base)?;
         let (unet_config, vae_config, text_config) = (f.unet_config, f.vae_config, f.text_config);
+        // Over the UNet's tensors under diffusers' keys (the same as the folder's), before LoRAs.
+        let unet_fingerprint = f.unet.fingerprint();
+        let base_unet_shapes = shapes(&f.unet);
+        if !base.loras.is_empty() {
+            let ldm = sd_unet::ldm::key_map(&unet_config);
+            crate::merge_loras::<B>(&base.loras, &mut f.unet, Some(&ldm), &mut f.text_encoder, device)?;
+        }
         fn built<'a, B: Backend>(ckpt: &'a Checkpoint, device: &B::Device) -> model_io::Weights<'a, B> {
             model_io::Weights::new(ckpt, device)
         }
@@ -179,11 +193,10 @@ impl<B: Backend> Pipeline<B> {
             vae_config,
             base_path: f.path.clone(),
             unet_config_json: f.unet_config_json,
-            base_unet_shapes: shapes(&f.unet),
+            base_unet_shapes,
             text_encoder_source: f.path.clone(),
             vae_source: f.path.clone(),
-            // Over the UNet's tensors under diffusers' keys: the same as the folder's.
-            unet_fingerprint: f.unet.fingerprint(),
+            unet_fingerprint,
             unet_fingerprint_legacy: String::new(),
             unet_config,
             unet_dir: f.path.clone(),

@@ -29,6 +29,8 @@ pub struct Base {
     pub config: Option<PathBuf>,
     /// Single files only: `epsilon` or `v_prediction`, over the file's metadata and the default.
     pub prediction_type: Option<String>,
+    /// LoRA files merged into the UNet and the text encoder as they load, in order.
+    pub loras: Vec<crate::LoraSpec>,
 }
 
 impl Base {
@@ -40,6 +42,12 @@ impl Base {
     /// With the configs of a diffusers folder.
     pub fn with_config(mut self, dir: impl Into<PathBuf>) -> Self {
         self.config = Some(dir.into());
+        self
+    }
+
+    /// With LoRAs merged in (`--lora FILE:SCALE`).
+    pub fn with_loras(mut self, loras: Vec<crate::LoraSpec>) -> Self {
+        self.loras = loras;
         self
     }
 
@@ -70,6 +78,9 @@ pub struct SingleFile {
     /// The UNet's `config.json` as read or inferred (what a full fine-tune writes).
     pub unet_config_json: serde_json::Value,
     pub unet_config: sd_unet::UNetConfig,
+    /// The VAE's and the text encoder's `config.json`, as read or inferred.
+    pub vae_config_json: serde_json::Value,
+    pub text_config_json: serde_json::Value,
     pub vae_config: sd_vae::AutoencoderKlConfig,
     pub text_config: clip_text::ClipTextConfig,
     pub tokenizer: ClipTokenizer,
@@ -260,8 +271,8 @@ impl SingleFile {
         let unet_cfg: sd_unet::UNetConfig = serde_json::from_value(unet_config.clone())
             .map_err(|e| Error::Json { path: cfg_path("unet"), cause: e })?;
         unet_cfg.validate().map_err(|m| config_error(&cfg_path("unet"), m))?;
-        let vae_cfg = sd_vae::AutoencoderKlConfig::from_json(vae_config, &cfg_path("vae"))?;
-        let text_cfg = clip_text::ClipTextConfig::from_json(text_config, &cfg_path("text_encoder"))?;
+        let vae_cfg = sd_vae::AutoencoderKlConfig::from_json(vae_config.clone(), &cfg_path("vae"))?;
+        let text_cfg = clip_text::ClipTextConfig::from_json(text_config.clone(), &cfg_path("text_encoder"))?;
 
         let view = |part: &str, entries: Vec<clip_text::ldm::Entry>| file.derive(&format!("{name} [{part}]"), entries);
         let place =
@@ -293,6 +304,8 @@ impl SingleFile {
             text_layout,
             unet_config_json: unet_config,
             unet_config: unet_cfg,
+            vae_config_json: vae_config,
+            text_config_json: text_config,
             vae_config: vae_cfg,
             text_config: text_cfg,
             tokenizer,

@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 
 use burn_flex::{Flex, FlexDevice};
 use model_io::tensor_file::{read_tensors, write_tensors, HostTensor};
-use personalize::{Base, GenerateOptions, GenerateRequest, Pipeline, RgbImage, SingleFile};
+use personalize::{Base, Pipeline, SingleFile};
 
+#[path = "support/images.rs"]
+mod images;
 #[path = "support/single_file.rs"]
 mod support;
 
@@ -15,12 +17,7 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-fn compare(ours: &[RgbImage], reference: &HostTensor) -> u8 {
-    let r = reference.as_f32("images").unwrap();
-    let ours: Vec<u8> = ours.iter().flat_map(|i| i.data.iter().copied()).collect();
-    assert_eq!(ours.len(), r.len(), "image sizes differ");
-    ours.iter().zip(r).map(|(a, b)| a.abs_diff((b * 255.0).round().clamp(0.0, 255.0) as u8)).max().unwrap_or(0)
-}
+use images::compare;
 
 #[test]
 fn single_files_generate_as_diffusers_from_single_file() {
@@ -32,18 +29,7 @@ fn single_files_generate_as_diffusers_from_single_file() {
         let base = Base::new(file).with_config(fixtures().join("pipeline"));
         assert_eq!(SingleFile::open(&base).unwrap().text_layout, layout);
         let pipe = Pipeline::<Flex>::open(&base, &FlexDevice).unwrap();
-        let opts = GenerateOptions {
-            prompt: "a photo of a cat".into(),
-            negative_prompt: Some("blurry".into()),
-            steps: 4,
-            guidance: 7.5,
-            scheduler: Some("ddim".into()),
-            height: Some(32),
-            width: Some(48),
-            ..Default::default()
-        };
-        let lat = io["latents"].to_float::<Flex, 4>("latents", &FlexDevice).unwrap();
-        let imgs = pipe.generate(GenerateRequest::new(&opts).latents(lat)).unwrap();
+        let imgs = images::generate_on(&pipe, &io["latents"]);
         let max = compare(&imgs, &io[&format!("{name}.images")]);
         eprintln!("{name}: max {max} levels against from_single_file");
         assert!(max <= 3, "{name}: {max} levels from diffusers' from_single_file");

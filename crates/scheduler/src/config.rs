@@ -479,6 +479,11 @@ impl SchedulerConfig {
         self.values.get("_class_name").and_then(Value::as_str)
     }
 
+    /// The config as JSON (what `scheduler_config.json` of an exported folder holds).
+    pub fn to_json(&self) -> Value {
+        Value::Object(self.values.clone())
+    }
+
     /// Sets a key, as a keyword argument to diffusers' `from_config` would.
     pub fn set(&mut self, key: &str, value: Value) {
         self.values.insert(key.to_string(), value);

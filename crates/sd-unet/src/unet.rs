@@ -48,8 +48,21 @@ impl<B: Backend> UNet2DConditionModel<B> {
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         let cfg = UNetConfig::load(dir)?;
         let ckpt = Checkpoint::open_dir(dir, &["diffusion_pytorch_model"])?;
-        let w = Weights::new(&ckpt, device);
-        let unet = Self::from_weights(&cfg, &w)?;
+        Self::from_checkpoint(&cfg, &ckpt, device)
+    }
+
+    /// Builds the model from a checkpoint under diffusers' keys, every tensor used.
+    ///
+    /// ```no_run
+    /// use burn_flex::{Flex, FlexDevice};
+    /// let cfg = sd_unet::UNetConfig::load("sd/unet".as_ref())?;
+    /// let ckpt = model_io::Checkpoint::open_dir("sd/unet".as_ref(), &["diffusion_pytorch_model"])?;
+    /// let unet = sd_unet::UNet2DConditionModel::<Flex>::from_checkpoint(&cfg, &ckpt, &FlexDevice)?;
+    /// # Ok::<(), model_io::Error>(())
+    /// ```
+    pub fn from_checkpoint(cfg: &UNetConfig, ckpt: &Checkpoint, device: &B::Device) -> Result<Self> {
+        let w = Weights::new(ckpt, device);
+        let unet = Self::from_weights(cfg, &w)?;
         w.finish(&[])?;
         Ok(unet)
     }

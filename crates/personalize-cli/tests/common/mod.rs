@@ -158,3 +158,32 @@ pub fn poison(file: &Path, name: &str, value: f32) -> String {
     write_tensors(file, &t, &meta).unwrap();
     key
 }
+
+/// `generate` as the parity fixtures run it (`a photo of a cat`, negative `blurry`, 4 DDIM
+/// steps, 32×48, fixed latents), with `extra` flags.
+#[allow(dead_code)]
+pub fn parity_args<'a>(base: &'a str, latents: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "generate",
+        "--base",
+        base,
+        "--prompt",
+        "a photo of a cat",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "4",
+        "--scheduler",
+        "ddim",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--latents",
+        latents,
+        "--out",
+        out,
+    ];
+    a.extend_from_slice(extra);
+    a
+}

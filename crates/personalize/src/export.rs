@@ -1,0 +1,403 @@
+//! A base model with LoRAs and a concept's UNet change merged into its weights, written as a
+//! diffusers folder (`StableDiffusionPipeline.from_pretrained`) or as a single file in the LDM
+//! layout (A1111, ComfyUI, `from_single_file`): `personalize merge-lora` and `personalize export`.
+//!
+//! The single file is written through the same key maps the loader reads
+//! ([`sd_unet::ldm::key_map`], [`sd_vae::ldm::key_map`], [`clip_text::ldm`]), so the two
+//! directions cannot disagree. Weights are written as f32.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use model_io::tensor_file::write_f32_streamed_with_metadata;
+use model_io::Checkpoint;
+use serde_json::Value;
+
+use crate::{Base, Concept, Error, LoraSpec, Result, UnetChange};
+
+/// Where an exported folder's tokenizer comes from.
+enum Tokenizer {
+    /// The base folder's (or `--config`'s) `tokenizer/`.
+    Folder(PathBuf),
+    /// The bundled CLIP vocabulary, padding with this token when given (SD 2.x: `!`).
+    Bundled(Option<String>),
+}
+
+/// The three models' weights (LoRAs merged) and their configs, ready to write.
+pub struct MergedModel {
+    pub unet: Checkpoint,
+    pub vae: Checkpoint,
+    pub text_encoder: Checkpoint,
+    unet_config: sd_unet::UNetConfig,
+    unet_config_json: Value,
+    vae_config: sd_vae::AutoencoderKlConfig,
+    vae_config_json: Value,
+    text_config_json: Value,
+    text_layers: usize,
+    /// SD 2.x's OpenCLIP text encoder (written in that layout in a single file).
+    open_clip: bool,
+    tokenizer: Tokenizer,
+    scheduler: Value,
+    /// A folder base, whose other files (VAE, tokenizer, scheduler, `model_index.json`, ...)
+    /// an exported folder copies.
+    folder: Option<PathBuf>,
+}
+
+impl MergedModel {
+    /// Opens `base` and merges its LoRAs and, when given, a concept's UNet change (its LoRA at
+    /// the concept's alpha, or its fine-tuned UNet). A concept trained on another base is an
+    /// error unless `allow_mismatch`.
+    ///
+    /// ```no_run
+    /// use burn_flex::{Flex, FlexDevice};
+    /// let base = personalize::Base::new("sd-v1-5").with_loras(vec!["ink.safetensors:0.8".parse()?]);
+    /// let m = personalize::MergedModel::open::<Flex>(&base, None, false, &FlexDevice)?;
+    /// m.write_diffusers("sd-v1-5-ink".as_ref(), false)?;
+    /// # Ok::<(), personalize::Error>(())
+    /// ```
+    pub fn open<B: Backend>(
+        base: &Base,
+        concept: Option<&Path>,
+        allow_mismatch: bool,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let mut m = if base.path.is_file() { Self::from_single_file(base)? } else { Self::from_folder(base)? };
+        let (fingerprint, legacy) = (m.unet.fingerprint(), m.unet.legacy_fingerprint());
+        let mut loras: Vec<(LoraSpec, Option<f64>)> = base.loras.iter().map(|l| (l.clone(), None)).collect();
+        if let Some(dir) = concept {
+            let c = Concept::<B>::load(dir, device)?;
+            let trained_on = &c.info.base_unet_fingerprint;
+            if trained_on != &fingerprint && (m.folder.is_none() || trained_on != &legacy) && !allow_mismatch {
+                return Err(Error::BaseMismatch {
+                    concept: dir.to_path_buf(),
+                    base: base.path.clone(),
+                    trained_on: c.info.base_unet_fingerprint.clone(),
+                    here: fingerprint,
+                    named: c.info.base_model.clone(),
+                });
+            }
+            match c.info.unet {
+                UnetChange::Lora => {
+                    loras.push((LoraSpec { path: dir.join("unet_lora.safetensors"), scale: 1.0 }, c.info.lora_alpha))
+                }
+                UnetChange::Full => {
+                    let unet_dir = dir.join("unet");
+                    m.unet = Checkpoint::open_dir(&unet_dir, &["diffusion_pytorch_model"])?;
+                    m.unet_config_json = model_io::read_config(&unet_dir, "config.json")?;
+                    m.unet_config = sd_unet::UNetConfig::load(&unet_dir)?;
+                }
+                UnetChange::Frozen => {}
+            }
+            tracing::warn!(
+                "{}: the export holds the concept's UNet change only; its visual-prompt tokens (aligner and \
+                 BLIP-2 queries) need `personalize generate --concept`",
+                dir.display()
+            );
+        }
+        if !loras.is_empty() {
+            let ldm = sd_unet::ldm::key_map(&m.unet_config);
+            crate::lora::merge_with_alphas::<B>(&loras, &mut m.unet, Some(&ldm), &mut m.text_encoder, device)?;
+        }
+        Ok(m)
+    }
+
+    fn from_folder(base: &Base) -> Result<Self> {
+        let dir = &base.path;
+        if !dir.join("model_index.json").is_file() {
+            return Err(Error::Config {
+                path: dir.join("model_index.json"),
+                message: "missing: not a diffusers pipeline folder (nor a single .safetensors file)".into(),
+            });
+        }
+        let text_config_json: Value = model_io::read_config(&dir.join("text_encoder"), "config.json")?;
+        let text_config =
+            clip_text::ClipTextConfig::from_json(text_config_json.clone(), &dir.join("text_encoder/config.json"))?;
+        let vae_config_json: Value = model_io::read_config(&dir.join("vae"), "config.json")?;
+        Ok(Self {
+            unet: Checkpoint::open_dir(&dir.join("unet"), &["diffusion_pytorch_model"])?,
+            vae: Checkpoint::open_dir(&dir.join("vae"), &["diffusion_pytorch_model"])?,
+            text_encoder: Checkpoint::open_dir(&dir.join("text_encoder"), &["model"])?,
+            unet_config: sd_unet::UNetConfig::load(&dir.join("unet"))?,
+            unet_config_json: model_io::read_config(&dir.join("unet"), "config.json")?,
+            vae_config: sd_vae::AutoencoderKlConfig::from_json(vae_config_json.clone(), &dir.join("vae/config.json"))?,
+            vae_config_json,
+            open_clip: text_config_json.get("hidden_act").and_then(Value::as_str) == Some("gelu"),
+            text_layers: text_config.num_hidden_layers,
+            text_config_json,
+            tokenizer: Tokenizer::Folder(dir.join("tokenizer")),
+            scheduler: model_io::read_config(&dir.join("scheduler"), "scheduler_config.json")?,
+            folder: Some(dir.clone()),
+        })
+    }
+
+    fn from_single_file(base: &Base) -> Result<Self> {
+        let f = crate::SingleFile::open(base)?;
+        let open_clip = f.text_layout == crate::TextLayout::OpenClip;
+        Ok(Self {
+            unet: f.unet,
+            vae: f.vae,
+            text_encoder: f.text_encoder,
+            unet_config: f.unet_config,
+            unet_config_json: f.unet_config_json,
+            vae_config: f.vae_config,
+            vae_config_json: f.vae_config_json,
+            text_layers: f.text_config.num_hidden_layers,
+            text_config_json: f.text_config_json,
+            open_clip,
+            tokenizer: match &base.config {
+                Some(d) => Tokenizer::Folder(d.join("tokenizer")),
+                None => Tokenizer::Bundled(open_clip.then(|| "!".to_string())),
+            },
+            scheduler: f.scheduler_config.to_json(),
+            folder: None,
+        })
+    }
+
+    /// Writes a diffusers `StableDiffusionPipeline` folder at `out` (f32 weights): built in a
+    /// temporary folder beside it and renamed into place, so an interrupted export leaves no
+    /// half folder. An existing `out` is an error unless `overwrite`.
+    pub fn write_diffusers(&self, out: &Path, overwrite: bool) -> Result<()> {
+        refuse_existing(out, overwrite)?;
+        let tmp = sibling(out, "partial");
+        let _ = std::fs::remove_dir_all(&tmp);
+        let result = (|| -> Result<()> {
+            mkdir(&tmp)?;
+            if let Some(folder) = &self.folder {
+                // Everything but the weights that changed: the VAE, tokenizer, scheduler, index
+                // and whatever else the pipeline carries (safety checker, feature extractor).
+                copy_tree(folder, &tmp, &|rel| rel.starts_with("unet") || rel.starts_with("text_encoder"))?;
+            } else {
+                write_json(&tmp.join("model_index.json"), &self.model_index())?;
+                mkdir(&tmp.join("vae"))?;
+                write_json(&tmp.join("vae/config.json"), &f32_config(&self.vae_config_json))?;
+                write_checkpoint(&self.vae, &tmp.join("vae/diffusion_pytorch_model.safetensors"))?;
+                mkdir(&tmp.join("scheduler"))?;
+                write_json(&tmp.join("scheduler/scheduler_config.json"), &self.scheduler)?;
+                mkdir(&tmp.join("tokenizer"))?;
+                match &self.tokenizer {
+                    Tokenizer::Folder(d) => copy_tree(d, &tmp.join("tokenizer"), &|_| false)?,
+                    Tokenizer::Bundled(pad) => {
+                        for (name, text) in clip_text::ClipTokenizer::bundled_files(pad.as_deref()) {
+                            model_io::write_atomic(&tmp.join("tokenizer").join(name), text.as_bytes())?;
+                        }
+                    }
+                }
+            }
+            mkdir(&tmp.join("unet"))?;
+            write_json(&tmp.join("unet/config.json"), &f32_config(&self.unet_config_json))?;
+            write_checkpoint(&self.unet, &tmp.join("unet/diffusion_pytorch_model.safetensors"))?;
+            mkdir(&tmp.join("text_encoder"))?;
+            write_json(&tmp.join("text_encoder/config.json"), &f32_config(&self.text_config_json))?;
+            write_checkpoint(&self.text_encoder, &tmp.join("text_encoder/model.safetensors"))?;
+            replace(&tmp, out)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+
+    /// `model_index.json` for a folder made from a single file.
+    fn model_index(&self) -> Value {
+        let scheduler = self.scheduler.get("_class_name").and_then(Value::as_str).unwrap_or("PNDMScheduler");
+        serde_json::json!({
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.42.1",
+            "feature_extractor": [null, null],
+            "requires_safety_checker": false,
+            "safety_checker": [null, null],
+            "scheduler": ["diffusers", scheduler],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        })
+    }
+
+    /// Every tensor of the single file: its key, shape and how it is made from the models'.
+    fn single_file_entries(&self) -> Result<Entries> {
+        let mut out = BTreeMap::new();
+        let shape = |c: &Checkpoint, k: &str| c.info(k).map(|i| i.shape.clone()).unwrap_or_default();
+        let no_place =
+            |what: &str, k: &str| Error::invalid(format!("`{k}` of the {what} has no place in a single file"));
+        let unet_map = sd_unet::ldm::key_map(&self.unet_config);
+        for k in self.unet.names() {
+            let file = unet_map.to_file(k).ok_or_else(|| no_place("UNet", k))?;
+            out.insert(
+                format!("{}{file}", sd_unet::ldm::PREFIX),
+                (shape(&self.unet, k), vec![(Part::Unet, k.to_string())]),
+            );
+        }
+        let vae_map = sd_vae::ldm::key_map(&self.vae_config);
+        for k in self.vae.names() {
+            let file = vae_map.to_file(k).ok_or_else(|| no_place("VAE", k))?;
+            let s = sd_vae::ldm::file_shape(k, &shape(&self.vae, k));
+            out.insert(format!("{}{file}", sd_vae::ldm::PREFIXES[0]), (s, vec![(Part::Vae, k.to_string())]));
+        }
+        let prefix = clip_text::key_prefix(&self.text_encoder);
+        let open_clip_map = clip_text::ldm::open_clip_key_map(self.text_layers);
+        let mut fused: BTreeMap<String, [Option<String>; 3]> = BTreeMap::new();
+        for k in self.text_encoder.names() {
+            if k.ends_with("embeddings.position_ids") {
+                continue;
+            }
+            // The model's key as `text_model.…`, whichever transformers release saved it.
+            let model = format!("text_model.{}", k.strip_prefix(prefix).unwrap_or(k));
+            let s = shape(&self.text_encoder, k);
+            if !self.open_clip {
+                out.insert(format!("{}{model}", clip_text::ldm::CLIP_PREFIX), (s, vec![(Part::Text, k.to_string())]));
+                continue;
+            }
+            let qkv = ["q_proj", "k_proj", "v_proj"].iter().enumerate().find_map(|(j, p)| {
+                ["weight", "bias"].iter().find_map(|kind| {
+                    let stem = model.strip_suffix(&format!(".self_attn.{p}.{kind}"))?;
+                    Some((j, format!("{stem}|{kind}")))
+                })
+            });
+            match qkv {
+                Some((j, slot)) => fused.entry(slot).or_default()[j] = Some(k.to_string()),
+                None => {
+                    let file = open_clip_map.to_file(&model).ok_or_else(|| no_place("text encoder", k))?;
+                    out.insert(
+                        format!("{}{file}", clip_text::ldm::OPEN_CLIP_PREFIX),
+                        (s, vec![(Part::Text, k.to_string())]),
+                    );
+                }
+            }
+        }
+        for (slot, parts) in fused {
+            let (stem, kind) = slot.split_once('|').unwrap_or((&slot, "weight"));
+            let file = open_clip_map.to_file(stem).ok_or_else(|| no_place("text encoder", stem))?;
+            let [Some(q), Some(k), Some(v)] = parts else {
+                return Err(Error::invalid(format!("{stem}: q/k/v projections are not all present to fuse")));
+            };
+            let mut s = shape(&self.text_encoder, &q);
+            if let Some(rows) = s.first_mut() {
+                *rows *= 3;
+            }
+            let key = format!("{}{file}.attn.in_proj_{kind}", clip_text::ldm::OPEN_CLIP_PREFIX);
+            out.insert(key, (s, vec![(Part::Text, q), (Part::Text, k), (Part::Text, v)]));
+        }
+        Ok(out)
+    }
+
+    /// Writes one `.safetensors` file in the LDM layout (f32; the prediction type in
+    /// `modelspec.prediction_type`), atomically. An existing `out` is an error unless `overwrite`.
+    pub fn write_single_file(&self, out: &Path, overwrite: bool) -> Result<()> {
+        refuse_existing(out, overwrite)?;
+        let entries = self.single_file_entries()?;
+        let shapes: BTreeMap<String, Vec<usize>> = entries.iter().map(|(k, (s, _))| (k.clone(), s.clone())).collect();
+        let mut meta = BTreeMap::new();
+        if let Some(p) = self.scheduler.get("prediction_type").and_then(Value::as_str) {
+            meta.insert("modelspec.prediction_type".to_string(), if p == "v_prediction" { "v" } else { p }.to_string());
+        }
+        write_f32_streamed_with_metadata(out, &shapes, &meta, &mut |key| {
+            let mut values = Vec::new();
+            for (part, k) in entries.get(key).map(|e| e.1.as_slice()).unwrap_or_default() {
+                let ckpt = match part {
+                    Part::Unet => &self.unet,
+                    Part::Vae => &self.vae,
+                    Part::Text => &self.text_encoder,
+                };
+                values.extend(ckpt.read_f32(k)?.0);
+            }
+            Ok(values)
+        })?;
+        Ok(())
+    }
+}
+
+/// Each single-file tensor: its shape and the model tensors whose rows, in order, make it.
+type Entries = BTreeMap<String, (Vec<usize>, Vec<(Part, String)>)>;
+
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    Unet,
+    Vae,
+    Text,
+}
+
+fn refuse_existing(out: &Path, overwrite: bool) -> Result<()> {
+    if out.exists() && !overwrite {
+        return Err(Error::invalid(format!("{} exists; pass --overwrite to replace it", out.display())));
+    }
+    Ok(())
+}
+
+/// `out`'s sibling `.<name>.<what>-<pid>`, on the same file system for the rename.
+fn sibling(out: &Path, what: &str) -> PathBuf {
+    let name = out.file_name().map_or_else(|| "export".into(), |n| n.to_string_lossy().to_string());
+    out.with_file_name(format!(".{name}.{what}-{}", std::process::id()))
+}
+
+/// Moves the finished `tmp` to `out`, the old `out` (with `--overwrite`) only removed after.
+fn replace(tmp: &Path, out: &Path) -> Result<()> {
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| Error::Io { path: p, cause: e }
+    };
+    if out.exists() {
+        let old = sibling(out, "old");
+        std::fs::rename(out, &old).map_err(io(out))?;
+        std::fs::rename(tmp, out).map_err(io(out))?;
+        let _ = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
+        return Ok(());
+    }
+    std::fs::rename(tmp, out).map_err(io(out))
+}
+
+fn mkdir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), cause: e })
+}
+
+/// A model's `config.json` for f32 weights: transformers loads in the `dtype` (or older
+/// `torch_dtype`) a config names, which would make f16 of the f32 weights written.
+fn f32_config(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        for k in ["dtype", "torch_dtype"] {
+            if o.contains_key(k) {
+                o.insert(k.to_string(), Value::String("float32".into()));
+            }
+        }
+    }
+    v
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+    Ok(model_io::write_atomic(path, text.as_bytes())?)
+}
+
+/// Copies `src` into `dst` (following links, as the Hugging Face cache's snapshots are), but
+/// the entries whose path relative to `src` `skip` names.
+fn copy_tree(src: &Path, dst: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<()> {
+    fn walk(root: &Path, dir: &Path, dst: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<()> {
+        let io = |p: &Path, e| Error::Io { path: p.to_path_buf(), cause: e };
+        for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+            let path = entry.map_err(|e| io(dir, e))?.path();
+            let rel = path.strip_prefix(root).unwrap_or(&path);
+            if skip(rel) || rel.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let to = dst.join(rel);
+            if path.is_dir() {
+                mkdir(&to)?;
+                walk(root, &path, dst, skip)?;
+            } else {
+                std::fs::copy(&path, &to).map_err(|e| io(&path, e))?;
+            }
+        }
+        Ok(())
+    }
+    walk(src, src, dst, skip)
+}
+
+/// A checkpoint's tensors (as f32, LoRAs merged) as one safetensors file, in key order.
+fn write_checkpoint(ckpt: &Checkpoint, path: &Path) -> Result<()> {
+    let shapes: BTreeMap<String, Vec<usize>> =
+        ckpt.names().filter_map(|k| Some((k.to_string(), ckpt.info(k)?.shape.clone()))).collect();
+    write_f32_streamed_with_metadata(path, &shapes, &BTreeMap::new(), &mut |k| Ok(ckpt.read_f32(k)?.0))?;
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! `MergedModel`: a base with LoRAs merged, written as a diffusers folder and as a single file,
+//! read back by the loaders (whose forward mapping is tested against diffusers).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use burn_flex::{Flex, FlexDevice};
+use model_io::tensor_file::read_tensors;
+use personalize::{Base, LoraSpec, MergedModel, RgbImage};
+
+#[path = "support/images.rs"]
+mod images;
+#[path = "support/single_file.rs"]
+mod support;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn kohya(scale: f64) -> Vec<LoraSpec> {
+    vec![LoraSpec { path: fixtures().join("lora/in/kohya.safetensors"), scale }]
+}
+
+fn generate(base: &Base) -> Vec<RgbImage> {
+    let io = read_tensors(&fixtures().join("lora/in/io.safetensors")).unwrap();
+    images::generate(base, &io["latents"])
+}
+
+fn folder() -> PathBuf {
+    fixtures().join("pipeline")
+}
+
+#[test]
+fn a_merged_diffusers_folder_generates_as_the_base_with_its_loras() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = Base::new(folder()).with_loras(kohya(0.6));
+    let want = generate(&base);
+    let m = MergedModel::open::<Flex>(&base, None, false, &FlexDevice).unwrap();
+    let out = tmp.path().join("merged");
+    m.write_diffusers(&out, false).unwrap();
+    assert_eq!(generate(&Base::new(&out)), want);
+    // The folder's other files are copied; nothing is left beside it.
+    for f in ["model_index.json", "tokenizer/tokenizer.json", "scheduler/scheduler_config.json", "vae/config.json"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let names: Vec<String> =
+        std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert_eq!(names, ["merged"]);
+    // Nothing is replaced unasked; with overwrite the folder is replaced whole.
+    let e = m.write_diffusers(&out, false).unwrap_err().to_string();
+    assert!(e.contains("merged") && e.contains("--overwrite"), "{e}");
+    let plain = MergedModel::open::<Flex>(&Base::new(folder()), None, false, &FlexDevice).unwrap();
+    plain.write_diffusers(&out, true).unwrap();
+    assert_eq!(generate(&Base::new(&out)), generate(&Base::new(folder())));
+}
+
+/// The keys of a single file written from the recipe (diffusers' reverse mapping).
+fn recipe_keys(name: &str) -> BTreeSet<String> {
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("single_file/recipe.json")).unwrap()).unwrap();
+    r[name].as_array().unwrap().iter().map(|e| e["key"].as_str().unwrap().to_string()).collect()
+}
+
+fn file_keys(path: &Path) -> BTreeSet<String> {
+    model_io::Checkpoint::open_files("f", &[path.to_path_buf()]).unwrap().names().map(String::from).collect()
+}
+
+#[test]
+fn single_files_are_written_in_the_layout_diffusers_reverse_mapping_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    // SD 1.x from the folder, a LoRA merged: the keys of diffusers' conversion script, and the
+    // images of the folder with the LoRA.
+    let base = Base::new(folder()).with_loras(kohya(0.6));
+    let out = tmp.path().join("sd1.safetensors");
+    MergedModel::open::<Flex>(&base, None, false, &FlexDevice).unwrap().write_single_file(&out, false).unwrap();
+    let want: BTreeSet<String> = recipe_keys("sd1").into_iter().filter(|k| !k.ends_with("position_ids")).collect();
+    assert_eq!(file_keys(&out), want);
+    assert_eq!(generate(&Base::new(&out).with_config(folder())), generate(&base));
+    // SD 2.x's OpenCLIP layout, from an SD 2.x single file: q/k/v fused back into in_proj.
+    let sd2 = support::write_single_file(&fixtures(), "sd2", tmp.path());
+    let base = Base::new(&sd2).with_config(folder());
+    let out = tmp.path().join("sd2-again.safetensors");
+    MergedModel::open::<Flex>(&base, None, false, &FlexDevice).unwrap().write_single_file(&out, false).unwrap();
+    assert_eq!(file_keys(&out), file_keys(&sd2));
+    assert_eq!(generate(&Base::new(&out).with_config(folder())), generate(&base));
+    // A single file to a diffusers folder.
+    let dir = tmp.path().join("from-sd2");
+    MergedModel::open::<Flex>(&base, None, false, &FlexDevice).unwrap().write_diffusers(&dir, false).unwrap();
+    assert_eq!(generate(&Base::new(&dir)), generate(&base));
+}

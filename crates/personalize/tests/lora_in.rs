@@ -1,0 +1,192 @@
+//! LoRAs in (`Base::with_loras`, `generate --lora`): kohya and PEFT files against diffusers'
+//! `load_lora_weights` + `set_adapters`, and the errors for files that do not fit.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn_flex::{Flex, FlexDevice};
+use model_io::tensor_file::{read_tensors, read_tensors_with_metadata, to_bytes, HostTensor};
+use personalize::{Base, LoraSpec, Pipeline, RgbImage};
+
+#[path = "support/images.rs"]
+mod images;
+#[path = "support/single_file.rs"]
+mod support;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn lora(name: &str) -> PathBuf {
+    fixtures().join("lora/in").join(name)
+}
+
+fn spec(path: &Path, scale: f64) -> LoraSpec {
+    LoraSpec { path: path.to_path_buf(), scale }
+}
+
+use images::compare;
+
+fn generate(base: &Base) -> Vec<RgbImage> {
+    let io = read_tensors(&lora("io.safetensors")).unwrap();
+    images::generate(base, &io["latents"])
+}
+
+fn folder() -> Base {
+    Base::new(fixtures().join("pipeline"))
+}
+
+#[test]
+fn kohya_and_peft_loras_generate_as_diffusers_set_adapters() {
+    let io = read_tensors(&lora("io.safetensors")).unwrap();
+    let (kohya, peft) = (lora("kohya.safetensors"), lora("peft.safetensors"));
+    let cases = [
+        ("kohya", vec![spec(&kohya, 0.6)]),
+        ("peft", vec![spec(&peft, 1.4)]),
+        ("both", vec![spec(&kohya, 0.6), spec(&peft, 1.4)]),
+    ];
+    let plain = generate(&folder());
+    for (name, loras) in cases {
+        let imgs = generate(&folder().with_loras(loras));
+        let max = compare(&imgs, &io[&format!("{name}.images")]);
+        let change = compare(&plain, &io[&format!("{name}.images")]);
+        eprintln!("{name}: max {max} levels against diffusers (the LoRA changes the image by {change})");
+        assert!(max <= 3, "{name}: {max} levels from diffusers' set_adapters");
+        assert!(change > 20, "{name}: without the LoRA only {change} levels off: the test would be weak");
+    }
+}
+
+/// Rewrites a LoRA file's tensors (and keeps its metadata) under `dir`.
+fn rewrite(
+    src: &Path,
+    dir: &Path,
+    name: &str,
+    f: impl Fn(BTreeMap<String, HostTensor>) -> BTreeMap<String, HostTensor>,
+) -> PathBuf {
+    let (t, meta) = read_tensors_with_metadata(src).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, to_bytes(&f(t), &meta)).unwrap();
+    path
+}
+
+#[test]
+fn older_spellings_and_single_files_give_the_same_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let want = generate(&folder().with_loras(vec![spec(&lora("peft.safetensors"), 1.4)]));
+    // diffusers with transformers 4 wrote the text encoder's modules under `text_model.`.
+    let tf4 = rewrite(&lora("peft.safetensors"), tmp.path(), "tf4.safetensors", |t| {
+        t.into_iter()
+            .map(|(k, v)| (k.replace("text_encoder.encoder.", "text_encoder.text_model.encoder."), v))
+            .collect()
+    });
+    assert_eq!(generate(&folder().with_loras(vec![spec(&tf4, 1.4)])), want, "transformers 4 key spelling");
+    // A kohya file is the same with its scale split between the file's alphas and the weight.
+    let kohya = generate(&folder().with_loras(vec![spec(&lora("kohya.safetensors"), 0.6)]));
+    let halved = rewrite(&lora("kohya.safetensors"), tmp.path(), "halved.safetensors", |t| {
+        t.into_iter()
+            .map(|(k, v)| if k.ends_with(".alpha") { (k, HostTensor::f32(vec![], vec![6.0])) } else { (k, v) })
+            .collect()
+    });
+    let max = compare(&generate(&folder().with_loras(vec![spec(&halved, 0.3)])), &to_host(&kohya));
+    assert!(max <= 1, "alpha 6 at 0.3 vs alpha 3 at 0.6: {max} levels");
+    // The same LoRA on the pipeline's single-file form (f16) gives the folder's image to a level or two.
+    let file = support::write_single_file(&fixtures(), "sd1", tmp.path());
+    let single = generate(
+        &Base::new(file)
+            .with_config(fixtures().join("pipeline"))
+            .with_loras(vec![spec(&lora("kohya.safetensors"), 0.6)]),
+    );
+    let max = compare(&single, &to_host(&kohya));
+    assert!(max <= 3, "single file with LoRA vs folder with LoRA: {max} levels");
+}
+
+fn to_host(imgs: &[RgbImage]) -> HostTensor {
+    let v: Vec<f32> = imgs.iter().flat_map(|i| i.data.iter().map(|&b| b as f32 / 255.0)).collect();
+    HostTensor::f32(vec![v.len()], v)
+}
+
+fn open_err(loras: Vec<LoraSpec>) -> String {
+    match Pipeline::<Flex>::open(&folder().with_loras(loras), &FlexDevice) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn loras_that_do_not_fit_are_errors_naming_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = lora("kohya.safetensors");
+    let q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    let case = |name: &str, f: &dyn Fn(&mut BTreeMap<String, HostTensor>)| {
+        let path = rewrite(&src, tmp.path(), name, |mut t| {
+            f(&mut t);
+            t
+        });
+        let e = open_err(vec![spec(&path, 1.0)]);
+        assert!(e.contains(name), "{e}");
+        e
+    };
+    // Another architecture: a wider layer.
+    let e = case("wide.safetensors", &|t| {
+        t.insert(format!("{q}.lora_down.weight"), HostTensor::f32(vec![4, 64], vec![0.0; 256]));
+    });
+    assert!(e.contains(&format!("{q}.lora_down.weight")) && e.contains("[4, 64]") && e.contains("[16, 16]"), "{e}");
+    let e = case("stray.safetensors", &|t| {
+        t.insert(
+            "lora_unet_input_blocks_9_1_proj_in.lora_down.weight".into(),
+            HostTensor::f32(vec![4, 16], vec![0.0; 64]),
+        );
+        t.insert(
+            "lora_unet_input_blocks_9_1_proj_in.lora_up.weight".into(),
+            HostTensor::f32(vec![16, 4], vec![0.0; 64]),
+        );
+    });
+    assert!(
+        e.contains("lora_unet_input_blocks_9_1_proj_in.lora_down.weight") && e.contains("another architecture"),
+        "{e}"
+    );
+    let e = case("half.safetensors", &|t| {
+        t.remove(&format!("{q}.lora_up.weight"));
+    });
+    assert!(e.contains(&format!("{q}.lora_down.weight")) && e.contains("partner"), "{e}");
+    let e = case("sdxl.safetensors", &|t| {
+        t.insert(
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight".into(),
+            HostTensor::f32(vec![4, 16], vec![0.0; 64]),
+        );
+        t.insert(
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight".into(),
+            HostTensor::f32(vec![16, 4], vec![0.0; 64]),
+        );
+    });
+    assert!(e.contains("SDXL"), "{e}");
+    let e = case("loha.safetensors", &|t| {
+        t.insert(format!("{q}.hada_w1_a"), HostTensor::f32(vec![4, 16], vec![0.0; 64]));
+    });
+    assert!(e.contains("LoHa"), "{e}");
+    let e = case("nan.safetensors", &|t| {
+        t.insert(format!("{q}.alpha"), HostTensor::f32(vec![], vec![f32::NAN]));
+    });
+    assert!(e.contains(&format!("{q}.alpha")) && e.contains("damaged"), "{e}");
+    // A truncated file and a missing one name the file.
+    let bytes = std::fs::read(&src).unwrap();
+    let cut = tmp.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(open_err(vec![spec(&cut, 1.0)]).contains("cut.safetensors"));
+    assert!(open_err(vec![spec(&tmp.path().join("none.safetensors"), 1.0)]).contains("none.safetensors"));
+}
+
+#[test]
+fn lora_arguments_parse_with_their_scales() {
+    let l: LoraSpec = "a/b.safetensors:-0.5".parse().unwrap();
+    assert_eq!((l.path, l.scale), (PathBuf::from("a/b.safetensors"), -0.5));
+    let l: LoraSpec = "C:\\loras\\b.safetensors".parse().unwrap();
+    assert_eq!((l.path, l.scale), (PathBuf::from("C:\\loras\\b.safetensors"), 1.0));
+    for bad in ["b.safetensors:nan", "b.safetensors:inf", "b.safetensors:500"] {
+        let e = bad.parse::<LoraSpec>().unwrap_err().to_string();
+        assert!(e.contains(bad), "{e}");
+    }
+    // A scale that is not a number, after an existing file.
+    let e = format!("{}:x", lora("kohya.safetensors").display()).parse::<LoraSpec>().unwrap_err().to_string();
+    assert!(e.contains("`x` is not a number"), "{e}");
+}

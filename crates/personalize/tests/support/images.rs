@@ -1,0 +1,37 @@
+//! The fixed-latents generation the parity fixtures use (`a photo of a cat`, negative
+//! `blurry`, 4 DDIM steps, 32×48), and the comparison with diffusers' images.
+
+use burn_flex::{Flex, FlexDevice};
+use model_io::tensor_file::HostTensor;
+use personalize::{Base, GenerateOptions, GenerateRequest, Pipeline, RgbImage};
+
+/// The fixtures' generation on `pipe` from `latents`.
+pub fn generate_on(pipe: &Pipeline<Flex>, latents: &HostTensor) -> Vec<RgbImage> {
+    let opts = GenerateOptions {
+        prompt: "a photo of a cat".into(),
+        negative_prompt: Some("blurry".into()),
+        steps: 4,
+        guidance: 7.5,
+        scheduler: Some("ddim".into()),
+        height: Some(32),
+        width: Some(48),
+        ..Default::default()
+    };
+    let lat = latents.to_float::<Flex, 4>("latents", &FlexDevice).unwrap();
+    pipe.generate(GenerateRequest::new(&opts).latents(lat)).unwrap()
+}
+
+/// [`generate_on`] a pipeline opened from `base`.
+#[allow(dead_code)]
+pub fn generate(base: &Base, latents: &HostTensor) -> Vec<RgbImage> {
+    generate_on(&Pipeline::<Flex>::open(base, &FlexDevice).unwrap(), latents)
+}
+
+/// The largest difference in levels between our images and diffusers' (`[N, H, W, 3]` in 0..1).
+#[allow(dead_code)]
+pub fn compare(ours: &[RgbImage], reference: &HostTensor) -> u8 {
+    let r = reference.as_f32("images").unwrap();
+    let ours: Vec<u8> = ours.iter().flat_map(|i| i.data.iter().copied()).collect();
+    assert_eq!(ours.len(), r.len(), "image sizes differ");
+    ours.iter().zip(r).map(|(a, b)| a.abs_diff((b * 255.0).round().clamp(0.0, 255.0) as u8)).max().unwrap_or(0)
+}

@@ -62,6 +62,7 @@ fn resolve_models(command: &mut Command) -> Result<(), hub::Error> {
     match command {
         Command::Train(a) => {
             resolve(&mut a.base)?;
+            a.config.as_mut().map_or(Ok(()), resolve)?;
             resolve(&mut a.blip2)
         }
         Command::Encode(a) => resolve(&mut a.blip2),

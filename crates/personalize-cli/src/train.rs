@@ -23,9 +23,16 @@ use crate::backend::{device, B};
 pub struct TrainCli {
     /// The base model, a diffusers Stable Diffusion pipeline (model_index.json, unet/, vae/, ...):
     /// a folder, a preset (sd-v1-5, sd-2-1-base, sd-2-1) or a repo id already fetched
-    /// (`cargo xtask fetch`).
+    /// (`cargo xtask fetch`), or a single-file checkpoint (FILE.safetensors).
     #[arg(long)]
     pub base: PathBuf,
+    /// Single-file --base only: a diffusers folder with the file's configs (as for generate).
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
+    /// Single-file --base only: what the UNet predicts, `epsilon` or `v_prediction` (as for
+    /// generate).
+    #[arg(long, value_name = "TYPE", value_parser = ["epsilon", "v_prediction"])]
+    pub prediction_type: Option<String>,
     /// The BLIP-2 model (transformers layout) that makes the visual prompts: a folder, a preset
     /// (blip2, blip2-itm-vit-g) or a repo id already fetched.
     #[arg(long)]
@@ -298,6 +305,11 @@ fn run_in(args: TrainCli, cfg: train::TrainConfig) -> Result<()> {
     // Every image is read before anything heavy is loaded: a bad one stops the run here, named.
     let images = train::load_images(&args.images)?;
     let dev = device();
+    let base = personalize::Base {
+        config: args.config.clone(),
+        prediction_type: args.prediction_type.clone(),
+        ..personalize::Base::new(&args.base)
+    };
 
     let class_images = match &cfg.prior {
         None => vec![],
@@ -312,7 +324,7 @@ fn run_in(args: TrainCli, cfg: train::TrainConfig) -> Result<()> {
                 );
                 bar.set_message("class images");
                 let job = train::ClassImages {
-                    base_dir: args.base.clone(),
+                    base: base.clone(),
                     prompt: p.class_prompt.clone(),
                     n: args.num_class_images,
                     resolution: cfg.resolution,
@@ -342,8 +354,7 @@ fn run_in(args: TrainCli, cfg: train::TrainConfig) -> Result<()> {
     );
     let mut ema: Option<f64> = None;
     crate::interrupt::install();
-    let request =
-        train::TrainRequest { base: &args.base, config: &cfg, data: &data, out: &args.out, resume: args.resume };
+    let request = train::TrainRequest { base: &base, config: &cfg, data: &data, out: &args.out, resume: args.resume };
     let report = train::train::<burn_autodiff::Autodiff<B>>(&request, &dev, &mut |s| {
         let e = match ema {
             Some(e) => 0.95 * e + 0.05 * s.loss,

@@ -49,3 +49,62 @@ fn bad_single_files_are_one_line_errors() {
     one_line_error(&err, &["sd1.safetensors", "--config"]);
     assert!(!out.exists(), "nothing written on failure");
 }
+
+#[test]
+fn a_concept_trains_on_a_single_file_and_generates_on_it() {
+    let d = tempfile::tempdir().unwrap();
+    let file = support::write_single_file(&fixtures(), "sd1", d.path());
+    let config = fixtures().join("pipeline");
+    let concept = d.path().join("concept");
+    let mut args = common::train_args(concept.to_str().unwrap(), "2");
+    let at = args.iter().position(|a| a == "--base").unwrap() + 1;
+    args[at] = file.to_str().unwrap().to_string();
+    args.extend(["--config".to_string(), config.to_str().unwrap().to_string()]);
+    let (ok, err) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    let info: personalize::ConceptInfo = model_io::read_config(&concept, "concept.json").unwrap();
+    assert!(info.base_model.ends_with("sd1.safetensors"), "{}", info.base_model);
+    let out = d.path().join("out");
+    let gen = |base: &str, out: &str| {
+        run(&[
+            "generate",
+            "--base",
+            base,
+            "--config",
+            config.to_str().unwrap(),
+            "--concept",
+            concept.to_str().unwrap(),
+            "--prompt",
+            "a photo of sks",
+            "--steps",
+            "2",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--seed",
+            "1",
+            "--out",
+            out,
+        ])
+    };
+    let (ok, err) = gen(file.to_str().unwrap(), out.to_str().unwrap());
+    assert!(ok, "{err}");
+    assert!(out.join("0000.png").is_file());
+    // The folder is another base (f32 values where the file has f16): the concept says so.
+    let (ok, err) = run(&[
+        "generate",
+        "--base",
+        config.to_str().unwrap(),
+        "--concept",
+        concept.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--out",
+        d.path().join("o2").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    one_line_error(&err, &["sd1.safetensors"]);
+}

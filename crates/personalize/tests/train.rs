@@ -102,7 +102,13 @@ fn loss_falls_when_overfitting_one_image() {
     c.lr = 2e-3;
     let mut losses = Vec::new();
     let r = train::train::<AD>(
-        &TrainRequest { base: &base(), config: &c, data: &data(1), out: dir.path(), resume: false },
+        &TrainRequest {
+            base: &personalize::Base::new(base()),
+            config: &c,
+            data: &data(1),
+            out: dir.path(),
+            resume: false,
+        },
         &FlexDevice,
         &mut |s: &StepInfo| losses.push(s.loss),
     )
@@ -127,7 +133,13 @@ fn only_the_named_parameters_change() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(mode);
         let mut t = Trainer::<AD>::new(
-            &TrainRequest { base: &base(), config: &c, data: &data(2), out: dir.path(), resume: false },
+            &TrainRequest {
+                base: &personalize::Base::new(base()),
+                config: &c,
+                data: &data(2),
+                out: dir.path(),
+                resume: false,
+            },
             &FlexDevice,
         )
         .unwrap();
@@ -188,7 +200,13 @@ fn resume_ends_with_the_weights_of_an_uninterrupted_run() {
         c.save_every = 2;
         let one = tempfile::tempdir().unwrap();
         let r1 = train::train::<AD>(
-            &TrainRequest { base: &base(), config: &c, data: &data(2), out: one.path(), resume: false },
+            &TrainRequest {
+                base: &personalize::Base::new(base()),
+                config: &c,
+                data: &data(2),
+                out: one.path(),
+                resume: false,
+            },
             &FlexDevice,
             &mut |_| {},
         )
@@ -198,14 +216,26 @@ fn resume_ends_with_the_weights_of_an_uninterrupted_run() {
         let mut half = c.clone();
         half.steps = 3;
         train::train::<AD>(
-            &TrainRequest { base: &base(), config: &half, data: &data(2), out: two.path(), resume: false },
+            &TrainRequest {
+                base: &personalize::Base::new(base()),
+                config: &half,
+                data: &data(2),
+                out: two.path(),
+                resume: false,
+            },
             &FlexDevice,
             &mut |_| {},
         )
         .unwrap();
         // Without --resume an existing run is refused.
         let e = train::train::<AD>(
-            &TrainRequest { base: &base(), config: &c, data: &data(2), out: two.path(), resume: false },
+            &TrainRequest {
+                base: &personalize::Base::new(base()),
+                config: &c,
+                data: &data(2),
+                out: two.path(),
+                resume: false,
+            },
             &FlexDevice,
             &mut |_| {},
         )
@@ -213,7 +243,13 @@ fn resume_ends_with_the_weights_of_an_uninterrupted_run() {
         .to_string();
         assert!(e.contains("--resume"), "{e}");
         let r2 = train::train::<AD>(
-            &TrainRequest { base: &base(), config: &c, data: &data(2), out: two.path(), resume: true },
+            &TrainRequest {
+                base: &personalize::Base::new(base()),
+                config: &c,
+                data: &data(2),
+                out: two.path(),
+                resume: true,
+            },
             &FlexDevice,
             &mut |_| {},
         )
@@ -236,7 +272,13 @@ fn resume_ends_with_the_weights_of_an_uninterrupted_run() {
         other.lr = 5e-4;
         other.steps = 8;
         let e = train::train::<AD>(
-            &TrainRequest { base: &base(), config: &other, data: &data(2), out: two.path(), resume: true },
+            &TrainRequest {
+                base: &personalize::Base::new(base()),
+                config: &other,
+                data: &data(2),
+                out: two.path(),
+                resume: true,
+            },
             &FlexDevice,
             &mut |_| {},
         )
@@ -255,7 +297,13 @@ fn concept_folder_is_complete_and_loads() {
     c.save_every = 2;
     c.sample_steps = 2;
     let r = train::train::<AD>(
-        &TrainRequest { base: &base(), config: &c, data: &data(2), out: dir.path(), resume: false },
+        &TrainRequest {
+            base: &personalize::Base::new(base()),
+            config: &c,
+            data: &data(2),
+            out: dir.path(),
+            resume: false,
+        },
         &FlexDevice,
         &mut |_| {},
     )
@@ -288,7 +336,7 @@ fn concept_folder_is_complete_and_loads() {
 
     // The concept, applied to the base pipeline, reproduces the trained UNet (alpha folded in).
     let mut t = Trainer::<AD>::new(
-        &TrainRequest { base: &base(), config: &c, data: &data(2), out: d, resume: true },
+        &TrainRequest { base: &personalize::Base::new(base()), config: &c, data: &data(2), out: d, resume: true },
         &FlexDevice,
     )
     .unwrap();
@@ -325,13 +373,25 @@ fn full_mode_writes_a_diffusers_unet() {
     let dir = tempfile::tempdir().unwrap();
     let c = cfg(UnetMode::Full);
     train::train::<AD>(
-        &TrainRequest { base: &base(), config: &c, data: &data(1), out: dir.path(), resume: false },
+        &TrainRequest {
+            base: &personalize::Base::new(base()),
+            config: &c,
+            data: &data(1),
+            out: dir.path(),
+            resume: false,
+        },
         &FlexDevice,
         &mut |_| {},
     )
     .unwrap();
     let t = Trainer::<AD>::new(
-        &TrainRequest { base: &base(), config: &c, data: &data(1), out: dir.path(), resume: true },
+        &TrainRequest {
+            base: &personalize::Base::new(base()),
+            config: &c,
+            data: &data(1),
+            out: dir.path(),
+            resume: true,
+        },
         &FlexDevice,
     )
     .unwrap();
@@ -351,7 +411,7 @@ fn prior_preservation_adds_the_class_loss() {
     c.prior = Some(PriorConfig { class_prompt: "a photo of a toy".into(), weight: 1.0 });
     let mut d = data(1);
     let e = train::train::<AD>(
-        &TrainRequest { base: &base(), config: &c, data: &d, out: dir.path(), resume: false },
+        &TrainRequest { base: &personalize::Base::new(base()), config: &c, data: &d, out: dir.path(), resume: false },
         &FlexDevice,
         &mut |_| {},
     )
@@ -361,7 +421,7 @@ fn prior_preservation_adds_the_class_loss() {
     d.class_images = vec![picture(32, 32, 9), picture(48, 40, 11)];
     let mut seen = Vec::new();
     train::train::<AD>(
-        &TrainRequest { base: &base(), config: &c, data: &d, out: dir.path(), resume: false },
+        &TrainRequest { base: &personalize::Base::new(base()), config: &c, data: &d, out: dir.path(), resume: false },
         &FlexDevice,
         &mut |s| seen.push(s.prior_loss),
     )
@@ -378,7 +438,13 @@ fn bad_input_is_refused_before_training() {
     let mut d = data(1);
     d.images.clear();
     let e = train::train::<AD>(
-        &TrainRequest { base: &base(), config: &cfg(UnetMode::Frozen), data: &d, out: dir.path(), resume: false },
+        &TrainRequest {
+            base: &personalize::Base::new(base()),
+            config: &cfg(UnetMode::Frozen),
+            data: &d,
+            out: dir.path(),
+            resume: false,
+        },
         &FlexDevice,
         &mut |_| {},
     )
@@ -400,7 +466,7 @@ fn bad_input_is_refused_before_training() {
     c.resolution = 36;
     let out = dir.path().join("out");
     let e = train::train::<AD>(
-        &TrainRequest { base: &base(), config: &c, data: &data(1), out: &out, resume: false },
+        &TrainRequest { base: &personalize::Base::new(base()), config: &c, data: &data(1), out: &out, resume: false },
         &FlexDevice,
         &mut |_| {},
     )
@@ -411,7 +477,13 @@ fn bad_input_is_refused_before_training() {
     let mut d = data(2);
     d.queries = queries(1, 1);
     let e = train::train::<AD>(
-        &TrainRequest { base: &base(), config: &cfg(UnetMode::Frozen), data: &d, out: &out, resume: false },
+        &TrainRequest {
+            base: &personalize::Base::new(base()),
+            config: &cfg(UnetMode::Frozen),
+            data: &d,
+            out: &out,
+            resume: false,
+        },
         &FlexDevice,
         &mut |_| {},
     )
@@ -431,7 +503,13 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     c.max_grad_norm = None;
     let mut last = 0;
     let e = train::train::<AD>(
-        &TrainRequest { base: &base(), config: &c, data: &data(1), out: dir.path(), resume: false },
+        &TrainRequest {
+            base: &personalize::Base::new(base()),
+            config: &c,
+            data: &data(1),
+            out: dir.path(),
+            resume: false,
+        },
         &FlexDevice,
         &mut |s| last = s.step,
     )
@@ -456,7 +534,13 @@ fn full_disk_leaves_no_partial_checkpoint() {
         c.steps = 2;
         c.save_every = 1;
         let r = train::train::<AD>(
-            &TrainRequest { base: &base(), config: &c, data: &data(1), out: Path::new(&out), resume: false },
+            &TrainRequest {
+                base: &personalize::Base::new(base()),
+                config: &c,
+                data: &data(1),
+                out: Path::new(&out),
+                resume: false,
+            },
             &FlexDevice,
             &mut |_| {},
         );
@@ -505,7 +589,13 @@ fn lora_file_matches_diffusers() {
         c.steps = 5;
         c.lr = 1e-2;
         train::train::<AD>(
-            &TrainRequest { base: &base(), config: &c, data: &data(1), out: dir.path(), resume: false },
+            &TrainRequest {
+                base: &personalize::Base::new(base()),
+                config: &c,
+                data: &data(1),
+                out: dir.path(),
+                resume: false,
+            },
             &FlexDevice,
             &mut |_| {},
         )
@@ -567,7 +657,13 @@ fn concept_with_empty_queries_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let c = cfg(UnetMode::Frozen);
     train::train::<AD>(
-        &TrainRequest { base: &base(), config: &c, data: &data(1), out: dir.path(), resume: false },
+        &TrainRequest {
+            base: &personalize::Base::new(base()),
+            config: &c,
+            data: &data(1),
+            out: dir.path(),
+            resume: false,
+        },
         &FlexDevice,
         &mut |_| {},
     )
@@ -590,7 +686,7 @@ fn training_refuses_what_would_lose_work() {
     let c = cfg(UnetMode::Frozen);
     let run = |c: &TrainConfig, resume: bool| {
         train::train::<AD>(
-            &TrainRequest { base: &base(), config: c, data: &data(1), out: dir.path(), resume },
+            &TrainRequest { base: &personalize::Base::new(base()), config: c, data: &data(1), out: dir.path(), resume },
             &FlexDevice,
             &mut |_| {},
         )
@@ -615,7 +711,13 @@ fn training_refuses_what_would_lose_work() {
     let lock = other.path().join(".lock");
     std::fs::write(&lock, "1").unwrap(); // pid 1 is always alive
     let e = train::train::<AD>(
-        &TrainRequest { base: &base(), config: &c, data: &data(1), out: other.path(), resume: false },
+        &TrainRequest {
+            base: &personalize::Base::new(base()),
+            config: &c,
+            data: &data(1),
+            out: other.path(),
+            resume: false,
+        },
         &FlexDevice,
         &mut |_| {},
     )
@@ -623,7 +725,13 @@ fn training_refuses_what_would_lose_work() {
     assert!(e.to_string().contains("in use by another training run"), "{e}");
     std::fs::write(&lock, "4000000000").unwrap(); // no such process
     train::train::<AD>(
-        &TrainRequest { base: &base(), config: &c, data: &data(1), out: other.path(), resume: false },
+        &TrainRequest {
+            base: &personalize::Base::new(base()),
+            config: &c,
+            data: &data(1),
+            out: other.path(),
+            resume: false,
+        },
         &FlexDevice,
         &mut |_| {},
     )

@@ -6,8 +6,8 @@ use super::*;
 /// What [`generate_class_images`] makes.
 #[derive(Debug, Clone)]
 pub struct ClassImages {
-    /// The base model folder.
-    pub base_dir: PathBuf,
+    /// The base model.
+    pub base: crate::Base,
     pub prompt: String,
     /// How many images.
     pub n: usize,
@@ -30,16 +30,15 @@ pub fn generate_class_images<B: burn::tensor::backend::Backend>(
     device: &B::Device,
     on_image: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<PathBuf>> {
-    let ClassImages { base_dir, prompt, n, resolution, steps, seed, dir } = job;
-    let (base_dir, dir, n, resolution, steps, seed) =
-        (base_dir.as_path(), dir.as_path(), *n, *resolution, *steps, *seed);
+    let ClassImages { base, prompt, n, resolution, steps, seed, dir } = job;
+    let (dir, n, resolution, steps, seed) = (dir.as_path(), *n, *resolution, *steps, *seed);
     std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.into(), cause: e })?;
     let mut pipe: Option<Pipeline<B>> = None;
     for i in 0..n {
         let path = dir.join(format!("class-{i:04}.png"));
         if !path.is_file() {
             if pipe.is_none() {
-                pipe = Some(Pipeline::load(base_dir, device)?);
+                pipe = Some(Pipeline::open(base, device)?);
             }
             let p = pipe.as_ref().expect("loaded above");
             let opts = GenerateOptions {

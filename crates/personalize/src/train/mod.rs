@@ -30,7 +30,7 @@
 //! let queries = model_io::tensor_file::read_tensors("queries.safetensors".as_ref())?.remove("queries").unwrap();
 //! let cfg = TrainConfig { unet_mode: UnetMode::Lora { rank: 4, alpha: 4.0 }, ..TrainConfig::default() };
 //! let data = TrainData { images, queries, class_images: vec![] };
-//! let request = TrainRequest { base: "sd-v1-5".as_ref(), config: &cfg, data: &data, out: "my-dog".as_ref(), resume: false };
+//! let request = TrainRequest { base: &personalize::Base::new("sd-v1-5"), config: &cfg, data: &data, out: "my-dog".as_ref(), resume: false };
 //! let report = train::<Autodiff<Flex>>(&request, &FlexDevice, &mut |s| {
 //!     println!("step {} loss {:.4}", s.step, s.loss)
 //! })?;
@@ -129,8 +129,9 @@ struct CachedLatent {
 
 /// One training run: the base model, the settings, the data, and the concept folder.
 pub struct TrainRequest<'a> {
-    /// The base Stable Diffusion folder (diffusers layout).
-    pub base: &'a Path,
+    /// The base model: a diffusers folder, or a single file with its `--config` and
+    /// `--prediction-type`.
+    pub base: &'a crate::Base,
     /// The settings.
     pub config: &'a TrainConfig,
     /// The images, their BLIP-2 queries and the class images.
@@ -179,7 +180,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Loads the base model, checks the data, caches latents and embeddings, builds the aligner
     /// and the UNet per the mode, and with `resume` restores the latest checkpoint in `out_dir`.
     pub fn new(request: &TrainRequest<'_>, device: &B::Device) -> Result<Self> {
-        let TrainRequest { base: base_dir, config: cfg, data, out: out_dir, resume } = *request;
+        let TrainRequest { base, config: cfg, data, out: out_dir, resume } = *request;
         cfg.validate()?;
         if data.images.is_empty() {
             return Err(Error::invalid("no training images given"));
@@ -238,7 +239,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             _ => {}
         }
 
-        let pipe = Pipeline::<B::InnerBackend>::load(base_dir, device)?;
+        let pipe = Pipeline::<B::InnerBackend>::open(base, device)?;
         let f = pipe.vae.downscale_factor();
         if !cfg.resolution.is_multiple_of(f) {
             return Err(Error::invalid(format!(

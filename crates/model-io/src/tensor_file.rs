@@ -99,6 +99,11 @@ impl HostTensor {
 /// # Ok::<(), model_io::Error>(())
 /// ```
 pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
+    Ok(read_tensors_with_metadata(path)?.0)
+}
+
+/// Like [`read_tensors`], also returning the header's `__metadata__`.
+pub fn read_tensors_with_metadata(path: &Path) -> Result<(BTreeMap<String, HostTensor>, BTreeMap<String, String>)> {
     let ckpt = Checkpoint::open_files(&path.display().to_string(), &[path.to_path_buf()])?;
     let mut out = BTreeMap::new();
     let names: Vec<String> = ckpt.names().map(str::to_string).collect();
@@ -113,15 +118,7 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
         };
         out.insert(name, t);
     }
-    Ok(out)
-}
-
-/// Like [`read_tensors`], also returning the header's `__metadata__`.
-pub fn read_tensors_with_metadata(path: &Path) -> Result<(BTreeMap<String, HostTensor>, BTreeMap<String, String>)> {
-    let ckpt = Checkpoint::open_files(&path.display().to_string(), &[path.to_path_buf()])?;
-    let meta = ckpt.metadata().clone();
-    drop(ckpt);
-    Ok((read_tensors(path)?, meta))
+    Ok((out, ckpt.metadata().clone()))
 }
 
 /// Takes tensor `name` out of `tensors`, or fails naming the file and the tensor.

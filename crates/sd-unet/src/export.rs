@@ -14,16 +14,31 @@ use crate::UNet2DConditionModel;
 /// A visitor's callback: a diffusers key, its shape, and a reader of its values.
 pub type KeyVisit<'a> = dyn FnMut(String, Vec<usize>, &dyn Fn() -> HostTensor) + 'a;
 
-/// Calls `f(key, shape, tensor)` for each parameter of `m` (a UNet, or any module of this
-/// crate) under diffusers' keys, in PyTorch layout (linear weights `[out, in]`); `tensor()`
-/// copies it to the host on demand. LoRA adapters are not included.
-pub fn visit_diffusers<B: Backend, M: Module<B>>(m: &M, f: &mut KeyVisit<'_>) {
-    struct V<'a> {
+/// A parameter as the visit finds it, left on the device: linear weights are transposed to
+/// the file's `[out, in]` only when read, so holding every parameter copies nothing.
+enum Stored<B: Backend> {
+    Flat(Tensor<B, 1>),
+    /// A linear weight in Burn's `[in, out]`.
+    Linear(Tensor<B, 2>),
+}
+
+impl<B: Backend> Stored<B> {
+    fn host(&self) -> HostTensor {
+        match self {
+            Stored::Flat(t) => HostTensor::from_tensor(t.clone()),
+            Stored::Linear(t) => HostTensor::from_tensor(t.clone().transpose()),
+        }
+    }
+}
+
+/// Each parameter of `m` under its diffusers key, with its shape in the file.
+fn visit_stored<B: Backend, M: Module<B>>(m: &M, f: &mut dyn FnMut(String, Vec<usize>, Stored<B>)) {
+    struct V<'a, B: Backend> {
         names: Vec<String>,
         types: Vec<String>,
-        f: &'a mut KeyVisit<'a>,
+        f: &'a mut dyn FnMut(String, Vec<usize>, Stored<B>),
     }
-    impl<B: Backend> ModuleVisitor<B> for V<'_> {
+    impl<B: Backend> ModuleVisitor<B> for V<'_, B> {
         fn enter_module(&mut self, name: &str, ty: &str) {
             self.names.push(name.to_string());
             self.types.push(ty.to_string());
@@ -34,28 +49,38 @@ pub fn visit_diffusers<B: Backend, M: Module<B>>(m: &M, f: &mut KeyVisit<'_>) {
         }
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
             let Some(key) = crate::keys::diffusers_key(&self.names, &self.types) else { return };
-            let mut shape = p.val().dims().to_vec();
+            let t = p.val();
+            let mut shape = t.dims().to_vec();
             // model_io's Linear keeps its weight as [in, out]; the file has [out, in].
             let linear = D == 2
                 && self.names.last().is_some_and(|n| n == "weight")
                 && self.types.last().is_some_and(|t| t == "Struct:Linear");
-            if linear {
+            let stored = if linear {
+                let t2: Tensor<B, 2> = t.reshape([shape[0], shape[1]]);
                 shape.reverse();
-            }
-            let host = || {
-                let t = p.val();
-                if linear {
-                    let d = t.dims();
-                    let t2: Tensor<B, 2> = t.reshape([d[0], d[1]]);
-                    HostTensor::from_tensor(t2.transpose())
-                } else {
-                    HostTensor::from_tensor(t)
-                }
+                Stored::Linear(t2)
+            } else {
+                Stored::Flat(t.reshape([shape.iter().product::<usize>()]))
             };
-            (self.f)(key, shape, &host);
+            (self.f)(key, shape, stored);
         }
     }
     m.visit(&mut V { names: Vec::new(), types: Vec::new(), f });
+}
+
+/// Calls `f(key, shape, tensor)` for each parameter of `m` (a UNet, or any module of this
+/// crate) under diffusers' keys, in PyTorch layout (linear weights `[out, in]`); `tensor()`
+/// copies it to the host on demand. LoRA adapters are not included.
+pub fn visit_diffusers<B: Backend, M: Module<B>>(m: &M, f: &mut KeyVisit<'_>) {
+    visit_stored::<B, M>(m, &mut |key, shape, stored| {
+        let shape_now = shape.clone();
+        let host = move || {
+            let mut h = stored.host();
+            h.shape = shape_now.clone();
+            h
+        };
+        f(key, shape, &host);
+    });
 }
 
 /// The parameters under diffusers' keys ([`visit_diffusers`]), copied to the host.
@@ -79,29 +104,19 @@ impl<B: Backend> UNet2DConditionModel<B> {
     /// # Ok::<(), model_io::Error>(())
     /// ```
     pub fn save_safetensors(&self, path: &Path) -> Result<u64> {
+        // One visit holds every parameter (a tensor clone shares its buffer): the file is in
+        // key order, the visit in module order.
+        let mut params: BTreeMap<String, Stored<B>> = BTreeMap::new();
         let mut shapes = BTreeMap::new();
-        visit_diffusers::<B, _>(self, &mut |key, shape, _| {
-            shapes.insert(key, shape);
+        visit_stored::<B, _>(self, &mut |key, shape, t| {
+            shapes.insert(key.clone(), shape);
+            params.insert(key, t);
         });
-        // The visit is in module order, the file in key order: each tensor is fetched by key.
-        let mut pending: Option<(String, Vec<f32>)> = None;
         model_io::tensor_file::write_f32_streamed(path, &shapes, &mut |want| {
-            let mut err = None;
-            visit_diffusers::<B, _>(self, &mut |key, _, host| {
-                if key == want && pending.is_none() {
-                    match host().as_f32(&key) {
-                        Ok(v) => pending = Some((key, v.to_vec())),
-                        Err(e) => err = Some(e),
-                    }
-                }
-            });
-            if let Some(e) = err {
-                return Err(e);
-            }
-            pending
-                .take()
-                .map(|(_, v)| v)
-                .ok_or_else(|| model_io::Error::invalid(format!("`{want}` vanished during the export")))
+            let t = params
+                .remove(want)
+                .ok_or_else(|| model_io::Error::invalid(format!("`{want}` vanished during the export")))?;
+            t.host().as_f32(want).map(<[f32]>::to_vec)
         })
     }
 }

@@ -284,9 +284,11 @@ impl Checkpoint {
     }
 
     /// Replaces tensor `name` by `values` (f32, the same element count) held in memory: a
-    /// patched weight, such as a LoRA merged into its base layer. Reads, views
-    /// ([`Checkpoint::derive`]) and [`Checkpoint::fingerprint`] see the new values; the file is
-    /// not touched. `source` names where they came from, for messages.
+    /// patched weight, such as a LoRA merged into its base layer. Reads and
+    /// [`Checkpoint::fingerprint`] see the new values; the file is
+    /// not touched; views derived after the call see the new values. `source` names where they
+    /// came from, for messages. Each call keeps its values in a new in-memory shard: set a
+    /// tensor once (summing several changes first), not repeatedly.
     ///
     /// ```no_run
     /// let mut ckpt = model_io::Checkpoint::open_dir("sd/unet".as_ref(), &["diffusion_pytorch_model"])?;

@@ -160,13 +160,17 @@ pub fn merge_lora(a: &MergeLoraArgs) -> Result<()> {
 
 /// `personalize export`.
 pub fn export(a: &ExportArgs) -> Result<()> {
+    // The base the concept records, with its --config and --prediction-type, unless --base.
+    let mut common = a.common.clone();
     let base = match &a.base {
         Some(b) => b.clone(),
         None => {
             let info: personalize::ConceptInfo = model_io::read_config(&a.concept, "concept.json")?;
+            common.config = common.config.or_else(|| info.base_config.as_ref().map(PathBuf::from));
+            common.prediction_type = common.prediction_type.or(info.prediction_type);
             hub::resolve_model(&info.base_model)
                 .with_context(|| format!("the base model {} records; pass --base", a.concept.display()))?
         }
     };
-    write(personalize::Base::new(base).with_loras(a.loras.clone()), Some(&a.concept), a.allow_base_mismatch, &a.common)
+    write(personalize::Base::new(base).with_loras(a.loras.clone()), Some(&a.concept), a.allow_base_mismatch, &common)
 }

@@ -172,7 +172,8 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
     if cli.latents.is_some() && cli.num_images.is_some() {
         bail!("--num-images and --latents both set the number of images; give one of them");
     }
-    // The image's --config and --prediction-type go with its base; its LoRAs unless --lora.
+    // The image's --config, --prediction-type and LoRAs go with its base (flags win).
+    let image_base = cli.base.is_none();
     let (base, base_config, prediction_type) = match (cli.base, &s.base) {
         (Some(b), _) => (b, cli.config, cli.prediction_type),
         (None, Some(b)) => (
@@ -182,7 +183,7 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
         ),
         (None, None) => bail!("{} records no base model; pass --base", image.display()),
     };
-    let loras = if cli.loras.is_empty() {
+    let loras = if cli.loras.is_empty() && image_base {
         s.loras
             .iter()
             .map(|l| l.parse().with_context(|| format!("the LoRA recorded in {}", image.display())))

@@ -151,6 +151,8 @@ fn frozen_concept_info(base: &str, fingerprint: &str, k: usize) -> personalize::
     personalize::ConceptInfo {
         version: 1,
         base_model: base.into(),
+        base_config: None,
+        prediction_type: None,
         base_unet_fingerprint: fingerprint.into(),
         num_queries: k,
         query_selection: "first".into(),

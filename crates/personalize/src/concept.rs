@@ -12,8 +12,13 @@ use serde::{Deserialize, Serialize};
 pub struct ConceptInfo {
     /// Format version of the folder.
     pub version: u32,
-    /// The base model folder the concept was trained on.
+    /// The base model folder (or single file) the concept was trained on.
     pub base_model: String,
+    /// A single-file base's `--config` folder and `--prediction-type`, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_config: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction_type: Option<String>,
     /// [`model_io::Checkpoint::fingerprint`] of the base UNet's weights.
     pub base_unet_fingerprint: String,
     /// Visual tokens (`k`).

@@ -104,6 +104,12 @@ impl MergedModel {
 
     fn from_folder(base: &Base) -> Result<Self> {
         let dir = &base.path;
+        if base.config.is_some() || base.prediction_type.is_some() {
+            return Err(Error::invalid(format!(
+                "{}: --config and --prediction-type apply to single-file checkpoints; a diffusers folder has its own configs",
+                dir.display()
+            )));
+        }
         if !dir.join("model_index.json").is_file() {
             return Err(Error::Config {
                 path: dir.join("model_index.json"),
@@ -164,14 +170,23 @@ impl MergedModel {
         let result = (|| -> Result<()> {
             mkdir(&tmp)?;
             if let Some(folder) = &self.folder {
-                // Everything but the weights that changed: the VAE, tokenizer, scheduler, index
-                // and whatever else the pipeline carries (safety checker, feature extractor).
-                copy_tree(folder, &tmp, &|rel| rel.starts_with("unet") || rel.starts_with("text_encoder"))?;
+                // The index and the other components as they are (tokenizer, scheduler, safety
+                // checker, feature extractor); not the three models, written below under their
+                // plain names (a base with only `.fp16` files would otherwise leave a VAE that
+                // `from_pretrained` without `variant` does not find), nor files at the top
+                // (whole-model checkpoints beside a snapshot), nor the export itself.
+                let out_abs = std::path::absolute(out).ok();
+                let skip = |rel: &Path| {
+                    let top = rel.components().count() == 1;
+                    ["unet", "text_encoder", "vae"].iter().any(|c| rel.starts_with(c))
+                        || (top && folder.join(rel).is_file() && rel != Path::new("model_index.json"))
+                        || out_abs
+                            .as_deref()
+                            .is_some_and(|o| std::path::absolute(folder.join(rel)).ok().as_deref() == Some(o))
+                };
+                copy_tree(folder, &tmp, &skip)?;
             } else {
                 write_json(&tmp.join("model_index.json"), &self.model_index())?;
-                mkdir(&tmp.join("vae"))?;
-                write_json(&tmp.join("vae/config.json"), &f32_config(&self.vae_config_json))?;
-                write_checkpoint(&self.vae, &tmp.join("vae/diffusion_pytorch_model.safetensors"))?;
                 mkdir(&tmp.join("scheduler"))?;
                 write_json(&tmp.join("scheduler/scheduler_config.json"), &self.scheduler)?;
                 mkdir(&tmp.join("tokenizer"))?;
@@ -184,6 +199,9 @@ impl MergedModel {
                     }
                 }
             }
+            mkdir(&tmp.join("vae"))?;
+            write_json(&tmp.join("vae/config.json"), &f32_config(&self.vae_config_json))?;
+            write_checkpoint(&self.vae, &tmp.join("vae/diffusion_pytorch_model.safetensors"))?;
             mkdir(&tmp.join("unet"))?;
             write_json(&tmp.join("unet/config.json"), &f32_config(&self.unet_config_json))?;
             write_checkpoint(&self.unet, &tmp.join("unet/diffusion_pytorch_model.safetensors"))?;
@@ -340,7 +358,11 @@ fn replace(tmp: &Path, out: &Path) -> Result<()> {
     if out.exists() {
         let old = sibling(out, "old");
         std::fs::rename(out, &old).map_err(io(out))?;
-        std::fs::rename(tmp, out).map_err(io(out))?;
+        if let Err(e) = std::fs::rename(tmp, out) {
+            // Put the old one back: a failed export leaves what was there.
+            let _ = std::fs::rename(&old, out);
+            return Err(io(out)(e));
+        }
         let _ = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
         return Ok(());
     }
@@ -394,10 +416,15 @@ fn copy_tree(src: &Path, dst: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<()>
     walk(src, src, dst, skip)
 }
 
-/// A checkpoint's tensors (as f32, LoRAs merged) as one safetensors file, in key order.
+/// A checkpoint's tensors (as f32, LoRAs merged) as one safetensors file, in key order. The
+/// text encoder's integer `position_ids` buffer (older transformers saved it) is left out, as
+/// transformers 5 saves it: it is rebuilt on load.
 fn write_checkpoint(ckpt: &Checkpoint, path: &Path) -> Result<()> {
-    let shapes: BTreeMap<String, Vec<usize>> =
-        ckpt.names().filter_map(|k| Some((k.to_string(), ckpt.info(k)?.shape.clone()))).collect();
+    let shapes: BTreeMap<String, Vec<usize>> = ckpt
+        .names()
+        .filter(|k| !k.ends_with("position_ids"))
+        .filter_map(|k| Some((k.to_string(), ckpt.info(k)?.shape.clone())))
+        .collect();
     write_f32_streamed_with_metadata(path, &shapes, &BTreeMap::new(), &mut |k| Ok(ckpt.read_f32(k)?.0))?;
     Ok(())
 }

@@ -100,10 +100,12 @@ impl Targets {
             names.insert(format!("unet.{module}"), t.clone());
             names.insert(module.to_string(), t.clone());
             names.insert(format!("lora_unet_{}", kohya(module)), t.clone());
-            // kohya's SDXL-era trainers name SD 1.x modules in the LDM layout too.
+            // kohya's SDXL-era trainers name SD 1.x modules in the LDM layout too, and ComfyUI's
+            // LoraSave writes them dotted under `diffusion_model.`.
             if let Some(file) = ldm.and_then(|m| m.to_file(key)) {
                 if let Some(m) = file.strip_suffix(".weight") {
                     names.entry(format!("lora_unet_{}", kohya(m))).or_insert(t.clone());
+                    names.entry(format!("diffusion_model.{m}")).or_insert(t.clone());
                 }
             }
         }
@@ -142,6 +144,9 @@ const ROLES: &[(&str, Role)] = &[
     (".lora.up.weight", Role::Up),
     (".lora_linear_layer.down.weight", Role::Down),
     (".lora_linear_layer.up.weight", Role::Up),
+    // diffusers' attention-processor format (before PEFT): `attn1.processor.to_q_lora.down`.
+    ("_lora.down.weight", Role::Down),
+    ("_lora.up.weight", Role::Up),
     (".alpha", Role::Alpha),
 ];
 
@@ -153,6 +158,7 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("dora_scale", "DoRA"),
     ("lora_magnitude_vector", "DoRA"),
     (".diff", "LyCORIS full weight differences"),
+    (".diff_b", "LyCORIS full weight differences"),
     (".lora_B.bias", "LoRA with bias (lora_bias)"),
 ];
 
@@ -161,10 +167,20 @@ const UNSUPPORTED: &[(&str, &str)] = &[
 fn split_key(key: &str) -> Option<(String, Role)> {
     let (module, role) = ROLES.iter().find_map(|(suffix, role)| Some((key.strip_suffix(suffix)?, *role)))?;
     let mut m = module.replace(".processor.", ".");
-    for (old, new) in [("to_q_lora", "to_q"), ("to_k_lora", "to_k"), ("to_v_lora", "to_v"), ("to_out_lora", "to_out.0")]
-    {
-        if let Some(stem) = m.strip_suffix(old) {
-            m = format!("{stem}{new}");
+    // The processor format names the projections as diffusers' attention does; the text
+    // encoder's are CLIP's (`q_proj`, ..., `out_proj`), as diffusers' own converter maps them.
+    let text = m.starts_with("text_encoder.");
+    let renames: [(&str, &str); 4] = if text {
+        [(".to_q", ".q_proj"), (".to_k", ".k_proj"), (".to_v", ".v_proj"), (".to_out", ".out_proj")]
+    } else {
+        [(".to_q", ".to_q"), (".to_k", ".to_k"), (".to_v", ".to_v"), (".to_out", ".to_out.0")]
+    };
+    if key.ends_with("_lora.down.weight") || key.ends_with("_lora.up.weight") {
+        for (old, new) in renames {
+            if let Some(stem) = m.strip_suffix(old) {
+                m = format!("{stem}{new}");
+                break;
+            }
         }
     }
     Some((m, role))
@@ -223,7 +239,8 @@ pub(crate) fn merge_with_alphas<B: Backend>(
         }
         let mut modules: BTreeMap<String, Module> = BTreeMap::new();
         for (key, t) in tensors {
-            if let Some((_, kind)) = UNSUPPORTED.iter().find(|(frag, _)| key.contains(frag)) {
+            let marks = |frag: &str| if frag.starts_with(".diff") { key.ends_with(frag) } else { key.contains(frag) };
+            if let Some((_, kind)) = UNSUPPORTED.iter().find(|(frag, _)| marks(frag)) {
                 return Err(bad(format!(
                     "`{key}` is a {kind} tensor; this release merges LoRA and LoCon (lora_down/lora_up, lora_A/lora_B)"
                 )));
@@ -233,7 +250,14 @@ pub(crate) fn merge_with_alphas<B: Backend>(
                     "`{key}` is not part of a LoRA (expected lora_A/lora_B, lora_down/lora_up or alpha tensors)"
                 )));
             };
-            let values = t.as_f32(&key).map_err(|e| bad(e.to_string()))?;
+            // Some tools save an integer alpha (`torch.tensor(8)`); A1111 and ComfyUI read it as a number.
+            let values: Vec<f64> = match &t.data {
+                model_io::tensor_file::HostData::F32(v) => v.iter().map(|&x| x as f64).collect(),
+                model_io::tensor_file::HostData::I64(v) if role == Role::Alpha => v.iter().map(|&x| x as f64).collect(),
+                model_io::tensor_file::HostData::I64(_) => {
+                    return Err(bad(format!("`{key}` holds integers; LoRA weights are floating point")))
+                }
+            };
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
                 return Err(bad(format!("`{key}` holds {} at element {i}; the file is damaged", values[i])));
             }
@@ -245,7 +269,7 @@ pub(crate) fn merge_with_alphas<B: Backend>(
                     if values.len() != 1 {
                         return Err(bad(format!("`{key}` has shape {:?}; an alpha is one number", t.shape)));
                     }
-                    m.alpha = Some(values[0] as f64);
+                    m.alpha = Some(values[0]);
                 }
             }
         }
@@ -273,7 +297,7 @@ pub(crate) fn merge_with_alphas<B: Backend>(
                     (None, Some((k, _))) => (k.clone(), "down (lora_A / lora_down)"),
                     _ => (format!("{name}.alpha"), "down and up weights"),
                 };
-                return Err(bad(format!("`{have}` has no {missing} partner")));
+                return Err(bad(format!("`{have}` comes without its {missing}")));
             };
             let Some((target, weight)) = targets.names.get(name.as_str()) else {
                 return Err(bad(unknown_module(name, down_key)));

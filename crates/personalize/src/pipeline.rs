@@ -29,6 +29,9 @@ pub struct Pipeline<B: Backend> {
     pub vae_config: AutoencoderKlConfig,
     /// The base model: its folder, or its single file.
     pub base_path: PathBuf,
+    /// A single-file base's `--config` folder and `--prediction-type`, as given.
+    pub base_config: Option<PathBuf>,
+    pub prediction_type: Option<String>,
     /// The UNet's `config.json` as read or inferred (what a full fine-tune writes next to its
     /// weights).
     pub unet_config_json: serde_json::Value,
@@ -148,6 +151,8 @@ impl<B: Backend> Pipeline<B> {
             vae: AutoencoderKl::load(&dir.join("vae"), device)?,
             vae_config,
             base_path: dir.to_path_buf(),
+            base_config: None,
+            prediction_type: None,
             unet_config_json,
             base_unet_shapes,
             text_encoder_source: dir.join("text_encoder"),
@@ -192,6 +197,8 @@ impl<B: Backend> Pipeline<B> {
             vae,
             vae_config,
             base_path: f.path.clone(),
+            base_config: base.config.clone(),
+            prediction_type: base.prediction_type.clone(),
             unet_config_json: f.unet_config_json,
             base_unet_shapes,
             text_encoder_source: f.path.clone(),
@@ -219,6 +226,8 @@ impl<B: Backend> Pipeline<B> {
             vae: parts.vae,
             vae_config: parts.vae_config,
             base_path: parts.scheduler_dir.clone(),
+            base_config: None,
+            prediction_type: None,
             unet_config_json: serde_json::Value::Null,
             base_unet_shapes: Default::default(),
             text_encoder_source: parts.scheduler_dir.join("../text_encoder"),

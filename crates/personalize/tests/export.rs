@@ -88,3 +88,51 @@ fn single_files_are_written_in_the_layout_diffusers_reverse_mapping_writes() {
     MergedModel::open::<Flex>(&base, None, false, &FlexDevice).unwrap().write_diffusers(&dir, false).unwrap();
     assert_eq!(generate(&Base::new(&dir)), generate(&base));
 }
+
+/// A folder as older releases and `fetch --fp16` leave them: the text encoder with its integer
+/// `position_ids`, the VAE only as `.fp16`, a whole-model checkpoint at the top.
+#[test]
+fn older_folders_export_to_plain_diffusers_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("base");
+    for sub in ["", "unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        std::fs::create_dir_all(src.join(sub)).unwrap();
+    }
+    for f in [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer_config.json",
+        "scheduler/scheduler_config.json",
+    ] {
+        std::fs::copy(folder().join(f), src.join(f)).unwrap();
+    }
+    std::fs::copy(
+        folder().join("vae/diffusion_pytorch_model.safetensors"),
+        src.join("vae/diffusion_pytorch_model.fp16.safetensors"),
+    )
+    .unwrap();
+    let mut text = read_tensors(&folder().join("text_encoder/model.fp16.safetensors")).unwrap();
+    text.insert("embeddings.position_ids".into(), model_io::tensor_file::HostTensor::i64(vec![1, 8], (0..8).collect()));
+    model_io::tensor_file::write_tensors(&src.join("text_encoder/model.safetensors"), &text, &Default::default())
+        .unwrap();
+    std::fs::write(src.join("model.safetensors"), b"a whole-model file").unwrap();
+    let out = tmp.path().join("out");
+    let m = MergedModel::open::<Flex>(&Base::new(&src), None, false, &FlexDevice).unwrap();
+    m.write_diffusers(&out, false).unwrap();
+    assert!(out.join("vae/diffusion_pytorch_model.safetensors").is_file());
+    assert!(!out.join("vae/diffusion_pytorch_model.fp16.safetensors").exists());
+    assert!(!out.join("model.safetensors").exists());
+    let written = read_tensors(&out.join("text_encoder/model.safetensors")).unwrap();
+    assert!(!written.contains_key("embeddings.position_ids"));
+    assert_eq!(generate(&Base::new(&out)), generate(&Base::new(folder())));
+    // --config and --prediction-type belong to single files.
+    let e = MergedModel::open::<Flex>(&Base::new(&src).with_prediction_type("epsilon"), None, false, &FlexDevice)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("single-file"), "{e}");
+}

@@ -80,11 +80,26 @@ fn older_spellings_and_single_files_give_the_same_images() {
             .collect()
     });
     assert_eq!(generate(&folder().with_loras(vec![spec(&tf4, 1.4)])), want, "transformers 4 key spelling");
+    // diffusers' attention-processor format (`attn1.processor.to_q_lora.down.weight`; the text
+    // encoder's `self_attn.to_q_lora`), alphas as integer tensors.
+    let processor = rewrite(&lora("peft.safetensors"), tmp.path(), "processor.safetensors", |t| {
+        t.into_iter()
+            .map(|(k, v)| {
+                let k = k.replace(".lora_A.weight", "_lora.down.weight").replace(".lora_B.weight", "_lora.up.weight");
+                let k = k
+                    .replace("attn1.to_", "attn1.processor.to_")
+                    .replace("attn2.to_", "attn2.processor.to_")
+                    .replace("self_attn.q_proj_lora", "self_attn.to_q_lora");
+                (k, v)
+            })
+            .collect()
+    });
+    assert_eq!(generate(&folder().with_loras(vec![spec(&processor, 1.4)])), want, "processor format");
     // A kohya file is the same with its scale split between the file's alphas and the weight.
     let kohya = generate(&folder().with_loras(vec![spec(&lora("kohya.safetensors"), 0.6)]));
     let halved = rewrite(&lora("kohya.safetensors"), tmp.path(), "halved.safetensors", |t| {
         t.into_iter()
-            .map(|(k, v)| if k.ends_with(".alpha") { (k, HostTensor::f32(vec![], vec![6.0])) } else { (k, v) })
+            .map(|(k, v)| if k.ends_with(".alpha") { (k, HostTensor::i64(vec![], vec![6])) } else { (k, v) })
             .collect()
     });
     let max = compare(&generate(&folder().with_loras(vec![spec(&halved, 0.3)])), &to_host(&kohya));
@@ -148,7 +163,7 @@ fn loras_that_do_not_fit_are_errors_naming_the_tensor() {
     let e = case("half.safetensors", &|t| {
         t.remove(&format!("{q}.lora_up.weight"));
     });
-    assert!(e.contains(&format!("{q}.lora_down.weight")) && e.contains("partner"), "{e}");
+    assert!(e.contains(&format!("{q}.lora_down.weight")) && e.contains("comes without its up"), "{e}");
     let e = case("sdxl.safetensors", &|t| {
         t.insert(
             "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight".into(),

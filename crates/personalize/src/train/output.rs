@@ -82,6 +82,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         let info = ConceptInfo {
             version: crate::CONCEPT_VERSION,
             base_model: self.pipe.base_path.display().to_string(),
+            base_config: self.pipe.base_config.as_ref().map(|p| p.display().to_string()),
+            prediction_type: self.pipe.prediction_type.clone(),
             base_unet_fingerprint: self.pipe.unet_fingerprint.clone(),
             num_queries: self.cfg.num_queries,
             query_selection: self.cfg.query_selection.as_str().to_string(),

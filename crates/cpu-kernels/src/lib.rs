@@ -11,7 +11,8 @@
 //! way) and takes its exponentials one scalar libm call at a time. Here:
 //!
 //! * one GEMM for all of them (`sgemm`, BLIS-style: both operands packed, a 6×16 AVX2+FMA
-//!   microkernel, blocks sized for L1/L2/L3, threads over row blocks × column chunks), which
+//!   microkernel and, on AVX-512 CPUs, a 12×16 one ([`gemm_path`] says which runs), blocks
+//!   sized for L1/L2/L3, threads over row blocks × column chunks), which
 //!   replaced the `gemm` crate's: about 1.3× its speed on 1024³ here, 1.2× on the UNet's
 //!   linear shapes.
 //! * [`conv2d`]: im2col straight from NCHW into the GEMM's packed layout, one block at a time
@@ -63,3 +64,4 @@ pub use conv::conv2d;
 pub use layout::{geglu, gelu, quick_gelu, transpose};
 pub use linear::{linear, linear_packed, PackedLinear};
 pub use norm::{group_norm, layer_norm};
+pub use sgemm::gemm_path;

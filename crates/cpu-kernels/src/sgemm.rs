@@ -23,6 +23,10 @@ pub(crate) const KC: usize = 256;
 const MC: usize = 144;
 /// Columns of a `B` block: 256×4096 floats is 4 MiB, inside L3.
 const NC: usize = 4096;
+/// Whether the AVX-512 kernels take two `B` micropanels (12×32 tiles) or one (12×16). On the
+/// Sapphire Rapids Xeon measured, 12×16 ran at 140 GFLOP/s on 1024³ (2 cores) and 12×32 at
+/// 100: the kernel supports both, for CPUs where the wider tile wins.
+const WIDE_TWO_PANELS: bool = false;
 
 /// A read-only matrix: element `(i, j)` at `ptr + i·rs + j·cs`.
 #[derive(Clone, Copy, Debug)]
@@ -351,11 +355,34 @@ pub(crate) unsafe fn sgemm(
                     // The whole Sync wrapper, not its raw pointer field.
                     #[allow(clippy::redundant_locals)]
                     let c = c;
-                    for p in jb * per_chunk..((jb + 1) * per_chunk).min(panels) {
+                    let (p_end, mut p) = (((jb + 1) * per_chunk).min(panels), jb * per_chunk);
+                    while p < p_end {
                         let bp = block[p * panel_stride..].as_ptr();
                         let col = j0 + p * NR;
                         let cols = NR.min(j0 + nc - col);
-                        for q in 0..mc.div_ceil(MR) {
+                        // Where the CPU has the registers (AVX-512's 32), tiles of two
+                        // micropanels of A (12 rows; their packed A is contiguous) against two
+                        // of B (32 columns, `panel_stride` apart).
+                        if let Some(wide) = kernel.wide {
+                            let two = WIDE_TWO_PANELS && p + 1 < p_end;
+                            let cols = if two { (2 * NR).min(j0 + nc - col) } else { cols };
+                            for q in (0..mc.div_ceil(MR)).step_by(2) {
+                                let rows = (2 * MR).min(mc - q * MR);
+                                let dst = c.0.add((i0 + q * MR) * ldc + col);
+                                if direct {
+                                    let ap = a.ptr.add((i0 + q * MR) * a.rs + k0);
+                                    (wide.direct)(kc, ap, a.rs, bp, panel_stride, dst, ldc, rows, cols, alpha, acc);
+                                } else {
+                                    let ap = apack.as_ptr().add(q * kc * MR);
+                                    (wide.packed)(kc, ap, bp, panel_stride, dst, ldc, rows, cols, alpha, acc);
+                                }
+                            }
+                            p += if two { 2 } else { 1 };
+                            continue;
+                        }
+                        p += 1;
+                        let mut q = 0;
+                        while q < mc.div_ceil(MR) {
                             let rows = MR.min(mc - q * MR);
                             let dst = c.0.add((i0 + q * MR) * ldc + col);
                             if direct {
@@ -374,6 +401,7 @@ pub(crate) unsafe fn sgemm(
                                     acc,
                                 );
                             }
+                            q += 1;
                         }
                     }
                 }
@@ -399,7 +427,23 @@ pub(crate) unsafe fn sgemm(
 struct Kernels {
     packed: PackedKernel,
     direct: DirectKernel,
+    /// The same for 12-row tiles (two micropanels of A against one of B), where the CPU has
+    /// the registers: AVX-512's 32.
+    wide: Option<WideKernels>,
+    name: &'static str,
 }
+
+#[derive(Clone, Copy)]
+struct WideKernels {
+    packed: WidePacked,
+    direct: WideDirect,
+}
+
+/// As [`PackedKernel`], with the stride between `B`'s two micropanels after the panel pointer;
+/// `rows` up to 12 and `cols` up to 32 (a second panel is read only when `cols > 16`).
+type WidePacked = unsafe fn(usize, *const f32, *const f32, usize, *mut f32, usize, usize, usize, f32, bool);
+/// As [`DirectKernel`], with the stride between `B`'s micropanels.
+type WideDirect = unsafe fn(usize, *const f32, usize, *const f32, usize, *mut f32, usize, usize, usize, f32, bool);
 
 /// `(rows, a, b_panel, c, c_row_stride, k, ..., alpha, accumulate)` of a packed-A block.
 type PackedKernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, usize, usize, f32, bool);
@@ -443,11 +487,28 @@ impl Kernels {
 }
 
 fn kernel_fn() -> Kernels {
-    #[cfg(target_arch = "x86_64")]
-    if avx2_ok() {
-        return Kernels { packed: avx2::packed, direct: avx2::direct };
-    }
-    Kernels { packed: portable_packed, direct: portable_direct }
+    static KERNELS: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+    *KERNELS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if avx2_ok() {
+            let wide = (avx512_ok() && std::env::var("PERSONALIZE_GEMM").as_deref() != Ok("avx2"))
+                .then_some(WideKernels { packed: avx512::packed, direct: avx512::direct });
+            let name = if wide.is_some() { "avx512" } else { "avx2" };
+            return Kernels { packed: avx2::packed, direct: avx2::direct, wide, name };
+        }
+        Kernels { packed: portable_packed, direct: portable_direct, wide: None, name: "portable" }
+    })
+}
+
+/// The GEMM microkernel this CPU runs: `avx512` (12×16 tiles in zmm registers), `avx2`
+/// (6×16 in ymm) or `portable` (plain Rust, vectorised by LLVM). `PERSONALIZE_GEMM=avx2`
+/// keeps an AVX-512 CPU on the AVX2 kernel, for comparison.
+///
+/// ```
+/// assert!(["avx512", "avx2", "portable"].contains(&cpu_kernels::gemm_path()));
+/// ```
+pub fn gemm_path() -> &'static str {
+    kernel_fn().name
 }
 
 /// Stores a finished tile (row-major 6×16 in `tile`) into `c`.
@@ -555,6 +616,173 @@ pub(crate) fn untranspose_rows(src: &[f32], rows: usize, cols: usize, r0: usize,
 #[cfg(target_arch = "x86_64")]
 fn avx2_ok() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_ok() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+}
+
+/// The microkernels for AVX-512: a 12×32 tile of `C` in 24 zmm accumulators (12×16 in 12 at
+/// the right edge), per step one load of each `B` micropanel and twelve broadcasts of `A`
+/// folded into the FMAs. The 6×16 AVX2 tile keeps 12 of 16 ymm registers busy; here 24 of 32
+/// hold twice the rows at four times the width, and each broadcast feeds two FMAs.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR};
+
+    const ROWS: usize = 2 * MR;
+
+    /// Two consecutive packed micropanels of A (rows 0–5, then 6–11; only the first when
+    /// `rows <= 6`).
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn packed(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        bstride: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        alpha: f32,
+        acc: bool,
+    ) {
+        // With 6 rows or fewer there is no second micropanel: the first is read again (its
+        // sums dropped), never past the packed block.
+        let a1 = if rows > MR { a.add(kc * MR) } else { a };
+        let at = |k: usize, i: usize| if i < MR { a.add(k * MR + i) } else { a1.add(k * MR + i - MR) };
+        if cols > NR {
+            let t = tile::<2>(kc, b, bstride, c, ldc, rows, cols, at);
+            store(t, c, ldc, rows, cols, alpha, acc);
+        } else {
+            let t = tile::<1>(kc, b, bstride, c, ldc, rows, cols, at);
+            store(t, c, ldc, rows, cols, alpha, acc);
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn direct(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        bstride: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        alpha: f32,
+        acc: bool,
+    ) {
+        // Rows past the tile's last repeat it (their sums are computed and dropped).
+        let p: [*const f32; ROWS] = std::array::from_fn(|i| a.add(i.min(rows - 1) * lda));
+        let at = |k: usize, i: usize| p[i].add(k);
+        if cols > NR {
+            let t = tile::<2>(kc, b, bstride, c, ldc, rows, cols, at);
+            store(t, c, ldc, rows, cols, alpha, acc);
+        } else {
+            let t = tile::<1>(kc, b, bstride, c, ldc, rows, cols, at);
+            store(t, c, ldc, rows, cols, alpha, acc);
+        }
+    }
+
+    /// `P` micropanels of `B` (16 columns each, `bstride` apart).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const P: usize>(
+        kc: usize,
+        b: *const f32,
+        bstride: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        a_at: impl Fn(usize, usize) -> *const f32,
+    ) -> [[__m512; P]; ROWS] {
+        for i in 0..rows {
+            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + cols - 1) as *const i8);
+        }
+        let mut acc = [[_mm512_setzero_ps(); P]; ROWS];
+        let mut b = b;
+        let mut k = 0;
+        macro_rules! step {
+            ($o:expr) => {{
+                let bv: [__m512; P] = std::array::from_fn(|j| _mm512_loadu_ps(b.add(j * bstride + $o * NR)));
+                macro_rules! row {
+                    ($i:expr) => {{
+                        let x = _mm512_set1_ps(*a_at(k + $o, $i));
+                        for j in 0..P {
+                            acc[$i][j] = _mm512_fmadd_ps(x, bv[j], acc[$i][j]);
+                        }
+                    }};
+                }
+                row!(0);
+                row!(1);
+                row!(2);
+                row!(3);
+                row!(4);
+                row!(5);
+                row!(6);
+                row!(7);
+                row!(8);
+                row!(9);
+                row!(10);
+                row!(11);
+            }};
+        }
+        for _ in 0..kc / 4 {
+            step!(0);
+            step!(1);
+            step!(2);
+            step!(3);
+            k += 4;
+            b = b.add(4 * NR);
+        }
+        for _ in 0..kc % 4 {
+            step!(0);
+            k += 1;
+            b = b.add(NR);
+        }
+        acc
+    }
+
+    #[inline(always)]
+    unsafe fn store<const P: usize>(
+        acc: [[__m512; P]; ROWS],
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        alpha: f32,
+        accumulate: bool,
+    ) {
+        let al = _mm512_set1_ps(alpha);
+        // Columns past `cols` are masked off, in the loads as in the stores.
+        let masks: [__mmask16; P] = std::array::from_fn(|j| {
+            let n = cols.saturating_sub(j * NR).min(NR);
+            if n >= NR {
+                0xFFFF
+            } else {
+                ((1u32 << n) - 1) as u16
+            }
+        });
+        for (i, r) in acc.iter().enumerate().take(rows) {
+            for j in 0..P {
+                let p = c.add(i * ldc + j * NR);
+                let mut v = _mm512_mul_ps(al, r[j]);
+                if accumulate {
+                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[j], p));
+                }
+                _mm512_mask_storeu_ps(p, masks[j], v);
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -829,6 +1057,60 @@ mod tests {
                                 "{m}×{n}×{k} case {case} ({i},{j}): {got} vs {exp}"
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 12-row AVX-512 kernels against an f64 reference, on full and ragged tiles (7 to 12
+    /// rows, partial columns), packed (two micropanels) and direct, storing and accumulating.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn wide_kernels_match_a_reference() {
+        if !avx512_ok() {
+            eprintln!("no AVX-512 here: the 12-row kernels are not used");
+            return;
+        }
+        let kc = 41;
+        // Two B micropanels, `bstride` apart (with a gap, as packed blocks may have).
+        let bstride = kc * NR + 16;
+        let (ap, b) = (rand(2 * kc * MR, 8), rand(2 * bstride, 9));
+        let bat = |k: usize, j: usize| b[(j / NR) * bstride + k * NR + j % NR];
+        let (lda, ldc) = (60, 40);
+        let ad = rand(2 * MR * lda, 10);
+        // One micropanel only (the last of a block): nothing past it is read.
+        let one = rand(kc * MR, 12);
+        let mut c1 = vec![0f32; MR * ldc];
+        unsafe { avx512::packed(kc, one.as_ptr(), b.as_ptr(), bstride, c1.as_mut_ptr(), ldc, 4, NR, 1.0, false) };
+        let want: f64 = (0..kc).map(|k| one[k * MR + 3] as f64 * bat(k, 7) as f64).sum();
+        assert!((c1[3 * ldc + 7] as f64 - want).abs() < 1e-4);
+        for (rows, cols) in [(2 * MR, 2 * NR), (2 * MR, NR), (7, 2 * NR), (9, 5), (12, 1), (11, 23), (5, NR)] {
+            for acc in [false, true] {
+                let prior = rand(2 * MR * ldc, 11);
+                let (mut cp, mut cd) = (prior.clone(), prior.clone());
+                unsafe {
+                    let (a1, a2) = (ap.as_ptr(), ad.as_ptr());
+                    avx512::packed(kc, a1, b.as_ptr(), bstride, cp.as_mut_ptr(), ldc, rows, cols, 0.7, acc);
+                    avx512::direct(kc, a2, lda, b.as_ptr(), bstride, cd.as_mut_ptr(), ldc, rows, cols, 0.7, acc);
+                }
+                for i in 0..2 * MR {
+                    for j in 0..ldc {
+                        let dot = |a: &dyn Fn(usize) -> f32| {
+                            (0..kc).map(|k| a(k) as f64 * bat(k, j.min(2 * NR - 1)) as f64).sum::<f64>()
+                        };
+                        let base = if acc { prior[i * ldc + j] as f64 } else { 0.0 };
+                        let inside = i < rows && j < cols;
+                        let (panel, r) = (i / MR, i % MR);
+                        let want_p = if inside {
+                            0.7 * dot(&|k| ap[panel * kc * MR + k * MR + r]) + base
+                        } else {
+                            prior[i * ldc + j] as f64
+                        };
+                        let want_d =
+                            if inside { 0.7 * dot(&|k| ad[i * lda + k]) + base } else { prior[i * ldc + j] as f64 };
+                        assert!((cp[i * ldc + j] as f64 - want_p).abs() < 1e-4, "packed {rows}×{cols} ({i},{j})");
+                        assert!((cd[i * ldc + j] as f64 - want_d).abs() < 1e-4, "direct {rows}×{cols} ({i},{j})");
                     }
                 }
             }

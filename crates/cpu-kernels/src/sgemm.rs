@@ -25,8 +25,8 @@ const MC: usize = 144;
 const NC: usize = 4096;
 /// Whether the AVX-512 kernels take two `B` micropanels (12×32 tiles) or one (12×16). On the
 /// Sapphire Rapids Xeon measured, 12×16 ran at 140 GFLOP/s on 1024³ (2 cores) and 12×32 at
-/// 100: the kernel supports both, for CPUs where the wider tile wins.
-const WIDE_TWO_PANELS: bool = false;
+/// 100: off, but kept (and tested) for CPUs where the wider tile wins.
+static WIDE_TWO_PANELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// A read-only matrix: element `(i, j)` at `ptr + i·rs + j·cs`.
 #[derive(Clone, Copy, Debug)]
@@ -364,7 +364,7 @@ pub(crate) unsafe fn sgemm(
                         // micropanels of A (12 rows; their packed A is contiguous) against two
                         // of B (32 columns, `panel_stride` apart).
                         if let Some(wide) = kernel.wide {
-                            let two = WIDE_TWO_PANELS && p + 1 < p_end;
+                            let two = WIDE_TWO_PANELS.load(std::sync::atomic::Ordering::Relaxed) && p + 1 < p_end;
                             let cols = if two { (2 * NR).min(j0 + nc - col) } else { cols };
                             for q in (0..mc.div_ceil(MR)).step_by(2) {
                                 let rows = (2 * MR).min(mc - q * MR);
@@ -422,7 +422,7 @@ pub(crate) unsafe fn sgemm(
 /// The microkernels for this CPU: each computes the `rows × cols` corner of the 6×16 tile
 /// `α·A·B` over depth `kc` against a packed `B` micropanel and stores it into (or adds it to)
 /// `c`. `packed` reads a packed `A` micropanel; `direct` reads 6 rows of `A` (row stride `lda`,
-/// contiguous along `k`; rows past `rows` are not read).
+/// contiguous along `k`; rows past `rows` read the last row again, their sums dropped).
 #[derive(Clone, Copy)]
 struct Kernels {
     packed: PackedKernel,
@@ -501,7 +501,7 @@ fn kernel_fn() -> Kernels {
 }
 
 /// The GEMM microkernel this CPU runs: `avx512` (12×16 tiles in zmm registers), `avx2`
-/// (6×16 in ymm) or `portable` (plain Rust, vectorised by LLVM). `PERSONALIZE_GEMM=avx2`
+/// (6×16 in ymm) or `portable` (plain Rust, vectorised by LLVM). `PERSONALIZE_GEMM=avx2` (read at the first GEMM)
 /// keeps an AVX-512 CPU on the AVX2 kernel, for comparison.
 ///
 /// ```
@@ -994,6 +994,64 @@ mod tests {
     /// and parallel: against an f64 reference.
     #[test]
     fn matches_naive_product() {
+        check_against_naive();
+    }
+
+    /// The same with the AVX-512 kernels' 12×32 tiles (off by default).
+    #[test]
+    fn two_panel_tiles_match_naive_product() {
+        // The other tests may run meanwhile: both tile widths give the same products.
+        WIDE_TWO_PANELS.store(true, std::sync::atomic::Ordering::Relaxed);
+        check_against_naive();
+        WIDE_TWO_PANELS.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The AVX-512 kernels read nothing past the last row of `A`: a panel or a matrix that
+    /// ends where an unreadable page starts (a stray read faults instead of passing).
+    #[test]
+    #[cfg(all(target_arch = "x86_64", unix))]
+    fn wide_kernels_read_nothing_past_a() {
+        if !avx512_ok() {
+            return;
+        }
+        let page = 4096usize;
+        // SAFETY: an anonymous private mapping of two pages, the second made inaccessible.
+        let base = unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                2 * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            assert_eq!(libc::mprotect(p.cast::<u8>().add(page).cast(), page, libc::PROT_NONE), 0);
+            p.cast::<f32>()
+        };
+        let floats = page / 4;
+        let kc = 16;
+        let b = rand(kc * NR, 13);
+        let mut c = vec![0f32; 2 * MR * NR];
+        unsafe {
+            // One packed micropanel (kc·6 floats) ending at the guard page.
+            let a = base.add(floats - kc * MR);
+            std::slice::from_raw_parts_mut(a, kc * MR).fill(0.5);
+            avx512::packed(kc, a, b.as_ptr(), 0, c.as_mut_ptr(), NR, 4, NR, 1.0, false);
+            // In place: `rows` rows of stride `lda` whose last ends at the guard page.
+            let lda = 40;
+            for rows in 1..=2 * MR {
+                let a = base.add(floats - ((rows - 1) * lda + kc));
+                std::slice::from_raw_parts_mut(a, (rows - 1) * lda + kc).fill(0.25);
+                avx512::direct(kc, a, lda, b.as_ptr(), 0, c.as_mut_ptr(), NR, rows, NR, 1.0, false);
+            }
+            libc::munmap(base.cast(), 2 * page);
+        }
+        let want: f32 = (0..kc).map(|k| 0.25 * b[k * NR]).sum();
+        assert!((c[0] - want).abs() < 1e-4);
+    }
+
+    fn check_against_naive() {
         for &(m, n, k) in &[
             (1, 1, 1),
             (7, 17, 3),

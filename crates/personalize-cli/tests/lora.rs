@@ -45,6 +45,22 @@ fn generate_with_two_loras_makes_diffusers_images_and_records_them() {
     assert_eq!(pixels(&again.join("0000.png")), pixels(&png));
 }
 
+/// In bf16 the LoRA merges on the device in bf16 and the image stays near f32's.
+#[test]
+fn loras_merge_in_bf16_too() {
+    let d = tempfile::tempdir().unwrap();
+    let lat = latents(d.path());
+    let base = fixtures().join("pipeline");
+    let k = format!("{}:0.6", fixtures().join("lora/in/kohya.safetensors").display());
+    let out = d.path().join("bf16");
+    let args = gen(base.to_str().unwrap(), &lat, out.to_str().unwrap(), &["--lora", &k]);
+    let (ok, err) = run(&[&["--dtype", "bf16"][..], &args].concat());
+    assert!(ok, "{err}");
+    let io = read_tensors(&fixtures().join("lora/in/io.safetensors")).unwrap();
+    let max = max_diff(&out.join("0000.png"), &io["kohya.images"]);
+    assert!(max <= 40, "bf16 with a LoRA: {max} levels from diffusers' f32 image");
+}
+
 #[test]
 fn bad_lora_arguments_are_one_line_errors() {
     let d = tempfile::tempdir().unwrap();

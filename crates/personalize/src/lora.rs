@@ -375,7 +375,11 @@ pub(crate) fn merge_with_alphas<B: Backend>(
         let (base, _) = ckpt.read_f32(&key)?;
         let [o, f] = delta.dims();
         let merged = Tensor::<B, 2>::from_data(TensorData::new(base, [o, f]), device) + delta;
-        let values = merged.into_data().into_vec::<f32>().map_err(|e| Error::invalid(format!("`{key}`: {e:?}")))?;
+        let values = merged
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| Error::invalid(format!("`{key}`: {e:?}")))?;
         let source = PathBuf::from(format!("{} + LoRA", ckpt.name()));
         ckpt.set_f32(&key, values, &source)?;
     }

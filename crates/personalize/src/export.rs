@@ -95,27 +95,13 @@ impl MergedModel {
                 dir.display()
             );
         }
-        if !loras.is_empty() {
-            let ldm = sd_unet::ldm::key_map(&m.unet_config);
-            crate::lora::merge_with_alphas::<B>(&loras, &mut m.unet, Some(&ldm), &mut m.text_encoder, device)?;
-        }
+        crate::lora::merge_with_alphas::<B>(&loras, &mut m.unet, &m.unet_config, &mut m.text_encoder, device)?;
         Ok(m)
     }
 
     fn from_folder(base: &Base) -> Result<Self> {
         let dir = &base.path;
-        if base.config.is_some() || base.prediction_type.is_some() {
-            return Err(Error::invalid(format!(
-                "{}: --config and --prediction-type apply to single-file checkpoints; a diffusers folder has its own configs",
-                dir.display()
-            )));
-        }
-        if !dir.join("model_index.json").is_file() {
-            return Err(Error::Config {
-                path: dir.join("model_index.json"),
-                message: "missing: not a diffusers pipeline folder (nor a single .safetensors file)".into(),
-            });
-        }
+        base.check_folder()?;
         let text_config_json: Value = model_io::read_config(&dir.join("text_encoder"), "config.json")?;
         let text_config =
             clip_text::ClipTextConfig::from_json(text_config_json.clone(), &dir.join("text_encoder/config.json"))?;

@@ -38,13 +38,12 @@ impl std::str::FromStr for LoraSpec {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let (path, scale) = match s.rsplit_once(':') {
+        let split = s.rsplit_once(':').map(|(p, sc)| (p, sc, sc.trim().parse::<f64>()));
+        let (path, scale) = match split {
             // `C:\x.safetensors` and `dir:name/x.safetensors` keep their colons: only a number
             // after the last one is a scale.
-            Some((p, sc)) if !p.is_empty() && sc.trim().parse::<f64>().is_ok() => {
-                (p, sc.trim().parse::<f64>().unwrap_or(1.0))
-            }
-            Some((p, sc)) if Path::new(p).is_file() => {
+            Some((p, _, Ok(scale))) if !p.is_empty() => (p, scale),
+            Some((p, sc, _)) if Path::new(p).is_file() => {
                 return Err(Error::invalid(format!("--lora {s}: the scale `{sc}` is not a number (FILE[:SCALE])")))
             }
             _ => (s, 1.0),
@@ -88,7 +87,7 @@ struct Targets {
 }
 
 impl Targets {
-    fn new(unet: &Checkpoint, ldm: Option<&KeyMap>, text: &Checkpoint) -> Self {
+    fn new(unet: &Checkpoint, ldm: &KeyMap, text: &Checkpoint) -> Self {
         let mut names = HashMap::new();
         let kohya = |m: &str| m.replace('.', "_");
         for key in unet.names() {
@@ -102,7 +101,7 @@ impl Targets {
             names.insert(format!("lora_unet_{}", kohya(module)), t.clone());
             // kohya's SDXL-era trainers name SD 1.x modules in the LDM layout too, and ComfyUI's
             // LoraSave writes them dotted under `diffusion_model.`.
-            if let Some(file) = ldm.and_then(|m| m.to_file(key)) {
+            if let Some(file) = ldm.to_file(key) {
                 if let Some(m) = file.strip_suffix(".weight") {
                     names.entry(format!("lora_unet_{}", kohya(m))).or_insert(t.clone());
                     names.entry(format!("diffusion_model.{m}")).or_insert(t.clone());
@@ -169,11 +168,10 @@ fn split_key(key: &str) -> Option<(String, Role)> {
     let mut m = module.replace(".processor.", ".");
     // The processor format names the projections as diffusers' attention does; the text
     // encoder's are CLIP's (`q_proj`, ..., `out_proj`), as diffusers' own converter maps them.
-    let text = m.starts_with("text_encoder.");
-    let renames: [(&str, &str); 4] = if text {
-        [(".to_q", ".q_proj"), (".to_k", ".k_proj"), (".to_v", ".v_proj"), (".to_out", ".out_proj")]
+    let renames: &[(&str, &str)] = if m.starts_with("text_encoder.") {
+        &[(".to_q", ".q_proj"), (".to_k", ".k_proj"), (".to_v", ".v_proj"), (".to_out", ".out_proj")]
     } else {
-        [(".to_q", ".to_q"), (".to_k", ".to_k"), (".to_v", ".to_v"), (".to_out", ".to_out.0")]
+        &[(".to_out", ".to_out.0")]
     };
     if key.ends_with("_lora.down.weight") || key.ends_with("_lora.up.weight") {
         for (old, new) in renames {
@@ -194,7 +192,7 @@ struct Module {
 }
 
 /// Merges `loras` into the UNet's and the text encoder's weights (checkpoints under diffusers'
-/// keys; `ldm` the UNet's LDM key map, for kohya files named in that layout). Each module adds
+/// keys; `unet_config` gives the UNet's LDM key map, for kohya files named in that layout). Each module adds
 /// `scale · s · up · down` to its base weight, `s` being `alpha / rank` (the file's `alpha`,
 /// its diffusers adapter metadata, or 1 without either, as diffusers reads them). Errors name
 /// the file and the tensor: a key that matches no layer, a shape that does not fit, a half pair.
@@ -204,18 +202,19 @@ struct Module {
 /// let mut unet = model_io::Checkpoint::open_dir("sd/unet".as_ref(), &["diffusion_pytorch_model"])?;
 /// let mut text = model_io::Checkpoint::open_dir("sd/text_encoder".as_ref(), &["model"])?;
 /// let loras = vec!["ink.safetensors:0.8".parse()?];
-/// personalize::merge_loras::<Flex>(&loras, &mut unet, None, &mut text, &FlexDevice)?;
+/// let cfg = sd_unet::UNetConfig::load("sd/unet".as_ref())?;
+/// personalize::merge_loras::<Flex>(&loras, &mut unet, &cfg, &mut text, &FlexDevice)?;
 /// # Ok::<(), personalize::Error>(())
 /// ```
 pub fn merge_loras<B: Backend>(
     loras: &[LoraSpec],
     unet: &mut Checkpoint,
-    ldm: Option<&KeyMap>,
+    unet_config: &sd_unet::UNetConfig,
     text: &mut Checkpoint,
     device: &B::Device,
 ) -> Result<Vec<LoraSummary>> {
     let loras: Vec<(LoraSpec, Option<f64>)> = loras.iter().map(|l| (l.clone(), None)).collect();
-    merge_with_alphas::<B>(&loras, unet, ldm, text, device)
+    merge_with_alphas::<B>(&loras, unet, unet_config, text, device)
 }
 
 /// [`merge_loras`], each file with the `lora_alpha` its modules have when neither the file's
@@ -223,11 +222,14 @@ pub fn merge_loras<B: Backend>(
 pub(crate) fn merge_with_alphas<B: Backend>(
     loras: &[(LoraSpec, Option<f64>)],
     unet: &mut Checkpoint,
-    ldm: Option<&KeyMap>,
+    unet_config: &sd_unet::UNetConfig,
     text: &mut Checkpoint,
     device: &B::Device,
 ) -> Result<Vec<LoraSummary>> {
-    let targets = Targets::new(unet, ldm, text);
+    if loras.is_empty() {
+        return Ok(Vec::new());
+    }
+    let targets = Targets::new(unet, &sd_unet::ldm::key_map(unet_config), text);
     let mut deltas: BTreeMap<(LoraTarget, String), Tensor<B, 2>> = BTreeMap::new();
     let mut summaries = Vec::new();
     for (spec, default_alpha) in loras {

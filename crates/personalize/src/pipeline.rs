@@ -105,19 +105,7 @@ impl<B: Backend> Pipeline<B> {
         if dir.is_file() {
             return Self::open_single_file(base, device);
         }
-        if base.config.is_some() || base.prediction_type.is_some() {
-            return Err(Error::invalid(format!(
-                "{}: --config and --prediction-type apply to single-file checkpoints; a diffusers folder has its own configs",
-                dir.display()
-            )));
-        }
-        let index = dir.join("model_index.json");
-        if !index.is_file() {
-            return Err(Error::Config {
-                path: index,
-                message: "missing: not a diffusers pipeline folder (nor a single .safetensors file)".into(),
-            });
-        }
+        let index = base.check_folder()?;
         let index_json: serde_json::Value = model_io::read_config(dir, "model_index.json")?;
         match index_json.get("_class_name").and_then(|c| c.as_str()) {
             None | Some("StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline") => {}
@@ -140,10 +128,7 @@ impl<B: Backend> Pipeline<B> {
         let text_dir = dir.join("text_encoder");
         let text_config = clip_text::ClipTextConfig::load(&text_dir)?;
         let mut text_ckpt = Checkpoint::open_dir(&text_dir, &["model"])?;
-        if !base.loras.is_empty() {
-            let ldm = sd_unet::ldm::key_map(&unet_cfg);
-            crate::merge_loras::<B>(&base.loras, &mut ckpt, Some(&ldm), &mut text_ckpt, device)?;
-        }
+        crate::merge_loras::<B>(&base.loras, &mut ckpt, &unet_cfg, &mut text_ckpt, device)?;
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
             text_encoder: ClipTextModel::from_checkpoint(&text_config, &text_ckpt, device)?,
@@ -173,10 +158,7 @@ impl<B: Backend> Pipeline<B> {
         // Over the UNet's tensors under diffusers' keys (the same as the folder's), before LoRAs.
         let unet_fingerprint = f.unet.fingerprint();
         let base_unet_shapes = shapes(&f.unet);
-        if !base.loras.is_empty() {
-            let ldm = sd_unet::ldm::key_map(&unet_config);
-            crate::merge_loras::<B>(&base.loras, &mut f.unet, Some(&ldm), &mut f.text_encoder, device)?;
-        }
+        crate::merge_loras::<B>(&base.loras, &mut f.unet, &unet_config, &mut f.text_encoder, device)?;
         fn built<'a, B: Backend>(ckpt: &'a Checkpoint, device: &B::Device) -> model_io::Weights<'a, B> {
             model_io::Weights::new(ckpt, device)
         }

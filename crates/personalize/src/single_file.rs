@@ -45,6 +45,26 @@ impl Base {
         self
     }
 
+    /// For a folder base: refuses single-file options and a folder without
+    /// `model_index.json`; returns that file's path.
+    pub(crate) fn check_folder(&self) -> Result<PathBuf> {
+        let dir = &self.path;
+        if self.config.is_some() || self.prediction_type.is_some() {
+            return Err(Error::invalid(format!(
+                "{}: --config and --prediction-type apply to single-file checkpoints; a diffusers folder has its own configs",
+                dir.display()
+            )));
+        }
+        let index = dir.join("model_index.json");
+        if !index.is_file() {
+            return Err(Error::Config {
+                path: index,
+                message: "missing: not a diffusers pipeline folder (nor a single .safetensors file)".into(),
+            });
+        }
+        Ok(index)
+    }
+
     /// With LoRAs merged in (`--lora FILE:SCALE`).
     pub fn with_loras(mut self, loras: Vec<crate::LoraSpec>) -> Self {
         self.loras = loras;

@@ -19,20 +19,22 @@ pub struct TensorInfo {
     pub(crate) shard: usize,
     pub(crate) start: usize,
     pub(crate) end: usize,
+    /// Stored as the transpose of `shape` (2-D): an ONNX MatMul's `[in, out]` weight.
+    pub(crate) transposed: bool,
 }
 
 #[derive(Clone)]
 pub(crate) struct Shard {
-    path: PathBuf,
+    pub(crate) path: PathBuf,
     /// The file's memory map; `None` for values held in memory ([`Checkpoint::set_f32`]).
-    map: Option<Arc<Mmap>>,
+    pub(crate) map: Option<Arc<Mmap>>,
     /// The same mapping as reference-counted bytes, for tensors that borrow it.
-    shared: bytes::Bytes,
-    data_start: usize,
+    pub(crate) shared: bytes::Bytes,
+    pub(crate) data_start: usize,
 }
 
 /// A mapping as the owner of `bytes::Bytes` (which keeps it alive while any tensor uses it).
-struct SharedMap(Arc<Mmap>);
+pub(crate) struct SharedMap(pub(crate) Arc<Mmap>);
 
 impl AsRef<[u8]> for SharedMap {
     fn as_ref(&self) -> &[u8] {
@@ -54,6 +56,9 @@ pub struct Checkpoint {
     /// Sharded checkpoints only: tensors the index lists in shards that are not on disk, with
     /// the index and the shard's path. Reading one is a [`Error::MissingShard`].
     pub(crate) absent: HashMap<String, (PathBuf, PathBuf)>,
+    /// Where a tensor came from, for messages, where its key is not the file's own (an ONNX
+    /// initializer's consumer node).
+    pub(crate) origins: HashMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -86,6 +91,12 @@ impl Checkpoint {
                 tried.push(format!("{base}{variant}.safetensors[.index.json]"));
             }
         }
+        // An ONNX export of the model (diffusers' ONNX pipelines, optimum).
+        let onnx = dir.join("model.onnx");
+        if onnx.exists() {
+            return Self::open_onnx(&onnx);
+        }
+        tried.push("model.onnx".into());
         if !dir.is_dir() {
             return Err(Error::Io {
                 path: dir.to_path_buf(),
@@ -150,20 +161,17 @@ impl Checkpoint {
             tensors: HashMap::new(),
             metadata: BTreeMap::new(),
             absent: HashMap::new(),
+            origins: HashMap::new(),
         };
         for path in files {
             regular_file(path)?;
-            let file = std::fs::File::open(path).map_err(|e| Error::Io { path: path.clone(), cause: e })?;
-            // SAFETY: the map is read-only; a file changed underneath us while loading is a user
-            // error we cannot guard against without copying the whole model into memory.
-            let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::Io { path: path.clone(), cause: e })?);
+            let (map, shared) = map_file(path)?;
             let shard = ckpt.shards.len();
             let (data_start, infos, meta) = parse_header(path, &map, shard)?;
             for (k, info) in infos {
                 ckpt.tensors.insert(k, info);
             }
             ckpt.metadata.extend(meta);
-            let shared = bytes::Bytes::from_owner(SharedMap(map.clone()));
             ckpt.shards.push(Shard { path: path.clone(), map: Some(map), shared, data_start });
         }
         Ok(ckpt)
@@ -227,6 +235,8 @@ impl Checkpoint {
             let samples = n.min(8);
             for i in 0..samples {
                 let at = if samples < 2 { 0 } else { (n - 1) * i / (samples - 1) };
+                // The same element whatever the storage order (ONNX keeps Linear weights transposed).
+                let at = if info.transposed { (at % info.shape[1]) * info.shape[0] + at / info.shape[1] } else { at };
                 let v = match info.dtype.as_str() {
                     "F32" => b.get(at * 4..at * 4 + 4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
                     "F16" => b.get(at * 2..at * 2 + 2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
@@ -278,6 +288,40 @@ impl Checkpoint {
         names.into_iter().find(|n| self.read_f32(n).is_ok_and(|(v, _)| v.iter().any(|x| !x.is_finite()))).cloned()
     }
 
+    /// Where tensor `name` came from when its key is not the file's own: for an ONNX file, the
+    /// node that consumes the initializer (`node `/conv_in/Conv` (Conv)`).
+    pub fn origin(&self, name: &str) -> Option<&str> {
+        self.origins.get(name).map(String::as_str)
+    }
+
+    /// One checkpoint of this one's tensors and `other`'s, under `name`: the halves of a model
+    /// exported in two files (diffusers' ONNX `vae_encoder/` and `vae_decoder/`). A key in
+    /// both is an error naming it.
+    ///
+    /// ```no_run
+    /// use model_io::Checkpoint;
+    /// let enc = Checkpoint::open_onnx("sd-onnx/vae_encoder/model.onnx".as_ref())?;
+    /// let dec = Checkpoint::open_onnx("sd-onnx/vae_decoder/model.onnx".as_ref())?;
+    /// let vae = enc.merge(dec, "sd-onnx [vae]")?;
+    /// # Ok::<(), model_io::Error>(())
+    /// ```
+    pub fn merge(mut self, other: Checkpoint, name: &str) -> Result<Checkpoint> {
+        let offset = self.shards.len();
+        for (k, mut info) in other.tensors {
+            if self.tensors.contains_key(&k) {
+                return Err(Error::invalid(format!("{name}: `{k}` is in both {} and {}", self.name, other.name)));
+            }
+            info.shard += offset;
+            self.tensors.insert(k, info);
+        }
+        self.shards.extend(other.shards);
+        self.origins.extend(other.origins);
+        self.absent.extend(other.absent);
+        self.metadata.extend(other.metadata);
+        self.name = name.to_string();
+        Ok(self)
+    }
+
     /// Path of the file holding `name`, for messages.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
         self.tensors.get(name).map(|i| self.shards[i.shard].path.as_path())
@@ -314,7 +358,10 @@ impl Checkpoint {
         let shared = bytes::Bytes::from(bytes);
         self.shards.push(Shard { path: source.to_path_buf(), map: None, shared, data_start: 0 });
         let shard = self.shards.len() - 1;
-        self.tensors.insert(name.to_string(), TensorInfo { dtype: "F32".into(), shape, shard, start: 0, end });
+        self.tensors.insert(
+            name.to_string(),
+            TensorInfo { dtype: "F32".into(), shape, shard, start: 0, end, transposed: false },
+        );
         Ok(())
     }
 
@@ -352,6 +399,7 @@ impl Checkpoint {
             }
         };
         self.release(info);
+        let data = if info.transposed { transpose(&data, &info.shape) } else { data };
         Ok((data, info.shape.clone()))
     }
 
@@ -365,7 +413,7 @@ impl Checkpoint {
         let s = &self.shards[info.shard];
         let (start, end) = (s.data_start + info.start, s.data_start + info.end);
         let aligned = (s.shared.as_ptr() as usize + start).is_multiple_of(std::mem::align_of::<f32>());
-        if info.dtype == "F32" && cfg!(target_endian = "little") && aligned {
+        if info.dtype == "F32" && cfg!(target_endian = "little") && aligned && !info.transposed {
             let bytes = Bytes::from_shared(s.shared.slice(start..end), AllocationProperty::File);
             return Ok(TensorData::from_bytes(bytes, info.shape.clone(), DType::F32));
         }
@@ -457,6 +505,17 @@ pub(crate) fn regular_file(path: &Path) -> Result<()> {
     Err(Error::Config { path: path.to_path_buf(), message: format!("is {what}; expected a safetensors file") })
 }
 
+/// Memory-maps `path` read-only: the map, and the same bytes as `bytes::Bytes` that keep it
+/// alive while any view of them lives.
+pub(crate) fn map_file(path: &Path) -> Result<(Arc<Mmap>, bytes::Bytes)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::Io { path: path.to_path_buf(), cause: e })?;
+    // SAFETY: the map is read-only; a file changed underneath us while loading is a user
+    // error we cannot guard against without copying the whole model into memory.
+    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::Io { path: path.to_path_buf(), cause: e })?);
+    let shared = bytes::Bytes::from_owner(SharedMap(map.clone()));
+    Ok((map, shared))
+}
+
 /// The largest header accepted, as Python's safetensors (100 MB).
 const MAX_HEADER: usize = 100_000_000;
 
@@ -503,7 +562,7 @@ fn parse_header(path: &Path, buf: &[u8], shard: usize) -> Result<Header> {
         if end > data_len {
             return Err(bad(format!("tensor `{k}` ends at byte {end} but the data section has {data_len} bytes")));
         }
-        infos.push((k, TensorInfo { dtype: raw.dtype, shape: raw.shape, shard, start, end }));
+        infos.push((k, TensorInfo { dtype: raw.dtype, shape: raw.shape, shard, start, end, transposed: false }));
     }
     // As Python's safetensors validates: the tensors tile the data section, in order of their
     // offsets, with no overlap, no gap and nothing after the last.
@@ -534,4 +593,22 @@ fn f32_from_le(b: &[u8]) -> Vec<f32> {
     } else {
         b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
     }
+}
+
+/// `data`, stored as the transpose of `shape` (`[shape[1], shape[0]]`), in `shape`'s order.
+fn transpose(data: &[f32], shape: &[usize]) -> Vec<f32> {
+    let (rows, cols) = (shape[0], shape[1]);
+    let mut out = vec![0f32; data.len()];
+    // Tiles keep both sides in cache for the large Linear weights.
+    const T: usize = 32;
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for c in c0..(c0 + T).min(cols) {
+                for r in r0..(r0 + T).min(rows) {
+                    out[r * cols + c] = data[c * rows + r];
+                }
+            }
+        }
+    }
+    out
 }

@@ -52,8 +52,19 @@ impl Checkpoint {
         entries: impl IntoIterator<Item = (String, String, Derive)>,
     ) -> Result<Checkpoint> {
         let mut tensors = HashMap::new();
+        let mut origins = HashMap::new();
         for (key, source, how) in entries {
             let info = self.tensors.get(&source).ok_or_else(|| self.missing(&source))?;
+            if info.transposed && how != Derive::Same {
+                return Err(Error::invalid(format!(
+                    "{}: tensor `{source}` is stored transposed (an ONNX MatMul weight) and cannot be {}",
+                    self.name,
+                    if matches!(how, Derive::Rows(_)) { "split by rows" } else { "reshaped" }
+                )));
+            }
+            if let Some(o) = self.origins.get(&source) {
+                origins.insert(key.clone(), o.clone());
+            }
             let mut out = info.clone();
             let numel: usize = info.shape.iter().product();
             match &how {
@@ -96,6 +107,7 @@ impl Checkpoint {
             tensors,
             metadata: self.metadata.clone(),
             absent: HashMap::new(),
+            origins,
         })
     }
 }

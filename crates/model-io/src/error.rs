@@ -15,6 +15,8 @@ pub enum Error {
     Json { path: PathBuf, cause: serde_json::Error },
     #[error("{path}: not a valid safetensors file ({reason}); is it truncated or corrupt?")]
     BadSafetensors { path: PathBuf, reason: String },
+    #[error("{path}: not a readable ONNX model: {reason}")]
+    BadOnnx { path: PathBuf, reason: String },
     #[error("{dir}: no weights found; expected one of {expected}")]
     NoWeights { dir: PathBuf, expected: String },
     #[error("{index}: shard {shard} is missing")]

@@ -8,6 +8,9 @@
 //!   `diffusion_pytorch_model.fp16.safetensors`, `*.safetensors.index.json`, ...), validates
 //!   every header up front, and converts f16/bf16/f32 on disk to f32 tensors one at a time, so
 //!   a model is never held twice in memory;
+//! * [`Checkpoint::open_onnx`] reads the weights of an ONNX export (`model.onnx`, inline or
+//!   with external data) under the published keys, the same way; [`Checkpoint::open_dir`]
+//!   takes a folder's `model.onnx` when it has no safetensors;
 //! * [`Checkpoint::derive`] renames, reshapes or splits a checkpoint's tensors without copying
 //!   them, so a file of another layout (a single-file checkpoint) loads as the model's own;
 //! * [`Weights`] walks a checkpoint by module path (`down_blocks.0.resnets.1.conv1`), checks
@@ -32,6 +35,7 @@ mod config;
 mod derive;
 mod error;
 pub mod image_file;
+mod onnx;
 pub mod tensor_file;
 mod weights;
 

@@ -266,7 +266,11 @@ impl<'a, B: Backend> Weights<'a, B> {
         match unused.first() {
             None => Ok(()),
             Some(first) => {
-                Err(Error::Unused { checkpoint: ckpt.name().into(), count: unused.len(), first: first.to_string() })
+                let first = match ckpt.origin(first) {
+                    Some(o) => format!("{first}` from {o}, `"),
+                    None => first.to_string(),
+                };
+                Err(Error::Unused { checkpoint: ckpt.name().into(), count: unused.len(), first })
             }
         }
     }

@@ -1,0 +1,719 @@
+//! ONNX model files as checkpoints: the initializers of a `model.onnx` (inline, or in external
+//! data such as `weights.pb` or `model.onnx_data`) under the published (PyTorch state-dict)
+//! keys, so every model loads from an ONNX export as from safetensors.
+//!
+//! Exporters keep the names of weights that a Conv, Gather or LayerNormalization reads. The
+//! others become new constants named by the exporter (`onnx::MatMul_1234`), often changed by
+//! constant folding; their key is read back from the node that consumes them, whose name is
+//! the module path (`/down_blocks.0/attentions.0/proj_in/MatMul` → `down_blocks.0.attentions.0
+//! .proj_in.weight`):
+//!
+//! * a MatMul's second input is a Linear layer's weight, stored `[in, out]`: read transposed;
+//! * a Gemm's second input is one as well (transposed unless `transB`), its third the bias;
+//! * GroupNorm is exported as InstanceNormalization over the groups (scale 1, bias 0) followed
+//!   by a Mul and an Add with the GroupNorm's weight and bias as `[C, 1, 1]`: read as `[C]`;
+//! * a Conv's, LayerNormalization's or Gather's inputs keep their role under any name.
+//!
+//! Initializers that are not weights (shape constants, the attention scale, the sinusoidal
+//! time embedding's exponents) are left out: integer tensors, tensors of at most
+//! 8 elements ([`SMALL`]), and constants of modules that own no weight. Any other initializer that
+//! maps to no weight is an error naming it and its node, so a graph that a runtime optimiser
+//! rewrote, or one of another architecture, is refused rather than half-loaded.
+
+mod proto;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Component, Path, PathBuf};
+
+use prost::Message;
+
+use crate::checkpoint::{dtype_size, map_file, regular_file, Shard, TensorInfo};
+use crate::{Checkpoint, Error, Result};
+
+/// Initializers of at most this many elements that map to no weight are constants of the
+/// computation (scales, shapes, Resize factors), not weights, and are skipped.
+pub(crate) const SMALL: usize = 8;
+
+/// A shard index not yet known: values decoded from typed fields, placed in one in-memory
+/// shard once every tensor is read.
+const TYPED: usize = usize::MAX;
+
+/// How a tensor of the file becomes a tensor of the model.
+#[derive(Debug, Clone, PartialEq)]
+enum Role {
+    Same,
+    Transposed,
+    Reshaped(Vec<usize>),
+}
+
+impl Checkpoint {
+    /// Opens an ONNX model file (`model.onnx`) as a checkpoint of its weights under the
+    /// published keys (see the module docs). Its external data (`weights.pb`,
+    /// `model.onnx_data`, ...) must lie in the model's folder. Data stored as raw bytes, in the
+    /// file or beside it, is memory-mapped and read when used; values in typed fields
+    /// (`float_data`, `int64_data`, ...) are decoded at open.
+    ///
+    /// ```no_run
+    /// let unet = model_io::Checkpoint::open_onnx("sd-onnx/unet/model.onnx".as_ref())?;
+    /// assert!(unet.info("conv_in.weight").is_some());
+    /// # Ok::<(), model_io::Error>(())
+    /// ```
+    pub fn open_onnx(path: &Path) -> Result<Self> {
+        regular_file(path)?;
+        let (map, shared) = map_file(path)?;
+        let bad = |reason: String| Error::BadOnnx { path: path.to_path_buf(), reason };
+        let model = proto::ModelProto::decode(shared.clone())
+            .map_err(|e| bad(format!("cannot be decoded as an ONNX model ({e})")))?;
+        let graph = model.graph.as_ref().ok_or_else(|| bad("holds no graph".into()))?;
+        if graph.node.is_empty() && graph.initializer.is_empty() {
+            return Err(bad("its graph has no nodes and no initializers".into()));
+        }
+        if !graph.sparse_initializer.is_empty() {
+            return Err(bad(format!(
+                "holds {} sparse initializers, which are not read",
+                graph.sparse_initializer.len()
+            )));
+        }
+        let nodes: Vec<&proto::NodeProto> =
+            graph.node.iter().chain(model.functions.iter().flat_map(|f| f.node.iter())).collect();
+        for n in &nodes {
+            if n.domain.starts_with("com.microsoft") || n.domain.starts_with("com.ms.") {
+                return Err(bad(format!(
+                    "node `{}` is ONNX Runtime's fused `{}` op (domain {}): an ORT- or Olive-optimised graph, whose \
+                     weights are rearranged for its kernels; export the model again without optimisation \
+                     (torch.onnx.export, or optimum-cli export onnx without --optimize)",
+                    n.name, n.op_type, n.domain
+                )));
+            }
+        }
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+        let mut reader = Reader {
+            model: path.to_path_buf(),
+            dir,
+            shards: vec![Shard { path: path.to_path_buf(), map: Some(map), shared: shared.clone(), data_start: 0 }],
+            externals: HashMap::new(),
+            typed: Vec::new(),
+        };
+        // Initializers, then the values of Constant nodes (some exporters store weights so).
+        let mut stored: BTreeMap<String, TensorInfo> = BTreeMap::new();
+        let constants = nodes.iter().filter(|n| n.op_type == "Constant" && n.domain.is_empty()).filter_map(|n| {
+            let t = n.attribute.iter().find(|a| a.name == "value")?.t.as_ref()?;
+            Some((n.output.first()?.clone(), t))
+        });
+        for (name, t) in graph.initializer.iter().map(|t| (t.name.clone(), t)).chain(constants) {
+            if let Some(info) = reader.tensor(&name, t)? {
+                stored.insert(name, info);
+            }
+        }
+        let typed_shard = reader.shards.len();
+        let typed = std::mem::take(&mut reader.typed);
+        reader.shards.push(Shard {
+            path: path.to_path_buf(),
+            map: None,
+            shared: bytes::Bytes::from(typed),
+            data_start: 0,
+        });
+        for info in stored.values_mut() {
+            if info.shard == TYPED {
+                info.shard = typed_shard;
+            }
+        }
+        let plan = name_map(path, &nodes, &stored, &reader)?;
+        let mut tensors = HashMap::new();
+        let mut origins = HashMap::new();
+        for (key, (onnx_name, role, origin)) in plan {
+            let mut info = stored[&onnx_name].clone();
+            match role {
+                Role::Same => {}
+                Role::Transposed => {
+                    info.shape.reverse();
+                    info.transposed = true;
+                }
+                Role::Reshaped(shape) => info.shape = shape,
+            }
+            tensors.insert(key.clone(), info);
+            origins.insert(key, origin);
+        }
+        Ok(Checkpoint {
+            name: path.display().to_string(),
+            shards: reader.shards,
+            tensors,
+            metadata: model.metadata_props.iter().map(|p| (p.key.clone(), p.value.clone())).collect(),
+            absent: HashMap::new(),
+            origins,
+        })
+    }
+}
+
+struct Reader {
+    model: PathBuf,
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    /// External data files by path, as shard indices.
+    externals: HashMap<PathBuf, usize>,
+    /// Values of typed fields, little-endian, each tensor 8-byte aligned.
+    typed: Vec<u8>,
+}
+
+impl Reader {
+    fn bad(&self, reason: String) -> Error {
+        Error::BadOnnx { path: self.model.clone(), reason }
+    }
+
+    /// The tensor's entry, or `None` for a small tensor of a type no model reads (strings).
+    fn tensor(&mut self, name: &str, t: &proto::TensorProto) -> Result<Option<TensorInfo>> {
+        let mut shape = Vec::with_capacity(t.dims.len());
+        for &d in &t.dims {
+            let d = usize::try_from(d).map_err(|_| self.bad(format!("tensor `{name}` has dimension {d}")))?;
+            shape.push(d);
+        }
+        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let Some(numel) = numel.filter(|n| *n < 1 << 40) else {
+            return Err(self.bad(format!("tensor `{name}` has shape {shape:?}, too large to be a weight")));
+        };
+        let Some(dtype) = proto::dtype_name(t.data_type) else {
+            if numel <= SMALL {
+                return Ok(None);
+            }
+            return Err(self.bad(format!(
+                "tensor `{name}` {shape:?} is {}: read are FLOAT, FLOAT16, BFLOAT16, DOUBLE and integer types",
+                proto::onnx_dtype(t.data_type)
+            )));
+        };
+        let size = dtype_size(dtype).expect("every mapped dtype has a size");
+        let nbytes = numel * size;
+        let info = |shard: usize, start: usize| TensorInfo {
+            dtype: dtype.to_string(),
+            shape: shape.clone(),
+            shard,
+            start,
+            end: start + nbytes,
+            transposed: false,
+        };
+        if t.data_location == 1 {
+            let entry = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.as_str());
+            let location = entry("location")
+                .ok_or_else(|| self.bad(format!("tensor `{name}` is stored externally but names no location")))?;
+            let number = |k: &str| -> Result<Option<usize>> {
+                entry(k)
+                    .map(|v| v.trim().parse::<usize>().map_err(|_| self.bad(format!("tensor `{name}` has {k} `{v}`"))))
+                    .transpose()
+            };
+            let (offset, length) = (number("offset")?.unwrap_or(0), number("length")?);
+            let shard = self.external(name, location)?;
+            let file_len = self.shards[shard].shared.len();
+            let length = length.unwrap_or(nbytes);
+            if length != nbytes {
+                return Err(self.bad(format!(
+                    "tensor `{name}` {shape:?} {dtype} needs {nbytes} bytes but its external data is {length} bytes"
+                )));
+            }
+            if offset.checked_add(length).is_none_or(|end| end > file_len) {
+                return Err(Error::BadOnnx {
+                    path: self.shards[shard].path.clone(),
+                    reason: format!(
+                        "tensor `{name}` lies at bytes {offset}..{} but the file has {file_len}: is it truncated?",
+                        offset.saturating_add(length)
+                    ),
+                });
+            }
+            return Ok(Some(info(shard, offset)));
+        }
+        if !t.raw_data.is_empty() || nbytes == 0 {
+            if t.raw_data.len() != nbytes {
+                return Err(self.bad(format!(
+                    "tensor `{name}` {shape:?} {dtype} needs {nbytes} bytes but holds {}",
+                    t.raw_data.len()
+                )));
+            }
+            // A view of the memory map when the decoder kept it one; otherwise a copy.
+            let base = self.shards[0].shared.as_ptr() as usize;
+            let at = (t.raw_data.as_ptr() as usize).wrapping_sub(base);
+            if at.checked_add(nbytes).is_some_and(|end| end <= self.shards[0].shared.len()) {
+                return Ok(Some(info(0, at)));
+            }
+            let start = self.push_typed(&t.raw_data);
+            return Ok(Some(info(TYPED, start)));
+        }
+        let count = |n: usize, field: &str| -> Result<()> {
+            if n == numel {
+                Ok(())
+            } else {
+                Err(self.bad(format!("tensor `{name}` {shape:?} needs {numel} values but `{field}` holds {n}")))
+            }
+        };
+        let bytes: Vec<u8> = match dtype {
+            "F32" if !t.float_data.is_empty() => {
+                count(t.float_data.len(), "float_data")?;
+                t.float_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            "F64" if !t.double_data.is_empty() => {
+                count(t.double_data.len(), "double_data")?;
+                t.double_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            "I64" if !t.int64_data.is_empty() => {
+                count(t.int64_data.len(), "int64_data")?;
+                t.int64_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            "U64" | "U32" if !t.uint64_data.is_empty() => {
+                count(t.uint64_data.len(), "uint64_data")?;
+                t.uint64_data.iter().flat_map(|v| v.to_le_bytes()[..size].to_vec()).collect()
+            }
+            "I32" | "I16" | "I8" | "U16" | "U8" | "BOOL" | "F16" | "BF16" if !t.int32_data.is_empty() => {
+                count(t.int32_data.len(), "int32_data")?;
+                t.int32_data.iter().flat_map(|v| v.to_le_bytes()[..size].to_vec()).collect()
+            }
+            _ => return Err(self.bad(format!("tensor `{name}` {shape:?} {dtype} holds no data"))),
+        };
+        let start = self.push_typed(&bytes);
+        Ok(Some(info(TYPED, start)))
+    }
+
+    fn push_typed(&mut self, bytes: &[u8]) -> usize {
+        while !self.typed.len().is_multiple_of(8) {
+            self.typed.push(0);
+        }
+        let start = self.typed.len();
+        self.typed.extend_from_slice(bytes);
+        start
+    }
+
+    /// The shard of external data file `location`, mapped on first use. Only files inside
+    /// the model's folder are read.
+    fn external(&mut self, tensor: &str, location: &str) -> Result<usize> {
+        let rel = Path::new(location);
+        if location.is_empty()
+            || rel.is_absolute()
+            || !rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+        {
+            return Err(self.bad(format!(
+                "tensor `{tensor}` names external data `{location}`, outside the model's folder: refused"
+            )));
+        }
+        let path = self.dir.join(rel);
+        if let Some(&s) = self.externals.get(&path) {
+            return Ok(s);
+        }
+        if !path.exists() {
+            return Err(Error::Config {
+                path: path.clone(),
+                message: format!(
+                    "missing: the external data of `{}` (tensor `{tensor}`); copy it beside the model",
+                    self.model.display()
+                ),
+            });
+        }
+        regular_file(&path)?;
+        let (map, shared) = map_file(&path)?;
+        self.shards.push(Shard { path: path.clone(), map: Some(map), shared, data_start: 0 });
+        let s = self.shards.len() - 1;
+        self.externals.insert(path, s);
+        Ok(s)
+    }
+}
+
+/// Whether an initializer's name is a state-dict key (`down_blocks.0.resnets.0.conv1.weight`),
+/// not one the exporter made (`onnx::MatMul_1234`, `/down_blocks.0/Constant_output_0`).
+fn is_state_dict_key(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains("::")
+        && !name.contains('/')
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.contains('.')
+}
+
+/// A node's module path, from its name (`/text_model/encoder/layers.0/self_attn/q_proj/MatMul`
+/// → `text_model.encoder.layers.0.self_attn.q_proj`), or, for the dynamo exporter, from its
+/// `pkg.torch.onnx.name_scopes` metadata.
+fn module_path(node: &proto::NodeProto) -> Option<String> {
+    if let Some(scopes) = node.metadata_props.iter().find(|p| p.key == "pkg.torch.onnx.name_scopes") {
+        // A Python list of the module paths from the root, then the op's own name:
+        // `['', 'down_blocks.0', 'down_blocks.0.resnets.0', 'down_blocks.0.resnets.0.norm1', 'group_norm']`.
+        let scopes: Vec<&str> = scopes
+            .value
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .map(|s| s.trim().trim_matches(|c| c == '\'' || c == '"'))
+            .collect();
+        return Some(scopes[..scopes.len().saturating_sub(1)].iter().rfind(|s| !s.is_empty())?.to_string());
+    }
+    let rest = node.name.strip_prefix('/')?;
+    let (path, _op) = rest.rsplit_once('/')?;
+    Some(path.replace('/', "."))
+}
+
+type Plan = BTreeMap<String, (String, Role, String)>;
+
+/// The published key of every initializer that is a weight (see the module docs).
+fn name_map(
+    path: &Path,
+    nodes: &[&proto::NodeProto],
+    stored: &BTreeMap<String, TensorInfo>,
+    r: &Reader,
+) -> Result<Plan> {
+    let bad = |reason: String| Error::BadOnnx { path: path.to_path_buf(), reason };
+    let mut uses: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for (j, input) in n.input.iter().enumerate() {
+            if stored.contains_key(input) {
+                uses.entry(input.as_str()).or_default().push((i, j));
+            }
+        }
+    }
+    let paths: Vec<Option<String>> = nodes.iter().map(|n| module_path(n)).collect();
+    let group_norms: HashSet<&str> = nodes
+        .iter()
+        .zip(&paths)
+        .filter(|(n, _)| n.op_type == "InstanceNormalization")
+        .filter_map(|(_, p)| p.as_deref())
+        .collect();
+    let origin = |i: usize| format!("node `{}` ({})", nodes[i].name, nodes[i].op_type);
+    let mut plan: Plan = BTreeMap::new();
+    let put = |plan: &mut Plan, key: String, name: &str, role: Role, from: String| -> Result<()> {
+        if let Some((other, ..)) = plan.get(&key) {
+            if other != name {
+                return Err(bad(format!("initializers `{other}` and `{name}` both map to weight `{key}`")));
+            }
+            return Ok(());
+        }
+        plan.insert(key, (name.to_string(), role, from));
+        Ok(())
+    };
+    let mut unmapped = Vec::new();
+    for (name, info) in stored {
+        let consumers = uses.get(name.as_str()).map(Vec::as_slice).unwrap_or_default();
+        if is_state_dict_key(name) {
+            let from = consumers.first().map_or_else(|| "an initializer".to_string(), |&(i, _)| origin(i));
+            put(&mut plan, name.clone(), name, Role::Same, from)?;
+            continue;
+        }
+        let float = matches!(info.dtype.as_str(), "F32" | "F16" | "BF16" | "F64");
+        let numel: usize = info.shape.iter().product();
+        let mut mapped = false;
+        for &(i, j) in consumers {
+            let n = nodes[i];
+            let Some(module) = paths[i].as_deref().filter(|p| !p.is_empty()) else { continue };
+            let key = |leaf: &str| format!("{module}.{leaf}");
+            let transb = n.attribute.iter().find(|a| a.name == "transB").is_some_and(|a| a.i != 0);
+            let vector = info.shape.iter().filter(|&&d| d != 1).count() <= 1;
+            let role = match (n.op_type.as_str(), j) {
+                ("MatMul", 1) if info.shape.len() == 2 => Some(("weight", Role::Transposed)),
+                ("Gemm", 1) if info.shape.len() == 2 => {
+                    Some(("weight", if transb { Role::Same } else { Role::Transposed }))
+                }
+                ("Gemm", 2) | ("Conv", 2) | ("LayerNormalization", 2) => Some(("bias", Role::Reshaped(vec![numel]))),
+                ("Conv", 1) | ("Gather", 0) => Some(("weight", Role::Same)),
+                ("LayerNormalization", 1) => Some(("weight", Role::Reshaped(vec![numel]))),
+                ("Mul", _) if vector && group_norms.contains(module) => Some(("weight", Role::Reshaped(vec![numel]))),
+                ("Add", _) if vector && group_norms.contains(module) => Some(("bias", Role::Reshaped(vec![numel]))),
+                ("InstanceNormalization", 1 | 2) => {
+                    // Over the groups of a GroupNorm: 1 and 0, not weights. A real
+                    // InstanceNorm's scale and bias are.
+                    let identity = if j == 1 { 1.0 } else { 0.0 };
+                    let ckpt_values = read_values(r, info);
+                    if ckpt_values.is_some_and(|v| v.iter().all(|&x| x == identity)) {
+                        mapped = true;
+                        None
+                    } else {
+                        Some((if j == 1 { "weight" } else { "bias" }, Role::Reshaped(vec![numel])))
+                    }
+                }
+                _ => None,
+            };
+            if let Some((leaf, role)) = role {
+                if float {
+                    put(&mut plan, key(leaf), name, role, origin(i))?;
+                    mapped = true;
+                    break;
+                }
+            }
+        }
+        if !mapped && float && numel > SMALL {
+            unmapped.push((name, consumers.first().copied()));
+        }
+    }
+    // Constants of modules that own no weight (the time embedding's sinusoid) are not weights.
+    let owners: HashSet<&str> = plan.keys().filter_map(|k| k.rsplit_once('.').map(|(m, _)| m)).collect();
+    for (name, first_use) in unmapped {
+        let Some((i, _)) = first_use else { continue };
+        let module = paths[i].as_deref().unwrap_or("");
+        if !owners.contains(module) {
+            continue;
+        }
+        return Err(bad(format!(
+            "initializer `{name}` {:?}, an input of {}, maps to no weight of the published model: a graph \
+             rewritten by an optimiser, or an op this reader does not map",
+            stored[name].shape,
+            origin(i)
+        )));
+    }
+    Ok(plan)
+}
+
+/// A small float tensor's values, for the identity check of InstanceNormalization.
+fn read_values(r: &Reader, info: &TensorInfo) -> Option<Vec<f32>> {
+    let s = r.shards.get(info.shard)?;
+    let b = s.shared.get(s.data_start + info.start..s.data_start + info.end)?;
+    Some(match info.dtype.as_str() {
+        "F32" => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        "F16" => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        "BF16" => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proto::*;
+    use super::*;
+
+    fn raw_f32(name: &str, dims: &[i64], v: &[f32]) -> TensorProto {
+        TensorProto {
+            name: name.into(),
+            dims: dims.to_vec(),
+            data_type: 1,
+            raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>().into(),
+            ..Default::default()
+        }
+    }
+
+    fn node(name: &str, op: &str, inputs: &[&str]) -> NodeProto {
+        NodeProto {
+            name: name.into(),
+            op_type: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![format!("{name}_out")],
+            ..Default::default()
+        }
+    }
+
+    fn write(dir: &Path, nodes: Vec<NodeProto>, inits: Vec<TensorProto>) -> PathBuf {
+        let m = ModelProto {
+            ir_version: 8,
+            graph: Some(GraphProto { node: nodes, initializer: inits, ..Default::default() }),
+            opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
+            ..Default::default()
+        };
+        let p = dir.join("model.onnx");
+        std::fs::write(&p, m.encode_to_vec()).unwrap();
+        p
+    }
+
+    fn err(r: Result<Checkpoint>) -> String {
+        r.err().expect("an error").to_string()
+    }
+
+    #[test]
+    fn weights_are_named_by_their_consumers_and_read_as_published() {
+        let d = tempfile::tempdir().unwrap();
+        let ones = TensorProto {
+            name: "s".into(),
+            dims: vec![2],
+            data_type: 1,
+            float_data: vec![1.0; 2],
+            ..Default::default()
+        };
+        let zeros = TensorProto {
+            name: "z".into(),
+            dims: vec![2],
+            data_type: 1,
+            float_data: vec![0.0; 2],
+            ..Default::default()
+        };
+        // FLOAT16 bit patterns in int32_data (1.0, 2.0, -0.5), BFLOAT16 as raw bytes, INT64 typed.
+        let f16 = TensorProto {
+            name: "blk.conv.weight".into(),
+            dims: vec![3, 1, 1, 1],
+            data_type: 10,
+            int32_data: [1.0f32, 2.0, -0.5].iter().map(|v| i32::from(half::f16::from_f32(*v).to_bits())).collect(),
+            ..Default::default()
+        };
+        let bf16 = TensorProto {
+            name: "blk.conv.bias".into(),
+            dims: vec![3],
+            data_type: 16,
+            raw_data: [0.25f32, 4.0, 8.0]
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+            ..Default::default()
+        };
+        let ids = TensorProto {
+            name: "blk.ids".into(),
+            dims: vec![3],
+            data_type: 7,
+            int64_data: vec![5, 6, 7],
+            ..Default::default()
+        };
+        let mut dynamo = node("node_linear_3", "MatMul", &["x", "val_9"]);
+        dynamo.metadata_props = vec![StringStringEntryProto {
+            key: "pkg.torch.onnx.name_scopes".into(),
+            value: "['', 'blk', 'blk.to_k', 'linear_3']".into(),
+        }];
+        let p = write(
+            d.path(),
+            vec![
+                node("/blk/to_q/MatMul", "MatMul", &["x", "onnx::MatMul_1"]),
+                node("/blk/norm/InstanceNormalization", "InstanceNormalization", &["x", "s", "z"]),
+                node("/blk/norm/Mul", "Mul", &["y", "onnx::Mul_2"]),
+                node("/blk/norm/Add", "Add", &["y", "onnx::Add_3"]),
+                node("/blk/conv/Conv", "Conv", &["x", "blk.conv.weight", "blk.conv.bias"]),
+                node("/time_proj/Mul", "Mul", &["t", "onnx::Mul_4"]),
+                node("/blk/Reshape", "Reshape", &["x", "onnx::Reshape_5"]),
+                dynamo,
+            ],
+            vec![
+                raw_f32("onnx::MatMul_1", &[2, 3], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]),
+                ones,
+                zeros,
+                raw_f32("onnx::Mul_2", &[4, 1, 1], &[1.0, 2.0, 3.0, 4.0]),
+                raw_f32("onnx::Add_3", &[4, 1, 1], &[5.0, 6.0, 7.0, 8.0]),
+                f16,
+                bf16,
+                ids,
+                // The sinusoid's exponents: constants of a module without weights.
+                raw_f32("onnx::Mul_4", &[16], &[0.5; 16]),
+                TensorProto {
+                    name: "onnx::Reshape_5".into(),
+                    dims: vec![3],
+                    data_type: 7,
+                    int64_data: vec![1, -1, 4],
+                    ..Default::default()
+                },
+                raw_f32("val_9", &[2, 2], &[1.0, 2.0, 3.0, 4.0]),
+            ],
+        );
+        let c = Checkpoint::open_onnx(&p).unwrap();
+        let mut names: Vec<&str> = c.names().collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "blk.conv.bias",
+                "blk.conv.weight",
+                "blk.ids",
+                "blk.norm.bias",
+                "blk.norm.weight",
+                "blk.to_k.weight",
+                "blk.to_q.weight"
+            ]
+        );
+        // Stored [in, out] = [2, 3]: read as the Linear's [out, in] = [3, 2].
+        assert_eq!(c.read_f32("blk.to_q.weight").unwrap(), (vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0], vec![3, 2]));
+        assert_eq!(c.read_f32("blk.to_k.weight").unwrap(), (vec![1.0, 3.0, 2.0, 4.0], vec![2, 2]));
+        assert_eq!(c.read_f32("blk.norm.weight").unwrap(), (vec![1.0, 2.0, 3.0, 4.0], vec![4]));
+        assert_eq!(c.read_f32("blk.norm.bias").unwrap(), (vec![5.0, 6.0, 7.0, 8.0], vec![4]));
+        assert_eq!(c.read_f32("blk.conv.weight").unwrap(), (vec![1.0, 2.0, -0.5], vec![3, 1, 1, 1]));
+        assert_eq!(c.info("blk.conv.weight").unwrap().dtype, "F16");
+        assert_eq!(c.read_f32("blk.conv.bias").unwrap(), (vec![0.25, 4.0, 8.0], vec![3]));
+        assert_eq!(c.read_i64("blk.ids").unwrap(), (vec![5, 6, 7], vec![3]));
+        assert_eq!(c.origin("blk.to_q.weight"), Some("node `/blk/to_q/MatMul` (MatMul)"));
+        // The borrowed f32 path agrees with the copied one for a transposed tensor.
+        let data = c.tensor_data_f32("blk.to_q.weight").unwrap();
+        assert_eq!(data.to_vec::<f32>().unwrap(), vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        // A transposed tensor is not split or reshaped as a view.
+        let e = c.derive("v", [("a".into(), "blk.to_q.weight".into(), crate::Derive::Rows(0..1))]).err().unwrap();
+        assert!(e.to_string().contains("stored transposed"), "{e}");
+    }
+
+    #[test]
+    fn external_data_is_read_from_the_models_folder_only() {
+        let d = tempfile::tempdir().unwrap();
+        let values: Vec<u8> = [9.0f32, 8.0, 7.0, 6.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut w = vec![0u8; 16];
+        w.extend(&values);
+        std::fs::write(d.path().join("weights.pb"), &w).unwrap();
+        let ext = |location: &str, offset: usize, length: usize| TensorProto {
+            name: "blk.conv.weight".into(),
+            dims: vec![4, 1, 1, 1],
+            data_type: 1,
+            data_location: 1,
+            external_data: [
+                ("location", location.to_string()),
+                ("offset", offset.to_string()),
+                ("length", length.to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| StringStringEntryProto { key: k.into(), value: v })
+            .collect(),
+            ..Default::default()
+        };
+        let conv = || vec![node("/blk/conv/Conv", "Conv", &["x", "blk.conv.weight"])];
+        let p = write(d.path(), conv(), vec![ext("weights.pb", 16, 16)]);
+        let c = Checkpoint::open_onnx(&p).unwrap();
+        assert_eq!(c.read_f32("blk.conv.weight").unwrap().0, vec![9.0, 8.0, 7.0, 6.0]);
+        assert!(c.file_of("blk.conv.weight").unwrap().ends_with("weights.pb"));
+        for bad in ["../weights.pb", "/etc/passwd", "a/../../weights.pb"] {
+            let p = write(d.path(), conv(), vec![ext(bad, 0, 16)]);
+            let e = err(Checkpoint::open_onnx(&p));
+            assert!(e.contains("outside the model's folder") && e.contains(bad), "{e}");
+        }
+        let p = write(d.path(), conv(), vec![ext("gone.bin", 0, 16)]);
+        let e = err(Checkpoint::open_onnx(&p));
+        assert!(e.contains("gone.bin") && e.contains("missing") && e.contains("blk.conv.weight"), "{e}");
+        // A truncated external file.
+        let p = write(d.path(), conv(), vec![ext("weights.pb", 24, 16)]);
+        let e = err(Checkpoint::open_onnx(&p));
+        assert!(e.contains("weights.pb") && e.contains("truncated"), "{e}");
+        // A length that does not match the shape.
+        let p = write(d.path(), conv(), vec![ext("weights.pb", 0, 12)]);
+        let e = err(Checkpoint::open_onnx(&p));
+        assert!(e.contains("needs 16 bytes"), "{e}");
+    }
+
+    #[test]
+    fn bad_graphs_are_one_line_errors() {
+        let d = tempfile::tempdir().unwrap();
+        // Truncated.
+        let p =
+            write(d.path(), vec![node("/a/MatMul", "MatMul", &["x", "w"])], vec![raw_f32("w", &[4, 4], &[0.5; 16])]);
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 9]).unwrap();
+        let e = err(Checkpoint::open_onnx(&p));
+        assert!(e.contains("model.onnx") && e.contains("cannot be decoded"), "{e}");
+        assert!(!e.contains('\n'));
+        // Not ONNX at all.
+        std::fs::write(&p, b"{\"not\": \"onnx\"}").unwrap();
+        assert!(err(Checkpoint::open_onnx(&p)).contains("model.onnx"));
+        // ORT's fused ops.
+        let mut fused = node("Attention_0", "Attention", &["x", "w"]);
+        fused.domain = "com.microsoft".into();
+        let p = write(d.path(), vec![fused], vec![raw_f32("w", &[4, 4], &[0.5; 16])]);
+        let e = err(Checkpoint::open_onnx(&p));
+        assert!(e.contains("`Attention`") && e.contains("com.microsoft") && e.contains("without optimisation"), "{e}");
+        // A weight-sized constant in a module with weights that maps to nothing.
+        let p = write(
+            d.path(),
+            vec![
+                node("/blk/to_q/MatMul", "MatMul", &["x", "onnx::MatMul_1"]),
+                node("/blk/to_q/Sin", "Sin", &["onnx::Sin_2"]),
+            ],
+            vec![raw_f32("onnx::MatMul_1", &[4, 4], &[0.5; 16]), raw_f32("onnx::Sin_2", &[16], &[0.5; 16])],
+        );
+        let e = err(Checkpoint::open_onnx(&p));
+        assert!(e.contains("`onnx::Sin_2`") && e.contains("`/blk/to_q/Sin` (Sin)"), "{e}");
+        // A raw payload shorter than its shape.
+        let mut short = raw_f32("blk.w", &[4, 4], &[0.5; 16]);
+        short.raw_data.truncate(60);
+        let p = write(d.path(), vec![], vec![short]);
+        assert!(err(Checkpoint::open_onnx(&p)).contains("needs 64 bytes but holds 60"));
+        // An empty graph.
+        let p = write(d.path(), vec![], vec![]);
+        assert!(err(Checkpoint::open_onnx(&p)).contains("no nodes"));
+    }
+
+    #[test]
+    fn an_onnx_folder_opens_as_a_model_folder() {
+        let d = tempfile::tempdir().unwrap();
+        write(
+            d.path(),
+            vec![node("/c/Conv", "Conv", &["x", "c.weight"])],
+            vec![raw_f32("c.weight", &[1, 1, 1, 1], &[2.0])],
+        );
+        let c = Checkpoint::open_dir(d.path(), &["diffusion_pytorch_model"]).unwrap();
+        assert_eq!(c.read_f32("c.weight").unwrap().0, vec![2.0]);
+        let e = Checkpoint::open_dir(tempfile::tempdir().unwrap().path(), &["model"]).err().unwrap().to_string();
+        assert!(e.contains("model.onnx"), "{e}");
+    }
+}

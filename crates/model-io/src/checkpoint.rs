@@ -374,7 +374,17 @@ impl Checkpoint {
     pub fn missing(&self, name: &str) -> Error {
         match self.absent.get(name) {
             Some((index, shard)) => Error::MissingShard { index: index.clone(), shard: shard.clone() },
-            None => Error::MissingTensor { checkpoint: self.name.clone(), name: name.to_string(), hint: String::new() },
+            None => {
+                // An ONNX graph's weights are named from its nodes: say what it holds instead.
+                let hint = match self.origins.keys().filter(|k| !k.is_empty()).min() {
+                    Some(k) => format!(
+                        " (this ONNX graph's weights are, e.g., `{k}` from {}: a graph of another model?)",
+                        self.origins[k]
+                    ),
+                    None => String::new(),
+                };
+                Error::MissingTensor { checkpoint: self.name.clone(), name: name.to_string(), hint }
+            }
         }
     }
 

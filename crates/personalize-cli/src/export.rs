@@ -77,10 +77,10 @@ pub enum ModelFormat {
 /// The base model arguments `merge-lora` and `export` share.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BaseArgs {
-    /// Single-file --base only: a diffusers folder with the file's configs (as for generate).
+    /// Single-file and ONNX --base only: a diffusers folder with the file's configs (as for generate).
     #[arg(long, value_name = "DIR")]
     pub config: Option<PathBuf>,
-    /// Single-file --base only: `epsilon` or `v_prediction` (as for generate).
+    /// Single-file and ONNX --base only: `epsilon` or `v_prediction` (as for generate).
     #[arg(long, value_name = "TYPE", value_parser = ["epsilon", "v_prediction"])]
     pub prediction_type: Option<String>,
     /// The layout to write.
@@ -151,6 +151,44 @@ fn write(base: personalize::Base, concept: Option<&std::path::Path>, allow: bool
     spinner.finish_and_clear();
     eprintln!("wrote {}", c.out.display());
     Ok(())
+}
+
+/// Converts a base model to another layout: an ONNX pipeline folder or a single file to a
+/// diffusers safetensors folder (f32), or a diffusers folder to a single file.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConvertArgs {
+    /// The model to read: an ONNX pipeline folder (`unet/model.onnx`, ...), a single file or a
+    /// diffusers folder.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The folder (diffusers) or file (single-file) to write.
+    #[arg(long)]
+    pub to: PathBuf,
+    /// The layout to write.
+    #[arg(long, value_enum, default_value = "diffusers")]
+    pub format: ModelFormat,
+    /// ONNX folders and single files: a diffusers folder with the models' configs, where the
+    /// model has none beside it and they cannot be inferred (as for generate).
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
+    /// ONNX folders and single files: `epsilon` or `v_prediction` (as for generate).
+    #[arg(long, value_name = "TYPE", value_parser = ["epsilon", "v_prediction"])]
+    pub prediction_type: Option<String>,
+    /// Replace `--to` if it exists instead of refusing.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// `personalize convert`.
+pub fn convert(a: &ConvertArgs) -> Result<()> {
+    let common = BaseArgs {
+        config: a.config.clone(),
+        prediction_type: a.prediction_type.clone(),
+        format: a.format,
+        out: a.to.clone(),
+        overwrite: a.overwrite,
+    };
+    write(personalize::Base::new(&a.from), None, false, &common)
 }
 
 /// `personalize merge-lora`.

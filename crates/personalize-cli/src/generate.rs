@@ -20,18 +20,20 @@ use crate::backend::{device, B};
 pub struct GenerateCli {
     /// The base model: a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, ...),
     /// a preset (sd-v1-5, sd-2-1-base, sd-2-1) or a repo id already fetched (`cargo xtask
-    /// fetch`), or a single-file checkpoint (FILE.safetensors, the A1111/civitai layout).
-    /// Required unless --params-from gives one.
+    /// fetch`), a single-file checkpoint (FILE.safetensors, the A1111/civitai layout), or an
+    /// ONNX pipeline folder (diffusers' `OnnxStableDiffusionPipeline` or optimum's export:
+    /// unet/model.onnx, vae_encoder/, vae_decoder/, ...). Required unless --params-from gives one.
     #[arg(long, required_unless_present = "params_from")]
     pub base: Option<PathBuf>,
-    /// Single-file --base only: a diffusers folder whose configs (unet/, vae/, text_encoder/,
-    /// tokenizer/, scheduler/) describe the file's models, as diffusers'
-    /// `from_single_file(config=DIR)`. Without it the configs of a standard SD 1.x/2.x model
-    /// are inferred from the tensors' shapes, with the bundled CLIP tokenizer and SD 1.5's
-    /// scheduler.
+    /// Single-file and ONNX --base only: a diffusers folder whose configs (unet/, vae/,
+    /// text_encoder/, tokenizer/, scheduler/) describe the base's models, as diffusers'
+    /// `from_single_file(config=DIR)`. Without it, an ONNX model's config.json beside its
+    /// model.onnx is read; otherwise the configs of a standard SD 1.x/2.x model are inferred
+    /// from the tensors' shapes, with the bundled CLIP tokenizer and SD 1.5's scheduler (an
+    /// ONNX folder's own tokenizer/ and scheduler/ when it has them).
     #[arg(long, value_name = "DIR")]
     pub config: Option<PathBuf>,
-    /// Single-file --base only: what the UNet predicts, `epsilon` or `v_prediction` (SD 2.x
+    /// Single-file and ONNX --base only: what the UNet predicts, `epsilon` or `v_prediction` (SD 2.x
     /// 768-pixel models). Default: the file's metadata (modelspec.prediction_type), else the
     /// config's, else epsilon.
     #[arg(long, value_name = "TYPE", value_parser = ["epsilon", "v_prediction"])]

@@ -48,6 +48,7 @@ enum Command {
     ExportLora(export::ExportLoraArgs),
     MergeLora(export::MergeLoraArgs),
     Export(export::ExportArgs),
+    Convert(export::ConvertArgs),
 }
 
 /// `--base`, `--blip2` and `stage --model` take a folder, or a preset or repo id (with an
@@ -80,6 +81,10 @@ fn resolve_models(command: &mut Command) -> Result<(), hub::Error> {
         Command::Export(a) => {
             a.base.as_mut().map_or(Ok(()), resolve)?;
             a.common.config.as_mut().map_or(Ok(()), resolve)
+        }
+        Command::Convert(a) => {
+            resolve(&mut a.from)?;
+            a.config.as_mut().map_or(Ok(()), resolve)
         }
     }
 }
@@ -167,6 +172,7 @@ fn main() -> ExitCode {
         Command::ExportLora(a) => export::run(&a),
         Command::MergeLora(a) => export::merge_lora(&a),
         Command::Export(a) => export::export(&a),
+        Command::Convert(a) => export::convert(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

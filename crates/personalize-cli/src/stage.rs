@@ -22,7 +22,9 @@ pub struct StageArgs {
     pub stage: StageName,
     /// The model folder the stage loads, as published (e.g. `sd/text_encoder`, `sd/vae`,
     /// or a tokenizer folder); or a fetched preset or repo id with a subfolder
-    /// (`sd-v1-5/unet`, `blip2`).
+    /// (`sd-v1-5/unet`, `blip2`). A folder with `model.onnx` (and `config.json`) loads its
+    /// ONNX export; the VAE stages take an ONNX export's `vae_encoder/` or `vae_decoder/`
+    /// (reading both halves).
     #[arg(long)]
     pub model: PathBuf,
     /// Input tensors (safetensors). Not used by `tokenizer`, which takes --prompt.
@@ -59,7 +61,42 @@ fn load_vae(args: &StageArgs) -> Result<sd_vae::AutoencoderKl<B>> {
         let cfg = sd_vae::AutoencoderKlConfig::load(&args.model)?;
         return Ok(sd_vae::AutoencoderKl::from_weights(&cfg, &model_io::Weights::random(&device()))?);
     }
+    if let Some((ckpt, cfg_dir)) = onnx_vae(&args.model)? {
+        let cfg = sd_vae::AutoencoderKlConfig::load(&cfg_dir)?;
+        let w = model_io::Weights::new(&ckpt, &device());
+        let vae = sd_vae::AutoencoderKl::from_weights(&cfg, &w)?;
+        w.finish(&[])?;
+        return Ok(vae);
+    }
     Ok(sd_vae::AutoencoderKl::load(&args.model, &device())?)
+}
+
+/// An ONNX export's VAE, which comes in two halves (`vae_encoder/`, `vae_decoder/`): given
+/// either half's folder or the pipeline folder, both merged, and the folder whose
+/// `config.json` describes the VAE. `None` for a safetensors folder.
+fn onnx_vae(model: &std::path::Path) -> Result<Option<(model_io::Checkpoint, std::path::PathBuf)>> {
+    let name = model.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let root = match name {
+        "vae_encoder" | "vae_decoder" if model.join("model.onnx").is_file() => model.parent().unwrap_or(model),
+        _ if model.join("vae_decoder/model.onnx").is_file() => model,
+        _ => return Ok(None),
+    };
+    let half = |h: &str| -> Result<model_io::Checkpoint> {
+        let p = root.join(h).join("model.onnx");
+        if !p.is_file() {
+            anyhow::bail!(
+                "{}: missing; an ONNX export's VAE is read from both vae_encoder/ and vae_decoder/",
+                p.display()
+            );
+        }
+        Ok(model_io::Checkpoint::open_onnx(&p)?)
+    };
+    let ckpt = half("vae_encoder")?.merge(half("vae_decoder")?, &format!("{} [vae]", root.display()))?;
+    let cfg_dir = ["vae_decoder", "vae_encoder"].iter().map(|h| root.join(h)).find(|d| d.join("config.json").is_file());
+    let Some(cfg_dir) = cfg_dir else {
+        anyhow::bail!("{}: no config.json beside the VAE's model.onnx (vae_decoder/ or vae_encoder/)", root.display());
+    };
+    Ok(Some((ckpt, cfg_dir)))
 }
 
 fn load_unet(args: &StageArgs) -> Result<sd_unet::UNet2DConditionModel<B>> {

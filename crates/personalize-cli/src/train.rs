@@ -23,13 +23,14 @@ use crate::backend::{device, B};
 pub struct TrainCli {
     /// The base model, a diffusers Stable Diffusion pipeline (model_index.json, unet/, vae/, ...):
     /// a folder, a preset (sd-v1-5, sd-2-1-base, sd-2-1) or a repo id already fetched
-    /// (`cargo xtask fetch`), or a single-file checkpoint (FILE.safetensors).
+    /// (`cargo xtask fetch`), a single-file checkpoint (FILE.safetensors) or an ONNX pipeline
+    /// folder (unet/model.onnx, ...).
     #[arg(long)]
     pub base: PathBuf,
-    /// Single-file --base only: a diffusers folder with the file's configs (as for generate).
+    /// Single-file and ONNX --base only: a diffusers folder with the file's configs (as for generate).
     #[arg(long, value_name = "DIR")]
     pub config: Option<PathBuf>,
-    /// Single-file --base only: what the UNet predicts, `epsilon` or `v_prediction` (as for
+    /// Single-file and ONNX --base only: what the UNet predicts, `epsilon` or `v_prediction` (as for
     /// generate).
     #[arg(long, value_name = "TYPE", value_parser = ["epsilon", "v_prediction"])]
     pub prediction_type: Option<String>,

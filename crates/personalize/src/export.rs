@@ -62,7 +62,7 @@ impl MergedModel {
         allow_mismatch: bool,
         device: &B::Device,
     ) -> Result<Self> {
-        let mut m = if base.path.is_file() { Self::from_single_file(base)? } else { Self::from_folder(base)? };
+        let mut m = if base.is_split() { Self::from_single_file(base)? } else { Self::from_folder(base)? };
         let (fingerprint, legacy) = (m.unet.fingerprint(), m.unet.legacy_fingerprint());
         let mut loras: Vec<(LoraSpec, Option<f64>)> = base.loras.iter().map(|l| (l.clone(), None)).collect();
         if let Some(dir) = concept {
@@ -138,6 +138,8 @@ impl MergedModel {
             text_config_json: f.text_config_json,
             open_clip,
             tokenizer: match &base.config {
+                // An ONNX pipeline folder's own.
+                _ if f.path.join("tokenizer").is_dir() => Tokenizer::Folder(f.path.join("tokenizer")),
                 Some(d) => Tokenizer::Folder(d.join("tokenizer")),
                 None => Tokenizer::Bundled(open_clip.then(|| "!".to_string())),
             },

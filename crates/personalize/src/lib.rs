@@ -24,6 +24,7 @@ pub mod interrupt;
 mod lora;
 pub mod memory;
 mod metadata;
+mod onnx_folder;
 mod pipeline;
 mod request;
 mod single_file;

@@ -102,7 +102,7 @@ impl<B: Backend> Pipeline<B> {
     /// ```
     pub fn open(base: &Base, device: &B::Device) -> Result<Self> {
         let dir = base.path.as_path();
-        if dir.is_file() {
+        if base.is_split() {
             return Self::open_single_file(base, device);
         }
         let index = base.check_folder()?;
@@ -171,7 +171,11 @@ impl<B: Backend> Pipeline<B> {
         let w = built::<B>(&f.vae, device);
         let vae = AutoencoderKl::from_weights(&vae_config, &w)?;
         w.finish(&[])?;
-        let scheduler_dir = base.config.as_ref().map_or_else(|| f.path.clone(), |d| d.join("scheduler"));
+        let scheduler_dir = match &base.config {
+            _ if f.path.join("scheduler").is_dir() => f.path.join("scheduler"),
+            Some(d) => d.join("scheduler"),
+            None => f.path.clone(),
+        };
         Ok(Self {
             tokenizer: f.tokenizer,
             text_encoder,

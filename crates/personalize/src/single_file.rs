@@ -22,12 +22,14 @@ use crate::{Error, Result};
 /// ```
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Base {
-    /// A diffusers pipeline folder or a single `.safetensors` file.
+    /// A diffusers pipeline folder, an ONNX pipeline folder (`unet/model.onnx`, ...) or a single
+    /// `.safetensors` file.
     pub path: PathBuf,
-    /// Single files only: a diffusers folder whose configs (`unet/`, `vae/`, `text_encoder/`,
+    /// Single files and ONNX folders: a diffusers folder whose configs (`unet/`, `vae/`, `text_encoder/`,
     /// `tokenizer/`, `scheduler/`) describe the file's models, as `from_single_file(config=…)`.
     pub config: Option<PathBuf>,
-    /// Single files only: `epsilon` or `v_prediction`, over the file's metadata and the default.
+    /// Single files and ONNX folders: `epsilon` or `v_prediction`, over the file's metadata (the
+    /// ONNX folder's scheduler) and the default.
     pub prediction_type: Option<String>,
     /// LoRA files merged into the UNet and the text encoder as they load, in order.
     pub loras: Vec<crate::LoraSpec>,
@@ -43,6 +45,12 @@ impl Base {
     pub fn with_config(mut self, dir: impl Into<PathBuf>) -> Self {
         self.config = Some(dir.into());
         self
+    }
+
+    /// Whether the base is split into its models as it loads: a single file or an ONNX folder
+    /// (a diffusers safetensors folder is not).
+    pub fn is_split(&self) -> bool {
+        self.path.is_file() || crate::onnx_folder::is_onnx_folder(&self.path)
     }
 
     /// For a folder base: refuses single-file options and a folder without
@@ -87,8 +95,8 @@ pub enum TextLayout {
     OpenClip,
 }
 
-/// A single file split into its models: each checkpoint a view of the file under the model's
-/// own (diffusers) keys, with the configs the models are built from.
+/// A single file (or an ONNX pipeline folder) split into its models: each checkpoint a view of
+/// the file under the model's own (diffusers) keys, with the configs the models are built from.
 pub struct SingleFile {
     pub path: PathBuf,
     pub unet: Checkpoint,
@@ -138,11 +146,14 @@ fn config_error(path: &Path, message: impl Into<String>) -> Error {
 }
 
 impl SingleFile {
-    /// Opens a single-file checkpoint and splits it (see the module docs). A pickle file
-    /// (`.ckpt`), an SDXL file, a file with keys of no known model, or one missing a model is an
-    /// error saying which.
+    /// Opens a single-file checkpoint and splits it (see the module docs), or an ONNX pipeline
+    /// folder ([`SingleFile::open_onnx_folder`]). A pickle file (`.ckpt`), an SDXL file, a file
+    /// with keys of no known model, or one missing a model is an error saying which.
     pub fn open(base: &Base) -> Result<Self> {
         let path = base.path.as_path();
+        if path.is_dir() {
+            return Self::open_onnx_folder(base);
+        }
         if is_pickle(path) {
             return Err(config_error(
                 path,

@@ -352,11 +352,32 @@ fn name_map(
     r: &Reader,
 ) -> Result<Plan> {
     let bad = |reason: String| Error::BadOnnx { path: path.to_path_buf(), reason };
+    // The TorchScript exporter stores equal constants once and feeds the other consumers
+    // through Identity nodes (`onnx::Mul_5261 = Identity(onnx::Mul_5259)`): follow them.
+    let mut alias: HashMap<&str, &str> = HashMap::new();
+    for n in nodes {
+        if let (true, [input], [output]) = (n.op_type == "Identity", n.input.as_slice(), n.output.as_slice()) {
+            alias.insert(output.as_str(), input.as_str());
+        }
+    }
+    fn root<'a>(alias: &HashMap<&'a str, &'a str>, mut name: &'a str) -> &'a str {
+        for _ in 0..64 {
+            match alias.get(name) {
+                Some(next) => name = next,
+                None => break,
+            }
+        }
+        name
+    }
     let mut uses: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
     for (i, n) in nodes.iter().enumerate() {
+        if n.op_type == "Identity" {
+            continue;
+        }
         for (j, input) in n.input.iter().enumerate() {
+            let input = root(&alias, input);
             if stored.contains_key(input) {
-                uses.entry(input.as_str()).or_default().push((i, j));
+                uses.entry(input).or_default().push((i, j));
             }
         }
     }
@@ -382,10 +403,12 @@ fn name_map(
     let mut unmapped = Vec::new();
     for (name, info) in stored {
         let consumers = uses.get(name.as_str()).map(Vec::as_slice).unwrap_or_default();
-        if is_state_dict_key(name) {
+        // A weight that keeps its name is itself; the consumer rules below then give it the
+        // keys of other modules that read it through an Identity (equal weights stored once).
+        let named = is_state_dict_key(name);
+        if named {
             let from = consumers.first().map_or_else(|| "an initializer".to_string(), |&(i, _)| origin(i));
             put(&mut plan, name.clone(), name, Role::Same, from)?;
-            continue;
         }
         let float = matches!(info.dtype.as_str(), "F32" | "F16" | "BF16" | "F64");
         let numel: usize = info.shape.iter().product();
@@ -406,6 +429,8 @@ fn name_map(
                 ("LayerNormalization", 1) => Some(("weight", Role::Reshaped(vec![numel]))),
                 ("Mul", _) if vector && group_norms.contains(module) => Some(("weight", Role::Reshaped(vec![numel]))),
                 ("Add", _) if vector && group_norms.contains(module) => Some(("bias", Role::Reshaped(vec![numel]))),
+                // A Linear's bias after its MatMul, when stored once for several layers.
+                ("Add", _) if named && info.shape.len() == 1 => Some(("bias", Role::Same)),
                 ("InstanceNormalization", 1 | 2) => {
                     // Over the groups of a GroupNorm: 1 and 0, not weights. A real
                     // InstanceNorm's scale and bias are.
@@ -420,15 +445,21 @@ fn name_map(
                 }
                 _ => None,
             };
+            // Every consumer: exporters store identical constants once (the GroupNorms of a
+            // freshly initialised model share one `[C, 1, 1]` of ones), each a weight of its own.
+            // A named weight is never re-laid out by its consumer: only renames apply to it.
+            let role = role.filter(|(_, r)| !named || !matches!(r, Role::Transposed));
             if let Some((leaf, role)) = role {
+                if named && key(leaf) == *name {
+                    continue;
+                }
                 if float {
                     put(&mut plan, key(leaf), name, role, origin(i))?;
                     mapped = true;
-                    break;
                 }
             }
         }
-        if !mapped && float && numel > SMALL {
+        if !mapped && !named && float && numel > SMALL {
             unmapped.push((name, consumers.first().copied()));
         }
     }
@@ -557,6 +588,15 @@ mod tests {
                 node("/blk/to_q/MatMul", "MatMul", &["x", "onnx::MatMul_1"]),
                 node("/blk/norm/InstanceNormalization", "InstanceNormalization", &["x", "s", "z"]),
                 node("/blk/norm/Mul", "Mul", &["y", "onnx::Mul_2"]),
+                // One constant shared by two GroupNorms.
+                node("/blk/norm2/InstanceNormalization", "InstanceNormalization", &["x", "s", "z"]),
+                NodeProto {
+                    op_type: "Identity".into(),
+                    input: vec!["onnx::Mul_2".into()],
+                    output: vec!["onnx::Mul_6".into()],
+                    ..Default::default()
+                },
+                node("/blk/norm2/Mul", "Mul", &["y", "onnx::Mul_6"]),
                 node("/blk/norm/Add", "Add", &["y", "onnx::Add_3"]),
                 node("/blk/conv/Conv", "Conv", &["x", "blk.conv.weight", "blk.conv.bias"]),
                 node("/time_proj/Mul", "Mul", &["t", "onnx::Mul_4"]),
@@ -595,6 +635,7 @@ mod tests {
                 "blk.ids",
                 "blk.norm.bias",
                 "blk.norm.weight",
+                "blk.norm2.weight",
                 "blk.to_k.weight",
                 "blk.to_q.weight"
             ]
@@ -604,6 +645,7 @@ mod tests {
         assert_eq!(c.read_f32("blk.to_k.weight").unwrap(), (vec![1.0, 3.0, 2.0, 4.0], vec![2, 2]));
         assert_eq!(c.read_f32("blk.norm.weight").unwrap(), (vec![1.0, 2.0, 3.0, 4.0], vec![4]));
         assert_eq!(c.read_f32("blk.norm.bias").unwrap(), (vec![5.0, 6.0, 7.0, 8.0], vec![4]));
+        assert_eq!(c.read_f32("blk.norm2.weight").unwrap(), (vec![1.0, 2.0, 3.0, 4.0], vec![4]));
         assert_eq!(c.read_f32("blk.conv.weight").unwrap(), (vec![1.0, 2.0, -0.5], vec![3, 1, 1, 1]));
         assert_eq!(c.info("blk.conv.weight").unwrap().dtype, "F16");
         assert_eq!(c.read_f32("blk.conv.bias").unwrap(), (vec![0.25, 4.0, 8.0], vec![3]));

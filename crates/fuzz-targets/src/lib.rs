@@ -18,6 +18,7 @@ pub type Target = (&'static str, fn(&[u8]));
 pub const TARGETS: &[Target] = &[
     ("safetensors", safetensors),
     ("shard_index", shard_index),
+    ("onnx", onnx),
     ("image", image),
     ("tokenizer", tokenizer),
     ("concept_json", concept_json),
@@ -70,6 +71,23 @@ pub fn shard_index(data: &[u8]) {
         for n in names {
             let _ = c.read_f32(&n);
         }
+    }
+}
+
+/// An ONNX model file (`model.onnx`) beside a small external data file (`weights.pb`): the
+/// protobuf, the initializers' data and the names read from the nodes; then every tensor read.
+pub fn onnx(data: &[u8]) {
+    let dir = scratch().join("onnx");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join("weights.pb"), [0x3fu8; 64]);
+    let _ = std::fs::write(dir.join("model.onnx"), data);
+    if let Ok(c) = model_io::Checkpoint::open_onnx(&dir.join("model.onnx")) {
+        let names: Vec<String> = c.names().map(String::from).collect();
+        for n in names {
+            let _ = c.read_f32(&n);
+            let _ = c.tensor_data_f32(&n);
+        }
+        let _ = c.fingerprint();
     }
 }
 
@@ -143,6 +161,21 @@ mod tests {
             }
         }
         assert!(total >= TARGETS.len());
+    }
+
+    /// The ONNX seeds are valid graphs, so mutations reach the name mapping and the reads.
+    #[test]
+    fn the_onnx_seeds_open() {
+        let dir = tempfile::tempdir().unwrap();
+        for seed in ["inline", "external"] {
+            std::fs::copy(workspace().join(format!("fuzz/corpus/onnx/{seed}.onnx")), dir.path().join("model.onnx"))
+                .unwrap();
+            std::fs::write(dir.path().join("weights.pb"), [0u8; 64]).unwrap();
+            let c = model_io::Checkpoint::open_onnx(&dir.path().join("model.onnx")).unwrap();
+            let mut names: Vec<&str> = c.names().collect();
+            names.sort_unstable();
+            assert_eq!(names, ["blk.conv.weight", "blk.norm.weight", "blk.to_q.weight"], "{seed}");
+        }
     }
 
     /// Random mutations of the corpora, deterministic: a short stand-in for the fuzzer where

@@ -34,6 +34,17 @@ fn generate_from_an_onnx_folder_makes_the_safetensors_folders_image_and_convert_
     let reference = pixels(&d.path().join("st/0000.png"));
     assert_eq!(pixels(&d.path().join("onnx/0000.png")), reference, "ONNX and safetensors images differ");
 
+    // A LoRA merges into the ONNX base's (transposed) weights as into the folder's.
+    let kohya = fixtures().join("lora/in/kohya.safetensors");
+    let lora = format!("{}:0.6", kohya.display());
+    let (ok, err) = run(&parity_args(config_s, &lat, &out("st_lora"), &["--lora", &lora]));
+    assert!(ok, "{err}");
+    let (ok, err) = run(&parity_args(onnx_s, &lat, &out("onnx_lora"), &["--config", config_s, "--lora", &lora]));
+    assert!(ok, "{err}");
+    let with_lora = pixels(&d.path().join("st_lora/0000.png"));
+    assert_ne!(with_lora, reference, "the LoRA changes the image");
+    assert_eq!(pixels(&d.path().join("onnx_lora/0000.png")), with_lora);
+
     // convert: a diffusers folder of the same weights, which generates the same image.
     let conv = out("converted");
     let (ok, err) = run(&["convert", "--from", onnx_s, "--to", &conv, "--config", config_s]);

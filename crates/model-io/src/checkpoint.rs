@@ -512,7 +512,7 @@ pub(crate) fn regular_file(path: &Path) -> Result<()> {
         return Ok(());
     }
     let what = if meta.is_dir() { "a folder" } else { "not a regular file (a FIFO, socket or device)" };
-    Err(Error::Config { path: path.to_path_buf(), message: format!("is {what}; expected a safetensors file") })
+    Err(Error::Config { path: path.to_path_buf(), message: format!("is {what}; expected a model file") })
 }
 
 /// Memory-maps `path` read-only: the map, and the same bytes as `bytes::Bytes` that keep it

@@ -27,8 +27,8 @@ pub enum Error {
     Shape { checkpoint: String, name: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("{checkpoint}: tensor `{name}` has dtype {found}, expected {expected}")]
     DType { checkpoint: String, name: String, expected: String, found: String },
-    #[error("{checkpoint}: {count} unexpected tensor(s), e.g. `{first}` (wrong model type or config?)")]
-    Unused { checkpoint: String, count: usize, first: String },
+    #[error("{checkpoint}: {count} unexpected tensor(s), e.g. `{first}`{origin} (wrong model type or config?)")]
+    Unused { checkpoint: String, count: usize, first: String, origin: String },
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
     #[error("{0}")]

@@ -266,11 +266,13 @@ impl<'a, B: Backend> Weights<'a, B> {
         match unused.first() {
             None => Ok(()),
             Some(first) => {
-                let first = match ckpt.origin(first) {
-                    Some(o) => format!("{first}` from {o}, `"),
-                    None => first.to_string(),
-                };
-                Err(Error::Unused { checkpoint: ckpt.name().into(), count: unused.len(), first })
+                let origin = ckpt.origin(first).map(|o| format!(" from {o}")).unwrap_or_default();
+                Err(Error::Unused {
+                    checkpoint: ckpt.name().into(),
+                    count: unused.len(),
+                    first: first.to_string(),
+                    origin,
+                })
             }
         }
     }

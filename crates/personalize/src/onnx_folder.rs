@@ -19,9 +19,11 @@ use crate::{Base, Error, Result};
 /// Whether `dir` is an ONNX pipeline folder: its UNet is a `model.onnx` and no safetensors.
 pub(crate) fn is_onnx_folder(dir: &Path) -> bool {
     dir.join("unet/model.onnx").is_file()
-        && !["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"]
-            .iter()
-            .any(|f| dir.join("unet").join(f).exists())
+        && !["", ".fp16"].iter().any(|v| {
+            ["safetensors", "safetensors.index.json"]
+                .iter()
+                .any(|e| dir.join("unet").join(format!("diffusion_pytorch_model{v}.{e}")).exists())
+        })
 }
 
 fn config_error(path: &Path, message: impl Into<String>) -> Error {
@@ -33,22 +35,26 @@ fn shapes(c: &Checkpoint) -> BTreeMap<String, Vec<usize>> {
     c.names().map(|k| (k.to_string(), c.info(k).map(|i| i.shape.clone()).unwrap_or_default())).collect()
 }
 
-/// How many `prefix<N>.` indices the keys hold.
-fn count(shapes: &BTreeMap<String, Vec<usize>>, prefix: &str) -> usize {
-    shapes
+/// How many `prefix<N>.` indices the keys hold; more than a standard model's few is an error
+/// (a damaged or crafted file), before any key map is built for them.
+fn count(shapes: &BTreeMap<String, Vec<usize>>, prefix: &str) -> std::result::Result<usize, String> {
+    let n = shapes
         .keys()
         .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
-        .filter(|&i| i < 1024)
         .max()
-        .map_or(0, |i| i + 1)
+        .map_or(0, |i| i.saturating_add(1));
+    if n > 8 {
+        return Err(format!("{n} `{prefix}*` blocks, more than a standard SD model has"));
+    }
+    Ok(n)
 }
 
 /// A UNet's config from its diffusers-keyed shapes: the keys are put in the LDM layout (with
 /// a key map of the block structure they show) and read by the single-file inference, so both
 /// formats infer the same standard configs.
 fn infer_unet(s: &BTreeMap<String, Vec<usize>>, v_prediction: bool) -> std::result::Result<Value, String> {
-    let n = count(s, "down_blocks.");
-    let l = count(s, "down_blocks.0.resnets.");
+    let n = count(s, "down_blocks.")?;
+    let l = count(s, "down_blocks.0.resnets.")?;
     let attn = |side: &str, i: usize| s.keys().any(|k| k.starts_with(&format!("{side}_blocks.{i}.attentions.")));
     let skeleton = json!({
         "down_block_types": (0..n).map(|i| if attn("down", i) { "CrossAttnDownBlock2D" } else { "DownBlock2D" }).collect::<Vec<_>>(),
@@ -71,10 +77,10 @@ fn infer_unet(s: &BTreeMap<String, Vec<usize>>, v_prediction: bool) -> std::resu
 
 /// A VAE's config from its diffusers-keyed shapes, as [`infer_unet`].
 fn infer_vae(s: &BTreeMap<String, Vec<usize>>) -> std::result::Result<Value, String> {
-    let n = count(s, "encoder.down_blocks.");
+    let n = count(s, "encoder.down_blocks.")?;
     let skeleton = json!({
         "block_out_channels": vec![128; n],
-        "layers_per_block": count(s, "encoder.down_blocks.0.resnets."),
+        "layers_per_block": count(s, "encoder.down_blocks.0.resnets.")?,
     });
     let cfg: sd_vae::AutoencoderKlConfig = serde_json::from_value(skeleton).map_err(|e| e.to_string())?;
     let map = sd_vae::ldm::key_map(&cfg);
@@ -174,8 +180,11 @@ impl SingleFile {
         let text_shapes = shapes(&text_encoder);
         let (mut text_json, text_path) = config(&["text_encoder"], "text_encoder", &|| infer_text(&text_shapes))?;
         // optimum's text_encoder/config.json is a CLIPTextConfig's full dump; the model reads its fields.
-        if text_json.get("model_type").is_none() {
-            text_json["model_type"] = json!("clip_text_model");
+        match text_json.as_object_mut() {
+            Some(o) => {
+                o.entry("model_type").or_insert(json!("clip_text_model"));
+            }
+            None => return Err(config_error(&text_path, "is not a JSON object")),
         }
         let unet_config: sd_unet::UNetConfig =
             serde_json::from_value(unet_json.clone()).map_err(|e| Error::Json { path: unet_path.clone(), cause: e })?;
@@ -274,6 +283,9 @@ mod tests {
             };
             check("text encoder", &infer_text(&text).unwrap(), &m["text_encoder"]);
         }
+        // Block indices far past a standard model's are refused before any key map is built.
+        let e = infer_unet(&BTreeMap::from([("down_blocks.1023.a".to_string(), vec![1])]), false).unwrap_err();
+        assert!(e.contains("1024 `down_blocks.*` blocks"), "{e}");
         // A tensor of no standard UNet is named.
         let e = infer_unet(&BTreeMap::from([("lora.up".to_string(), vec![1])]), false).unwrap_err();
         assert!(e.contains("lora.up"), "{e}");

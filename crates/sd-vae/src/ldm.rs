@@ -103,9 +103,8 @@ pub fn infer_config(shapes: &BTreeMap<String, Vec<usize>>) -> Result<serde_json:
     if n == 0 || l == 0 {
         return Err("no encoder blocks (`encoder.down.0.block.0.*`)".into());
     }
-    let channels: Vec<usize> = (0..n)
-        .map(|i| get(&format!("encoder.down.{i}.block.0.conv2.weight")).map(|s| s[0]))
-        .collect::<Result<_, _>>()?;
+    let channels: Vec<usize> =
+        (0..n).map(|i| dim(&format!("encoder.down.{i}.block.0.conv2.weight"), 0)).collect::<Result<_, _>>()?;
     Ok(serde_json::json!({
         "_class_name": "AutoencoderKL",
         "in_channels": dim("encoder.conv_in.weight", 1)?,

@@ -74,9 +74,10 @@ impl Checkpoint {
                 graph.sparse_initializer.len()
             )));
         }
-        let nodes: Vec<&proto::NodeProto> =
-            graph.node.iter().chain(model.functions.iter().flat_map(|f| f.node.iter())).collect();
-        for n in &nodes {
+        // Functions' bodies are checked for fused ops; their nodes have their own name scope, so
+        // only the graph's nodes name its initializers.
+        let nodes: Vec<&proto::NodeProto> = graph.node.iter().collect();
+        for n in graph.node.iter().chain(model.functions.iter().flat_map(|f| f.node.iter())) {
             if n.domain.starts_with("com.microsoft") || n.domain.starts_with("com.ms.") {
                 return Err(bad(format!(
                     "node `{}` is ONNX Runtime's fused `{}` op (domain {}): an ORT- or Olive-optimised graph, whose \
@@ -102,6 +103,9 @@ impl Checkpoint {
         });
         for (name, t) in graph.initializer.iter().map(|t| (t.name.clone(), t)).chain(constants) {
             if let Some(info) = reader.tensor(&name, t)? {
+                if stored.contains_key(&name) {
+                    return Err(bad(format!("holds two initializers or constants named `{name}`")));
+                }
                 stored.insert(name, info);
             }
         }
@@ -164,7 +168,10 @@ impl Reader {
     fn tensor(&mut self, name: &str, t: &proto::TensorProto) -> Result<Option<TensorInfo>> {
         let mut shape = Vec::with_capacity(t.dims.len());
         for &d in &t.dims {
-            let d = usize::try_from(d).map_err(|_| self.bad(format!("tensor `{name}` has dimension {d}")))?;
+            let d = usize::try_from(d)
+                .ok()
+                .filter(|d| *d < 1 << 40)
+                .ok_or_else(|| self.bad(format!("tensor `{name}` has dimension {d}")))?;
             shape.push(d);
         }
         let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
@@ -337,9 +344,9 @@ fn module_path(node: &proto::NodeProto) -> Option<String> {
             .collect();
         return Some(scopes[..scopes.len().saturating_sub(1)].iter().rfind(|s| !s.is_empty())?.to_string());
     }
+    // `/Mul`: an op of the root module, which owns no weight of its own.
     let rest = node.name.strip_prefix('/')?;
-    let (path, _op) = rest.rsplit_once('/')?;
-    Some(path.replace('/', "."))
+    Some(rest.rsplit_once('/').map_or_else(String::new, |(path, _op)| path.replace('/', ".")))
 }
 
 type Plan = BTreeMap<String, (String, Role, String)>;
@@ -418,6 +425,20 @@ fn name_map(
             let Some(module) = paths[i].as_deref().filter(|p| !p.is_empty()) else { continue };
             let key = |leaf: &str| format!("{module}.{leaf}");
             let transb = n.attribute.iter().find(|a| a.name == "transB").is_some_and(|a| a.i != 0);
+            if n.op_type == "Gemm" && j > 0 {
+                // A Gemm that scales or transposes its input is not a Linear layer as exported.
+                let odd = n.attribute.iter().find(|a| {
+                    (matches!(a.name.as_str(), "alpha" | "beta") && a.f != 1.0) || (a.name == "transA" && a.i != 0)
+                });
+                if let Some(a) = odd {
+                    return Err(bad(format!(
+                        "node `{}` (Gemm) has {} {}: its weights are not a Linear layer's as stored",
+                        n.name,
+                        a.name,
+                        if a.name == "transA" { a.i.to_string() } else { a.f.to_string() }
+                    )));
+                }
+            }
             let vector = info.shape.iter().filter(|&&d| d != 1).count() <= 1;
             let role = match (n.op_type.as_str(), j) {
                 ("MatMul", 1) if info.shape.len() == 2 => Some(("weight", Role::Transposed)),
@@ -467,8 +488,8 @@ fn name_map(
     let owners: HashSet<&str> = plan.keys().filter_map(|k| k.rsplit_once('.').map(|(m, _)| m)).collect();
     for (name, first_use) in unmapped {
         let Some((i, _)) = first_use else { continue };
-        let module = paths[i].as_deref().unwrap_or("");
-        if !owners.contains(module) {
+        // A node without a module path cannot name what it reads: refused as well.
+        if paths[i].as_deref().is_some_and(|m| !owners.contains(m)) {
             continue;
         }
         return Err(bad(format!(
@@ -735,6 +756,27 @@ mod tests {
         );
         let e = err(Checkpoint::open_onnx(&p));
         assert!(e.contains("`onnx::Sin_2`") && e.contains("`/blk/to_q/Sin` (Sin)"), "{e}");
+        // Two initializers of one name.
+        let p = write(d.path(), vec![], vec![raw_f32("a.w", &[2], &[1.0, 2.0]), raw_f32("a.w", &[2], &[3.0, 4.0])]);
+        assert!(err(Checkpoint::open_onnx(&p)).contains("two initializers or constants named `a.w`"));
+        // A Gemm that scales its weight.
+        let mut gemm = node("/fc/Gemm", "Gemm", &["x", "onnx::Gemm_1"]);
+        gemm.attribute = vec![AttributeProto { name: "alpha".into(), f: 0.5, ..Default::default() }];
+        let p = write(d.path(), vec![gemm], vec![raw_f32("onnx::Gemm_1", &[4, 4], &[0.5; 16])]);
+        let e = err(Checkpoint::open_onnx(&p));
+        assert!(e.contains("`/fc/Gemm` (Gemm) has alpha 0.5"), "{e}");
+        // A weight-sized constant read by a node with no module path.
+        let p = write(
+            d.path(),
+            vec![node("Sin_7", "Sin", &["onnx::Sin_2"])],
+            vec![raw_f32("onnx::Sin_2", &[16], &[0.5; 16])],
+        );
+        let e = err(Checkpoint::open_onnx(&p));
+        assert!(e.contains("`onnx::Sin_2`") && e.contains("`Sin_7` (Sin)"), "{e}");
+        // A dimension no file can hold, even next to a zero.
+        let huge = TensorProto { name: "h".into(), dims: vec![0, 1 << 62], data_type: 1, ..Default::default() };
+        let p = write(d.path(), vec![], vec![huge]);
+        assert!(err(Checkpoint::open_onnx(&p)).contains("has dimension"));
         // A raw payload shorter than its shape.
         let mut short = raw_f32("blk.w", &[4, 4], &[0.5; 16]);
         short.raw_data.truncate(60);

@@ -391,22 +391,13 @@ impl Checkpoint {
     /// Reads a floating-point tensor (F32, F16 or BF16 on disk) as f32 values and its shape.
     pub fn read_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let info = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
-        let b = self.bytes(info);
-        let data = match info.dtype.as_str() {
-            "F32" => f32_from_le(b),
-            "F16" => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            "BF16" => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            "F64" => {
-                b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")) as f32).collect()
-            }
-            other => {
-                return Err(Error::DType {
-                    checkpoint: self.name.clone(),
-                    name: name.into(),
-                    expected: "F32, F16 or BF16".into(),
-                    found: other.into(),
-                })
-            }
+        let Some(data) = decode_f32(&info.dtype, self.bytes(info)) else {
+            return Err(Error::DType {
+                checkpoint: self.name.clone(),
+                name: name.into(),
+                expected: "F32, F16 or BF16".into(),
+                found: info.dtype.clone(),
+            });
         };
         self.release(info);
         let data = if info.transposed { transpose(&data, &info.shape) } else { data };
@@ -590,6 +581,17 @@ fn parse_header(path: &Path, buf: &[u8], shard: usize) -> Result<Header> {
         return Err(bad(format!("the tensors end at byte {at} but the data section has {data_len} bytes")));
     }
     Ok((8 + n, infos, meta))
+}
+
+/// A floating-point tensor's little-endian bytes as f32 values; `None` for other dtypes.
+pub(crate) fn decode_f32(dtype: &str, b: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        "F32" => f32_from_le(b),
+        "F16" => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        "BF16" => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        "F64" => b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")) as f32).collect(),
+        _ => return None,
+    })
 }
 
 /// Little-endian f32 bytes to values: one memcpy on little-endian machines.

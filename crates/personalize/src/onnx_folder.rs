@@ -139,15 +139,7 @@ impl SingleFile {
         } else {
             scheduler::SchedulerConfig::from_json_str(scheduler::SD15_SCHEDULER_CONFIG)?
         };
-        let prediction = match base.prediction_type.as_deref() {
-            None => None,
-            Some(p @ ("epsilon" | "v_prediction")) => Some(p.to_string()),
-            Some("v") => Some("v_prediction".to_string()),
-            Some(other) => {
-                return Err(Error::invalid(format!("--prediction-type `{other}`: expected epsilon or v_prediction")))
-            }
-        };
-        if let Some(p) = &prediction {
+        if let Some(p) = &base.prediction_override()? {
             scheduler_config.set("prediction_type", Value::String(p.clone()));
         }
         let v_prediction =

@@ -79,6 +79,19 @@ impl Base {
         self
     }
 
+    /// `--prediction-type` as diffusers spells it (`v` is `v_prediction`); another value is an
+    /// error.
+    pub(crate) fn prediction_override(&self) -> Result<Option<String>> {
+        match self.prediction_type.as_deref() {
+            None => Ok(None),
+            Some(p @ ("epsilon" | "v_prediction")) => Ok(Some(p.to_string())),
+            Some("v") => Ok(Some("v_prediction".to_string())),
+            Some(other) => {
+                Err(Error::invalid(format!("--prediction-type `{other}`: expected epsilon or v_prediction")))
+            }
+        }
+    }
+
     /// With a prediction type (`epsilon`, `v_prediction`).
     pub fn with_prediction_type(mut self, p: impl Into<String>) -> Self {
         self.prediction_type = Some(p.into());
@@ -240,12 +253,8 @@ impl SingleFile {
         }
         let text_layout = text_layout.unwrap_or(TextLayout::Clip);
         let meta = file.metadata();
-        let prediction = match base.prediction_type.as_deref() {
-            Some(p @ ("epsilon" | "v_prediction")) => Some(p.to_string()),
-            Some("v") => Some("v_prediction".to_string()),
-            Some(other) => {
-                return Err(Error::invalid(format!("--prediction-type `{other}`: expected epsilon or v_prediction")))
-            }
+        let prediction = match base.prediction_override()? {
+            Some(p) => Some(p),
             None => metadata_prediction(meta),
         };
         // As diffusers' `from_single_file` without a config: an SD 2.x file (OpenCLIP) gets

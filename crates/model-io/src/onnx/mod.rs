@@ -27,7 +27,7 @@ use std::path::{Component, Path, PathBuf};
 
 use prost::Message;
 
-use crate::checkpoint::{dtype_size, map_file, regular_file, Shard, TensorInfo};
+use crate::checkpoint::{decode_f32, dtype_size, map_file, regular_file, Shard, TensorInfo};
 use crate::{Checkpoint, Error, Result};
 
 /// Initializers of at most this many elements that map to no weight are constants of the
@@ -505,13 +505,7 @@ fn name_map(
 /// A small float tensor's values, for the identity check of InstanceNormalization.
 fn read_values(r: &Reader, info: &TensorInfo) -> Option<Vec<f32>> {
     let s = r.shards.get(info.shard)?;
-    let b = s.shared.get(s.data_start + info.start..s.data_start + info.end)?;
-    Some(match info.dtype.as_str() {
-        "F32" => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        "F16" => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        "BF16" => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        _ => return None,
-    })
+    decode_f32(&info.dtype, s.shared.get(s.data_start + info.start..s.data_start + info.end)?)
 }
 
 #[cfg(test)]

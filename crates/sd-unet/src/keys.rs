@@ -4,6 +4,9 @@
 //! for the wrappers listed in [`RENAMES`], `LoraLinear.base`, and the variant of the `Proj`
 //! enum.
 
+use burn::module::{Module, ModuleVisitor};
+use burn::tensor::backend::Backend;
+
 /// An attention block's output projection (diffusers' `to_out` is a `ModuleList` of
 /// `[Linear, Dropout]`).
 pub(crate) const TO_OUT: &str = "to_out.0";
@@ -46,6 +49,43 @@ pub(crate) fn diffusers_key(names: &[String], types: &[String]) -> Option<String
         }
     }
     Some(key.join("."))
+}
+
+/// The diffusers path of every [`crate::attention::Attention`] in `m`
+/// (`down_blocks.0.attentions.0.transformer_blocks.0.attn1`), in the order Burn visits the
+/// module: the prefix of the first parameter found inside each one, mapped by
+/// [`diffusers_key`]. LoRA naming takes its paths from here, so they are the loader's keys.
+pub(crate) fn attention_paths<B: Backend, M: Module<B>>(m: &M) -> Vec<String> {
+    struct V {
+        names: Vec<String>,
+        types: Vec<String>,
+        paths: Vec<String>,
+        /// The stack depth of the attention being visited, while inside one.
+        inside: Option<usize>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for V {
+        fn enter_module(&mut self, name: &str, ty: &str) {
+            // `ty` is the container's type: the first field of an `Attention` opens it.
+            if ty == "Struct:Attention" && self.inside.is_none() {
+                self.inside = Some(self.names.len());
+                if let Some(key) = diffusers_key(&self.names, &self.types) {
+                    self.paths.push(key);
+                }
+            }
+            self.names.push(name.to_string());
+            self.types.push(ty.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.names.pop();
+            self.types.pop();
+            if self.inside.is_some_and(|d| self.names.len() < d) {
+                self.inside = None;
+            }
+        }
+    }
+    let mut v = V { names: Vec::new(), types: Vec::new(), paths: Vec::new(), inside: None };
+    m.visit(&mut v);
+    v.paths
 }
 
 #[cfg(test)]

@@ -249,24 +249,26 @@ impl<B: Backend> UNet2DConditionModel<B> {
 
     /// Every attention layer with its module path (`down_blocks.0.attentions.0.transformer_blocks.0.attn1`).
     pub fn attentions(&self) -> Vec<(String, &Attention<B>)> {
+        let mut layers = Vec::new();
         let blocks = self
             .down_blocks
             .iter()
-            .enumerate()
-            .map(|(i, d)| (format!("down_blocks.{i}"), &d.attentions))
-            .chain(std::iter::once(("mid_block".to_string(), &self.mid_block.attentions)))
-            .chain(self.up_blocks.iter().enumerate().map(|(i, u)| (format!("up_blocks.{i}"), &u.attentions)));
-        let mut out = Vec::new();
-        for (prefix, ts) in blocks {
-            for (j, t) in ts.iter().enumerate() {
-                for (k, b) in t.transformer_blocks.iter().enumerate() {
-                    let p = format!("{prefix}.attentions.{j}.transformer_blocks.{k}");
-                    out.push((format!("{p}.attn1"), &b.attn1));
-                    out.push((format!("{p}.attn2"), &b.attn2));
+            .map(|d| &d.attentions)
+            .chain(std::iter::once(&self.mid_block.attentions))
+            .chain(self.up_blocks.iter().map(|u| &u.attentions));
+        for ts in blocks {
+            for t in ts {
+                for b in &t.transformer_blocks {
+                    layers.push(&b.attn1);
+                    layers.push(&b.attn2);
                 }
             }
         }
-        out
+        // The paths come from the key map, in the visit's order, which is the field order
+        // walked above.
+        let paths = crate::keys::attention_paths(self);
+        assert_eq!(paths.len(), layers.len(), "one key-map path per attention layer");
+        paths.into_iter().zip(layers).collect()
     }
 
     /// Mutable access to every attention layer, in the order of [`Self::attentions`].

@@ -216,3 +216,27 @@ fn lora_metadata_errors_are_named() {
     let cfg = sd_unet::lora::PeftLoraConfig::from_metadata(&round, "unet").unwrap().unwrap();
     assert_eq!(cfg.scale("a.to_q", 4), 1.0);
 }
+
+/// The attention paths that LoRA files are named by come from the key map: each one names
+/// the file's weights of the very layer it is paired with (a wrong order or path would pair
+/// a layer with another's weights, or with none).
+#[test]
+fn attention_paths_name_each_layers_own_weights() {
+    for name in ["sd1", "sd2_fp16"] {
+        let dir = fixture(name);
+        let unet = UNet2DConditionModel::<Flex>::load(&dir, &FlexDevice).unwrap();
+        let ckpt = model_io::Checkpoint::open_dir(&dir, &["diffusion_pytorch_model"]).unwrap();
+        let attentions = unet.attentions();
+        let in_file = ckpt.names().filter(|k| k.ends_with(".to_q.weight")).count();
+        assert_eq!(attentions.len(), in_file, "{name}: every attention of the file, once");
+        for (path, a) in attentions {
+            for (suffix, p) in a.projections() {
+                let (file, shape) = ckpt.read_f32(&format!("{path}.{suffix}.weight")).unwrap();
+                // Burn keeps [in, out]; the file has [out, in].
+                let ours = HostTensor::from_tensor(p.base.weight.val().transpose());
+                assert_eq!(ours.shape, shape, "{path}.{suffix}");
+                assert_eq!(ours.as_f32("w").unwrap(), &file[..], "{path}.{suffix}: another layer's weights");
+            }
+        }
+    }
+}

@@ -40,11 +40,6 @@ pub fn conv2d<B: Backend>(
         weight.dims()
     );
     assert!(h + 2 * padding >= kh && w + 2 * padding >= kw, "conv2d: kernel {kh} larger than padded input {h}×{w}");
-    #[cfg(feature = "flex")]
-    let (x, weight, bias) = match crate::autodiff::conv2d(x, weight, bias, stride, padding) {
-        Ok(y) => return y,
-        Err(operands) => operands,
-    };
     let others: Vec<DType> = std::iter::once(weight.dtype()).chain(bias.as_ref().map(|b| b.dtype())).collect();
     let x = match to_flex(x, Kernel::Conv, &others) {
         Ok(x) => x,

@@ -52,7 +52,7 @@ mod no_flex {
 }
 
 /// `a` as a `T` when `A` is `T`, else `a` back.
-pub(crate) fn cast<A: 'static, T: 'static>(a: A) -> Result<T, A> {
+fn cast<A: 'static, T: 'static>(a: A) -> Result<T, A> {
     let mut slot = Some(a);
     match (&mut slot as &mut dyn Any).downcast_mut::<Option<T>>() {
         Some(t) => Ok(t.take().expect("filled just above")),
@@ -142,22 +142,19 @@ pub(crate) enum Kernel {
     Layout,
     /// [`crate::group_norm`] and [`crate::layer_norm`].
     Norm,
-    /// Convolutions and linear layers inside `Autodiff<Flex>` (training), with their
-    /// backward (`crate::autodiff`); each also needs its own kernel switched on.
-    Train,
 }
 
 impl Kernel {
     /// False when `PERSONALIZE_CPU_KERNELS` leaves this kernel out: `off` (none), or a comma
-    /// list of those to keep (`conv`, `attention`, `linear`, `layout`, `norm`, `train`). For measuring
+    /// list of those to keep (`conv`, `attention`, `linear`, `layout`, `norm`). For measuring
     /// each kernel's effect, and for checking a result against Burn's own ops.
     pub(crate) fn enabled(self) -> bool {
-        static ON: OnceLock<[bool; 6]> = OnceLock::new();
+        static ON: OnceLock<[bool; 5]> = OnceLock::new();
         let on = ON.get_or_init(|| match std::env::var("PERSONALIZE_CPU_KERNELS") {
-            Err(_) => [true; 6],
+            Err(_) => [true; 5],
             Ok(v) => {
                 let has = |k: &str| v.split(',').any(|p| p.trim() == k || p.trim() == "all");
-                [has("conv"), has("attention"), has("linear"), has("layout"), has("norm"), has("train")]
+                [has("conv"), has("attention"), has("linear"), has("layout"), has("norm")]
             }
         });
         on[self as usize]

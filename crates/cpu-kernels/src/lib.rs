@@ -31,17 +31,12 @@
 //! * [`group_norm`] (and the SiLU after it) and [`layer_norm`]: two passes instead of about
 //!   eight; [`gelu`] on a vectorised erf, [`quick_gelu`] on the vectorised exp.
 //!
-//! * Training: inside `Autodiff<Flex>` (burn-autodiff on burn-flex) [`conv2d`] and [`linear`]
-//!   run these kernels forward and backward, as a Burn backend extension with its own
-//!   backward ops; the other functions run Burn's ops there (`train` in
-//!   `PERSONALIZE_CPU_KERNELS` switches it).
-//!
 //! The kernels need the `flex` feature (on by default; the model crates' `cpu` features turn it
 //! on). Without it the crate depends on no burn-flex and every function runs Burn's ops, for
 //! GPU-only builds.
 //!
 //! `PERSONALIZE_CPU_KERNELS` picks kernels for measuring and checking: `off`, or a comma list
-//! of those to use (`conv`, `attention`, `linear`, `layout`, `norm`, `train`; `all`, the default).
+//! of those to use (`conv`, `attention`, `linear`, `layout`, `norm`; `all`, the default).
 //!
 //! ```
 //! use burn::tensor::{Distribution, Tensor};
@@ -56,8 +51,6 @@
 #![cfg_attr(not(feature = "flex"), allow(unreachable_code, unused_variables, dead_code))]
 
 mod attention;
-#[cfg(feature = "flex")]
-mod autodiff;
 mod conv;
 mod flex;
 mod layout;

@@ -247,8 +247,26 @@ pub fn run(args: &StageArgs) -> Result<()> {
             let ts = take(&mut t, &path, "timestep")?.to_float::<B, 1>("timestep", &dev)?;
             let ctx = take(&mut t, &path, "encoder_hidden_states")?.to_float::<B, 3>("encoder_hidden_states", &dev)?;
             let (unet, load) = loading("unet", || load_unet(args))?;
-            let out =
-                timed("unet", args.repeat, Some(&load), || Ok(unet.forward(x.clone(), ts.clone(), ctx.clone())?))?;
+            // SDXL's added conditioning, under diffusers' `added_cond_kwargs` names: read when the
+            // UNet takes it, and refused (not silently dropped) when it does not.
+            let added = if unet.needs_added_conditioning() {
+                Some(sd_unet::AddedConditioning {
+                    text_embeds: take(&mut t, &path, "text_embeds")?.to_float::<B, 2>("text_embeds", &dev)?,
+                    time_ids: take(&mut t, &path, "time_ids")?.to_float::<B, 2>("time_ids", &dev)?,
+                })
+            } else {
+                if let Some(k) = ["text_embeds", "time_ids"].into_iter().find(|k| t.contains_key(*k)) {
+                    bail!(
+                        "{}: `{k}` is SDXL's added conditioning, but this UNet takes none (its config has no \
+                         addition_embed_type \"text_time\")",
+                        path.display()
+                    );
+                }
+                None
+            };
+            let out = timed("unet", args.repeat, Some(&load), || {
+                Ok(unet.forward_with(x.clone(), ts.clone(), ctx.clone(), added.as_ref())?)
+            })?;
             BTreeMap::from([("sample".to_string(), HostTensor::from_tensor(out))])
         }
         StageName::VaeEncode => {

@@ -219,6 +219,22 @@ fn missing_input_flag_is_named() {
     one_line_error(&err, &["--input"]);
 }
 
+/// `personalize stage unet --model M --input I --output O [extra…]`.
+fn unet_stage(model: &Path, input: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
+    let mut args = vec![
+        "stage",
+        "unet",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 #[test]
 fn unet_stage_matches_reference_with_any_context_length() {
     let model = fixtures().join("unet/sd1");
@@ -229,39 +245,58 @@ fn unet_stage_matches_reference_with_any_context_length() {
         ["sample", "timestep", "encoder_hidden_states"].iter().map(|k| (k.to_string(), io[*k].clone())).collect();
     write_tensors(&input, &t, &BTreeMap::new()).unwrap();
     let out = dir.path().join("out.safetensors");
-    let (ok, err) = run(&[
-        "stage",
-        "unet",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, err) = unet_stage(&model, &input, &out, &[]);
     assert!(ok, "{err}");
     let e = read_tensors(&out).unwrap()["sample"].max_abs_diff(&io["out"]);
     assert!(e <= 5e-4, "unet stage: {e}");
 
     // Random weights from the config alone run and report timing and memory.
-    let (ok, err) = run(&[
-        "stage",
-        "unet",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--random-weights",
-        "--repeat",
-        "2",
-    ]);
+    let (ok, err) = unet_stage(&model, &input, &out, &["--random-weights", "--repeat", "2"]);
     assert!(ok, "{err}");
     let line = err.lines().find(|l| l.starts_with("unet: ")).unwrap_or_else(|| panic!("no summary line: {err}"));
     for k in ["load_s=", "load_peak_mib=", "warmup=1", "runs=1", "median_s=", "peak_mib="] {
         assert!(line.contains(k), "`{k}` not in {line}");
     }
+}
+
+/// SDXL's UNet stage takes `text_embeds` and `time_ids` besides the three inputs; without
+/// them it names them, and a SD 1.x UNet refuses them rather than dropping them.
+#[test]
+fn sdxl_unet_stage_takes_the_added_conditioning() {
+    let dir = tempfile::tempdir().unwrap();
+    let stage = |model: &str, keys: &[&str]| {
+        let model = fixtures().join("unet").join(model);
+        let io = read_tensors(&model.join("io.safetensors")).unwrap();
+        let input = dir.path().join("in.safetensors");
+        let t: BTreeMap<String, HostTensor> = keys.iter().map(|k| (k.to_string(), io[*k].clone())).collect();
+        write_tensors(&input, &t, &BTreeMap::new()).unwrap();
+        let out = dir.path().join("out.safetensors");
+        let _ = std::fs::remove_file(&out);
+        let (ok, err) = unet_stage(&model, &input, &out, &[]);
+        (ok, err, ok.then(|| read_tensors(&out).unwrap()["sample"].max_abs_diff(&io["out"])))
+    };
+    let base = ["sample", "timestep", "encoder_hidden_states"];
+    let (ok, err, e) = stage("sdxl_fp16", &[&base[..], &["text_embeds", "time_ids"]].concat());
+    assert!(ok, "{err}");
+    let e = e.unwrap();
+    assert!(e <= 5e-4, "sdxl unet stage: {e}");
+
+    let (ok, err, _) = stage("sdxl_fp16", &[&base[..], &["text_embeds"]].concat());
+    assert!(!ok);
+    one_line_error(&err, &["time_ids"]);
+
+    // sd1's io has no added conditioning: borrow sdxl's tensors under sd1's inputs.
+    let sdxl = read_tensors(&fixtures().join("unet/sdxl_fp16/io.safetensors")).unwrap();
+    let sd1 = fixtures().join("unet/sd1");
+    let mut t = read_tensors(&sd1.join("io.safetensors")).unwrap();
+    t.remove("out");
+    t.insert("time_ids".into(), sdxl["time_ids"].clone());
+    let input = dir.path().join("sd1.safetensors");
+    write_tensors(&input, &t, &BTreeMap::new()).unwrap();
+    let out = dir.path().join("sd1_out.safetensors");
+    let (ok, err) = unet_stage(&sd1, &input, &out, &[]);
+    assert!(!ok);
+    one_line_error(&err, &["`time_ids`", "takes none"]);
 }
 
 #[test]

@@ -122,6 +122,7 @@ impl<B: Backend> Pipeline<B> {
         let (unet_fingerprint, unet_fingerprint_legacy) = (ckpt.fingerprint(), ckpt.legacy_fingerprint());
         let base_unet_shapes = shapes(&ckpt);
         let unet_cfg = sd_unet::UNetConfig::load(&unet_dir)?;
+        sd_only(&unet_cfg, &unet_dir.join("config.json"))?;
         let unet_config_json = model_io::read_config(&unet_dir, "config.json")?;
         let vae_config = AutoencoderKlConfig::load(&dir.join("vae"))?;
         let scheduler_config = scheduler::SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
@@ -155,6 +156,7 @@ impl<B: Backend> Pipeline<B> {
     fn open_single_file(base: &Base, device: &B::Device) -> Result<Self> {
         let mut f = crate::SingleFile::open(base)?;
         let (unet_config, vae_config, text_config) = (f.unet_config, f.vae_config, f.text_config);
+        sd_only(&unet_config, &f.path)?;
         // Over the UNet's tensors under diffusers' keys (the same as the folder's), before LoRAs.
         let unet_fingerprint = f.unet.fingerprint();
         let base_unet_shapes = shapes(&f.unet);
@@ -203,6 +205,7 @@ impl<B: Backend> Pipeline<B> {
     /// scheduler folder and `unet_fingerprint` is empty, so concepts trained elsewhere need
     /// `allow_mismatch` and training needs [`Pipeline::load`].
     pub fn from_parts(parts: PipelineParts<B>, device: &B::Device) -> Result<Self> {
+        sd_only(&parts.unet_config, &parts.scheduler_dir.join("../unet/config.json"))?;
         let scheduler_config =
             scheduler::SchedulerConfig::from_file(&parts.scheduler_dir.join("scheduler_config.json"))?;
         Ok(Self {
@@ -715,4 +718,18 @@ impl<B: Backend> Pipeline<B> {
             })
             .collect())
     }
+}
+
+/// The pipeline runs SD 1.x/2.x: an SDXL UNet (which loads, and runs as a stage) is refused
+/// here with a message, not on its first step for lack of the added conditioning.
+fn sd_only(cfg: &sd_unet::UNetConfig, path: &std::path::Path) -> Result<()> {
+    if cfg.addition_embed_type.is_some() {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            message: "the UNet is SDXL's (addition_embed_type \"text_time\"); generating and training \
+                      run SD 1.x/2.x pipelines only for now (SDXL's UNet runs as `personalize stage unet`)"
+                .into(),
+        });
+    }
+    Ok(())
 }

@@ -186,3 +186,23 @@ fn a_pipeline_from_parts_generates_as_the_loaded_one() {
     let b = parts.generate(GenerateRequest::new(&opts)).unwrap();
     assert_eq!(a, b);
 }
+
+/// A pipeline folder whose UNet is SDXL's is refused when loaded, naming the UNet's config and
+/// SDXL, rather than failing on its first step for lack of the added conditioning.
+#[test]
+fn an_sdxl_unet_in_a_pipeline_is_refused_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("pipe");
+    for part in ["scheduler", "text_encoder", "tokenizer", "vae", "unet"] {
+        let from =
+            if part == "unet" { fixtures().join("unet/sdxl_fp16") } else { fixtures().join("pipeline").join(part) };
+        std::fs::create_dir_all(base.join(part)).unwrap();
+        for f in std::fs::read_dir(&from).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, base.join(part).join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::copy(fixtures().join("pipeline/model_index.json"), base.join("model_index.json")).unwrap();
+    let e = Pipeline::<Flex>::load(&base, &FlexDevice).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("unet/config.json") && e.contains("SDXL"), "{e}");
+}

@@ -81,8 +81,23 @@ pub struct UNetConfig {
     pub resnet_time_scale_shift: String,
     #[serde(default)]
     pub class_embed_type: Option<String>,
+    /// `text_time` (SDXL): the added conditioning of [`crate::AddedConditioning`].
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// Width of the sinusoids of each of the 6 time ids (SDXL: 256).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of `add_embedding`: the pooled text width plus 6 × `addition_time_embed_dim`
+    /// (SDXL: 1280 + 1536 = 2816).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    /// An explicit per-up-block depth (diffusers otherwise reverses
+    /// `transformer_layers_per_block`); not supported.
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: serde_json::Value,
+    /// A projection of the context before cross-attention; not supported.
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
     #[serde(default)]
     pub time_cond_proj_dim: Option<usize>,
     #[serde(default = "three")]
@@ -184,7 +199,9 @@ impl UNetConfig {
         }
         let unsupported = [
             ("class_embed_type", self.class_embed_type.is_some()),
-            ("addition_embed_type", self.addition_embed_type.is_some()),
+            ("addition_embed_type", !matches!(self.addition_embed_type.as_deref(), None | Some("text_time"))),
+            ("reverse_transformer_layers_per_block", !self.reverse_transformer_layers_per_block.is_null()),
+            ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
             ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
             ("dual_cross_attention", self.dual_cross_attention),
             (
@@ -196,7 +213,18 @@ impl UNetConfig {
             ("time_embedding_type", !matches!(self.time_embedding_type.as_deref(), None | Some("positional"))),
         ];
         if let Some((name, _)) = unsupported.iter().find(|(_, bad)| *bad) {
-            return Err(format!("`{name}` as set here is not supported (Stable Diffusion 1.x/2.x UNets only)"));
+            return Err(format!(
+                "`{name}` as set here is not supported (Stable Diffusion 1.x/2.x and SDXL UNets only)"
+            ));
+        }
+        if let Some((time_dim, input_dim)) = self.text_time()? {
+            if time_dim == 0 || time_dim % 2 == 1 || input_dim <= 6 * time_dim {
+                return Err(format!(
+                    "`addition_time_embed_dim` {time_dim} must be even and positive, and \
+                     `projection_class_embeddings_input_dim` {input_dim} larger than 6 × it (the pooled \
+                     text width plus the 6 time ids' sinusoids)"
+                ));
+            }
         }
         for (name, v) in [
             ("attention_head_dim", &self.attention_head_dim),
@@ -221,6 +249,27 @@ impl UNetConfig {
             return Err("conv_in_kernel and conv_out_kernel must be odd".into());
         }
         Ok(())
+    }
+
+    /// SDXL's `text_time` conditioning: `(addition_time_embed_dim,
+    /// projection_class_embeddings_input_dim)`, or `None` for a UNet without it; an error when
+    /// either is missing.
+    pub fn text_time(&self) -> std::result::Result<Option<(usize, usize)>, String> {
+        if self.addition_embed_type.as_deref() != Some("text_time") {
+            return Ok(None);
+        }
+        match (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim) {
+            (Some(t), Some(p)) => Ok(Some((t, p))),
+            _ => Err("`addition_embed_type` \"text_time\" needs `addition_time_embed_dim` and \
+                      `projection_class_embeddings_input_dim`"
+                .into()),
+        }
+    }
+
+    /// Width of the pooled text embedding (`text_embeds`) an SDXL UNet takes; `None` without
+    /// `text_time` conditioning.
+    pub fn pooled_text_dim(&self) -> Option<usize> {
+        self.text_time().ok().flatten().map(|(t, p)| p - 6 * t)
     }
 
     /// Attention heads of block `i`. diffusers' (historically misnamed) `attention_head_dim` is

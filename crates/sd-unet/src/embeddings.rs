@@ -48,3 +48,51 @@ impl<B: Backend> TimestepEmbedding<B> {
         self.linear_2.forward(silu(self.linear_1.forward(x)))
     }
 }
+
+/// SDXL's added conditioning (`added_cond_kwargs` in diffusers), for a UNet whose config has
+/// `addition_embed_type: "text_time"`.
+///
+/// ```
+/// use burn::tensor::Tensor;
+/// use burn_flex::{Flex, FlexDevice};
+/// let added = sd_unet::AddedConditioning::<Flex> {
+///     text_embeds: Tensor::zeros([1, 1280], &FlexDevice),
+///     // original size (h, w), crop top-left (y, x), target size (h, w)
+///     time_ids: Tensor::from_floats([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]], &FlexDevice),
+/// };
+/// assert_eq!(added.time_ids.dims(), [1, 6]);
+/// ```
+#[derive(Debug, Clone)]
+pub struct AddedConditioning<B: Backend> {
+    /// The pooled, projected output of the second text encoder: `[B, P]` (P = 1280 in SDXL).
+    pub text_embeds: Tensor<B, 2>,
+    /// `[B, 6]`: original size, crop top-left and target size, each as (height, width).
+    pub time_ids: Tensor<B, 2>,
+}
+
+/// The input of a `text_time` UNet's `add_embedding`: the pooled text embedding joined to the
+/// sinusoids (`add_time_proj`, `time_dim` wide, with the UNet's `flip_sin_to_cos` and
+/// `freq_shift`) of each of the 6 time ids: `[batch, pooled_dim + 6 · time_dim]`.
+pub(crate) fn text_time_input<B: Backend>(
+    added: &AddedConditioning<B>,
+    batch: usize,
+    pooled_dim: usize,
+    time_dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor<B, 2>> {
+    let (te, ti) = (added.text_embeds.dims(), added.time_ids.dims());
+    if te != [batch, pooled_dim] {
+        return Err(model_io::Error::invalid(format!(
+            "`text_embeds` has shape {te:?}; expected [{batch}, {pooled_dim}] (the pooled text embedding)"
+        )));
+    }
+    if ti != [batch, 6] {
+        return Err(model_io::Error::invalid(format!(
+            "`time_ids` has shape {ti:?}; expected [{batch}, 6] (original size, crop top-left, target size)"
+        )));
+    }
+    let ids = added.time_ids.clone().reshape([batch * 6]);
+    let time = timestep_embedding(ids, time_dim, flip_sin_to_cos, freq_shift).reshape([batch, 6 * time_dim]);
+    Ok(Tensor::cat(vec![added.text_embeds.clone(), time], 1))
+}

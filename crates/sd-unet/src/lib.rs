@@ -1,11 +1,12 @@
-//! Stable Diffusion's denoising UNet (diffusers `UNet2DConditionModel`, SD 1.x and 2.x) on
+//! Stable Diffusion's denoising UNet (diffusers `UNet2DConditionModel`, SD 1.x, 2.x and SDXL) on
 //! Burn, with LoRA adapters on the attention projections.
 //!
 //! * [`UNetConfig`] reads the `unet/config.json` as published (per-block head counts, linear or
 //!   convolutional projections, upcast attention, any cross-attention width);
 //! * [`UNet2DConditionModel::load`] reads the weights (f32 or fp16, single or sharded);
 //! * [`UNet2DConditionModel::forward`] takes a context of any length: 77 text tokens plus
-//!   however many visual tokens;
+//!   however many visual tokens; SDXL's UNet also takes [`AddedConditioning`] (pooled text
+//!   embeds and time ids) through [`UNet2DConditionModel::forward_with`];
 //! * [`lora`] attaches zero-initialised adapters, reads and writes them in the layout
 //!   diffusers' `load_lora_weights` reads.
 //!
@@ -29,5 +30,5 @@ mod unet;
 
 pub use attention::{Attention, BasicTransformerBlock, Transformer2D, TransformerSpec};
 pub use config::{PerBlock, UNetConfig};
-pub use embeddings::timestep_embedding;
+pub use embeddings::{timestep_embedding, AddedConditioning};
 pub use unet::UNet2DConditionModel;

@@ -9,7 +9,7 @@ use model_layers::nn::{Conv2d, GroupNorm};
 
 use crate::attention::{Attention, TransformerSpec};
 use crate::blocks::{BlockSpec, DownBlock, MidBlock, UpBlock};
-use crate::embeddings::{timestep_embedding, TimestepEmbedding};
+use crate::embeddings::{text_time_input, timestep_embedding, AddedConditioning, TimestepEmbedding};
 use crate::UNetConfig;
 
 /// The denoising UNet, conditioned on a timestep and a cross-attention context of any length
@@ -28,6 +28,12 @@ use crate::UNetConfig;
 #[derive(Module, Debug)]
 pub struct UNet2DConditionModel<B: Backend> {
     time_embedding: TimestepEmbedding<B>,
+    /// SDXL's `add_embedding` (over the pooled text and the `add_time_proj` sinusoids).
+    add_embedding: Option<TimestepEmbedding<B>>,
+    /// `addition_time_embed_dim` (0 without `text_time`).
+    add_time_dim: usize,
+    /// The width of `text_embeds` (0 without `text_time`).
+    pooled_dim: usize,
     conv_in: Conv2d<B>,
     pub down_blocks: Vec<DownBlock<B>>,
     pub mid_block: MidBlock<B>,
@@ -120,8 +126,19 @@ impl<B: Backend> UNet2DConditionModel<B> {
                 s,
             )?);
         }
+        let (add_embedding, add_time_dim, pooled_dim) = match cfg.text_time().map_err(Error::invalid)? {
+            Some((time_dim, input_dim)) => (
+                Some(TimestepEmbedding::load(&w.pp("add_embedding"), input_dim, temb)?),
+                time_dim,
+                input_dim - 6 * time_dim,
+            ),
+            None => (None, 0, 0),
+        };
         Ok(Self {
             time_embedding: TimestepEmbedding::load(&w.pp("time_embedding"), ch[0], temb)?,
+            add_embedding,
+            add_time_dim,
+            pooled_dim,
             conv_in: Conv2d::load(
                 &w.pp("conv_in"),
                 cfg.in_channels,
@@ -164,12 +181,34 @@ impl<B: Backend> UNet2DConditionModel<B> {
     /// Predicts noise (or v, or the sample, per the model) for `sample` `[B, C, H, W]` at
     /// `timestep` `[B]` (or `[1]`, broadcast) given `context` `[B, S, D]` for any `S`.
     pub fn forward(&self, sample: Tensor<B, 4>, timestep: Tensor<B, 1>, context: Tensor<B, 3>) -> Result<Tensor<B, 4>> {
+        self.forward_with(sample, timestep, context, None)
+    }
+
+    /// [`UNet2DConditionModel::forward`] with SDXL's added conditioning, which a UNet with
+    /// `addition_embed_type: "text_time"` needs and any other refuses.
+    pub fn forward_with(
+        &self,
+        sample: Tensor<B, 4>,
+        timestep: Tensor<B, 1>,
+        context: Tensor<B, 3>,
+        added: Option<&AddedConditioning<B>>,
+    ) -> Result<Tensor<B, 4>> {
         let [b, ..] = sample.dims();
         let nt = timestep.dims()[0];
         if nt != b && nt != 1 {
             return Err(Error::invalid(format!("timestep has {nt} values; expected 1 or the batch size {b}")));
         }
-        self.forward_features(sample, self.timestep_features(timestep), context)
+        self.forward_features_with(sample, self.timestep_features(timestep), context, added)
+    }
+
+    /// Whether this UNet takes [`AddedConditioning`] (SDXL's `text_time`).
+    pub fn needs_added_conditioning(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
+    /// The width of the pooled `text_embeds` an SDXL UNet takes; `None` for SD 1.x/2.x.
+    pub fn pooled_text_dim(&self) -> Option<usize> {
+        self.add_embedding.is_some().then_some(self.pooled_dim)
     }
 
     /// diffusers' sinusoidal timestep features (`get_timestep_embedding` with this model's
@@ -190,6 +229,18 @@ impl<B: Backend> UNet2DConditionModel<B> {
         sample: Tensor<B, 4>,
         t_features: Tensor<B, 2>,
         context: Tensor<B, 3>,
+    ) -> Result<Tensor<B, 4>> {
+        self.forward_features_with(sample, t_features, context, None)
+    }
+
+    /// [`UNet2DConditionModel::forward_features`] with SDXL's added conditioning (see
+    /// [`UNet2DConditionModel::forward_with`]).
+    pub fn forward_features_with(
+        &self,
+        sample: Tensor<B, 4>,
+        t_features: Tensor<B, 2>,
+        context: Tensor<B, 3>,
+        added: Option<&AddedConditioning<B>>,
     ) -> Result<Tensor<B, 4>> {
         let [b, c, h, w] = sample.dims();
         if c != self.in_channels || h == 0 || w == 0 {
@@ -223,6 +274,26 @@ impl<B: Backend> UNet2DConditionModel<B> {
             }
         };
         let temb = self.time_embedding.forward(t_features);
+        let temb = match (&self.add_embedding, added) {
+            (Some(e), Some(a)) => {
+                let input =
+                    text_time_input(a, b, self.pooled_dim, self.add_time_dim, self.flip_sin_to_cos, self.freq_shift)?;
+                temb + e.forward(input)
+            }
+            (None, None) => temb,
+            (Some(_), None) => {
+                return Err(Error::invalid(
+                    "this UNet (addition_embed_type \"text_time\", SDXL) needs the added conditioning \
+                     `text_embeds` and `time_ids`",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::invalid(
+                    "`text_embeds` and `time_ids` were given, but this UNet takes no added conditioning \
+                     (only SDXL's, addition_embed_type \"text_time\", does)",
+                ))
+            }
+        };
         let sample = if self.center_input_sample { sample * 2.0 - 1.0 } else { sample };
 
         let mut x = self.conv_in.forward(sample);

@@ -20,7 +20,12 @@ fn check(name: &str, prefixes: &[&str]) {
         let x = get("sample").to_float::<Flex, 4>("sample", &FlexDevice).unwrap();
         let t = get("timestep").to_float::<Flex, 1>("timestep", &FlexDevice).unwrap();
         let c = get("encoder_hidden_states").to_float::<Flex, 3>("ctx", &FlexDevice).unwrap();
-        let out = HostTensor::from_tensor(unet.forward(x, t, c).unwrap());
+        let added = io.contains_key(&format!("{p}time_ids")).then(|| sd_unet::AddedConditioning {
+            text_embeds: get("text_embeds").to_float::<Flex, 2>("text_embeds", &FlexDevice).unwrap(),
+            time_ids: get("time_ids").to_float::<Flex, 2>("time_ids", &FlexDevice).unwrap(),
+        });
+        assert_eq!(added.is_some(), unet.needs_added_conditioning(), "{name}");
+        let out = HostTensor::from_tensor(unet.forward_with(x, t, c, added.as_ref()).unwrap());
         let err = out.max_abs_diff(&get("out"));
         eprintln!("unet {name} {p}: shape {:?}, max abs error {err:e}", out.shape);
         assert!(err <= 5e-4, "{name} {p}: max abs error {err}");
@@ -30,6 +35,45 @@ fn check(name: &str, prefixes: &[&str]) {
 #[test]
 fn sd1_style_conv_projection_85_tokens_matches_diffusers() {
     check("sd1", &[""]);
+}
+
+#[test]
+fn sdxl_style_text_time_per_block_depth_no_top_attention_fp16_matches_diffusers() {
+    check("sdxl_fp16", &["", "odd_"]);
+}
+
+/// SDXL's added conditioning: missing, of the wrong shape, or given to a UNet without it, each
+/// an error naming the input.
+#[test]
+fn added_conditioning_errors_are_named() {
+    let load = |n: &str| UNet2DConditionModel::<Flex>::load(&fixture(n), &FlexDevice).unwrap();
+    let (xl, sd1) = (load("sdxl_fp16"), load("sd1"));
+    assert_eq!(xl.pooled_text_dim(), Some(12));
+    assert_eq!(sd1.pooled_text_dim(), None);
+    let x = Tensor::<Flex, 4>::zeros([1, 4, 8, 8], &FlexDevice);
+    let t = Tensor::<Flex, 1>::from_floats([10.0], &FlexDevice);
+    let c = |d: usize| Tensor::<Flex, 3>::zeros([1, 77, d], &FlexDevice);
+    let added = |p: usize, ids: usize| sd_unet::AddedConditioning::<Flex> {
+        text_embeds: Tensor::zeros([1, p], &FlexDevice),
+        time_ids: Tensor::zeros([1, ids], &FlexDevice),
+    };
+    let err = |r: model_io::Result<Tensor<Flex, 4>>| r.unwrap_err().to_string();
+    let e = err(xl.forward(x.clone(), t.clone(), c(16)));
+    assert!(e.contains("text_embeds") && e.contains("time_ids"), "{e}");
+    let e = err(xl.forward_with(x.clone(), t.clone(), c(16), Some(&added(12, 5))));
+    assert!(e.contains("`time_ids` has shape [1, 5]") && e.contains("[1, 6]"), "{e}");
+    let e = err(xl.forward_with(x.clone(), t.clone(), c(16), Some(&added(11, 6))));
+    assert!(e.contains("`text_embeds` has shape [1, 11]") && e.contains("[1, 12]"), "{e}");
+    let e = err(sd1.forward_with(x.clone(), t.clone(), c(24), Some(&added(12, 6))));
+    assert!(e.contains("takes no added conditioning"), "{e}");
+    assert!(xl.forward_with(x, t, c(16), Some(&added(12, 6))).is_ok());
+
+    // The export names every tensor (add_embedding included) as the file does.
+    let ckpt = model_io::Checkpoint::open_dir(&fixture("sdxl_fp16"), &["diffusion_pytorch_model"]).unwrap();
+    let file: std::collections::BTreeSet<String> = ckpt.names().map(String::from).collect();
+    let ours: std::collections::BTreeSet<String> = sd_unet::export::diffusers_tensors(&xl).into_keys().collect();
+    assert!(file.iter().any(|k| k.starts_with("add_embedding.")));
+    assert_eq!(ours, file);
 }
 
 #[test]

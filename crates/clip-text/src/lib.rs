@@ -19,5 +19,7 @@ pub mod ldm;
 mod model;
 mod tokenizer;
 
-pub use model::{key_prefix, ClipTextConfig, ClipTextModel};
+pub use model::{
+    key_prefix, ClipTextConfig, ClipTextModel, ClipTextModelWithProjection, ProjectedOutputs, TextOutputs,
+};
 pub use tokenizer::ClipTokenizer;

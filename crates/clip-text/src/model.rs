@@ -23,6 +23,18 @@ pub struct ClipTextConfig {
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub model_type: Option<String>,
+    /// Width of `text_projection` (`CLIPTextModelWithProjection`, SDXL's second encoder).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+    /// The end-of-text id the pooled output is read at. 2 means the legacy rule of configs
+    /// written before transformers PR #24773 (SDXL's among them): the position of the largest
+    /// id, which is the end-of-text token of CLIP's vocabulary.
+    #[serde(default = "default_eos")]
+    pub eos_token_id: i64,
+}
+
+fn default_eos() -> i64 {
+    49407
 }
 
 fn default_act() -> String {
@@ -233,6 +245,20 @@ impl<B: Backend> ClipTextModel<B> {
     /// `[B, L]` ids to `last_hidden_state` `[B, L, D]`. Fails on a sequence longer than the
     /// position table or an id outside the vocabulary.
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
+        let (x, _) = self.run(ids, false)?;
+        Ok(self.final_layer_norm.forward(x))
+    }
+
+    /// transformers' `output_hidden_states=True`: the embeddings and every layer's output
+    /// (`hidden_states`, `num_hidden_layers + 1` of them, `[B, L, D]` each, the last before
+    /// the final layer norm), and `last_hidden_state`. SDXL conditions on `hidden_states[-2]`.
+    pub fn forward_hidden_states(&self, ids: Tensor<B, 2, Int>) -> Result<TextOutputs<B>> {
+        let (x, hidden_states) = self.run(ids, true)?;
+        Ok(TextOutputs { last_hidden_state: self.final_layer_norm.forward(x), hidden_states })
+    }
+
+    /// The encoder up to the final layer norm, with each layer's input kept when `keep`.
+    fn run(&self, ids: Tensor<B, 2, Int>, keep: bool) -> Result<(Tensor<B, 3>, Vec<Tensor<B, 3>>)> {
         let [b, l] = ids.dims();
         if l > self.max_positions {
             return Err(Error::invalid(format!(
@@ -254,9 +280,115 @@ impl<B: Backend> ClipTextModel<B> {
         let device = ids.device();
         let pos = Tensor::<B, 1, Int>::arange(0..l as i64, &device).reshape([1, l]).repeat_dim(0, b);
         let mut x = self.token_embedding.forward(ids) + self.position_embedding.forward(pos);
+        let mut states = Vec::new();
         for layer in &self.layers {
+            if keep {
+                states.push(x.clone());
+            }
             x = layer.forward(x);
         }
-        Ok(self.final_layer_norm.forward(x))
+        if keep {
+            states.push(x.clone());
+        }
+        Ok((x, states))
+    }
+}
+
+/// The outputs of [`ClipTextModel::forward_hidden_states`].
+#[derive(Debug, Clone)]
+pub struct TextOutputs<B: Backend> {
+    /// After the final layer norm, `[B, L, D]`.
+    pub last_hidden_state: Tensor<B, 3>,
+    /// The embeddings, then each layer's output: `num_hidden_layers + 1` tensors `[B, L, D]`.
+    pub hidden_states: Vec<Tensor<B, 3>>,
+}
+
+impl<B: Backend> TextOutputs<B> {
+    /// `hidden_states[-2]`: the penultimate layer's output, which SDXL conditions on.
+    pub fn penultimate(&self) -> Tensor<B, 3> {
+        self.hidden_states[self.hidden_states.len().saturating_sub(2)].clone()
+    }
+}
+
+/// transformers' `CLIPTextModelWithProjection` (SDXL's `text_encoder_2`): the text model plus
+/// `text_projection` of the pooled output (the final-layer-normed state at the end-of-text
+/// token), the `text_embeds` an SDXL UNet takes.
+///
+/// ```no_run
+/// use burn_flex::{Flex, FlexDevice};
+/// let enc = clip_text::ClipTextModelWithProjection::<Flex>::load("sdxl/text_encoder_2".as_ref(), &FlexDevice)?;
+/// let tok = clip_text::ClipTokenizer::from_dir("sdxl/tokenizer_2".as_ref())?;
+/// let out = enc.forward(enc.text_model.ids_tensor(&[tok.encode("a photo of a cat")?]))?;
+/// let (context, pooled) = (out.text.penultimate(), out.text_embeds); // [1, 77, 1280], [1, 1280]
+/// # Ok::<(), model_io::Error>(())
+/// ```
+#[derive(Module, Debug)]
+pub struct ClipTextModelWithProjection<B: Backend> {
+    pub text_model: ClipTextModel<B>,
+    text_projection: Linear<B>,
+    eos_token_id: i64,
+}
+
+/// The outputs of [`ClipTextModelWithProjection::forward`].
+#[derive(Debug, Clone)]
+pub struct ProjectedOutputs<B: Backend> {
+    /// The text model's states.
+    pub text: TextOutputs<B>,
+    /// `text_projection(pooled)`, `[B, projection_dim]`.
+    pub text_embeds: Tensor<B, 2>,
+}
+
+impl<B: Backend> ClipTextModelWithProjection<B> {
+    /// Loads `dir/config.json` and `dir/model(.fp16).safetensors`.
+    pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        let cfg = ClipTextConfig::load(dir)?;
+        let ckpt = Checkpoint::open_dir(dir, &["model"])?;
+        Self::from_checkpoint(&cfg, &ckpt, device)
+    }
+
+    /// Builds the model from a transformers checkpoint: the text model under `text_model.`
+    /// (or the root), `text_projection.weight` `[projection_dim, hidden]`.
+    pub fn from_checkpoint(cfg: &ClipTextConfig, ckpt: &Checkpoint, device: &B::Device) -> Result<Self> {
+        let w = Weights::new(ckpt, device);
+        let prefix = key_prefix(ckpt);
+        let text_model = ClipTextModel::from_weights(cfg, &w.pp(prefix.trim_end_matches('.')))?;
+        let proj = cfg.projection_dim.ok_or_else(|| {
+            Error::invalid("config.json has no `projection_dim`; a CLIPTextModelWithProjection needs it")
+        })?;
+        let text_projection = Linear::load(&w.frozen().pp("text_projection"), cfg.hidden_size, proj, false)?;
+        w.finish(&[&format!("{prefix}embeddings.position_ids")])?;
+        Ok(Self { text_model, text_projection, eos_token_id: cfg.eos_token_id })
+    }
+
+    /// The text model's states and the projected pooled output for `[B, L]` ids.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Result<ProjectedOutputs<B>> {
+        let [b, l] = ids.dims();
+        let rows: Vec<i64> = ids
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .map_err(|e| Error::invalid(format!("input_ids could not be read: {e:?}")))?;
+        let text = self.text_model.forward_hidden_states(ids)?;
+        // transformers' pooling rule: the first end-of-text id, or (legacy configs) the
+        // first largest id.
+        let at: Vec<i64> = rows
+            .chunks(l.max(1))
+            .map(|r| {
+                let pos = if self.eos_token_id == 2 {
+                    r.iter().enumerate().fold(0, |best, (i, &v)| if v > r[best] { i } else { best })
+                } else {
+                    r.iter().position(|&v| v == self.eos_token_id).unwrap_or(0)
+                };
+                pos as i64
+            })
+            .collect();
+        let d = text.last_hidden_state.dims()[2];
+        let device = text.last_hidden_state.device();
+        let index = Tensor::<B, 1, Int>::from_data(burn::tensor::TensorData::new(at, [b]), &device)
+            .reshape([b, 1, 1])
+            .repeat_dim(2, d);
+        let pooled = text.last_hidden_state.clone().gather(1, index).reshape([b, d]);
+        Ok(ProjectedOutputs { text_embeds: self.text_projection.forward(pooled), text })
     }
 }

@@ -212,6 +212,33 @@ fn text_encoder_with_projection_loads() {
     check_encoder("clip_with_projection");
 }
 
+/// SDXL's conditioning from its second encoder: `hidden_states[-2]` and the projected pooled
+/// output (`text_embeds`, at the largest id under the legacy `eos_token_id: 2` of SDXL's
+/// config), against transformers' `CLIPTextModelWithProjection`.
+#[test]
+fn with_projection_gives_the_penultimate_states_and_text_embeds() {
+    let dir = root().join("tests/fixtures/text_encoder/clip_with_projection");
+    let io = read_tensors(&dir.join("io.safetensors")).unwrap();
+    let enc = clip_text::ClipTextModelWithProjection::<Flex>::load(&dir, &FlexDevice).unwrap();
+    let ids = io["input_ids"].to_int::<Flex, 2>("input_ids", &FlexDevice).unwrap();
+    let out = enc.forward(ids).unwrap();
+    assert_eq!(out.text.hidden_states.len(), 3 + 1);
+    for (name, got) in [
+        ("last_hidden_state", HostTensor::from_tensor(out.text.last_hidden_state.clone())),
+        ("penultimate_hidden_state", HostTensor::from_tensor(out.text.penultimate())),
+        ("text_embeds", HostTensor::from_tensor(out.text_embeds)),
+    ] {
+        let err = got.max_abs_diff(&io[name]);
+        eprintln!("clip_with_projection {name}: max abs error {err:e}");
+        assert_eq!(got.shape, io[name].shape, "{name}");
+        assert!(err <= 1e-4, "{name}: max abs error {err}");
+    }
+    // A CLIPTextModel's folder has no projection: the missing tensor is named.
+    let plain = root().join("tests/fixtures/text_encoder/clip_quick_gelu");
+    let e = clip_text::ClipTextModelWithProjection::<Flex>::load(&plain, &FlexDevice).unwrap_err().to_string();
+    assert!(e.contains("text_projection"), "{e}");
+}
+
 #[test]
 fn text_encoder_layouts_are_the_ones_each_release_writes() {
     let keys = |name: &str| {

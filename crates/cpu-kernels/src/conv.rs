@@ -7,7 +7,7 @@ use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::flex::{data, from_vec, operand, to_flex, Kernel, SharedMut};
-use crate::sgemm::{sgemm, BSource, MatRef, NR};
+use crate::sgemm::{gemm, BSource, MatRef, NR};
 
 /// `torch.nn.functional.conv2d` with a square kernel, equal stride and padding on both axes,
 /// no dilation and no groups: `x` `[N, C_in, H, W]`, `weight` `[C_out, C_in, k, k]`,
@@ -89,7 +89,7 @@ fn conv2d_f32(x: &[f32], wt: &[f32], bias: Option<&[f32]>, s: Shape) -> Vec<f32>
         // SAFETY: the weight is [cout, kk] row-major, out[n] is [cout, plane]; a 1×1 input is
         // [cin, plane] and im2col writes only the blocks it is asked for.
         unsafe {
-            sgemm(
+            gemm(
                 s.cout,
                 plane,
                 kk,

@@ -22,6 +22,10 @@
 //!   `[out, in]`), bias added by the GEMM. [`linear_packed`] takes a [`PackedLinear`]: a
 //!   frozen layer's weight packed once at load in the GEMM's order (1.15–1.45× on BLIP-2's
 //!   layers, which otherwise copy or transpose the whole weight on every call).
+//! * bf16 (`bgemm`): where the CPU has AMX-BF16 or AVX512-BF16 ([`bf16_path`]),
+//!   [`use_bf16_gemm`] makes the convolutions and linear layers round their operands to bf16
+//!   while packing and sum in f32 (PyTorch's bf16 matmuls on the CPU); weights packed ahead of
+//!   time by [`PackedLinear`] are then kept in bf16, at half the memory.
 //! * [`attention`]: reads queries, keys and values in the `[B, L, heads·D]` layout the
 //!   projections produce and writes the output in the same layout (no transposes); keys and
 //!   values packed once per (batch, head), then per block of queries one GEMM for the
@@ -51,6 +55,7 @@
 #![cfg_attr(not(feature = "flex"), allow(unreachable_code, unused_variables, dead_code))]
 
 mod attention;
+mod bgemm;
 mod conv;
 mod flex;
 mod layout;
@@ -60,6 +65,7 @@ mod rows;
 mod sgemm;
 
 pub use attention::{attention, causal_attention};
+pub use bgemm::{bf16_path, use_bf16_gemm};
 pub use conv::conv2d;
 pub use layout::{geglu, gelu, quick_gelu, transpose};
 pub use linear::{linear, linear_packed, PackedLinear};

@@ -5,8 +5,9 @@ use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 use std::sync::Arc;
 
+use crate::bgemm::{self, PackedB16};
 use crate::flex::{data, from_vec, operand, operand_view, strided_2d, to_flex, to_flex_view, FlexTensor, Kernel};
-use crate::sgemm::{sgemm, untranspose_rows, BSource, MatRef, PackedB};
+use crate::sgemm::{gemm, untranspose_rows, BSource, MatRef, PackedB};
 
 /// `x · weight + bias` with `x` `[rows, in]`, `weight` `[in, out]` and `bias` `[out]`.
 ///
@@ -82,37 +83,62 @@ pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Te
 #[derive(Clone)]
 pub struct PackedLinear {
     /// The weight `[in, out]` as the GEMM's `B`, all of it packed.
-    b: Arc<PackedB>,
+    b: Packed,
+}
+
+/// f32, or bf16 when [`crate::use_bf16_gemm`] was on at packing (half the memory).
+#[derive(Clone)]
+enum Packed {
+    F32(Arc<PackedB>),
+    Bf16(Arc<PackedB16>),
 }
 
 impl std::fmt::Debug for PackedLinear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedLinear {{ in: {}, out: {} }}", self.b.k, self.b.n)
+        let ((k, n), t) = match &self.b {
+            Packed::F32(b) => ((b.k, b.n), "f32"),
+            Packed::Bf16(b) => ((b.k, b.n), "bf16"),
+        };
+        write!(f, "PackedLinear {{ in: {k}, out: {n}, {t} }}")
     }
 }
 
 impl PackedLinear {
-    /// Packs `weight` `[in, out]` (as [`linear`] takes it, in any layout). `None` unless the
-    /// backend is burn-flex, the weight f32 and the linear kernel switched on
-    /// (`PERSONALIZE_CPU_KERNELS`): keep the weight as it is then.
+    /// Packs `weight` `[in, out]` (as [`linear`] takes it, in any layout), rounded to bf16 when
+    /// [`crate::use_bf16_gemm`] is on. `None` unless the backend is burn-flex, the weight f32
+    /// and the linear kernel switched on (`PERSONALIZE_CPU_KERNELS`): keep the weight as it is
+    /// then.
     pub fn new<B: Backend>(weight: &Tensor<B, 2>) -> Option<Self> {
         let [d_in, d_out] = weight.dims();
         let wf = strided(to_flex_view(weight.clone(), Kernel::Linear, &[]).ok()?);
         let (w, w_rs, w_cs) = strided_2d(&wf).expect("strided() made it readable");
-        // SAFETY: strided_2d checked that w covers [d_in, d_out] through its strides.
-        let b = PackedB::new(d_in, d_out, MatRef::new(w.as_ptr(), w_rs, w_cs), true);
-        Some(Self { b: Arc::new(b) })
+        let w = MatRef::new(w.as_ptr(), w_rs, w_cs);
+        let b = if bgemm::active().is_some() {
+            // SAFETY: strided_2d checked that w covers [d_in, d_out]; active() that the CPU
+            // has a bf16 kernel.
+            Packed::Bf16(Arc::new(unsafe { PackedB16::new(d_in, d_out, w) }))
+        } else {
+            Packed::F32(Arc::new(PackedB::new(d_in, d_out, w, true)))
+        };
+        Some(Self { b })
     }
 
     /// `(in, out)`.
     pub fn dims(&self) -> (usize, usize) {
-        (self.b.k, self.b.n)
+        match &self.b {
+            Packed::F32(b) => (b.k, b.n),
+            Packed::Bf16(b) => (b.k, b.n),
+        }
     }
 
     /// The weight back as `[in, out]` on `device`, for inputs the kernel does not take (any
     /// backend: a module derived from a packed one may carry it elsewhere).
     fn unpack<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
-        Tensor::from_data(TensorData::new(self.b.unpack(), [self.b.k, self.b.n]), device)
+        let w = match &self.b {
+            Packed::F32(b) => b.unpack(),
+            Packed::Bf16(b) => b.unpack(),
+        };
+        Tensor::from_data(TensorData::new(w, [self.dims().0, self.dims().1]), device)
     }
 }
 
@@ -137,7 +163,10 @@ pub fn linear_packed<B: Backend>(x: Tensor<B, 2>, weight: &PackedLinear, bias: O
         }
     };
     let bias = bias.map(operand);
-    let out = product(data(&xf), BSource::Packed(&weight.b), bias.as_ref().map(data), rows, d_in, d_out);
+    let out = match &weight.b {
+        Packed::F32(b) => product(data(&xf), BSource::Packed(b), bias.as_ref().map(data), rows, d_in, d_out),
+        Packed::Bf16(b) => product_bf16(data(&xf), b, bias.as_ref().map(data), rows),
+    };
     from_vec(out, [rows, d_out])
 }
 
@@ -159,12 +188,29 @@ fn product(x: &[f32], b: BSource<'_>, bias: Option<&[f32]>, rows: usize, d_in: u
     // SAFETY: x is [rows, d_in] contiguous, b covers [d_in, d_out] (callers' contract), out is
     // [rows, d_out].
     unsafe {
-        sgemm(
+        gemm(rows, d_out, d_in, MatRef::new(x.as_ptr(), d_in, 1), b, out.as_mut_ptr(), d_out, 1.0, bias.is_some(), true)
+    };
+    out
+}
+
+/// `x · B + bias` against a bf16-packed `B` `[d_in, d_out]`.
+fn product_bf16(x: &[f32], b: &PackedB16, bias: Option<&[f32]>, rows: usize) -> Vec<f32> {
+    let (d_in, d_out) = (b.k, b.n);
+    let mut out = vec![0f32; rows * d_out];
+    if let Some(b) = bias {
+        out.par_chunks_mut(d_out.max(1)).for_each(|r| r.copy_from_slice(b));
+    }
+    let kernel = bgemm::bf16_kernel().expect("a bf16-packed weight was packed on a CPU with a bf16 kernel");
+    // SAFETY: x is [rows, d_in] contiguous, b is [d_in, d_out], out [rows, d_out]; the kernel
+    // is this CPU's.
+    unsafe {
+        bgemm::bgemm(
+            kernel,
             rows,
             d_out,
             d_in,
             MatRef::new(x.as_ptr(), d_in, 1),
-            b,
+            bgemm::BInput::Bf16(b),
             out.as_mut_ptr(),
             d_out,
             1.0,
@@ -199,7 +245,7 @@ fn swapped(
     // SAFETY: w holds d_out rows of d_in contiguous floats at stride w_rs (strided_2d checked
     // the span); x is [rows, d_in]; yt is [d_out, rows].
     unsafe {
-        sgemm(
+        gemm(
             d_out,
             rows,
             d_in,

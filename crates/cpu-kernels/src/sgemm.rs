@@ -127,7 +127,7 @@ impl PackedB {
     /// multiple of [`NR`]), and the distance between its panels: its panels are contiguous
     /// inside the block of all columns, each as deep as the block was packed (a product over
     /// fewer rows reads the top of each).
-    fn block(&self, k0: usize, j0: usize, nc: usize) -> (&[f32], usize) {
+    pub(crate) fn block(&self, k0: usize, j0: usize, nc: usize) -> (&[f32], usize) {
         let kc = KC.min(self.k - k0);
         let base = k0 * self.n.div_ceil(NR) * NR;
         (&self.all()[base + j0 * kc..base + (j0 + nc).div_ceil(NR) * NR * kc], kc * NR)
@@ -139,7 +139,7 @@ impl PackedB {
 ///
 /// # Safety
 /// `b` must cover those rows and columns; `dst` holds `kc · ⌈nc/16⌉ · 16` floats.
-unsafe fn pack_b(b: MatRef, k0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32], parallel: bool) {
+pub(crate) unsafe fn pack_b(b: MatRef, k0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32], parallel: bool) {
     // A group of panels at a time: with rows contiguous (b.cs == 1) each source row is read
     // along 8 panels (512 bytes) before the next, instead of 64 bytes per row jump.
     const GROUP: usize = 8;
@@ -271,15 +271,7 @@ pub(crate) unsafe fn sgemm(
     accumulate: bool,
     parallel: bool,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                std::slice::from_raw_parts_mut(c.add(i * ldc), n).fill(0.0);
-            }
-        }
+    if empty_product(m, n, k, c, ldc, accumulate) {
         return;
     }
     let kernel = kernel_fn();
@@ -416,6 +408,46 @@ pub(crate) unsafe fn sgemm(
                 }
             }
         }
+    }
+}
+
+/// The products with nothing to multiply: none for `m` or `n` zero, zeros (or `C` as it is,
+/// when accumulating) for `k` zero. Returns whether the product was one of them.
+///
+/// # Safety
+/// As [`sgemm`].
+pub(crate) unsafe fn empty_product(m: usize, n: usize, k: usize, c: *mut f32, ldc: usize, accumulate: bool) -> bool {
+    if m > 0 && n > 0 && k == 0 && !accumulate {
+        for i in 0..m {
+            std::slice::from_raw_parts_mut(c.add(i * ldc), n).fill(0.0);
+        }
+    }
+    m == 0 || n == 0 || k == 0
+}
+
+/// [`sgemm`], or [`crate::bgemm::bgemm`] when [`crate::use_bf16_gemm`] switched bf16 on: the
+/// GEMM of the layers that follow `--dtype` (convolutions and linear layers).
+///
+/// # Safety
+/// As [`sgemm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: BSource<'_>,
+    c: *mut f32,
+    ldc: usize,
+    alpha: f32,
+    accumulate: bool,
+    parallel: bool,
+) {
+    match crate::bgemm::active() {
+        Some(kernel) => {
+            crate::bgemm::bgemm(kernel, m, n, k, a, crate::bgemm::BInput::F32(b), c, ldc, alpha, accumulate, parallel)
+        }
+        None => sgemm(m, n, k, a, b, c, ldc, alpha, accumulate, parallel),
     }
 }
 

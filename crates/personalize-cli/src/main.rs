@@ -4,6 +4,7 @@ mod backend;
 mod encode;
 mod export;
 mod generate;
+mod info;
 mod interrupt;
 mod names;
 mod stage;
@@ -25,8 +26,11 @@ struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     /// Float type for computation. Weights are converted as they load; outputs are written as
-    /// f32. Half precision is meant for the GPU build (`--features cuda`); on the CPU it is
-    /// slower than f32, and f16 is refused for generate, train and the VAE stages.
+    /// f32. On CPUs with AMX or AVX512-BF16 (`personalize info` says), bf16 runs the
+    /// convolutions and linear layers as bf16 GEMMs with f32 sums and everything else in f32
+    /// (training excepted); elsewhere half precision is meant for the GPU build (`--features
+    /// cuda`): on the CPU it is slower than f32, and f16 is refused for generate, train and the
+    /// VAE stages.
     #[arg(long, global = true, default_value = "f32")]
     dtype: names::Dtype,
     /// Use truncated JPEG input images (decoded as far as their data goes, with a warning)
@@ -49,6 +53,7 @@ enum Command {
     MergeLora(export::MergeLoraArgs),
     Export(export::ExportArgs),
     Convert(export::ConvertArgs),
+    Info(info::InfoArgs),
 }
 
 /// `--base`, `--blip2` and `stage --model` take a folder, or a preset or repo id (with an
@@ -73,7 +78,7 @@ fn resolve_models(command: &mut Command) -> Result<(), hub::Error> {
             a.blip2.as_mut().map_or(Ok(()), resolve)
         }
         Command::Stage(a) => resolve(&mut a.model),
-        Command::ExportLora(_) => Ok(()),
+        Command::ExportLora(_) | Command::Info(_) => Ok(()),
         Command::MergeLora(a) => {
             resolve(&mut a.base)?;
             a.common.config.as_mut().map_or(Ok(()), resolve)
@@ -154,6 +159,14 @@ fn main() -> ExitCode {
     let float = match cli.dtype {
         names::Dtype::F32 => None,
         names::Dtype::F16 => Some(burn::tensor::FloatDType::F16),
+        // f32 tensors with bf16 GEMMs (AMX or AVX512-BF16): 3-8x Burn's bf16 ops here. Not
+        // for training, whose autodiff tensors run Burn's ops (in bf16, as before).
+        names::Dtype::Bf16
+            if !backend::IS_GPU && !matches!(cli.command, Command::Train(_)) && cpu_kernels::use_bf16_gemm(true) =>
+        {
+            tracing::debug!("--dtype bf16: f32 tensors, bf16 GEMMs ({})", cpu_kernels::bf16_path().unwrap_or("-"));
+            None
+        }
         names::Dtype::Bf16 => Some(burn::tensor::FloatDType::BF16),
     };
     if let Err(e) = backend::set_float_dtype(float) {
@@ -173,6 +186,7 @@ fn main() -> ExitCode {
         Command::MergeLora(a) => export::merge_lora(&a),
         Command::Export(a) => export::export(&a),
         Command::Convert(a) => export::convert(&a),
+        Command::Info(a) => info::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

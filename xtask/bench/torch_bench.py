@@ -4,12 +4,13 @@
     torch_bench.py BENCH [--repeat N] [--steps N] [--threads N] [--unet-dir DIR] [config flags]
     torch_bench.py check
 
-BENCH is unet, vae, text, blip2, train-step, generate or load (see xtask/src/bench.rs for what
+BENCH is unet, vae, text, blip2, train-step, generate, load or gemm (see xtask/src/bench.rs for what
 each measures). Models are built from the configs under xtask/configs with random weights, in
-f32, under torch.no_grad() except train-step, with torch.set_num_threads(cores). Forward
-benches and train-step time `--repeat` runs after one warm-up; generate times `--repeat`
-generations without a warm-up generation (its first step warms up); load times `--repeat`
-`from_pretrained` calls, each in a fresh process, after one warm-up process.
+f32 (forward benches, generate and gemm: bfloat16 with `--dtype bf16`), under torch.no_grad() except train-step,
+with torch.set_num_threads(cores). Forward benches and train-step time `--repeat` runs after
+one warm-up; generate times `--repeat` generations without a warm-up generation (its first
+step warms up); load times `--repeat` `from_pretrained` calls, each in a fresh process, after
+one warm-up process.
 
 Prints one machine-readable line on stdout, `RESULT name median_s peak_mib` (peak resident
 memory of the process, from getrusage), and `INFO name key=value ...` lines with details.
@@ -28,7 +29,7 @@ import time
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 CONFIGS = os.path.join(ROOT, "xtask", "configs")
-BENCHES = ["unet", "vae", "text", "blip2", "train-step", "generate", "load"]
+BENCHES = ["unet", "vae", "text", "blip2", "train-step", "generate", "load", "gemm"]
 # The same prompt as the bench example's `generate` (crates/personalize-cli/examples/bench.rs).
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
@@ -115,9 +116,10 @@ def text_ids(torch, cfg):
 def bench_forward(torch, a):
     """unet, vae, text, blip2: one forward pass of the stage, as `personalize stage`."""
     g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
 
     def randn(*shape):
-        return torch.randn(*shape, generator=g)
+        return torch.randn(*shape, generator=g).to(dtype)
 
     if a.bench == "unet":
         unet, cfg = build_unet(a)
@@ -163,10 +165,10 @@ def bench_forward(torch, a):
             mask = torch.ones(emb.shape[:-1], dtype=torch.long)
             q = query_tokens.expand(emb.shape[0], -1, -1)
             return qformer(query_embeds=q, encoder_hidden_states=emb, encoder_attention_mask=mask).last_hidden_state
-    model.eval()
+    model.eval().to(dtype)
     with torch.no_grad():
         times = timed(fn, a.repeat)
-    info(a.bench, what=json.dumps(what), runs=len(times), warmup=1, min_s=f"{min(times):.4f}")
+    info(a.bench, what=json.dumps(what), dtype=a.dtype, runs=len(times), warmup=1, min_s=f"{min(times):.4f}")
     result(a.bench, median(times), peak_mib())
 
 
@@ -228,6 +230,8 @@ def bench_generate(torch, a):
                                    unet=unet.eval(), scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    if a.dtype == "bf16":
+        pipe.to(torch.bfloat16)
     side = a.size or side_of(ucfg.get("sample_size") or 64) * 2 ** (len(vcfg["block_out_channels"]) - 1)
     marks = []
 
@@ -248,7 +252,7 @@ def bench_generate(torch, a):
         decodes.append(end - marks[-1] if marks else 0.0)
         later.extend(b - a_ for a_, b in zip(marks, marks[1:]))
     step = median(later) if later else median(firsts)
-    info("generate", size=f"{side}x{side}", steps=a.steps, scheduler=scfg["_class_name"], runs=len(totals), warmup=0,
+    info("generate", size=f"{side}x{side}", dtype=a.dtype, steps=a.steps, scheduler=scfg["_class_name"], runs=len(totals), warmup=0,
          step_median_s=f"{step:.4f}", first_step_s=f"{median(firsts):.4f}", decode_s=f"{median(decodes):.4f}")
     result("generate", median(totals), peak_mib())
 
@@ -259,6 +263,23 @@ def load_once(torch, a):
     t = time.perf_counter()
     UNet2DConditionModel.from_pretrained(a.unet_dir)
     print(f"LOADONCE {time.perf_counter() - t:.4f} {peak_mib():.1f} {base:.1f}", flush=True)
+
+
+def bench_gemm(torch, a):
+    """gemm: `F.linear(x, w)` (x [M, K], w [N, K]) on each of `--shapes`, as the bench
+    example's `gemm`; RESULT is the sum of the shapes' medians."""
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    total = 0.0
+    with torch.no_grad():
+        for shape in a.shapes.split(","):
+            m, k, n = (int(d) for d in shape.split("x"))
+            x = torch.randn(m, k, generator=g).to(dtype)
+            w = torch.randn(n, k, generator=g).to(dtype)
+            t = median(timed(lambda: torch.nn.functional.linear(x, w), a.repeat))
+            total += t
+            info("gemm", shape=shape, dtype=a.dtype, median_s=f"{t:.5f}", gflops=f"{2 * m * k * n / t / 1e9:.1f}")
+    result("gemm", total, peak_mib())
 
 
 def bench_load(a):
@@ -287,6 +308,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bench", choices=BENCHES + ["check", "load-once"])
     p.add_argument("--repeat", type=int, default=3, help="timed runs (default 3)")
+    p.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                   help="forward benches, generate and gemm: the float type (default f32)")
     p.add_argument("--steps", type=int, default=4, help="generate: denoising steps (default 4)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: the cores)")
     p.add_argument("--unet-config", default=os.path.join(CONFIGS, "sd15-unet"))
@@ -296,6 +319,7 @@ def main():
     p.add_argument("--scheduler-config", default=os.path.join(CONFIGS, "sd15-scheduler"))
     p.add_argument("--tokenizer", default=os.path.join(ROOT, "crates", "clip-text", "vocab"))
     p.add_argument("--unet-dir", help="load: a diffusers UNet folder")
+    p.add_argument("--shapes", help="gemm: comma-separated MxKxN")
     p.add_argument("--size", type=int, help="generate: image side (default: the UNet's sample size times the VAE factor)")
     p.add_argument("--latent-size", type=int, help="vae: latent side (default: the VAE's sample size / its factor)")
     a = p.parse_args()
@@ -323,6 +347,8 @@ def main():
         bench_train_step(torch, a)
     elif a.bench == "generate":
         bench_generate(torch, a)
+    elif a.bench == "gemm":
+        bench_gemm(torch, a)
     else:
         bench_forward(torch, a)
 

@@ -2,7 +2,8 @@
 //! `personalize` binary, optionally against the same work in PyTorch (`--torch PYTHON`, which
 //! runs `xtask/bench/torch_bench.py`).
 //!
-//! What each bench measures (ours and PyTorch alike; f32, all cores):
+//! What each bench measures (ours and PyTorch alike; all cores; f32, or bf16 with `--dtype
+//! bf16` for all but train-step and load):
 //!
 //! * `unet`: one UNet forward, batch 2 (guidance's two branches), latents 4×64×64, timestep
 //!   981, context 85×768 (77 text + 8 visual tokens).
@@ -18,6 +19,9 @@
 //!   written once under `target/bench-data/`), each load in a fresh process after a warm-up
 //!   one; the time of the load itself and the process's peak memory right after it, also as a
 //!   ratio to the file size (goal: at most 1.2).
+//! * `gemm`: the linear layers' GEMM alone (`cpu_kernels::linear` against `F.linear`) on the
+//!   UNet's and ViT-g's shapes ([`GEMM_SHAPES`]), GFLOP/s per shape; the row's time is the
+//!   sum over the shapes.
 //!
 //! The forward benches and `train-step` time `--repeat` runs after one warm-up run and report the
 //! median; `generate` times `--repeat` generations with no warm-up generation (its first step
@@ -32,7 +36,21 @@ use std::process::{Command, ExitCode, Stdio};
 use crate::root;
 
 /// Every bench, and those run when none is named.
-pub const BENCHES: &[&str] = &["unet", "vae", "text", "blip2", "generate", "train-step", "load"];
+pub const BENCHES: &[&str] = &["unet", "vae", "text", "blip2", "generate", "train-step", "load", "gemm"];
+
+/// The `gemm` bench's shapes, `MxKxN` (rows, inputs, outputs), with what they stand for: the
+/// UNet at 64² latents, batch 2 (8192 tokens at the top level, 128 at the bottom), its 3×3
+/// convolutions as im2col GEMMs, and BLIP-2's ViT-g MLP on one image (257 tokens).
+const GEMM_SHAPES: &[(&str, &str)] = &[
+    ("8192x320x320", "UNet attention projection, 64²"),
+    ("8192x320x2560", "UNet GEGLU in, 64²"),
+    ("8192x1280x320", "UNet feed-forward out, 64²"),
+    ("8192x2880x320", "UNet 3×3 conv 320→320, 64²"),
+    ("128x11520x1280", "UNet 3×3 conv 1280→1280, 8²"),
+    ("257x1408x6144", "ViT-g MLP in"),
+    ("257x6144x1408", "ViT-g MLP out"),
+    ("1024x1024x1024", "square"),
+];
 const DEFAULT_BENCHES: &[&str] = &["unet", "vae", "text", "blip2"];
 
 /// Time full-size SD 1.5 / ViT-g work with random weights through the release `personalize`:
@@ -54,6 +72,11 @@ pub struct BenchArgs {
     /// peft for a LoRA train-step) and print the ratios.
     #[arg(long, value_name = "PYTHON")]
     pub torch: Option<String>,
+    /// The float type of the forward benches (unet, vae, text, blip2), generate and gemm, ours
+    /// (`personalize --dtype`) and PyTorch's (the models and inputs `.to(torch.bfloat16)`)
+    /// alike.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub dtype: String,
 }
 
 impl BenchArgs {
@@ -350,6 +373,12 @@ fn run_one(name: &str, exe: &Path, benches: &Path, tmp: &Path, a: &BenchArgs) ->
     let configs = root().join("xtask/configs");
     let mut row = Row { bench: name.to_string(), ..Default::default() };
     let mut torch_args = vec!["--repeat".to_string(), repeat.to_string()];
+    if a.dtype != "f32" && matches!(name, "train-step" | "load") {
+        return Err(format!(
+            "bench {name}: --dtype {} is for the forward benches, generate and gemm; {name} runs in f32",
+            a.dtype
+        ));
+    }
     match name {
         "train-step" => {
             eprintln!("bench train-step: sd15-unet, LoRA rank 4, 512x512, batch 1, random weights, {repeat} step(s) after a warm-up");
@@ -364,7 +393,7 @@ fn run_one(name: &str, exe: &Path, benches: &Path, tmp: &Path, a: &BenchArgs) ->
             row.ours = Some(m);
         }
         "generate" => {
-            eprintln!("bench generate: SD 1.5 configs, 512x512, {} steps, guidance 7.5, random weights, {repeat} generation(s)", a.steps);
+            eprintln!("bench generate: SD 1.5 configs, 512x512, {}, {} steps, guidance 7.5, random weights, {repeat} generation(s)", a.dtype, a.steps);
             let mut cmd = Command::new(benches);
             cmd.arg("generate")
                 .arg("--unet")
@@ -377,7 +406,7 @@ fn run_one(name: &str, exe: &Path, benches: &Path, tmp: &Path, a: &BenchArgs) ->
                 .arg(configs.join("sd15-scheduler"))
                 .arg("--tokenizer")
                 .arg(root().join("crates/clip-text/vocab"))
-                .args(["--steps", &a.steps.to_string(), "--repeat", &repeat.to_string()]);
+                .args(["--steps", &a.steps.to_string(), "--repeat", &repeat.to_string(), "--dtype", &a.dtype]);
             let lines = run_ours(cmd, "bench generate")?;
             let (m, f) = ours_result(&lines, "generate", "median_s", "peak_mib")
                 .ok_or("bench generate printed no summary line")?;
@@ -389,7 +418,27 @@ fn run_one(name: &str, exe: &Path, benches: &Path, tmp: &Path, a: &BenchArgs) ->
                 get("first_step_s"),
                 get("decode_s")
             ));
-            torch_args.extend(["--steps".to_string(), a.steps.to_string()]);
+            torch_args.extend(["--steps".to_string(), a.steps.to_string(), "--dtype".to_string(), a.dtype.clone()]);
+        }
+        "gemm" => {
+            let shapes = GEMM_SHAPES.iter().map(|(s, _)| *s).collect::<Vec<_>>().join(",");
+            eprintln!(
+                "bench gemm: linear layers' GEMM alone, {}, {} shapes, {repeat} run(s) each after a warm-up",
+                a.dtype,
+                GEMM_SHAPES.len()
+            );
+            let mut cmd = Command::new(benches);
+            cmd.args(["gemm", "--shapes", &shapes, "--dtype", &a.dtype, "--repeat", &repeat.to_string()]);
+            let lines = run_ours(cmd, "bench gemm")?;
+            let (m, _) =
+                ours_result(&lines, "gemm", "median_s", "peak_mib").ok_or("bench gemm printed no summary line")?;
+            row.ours = Some(m);
+            for (shape, what) in GEMM_SHAPES {
+                let line = lines.iter().find(|l| l.starts_with(&format!("gemm {shape}: ")));
+                let gflops = line.and_then(|l| fields(l).get("gflops").map(|g| g.to_string()));
+                row.notes.push(format!("ours {shape} ({what}): {} GFLOP/s", gflops.as_deref().unwrap_or("-")));
+            }
+            torch_args.extend(["--shapes".to_string(), shapes, "--dtype".to_string(), a.dtype.clone()]);
         }
         "load" => {
             let (dir, size) = load_checkpoint(benches)?;
@@ -435,8 +484,10 @@ fn run_one(name: &str, exe: &Path, benches: &Path, tmp: &Path, a: &BenchArgs) ->
             let (stage, cfg, inputs) = stage_case(name).expect("clap checked the name");
             let input = tmp.join(format!("{name}-in.safetensors"));
             write_tensors(&input, inputs)?;
-            eprintln!("bench {name}: {stage} of {cfg}, random weights, {repeat} run(s) after a warm-up");
+            eprintln!("bench {name}: {stage} of {cfg}, {}, random weights, {repeat} run(s) after a warm-up", a.dtype);
             let mut cmd = Command::new(exe);
+            cmd.args(["--dtype", &a.dtype]);
+            torch_args.extend(["--dtype".to_string(), a.dtype.clone()]);
             cmd.args(["stage", stage, "--random-weights", "--repeat", &(repeat + 1).to_string(), "--model"])
                 .arg(configs.join(cfg))
                 .arg("--input")
@@ -526,7 +577,8 @@ mod tests {
         assert_eq!((a.repeat, a.steps, a.torch.as_deref()), (Some(5), 2, Some("/venv/bin/python")));
         let a = parse("").unwrap();
         assert_eq!(a.benches(), ["unet", "vae", "text", "blip2"]);
-        assert_eq!((a.repeat, a.steps, a.torch), (None, 4, None));
+        assert_eq!((a.repeat, a.steps, a.torch, a.dtype.as_str()), (None, 4, None, "f32"));
+        assert_eq!(parse("unet --dtype bf16").unwrap().dtype, "bf16");
         assert_eq!(
             (default_repeat("unet"), default_repeat("load"), default_repeat("generate"), default_repeat("train-step")),
             (3, 3, 1, 1)
@@ -538,6 +590,7 @@ mod tests {
             ("--steps x", "x"),
             ("--torch", "--torch"),
             ("--python p", "--python"),
+            ("--dtype f16", "f16"),
         ] {
             let e = parse(bad).unwrap_err().to_string();
             assert!(e.contains(needle), "{bad}: {e}");

@@ -1,6 +1,7 @@
 //! The benchmarks `cargo xtask bench` runs besides the stage runner's `--repeat`, with random
 //! weights built from the published configs: a whole generation (`generate`), one training
-//! step (`train-step`), and a full-size UNet checkpoint for the loading bench (`write-unet`).
+//! step (`train-step`), a full-size UNet checkpoint for the loading bench (`write-unet`), and
+//! the linear layers' GEMM alone on given shapes (`gemm`, f32 or bf16).
 //!
 //! `cargo run --release -p personalize-cli --example bench -- generate --base sd15-configs`
 //! (`--features cuda` for the GPU). Each prints one summary line on stderr, `NAME: key=value
@@ -34,6 +35,8 @@ enum Bench {
     /// Time training steps of a full-size UNet from its config (random weights).
     TrainStep(TrainStepBench),
     /// Write a UNet with random weights, built from a config, as a diffusers folder.
+    /// Time `cpu_kernels::linear` (y = x·wᵀ, PyTorch's `[out, in]` weight) on each shape.
+    Gemm(GemmBench),
     WriteUnet {
         /// A folder with the UNet's config.json.
         #[arg(long)]
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         Bench::Generate(a) => generate(&a),
         Bench::TrainStep(a) => train_step(&a),
         Bench::WriteUnet { unet_config, out } => write_unet(&unet_config, &out),
+        Bench::Gemm(a) => gemm(&a),
     };
     match r {
         Ok(summary) => {
@@ -65,6 +69,66 @@ fn main() -> ExitCode {
 /// Peak memory in MiB, or `-`.
 fn mib(bytes: Option<u64>) -> String {
     bytes.map_or("-".to_string(), |b| format!("{:.1}", b as f64 / (1u64 << 20) as f64))
+}
+
+/// `gemm` arguments.
+#[derive(clap::Args)]
+struct GemmBench {
+    /// Comma-separated `MxKxN`: rows of x, inputs, outputs.
+    #[arg(long)]
+    shapes: String,
+    /// f32, or bf16 (bf16 GEMMs with f32 sums where the CPU has AMX or AVX512-BF16).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    dtype: String,
+    /// Timed runs per shape (after one warm-up).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    repeat: u64,
+}
+
+/// `MxKxN` into `(m, k, n)`.
+fn parse_shape(s: &str) -> Result<(usize, usize, usize)> {
+    let v: Vec<usize> = s
+        .split('x')
+        .map(|d| d.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--shapes: {s:?} is not MxKxN"))?;
+    match v[..] {
+        [m, k, n] if m > 0 && k > 0 && n > 0 => Ok((m, k, n)),
+        _ => bail!("--shapes: {s:?} is not MxKxN with positive sizes"),
+    }
+}
+
+/// One line per shape (`gemm MxKxN: median_s=… gflops=…`), then the summary: `median_s`, the
+/// sum of the shapes' medians.
+fn gemm(a: &GemmBench) -> Result<String> {
+    let dev = device();
+    bf16_gemms(&a.dtype)?;
+    let shapes = a.shapes.split(',').map(parse_shape).collect::<Result<Vec<_>>>()?;
+    let mut rng = SeededRng::new(0);
+    let mut total = 0.0;
+    for (m, k, n) in shapes {
+        let mut randn = |shape: [usize; 2]| {
+            let mut v = vec![0f32; shape[0] * shape[1]];
+            rng.fill_standard_normal(&mut v);
+            Tensor::<B, 2>::from_data(TensorData::new(v, shape), &dev)
+        };
+        let (x, w) = (randn([m, k]), randn([n, k]));
+        let mut times = Vec::new();
+        for i in 0..=a.repeat {
+            let start = Instant::now();
+            let y = cpu_kernels::linear(x.clone(), w.clone().transpose(), None);
+            let _ = B::sync(&dev);
+            drop(y);
+            if i > 0 {
+                times.push(start.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let med = times[times.len() / 2];
+        total += med;
+        eprintln!("gemm {m}x{k}x{n}: median_s={med:.5} gflops={:.1}", 2.0 * (m * k * n) as f64 / med / 1e9);
+    }
+    Ok(format!("gemm: dtype={} median_s={total:.5} peak_mib={}", a.dtype, mib(peak_rss_bytes())))
 }
 
 /// `train-step` arguments.
@@ -178,6 +242,24 @@ struct GenerateBench {
     /// Timed generations.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     repeat: u64,
+    /// f32, or bf16 (bf16 GEMMs with f32 sums where the CPU has AMX or AVX512-BF16).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    dtype: String,
+}
+
+/// `--dtype bf16`: as the binary's, f32 tensors with bf16 GEMMs; an error where the CPU kernels
+/// cannot run it (this bench does not measure Burn's bf16 tensors).
+fn bf16_gemms(dtype: &str) -> Result<()> {
+    if dtype != "bf16" {
+        return Ok(());
+    }
+    if backend::IS_GPU {
+        bail!("--dtype bf16: this bench measures the CPU kernels' bf16");
+    }
+    if !cpu_kernels::use_bf16_gemm(true) {
+        bail!("--dtype bf16: this CPU has no AMX-BF16 or AVX512-BF16 (see `personalize info`)");
+    }
+    Ok(())
 }
 
 /// The prompt of the generation benchmark (the same in `xtask/bench/torch_bench.py`).
@@ -223,6 +305,7 @@ fn median(v: &mut [f64]) -> f64 {
 /// (between the pipeline's step callbacks; the first step also holds the text encoder and the
 /// scheduler set-up, so the per-step median is over steps 2..N), and the decode.
 fn generate(a: &GenerateBench) -> Result<String> {
+    bf16_gemms(&a.dtype)?;
     let start = Instant::now();
     let pipe = random_pipeline(a).context("building the pipeline from its configs")?;
     let load_s = start.elapsed().as_secs_f64();

@@ -6,9 +6,18 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
+use crate::bgemm::{self, BInput, PackedB16};
 use crate::flex::{from_vec, operand_view, rows_3d, to_flex_view, FlexTensor, Kernel, SharedMut};
 use crate::rows::exp_row_fn;
 use crate::sgemm::{sgemm, BSource, MatRef, PackedB};
+
+/// A (batch, head)'s keys (as kᵀ) and values, packed once for all its query blocks: in f32, or
+/// in bf16 when [`crate::use_bf16_gemm`] is on (as PyTorch's bf16 attention, scores and
+/// probabilities rounded to bf16, sums in f32).
+enum KeysValues {
+    F32(PackedB, PackedB),
+    Bf16(bgemm::Bf16Kernel, PackedB16, PackedB16),
+}
 
 /// `softmax(q kᵀ / √d) v` per head, with `q` `[B, Lq, heads·d]`, `k` `[B, Lk, heads·d]` and
 /// `v` `[B, Lk, heads·dv]` (head `h` owns columns `h·d..(h+1)·d`, as the projections of
@@ -147,14 +156,22 @@ fn attention_f32(q: Rows, k: Rows, v: Rows, out: &mut [f32], s: Dims) {
     let scale = 1.0 / (d as f32).sqrt();
     let exp_row = exp_row_fn();
     // Keys (as kᵀ) and values of each (batch, head), packed once for all its query blocks.
-    let packed: Vec<(PackedB, PackedB)> = (0..b * heads)
+    // The causal mask cuts the values' depth per block, which the bf16 packs do not take.
+    let bf16 = if causal { None } else { bgemm::active() };
+    let packed: Vec<KeysValues> = (0..b * heads)
         .into_par_iter()
         .map(|unit| {
             let (bi, h) = (unit / heads, unit % heads);
             // kᵀ: row index = feature (stride 1), column index = key (row stride).
             let kt = MatRef::new(k.data[bi * k.sb + h * d..].as_ptr(), 1, k.sl);
             let vh = MatRef::new(v.data[bi * v.sb + h * dv..].as_ptr(), v.sl, 1);
-            (PackedB::new(d, lk, kt, false), PackedB::new(lk, dv, vh, false))
+            match bf16 {
+                // SAFETY: kt and vh cover d × lk and lk × dv; `active` checked the CPU.
+                Some(kernel) => unsafe {
+                    KeysValues::Bf16(kernel, PackedB16::new(d, lk, kt, false), PackedB16::new(lk, dv, vh, false))
+                },
+                None => KeysValues::F32(PackedB::new(d, lk, kt, false), PackedB::new(lk, dv, vh, false)),
+            }
         })
         .collect();
     let dst = SharedMut(out.as_mut_ptr());
@@ -163,7 +180,7 @@ fn attention_f32(q: Rows, k: Rows, v: Rows, out: &mut [f32], s: Dims) {
         |(scores, inv), task| {
             let (unit, blk) = (task / blocks, task % blocks);
             let (bi, h) = (unit / heads, unit % heads);
-            let (kt, vp) = &packed[unit];
+            let kv = &packed[unit];
             let q0 = blk * qb;
             let rows = qb.min(lq - q0);
             // Under a causal mask this block sees only the keys up to its last query.
@@ -176,25 +193,28 @@ fn attention_f32(q: Rows, k: Rows, v: Rows, out: &mut [f32], s: Dims) {
                 #[allow(clippy::redundant_locals)]
                 let dst = dst;
                 let qm = MatRef::new(q.data.as_ptr().add(bi * q.sb + q0 * q.sl + h * d), q.sl, 1);
-                sgemm(rows, keys, d, qm, BSource::Packed(kt), scores.as_mut_ptr(), lk, scale, false, false);
+                match kv {
+                    KeysValues::F32(kt, _) => {
+                        sgemm(rows, keys, d, qm, BSource::Packed(kt), scores.as_mut_ptr(), lk, scale, false, false)
+                    }
+                    KeysValues::Bf16(kernel, kt, _) => {
+                        let kt = BInput::Bf16(kt);
+                        bgemm::bgemm(*kernel, rows, keys, d, qm, kt, scores.as_mut_ptr(), lk, scale, false, false)
+                    }
+                }
                 for (r, row) in scores.chunks_exact_mut(lk).enumerate() {
                     let seen = if causal { keys.min(q0 + r + 1) } else { keys };
                     inv[r] = 1.0 / exp_row(&mut row[..seen]);
                     row[seen..keys].fill(0.0);
                 }
                 let o = dst.0.add((bi * lq + q0) * cv + h * dv);
-                sgemm(
-                    rows,
-                    dv,
-                    keys,
-                    MatRef::new(scores.as_ptr(), lk, 1),
-                    BSource::Packed(vp),
-                    o,
-                    cv,
-                    1.0,
-                    false,
-                    false,
-                );
+                let pm = MatRef::new(scores.as_ptr(), lk, 1);
+                match kv {
+                    KeysValues::F32(_, vp) => sgemm(rows, dv, keys, pm, BSource::Packed(vp), o, cv, 1.0, false, false),
+                    KeysValues::Bf16(kernel, _, vp) => {
+                        bgemm::bgemm(*kernel, rows, dv, keys, pm, BInput::Bf16(vp), o, cv, 1.0, false, false)
+                    }
+                }
                 for (r, &f) in inv[..rows].iter().enumerate() {
                     for x in std::slice::from_raw_parts_mut(o.add(r * cv), dv) {
                         *x *= f;

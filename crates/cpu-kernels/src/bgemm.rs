@@ -323,11 +323,11 @@ pub(crate) struct PackedB16 {
 }
 
 impl PackedB16 {
-    /// Packs `b` (`k × n`).
+    /// Packs `b` (`k × n`), over rayon's threads when `parallel`.
     ///
     /// # Safety
     /// `b` must cover `k × n`; the CPU must have a bf16 kernel ([`bf16_kernel`]).
-    pub(crate) unsafe fn new(k: usize, n: usize, b: MatRef) -> Self {
+    pub(crate) unsafe fn new(k: usize, n: usize, b: MatRef, parallel: bool) -> Self {
         let panels = n.div_ceil(TN);
         let mut data = vec![0u16; Self::offset(n, k) + 32];
         let skip = data.as_ptr().align_offset(64).min(31);
@@ -335,7 +335,7 @@ impl PackedB16 {
         for k0 in (0..k).step_by(KCB) {
             let kc = KCB.min(k - k0);
             let at = skip + Self::offset(n, k0);
-            pack_b_mat(b, k0, kc, 0, n, &mut data[at..at + panels * kc.div_ceil(TK) * TILE], &mut scratch, true);
+            pack_b_mat(b, k0, kc, 0, n, &mut data[at..at + panels * kc.div_ceil(TK) * TILE], &mut scratch, parallel);
         }
         Self { data, k, n }
     }
@@ -821,7 +821,7 @@ mod tests {
         for &(k, n) in &[(1, 1), (33, 17), (1100, 40)] {
             let b = rand(k * n, 9);
             // SAFETY: b covers k × n; the CPU has a bf16 kernel.
-            let p = unsafe { PackedB16::new(k, n, MatRef::new(b.as_ptr(), n, 1)) };
+            let p = unsafe { PackedB16::new(k, n, MatRef::new(b.as_ptr(), n, 1), true) };
             let want: Vec<f32> = b.iter().map(|&x| from_bf16(to_bf16(x))).collect();
             assert_eq!(p.unpack(), want, "{k}×{n}");
         }
@@ -864,7 +864,7 @@ mod tests {
                     let prior = rand(m * ldc, 3);
                     let packed = PackedB::new(k, n, MatRef::new(b.as_ptr(), brs, bcs), false);
                     // SAFETY: b covers k × n; the CPU has a bf16 kernel (checked above).
-                    let packed16 = unsafe { PackedB16::new(k, n, MatRef::new(b.as_ptr(), brs, bcs)) };
+                    let packed16 = unsafe { PackedB16::new(k, n, MatRef::new(b.as_ptr(), brs, bcs), k % 2 == 0) };
                     let sources =
                         [(0, false, false), (0, true, true), (1, false, true), (2, true, false), (2, false, true)];
                     for (source, accumulate, parallel) in sources {

@@ -116,7 +116,7 @@ impl PackedLinear {
         let b = if bgemm::active().is_some() {
             // SAFETY: strided_2d checked that w covers [d_in, d_out]; active() that the CPU
             // has a bf16 kernel.
-            Packed::Bf16(Arc::new(unsafe { PackedB16::new(d_in, d_out, w) }))
+            Packed::Bf16(Arc::new(unsafe { PackedB16::new(d_in, d_out, w, true) }))
         } else {
             Packed::F32(Arc::new(PackedB::new(d_in, d_out, w, true)))
         };

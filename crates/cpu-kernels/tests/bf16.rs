@@ -1,5 +1,5 @@
-//! `use_bf16_gemm`: convolutions and linear layers on f32 tensors round their operands to bf16
-//! (in its own test binary: the switch is process-wide).
+//! `use_bf16_gemm`: convolutions, linear layers and (non-causal) attention on f32 tensors round
+//! their operands to bf16 (in its own test binary: the switch is process-wide).
 
 use burn::tensor::module::conv2d as burn_conv2d;
 use burn::tensor::ops::ConvOptions;
@@ -40,6 +40,31 @@ fn bf16_gemms_stay_within_bf16_rounding_of_f32() {
         let e = rel(cpu_kernels::linear_packed(x, &packed, None), want);
         assert!(e < 1e-2 && e > 1e-5, "packed linear in bf16, {rows} rows: relative error {e}");
     }
+    // Attention as softmax(q·kᵀ/√d)·v in f32 Burn ops, [B, L, heads·d] in and out; the
+    // causal form (CLIP's) stays f32.
+    let (heads, d) = (3, 40);
+    let q = Tensor::<Flex, 3>::random([2, 300, heads * d], Distribution::Default, &dev);
+    let k = Tensor::<Flex, 3>::random([2, 77, heads * d], Distribution::Default, &dev);
+    let v = Tensor::<Flex, 3>::random([2, 77, heads * d], Distribution::Default, &dev);
+    let split = |t: Tensor<Flex, 3>| {
+        let [b, l, _] = t.dims();
+        t.reshape([b, l, heads, d]).swap_dims(1, 2)
+    };
+    let scores = split(q.clone()).matmul(split(k.clone()).swap_dims(2, 3)) / (d as f32).sqrt();
+    let want = burn::tensor::activation::softmax(scores, 3).matmul(split(v.clone())).swap_dims(1, 2).reshape([
+        2,
+        300,
+        heads * d,
+    ]);
+    let e = rel(cpu_kernels::attention(q.clone(), k.clone(), v.clone(), heads), want);
+    assert!(e < 2e-2 && e > 1e-5, "attention in bf16: relative error {e}");
+    let qc = q.clone().slice([0..2, 0..77]);
+    let want = cpu_kernels::causal_attention(qc.clone(), k.clone(), v.clone(), heads);
+    cpu_kernels::use_bf16_gemm(false);
+    let e = rel(cpu_kernels::causal_attention(qc, k, v, heads), want);
+    assert!(e < 1e-6, "causal attention is f32 under bf16 GEMMs: {e}");
+    cpu_kernels::use_bf16_gemm(true);
+
     // Switched off, the same layers are f32 again.
     cpu_kernels::use_bf16_gemm(false);
     let x = Tensor::<Flex, 2>::random([9, 300], Distribution::Default, &dev);

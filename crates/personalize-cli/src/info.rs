@@ -35,7 +35,7 @@ pub fn lines() -> Vec<(&'static str, String)> {
     out.push((
         "dtype bf16",
         match bf16 {
-            Some(k) => format!("f32 tensors, convolutions and linear layers as bf16 GEMMs ({k}) with f32 sums; training on Burn's bf16 ops"),
+            Some(k) => format!("f32 tensors; convolutions, linear layers and attention as bf16 GEMMs ({k}) with f32 sums; training on Burn's bf16 ops"),
             None => "Burn's bf16 ops (no AMX-BF16 or AVX512-BF16 kernel, or PERSONALIZE_GEMM_BF16=off: slower than f32)".into(),
         },
     ));

@@ -97,7 +97,8 @@ static USE_BF16: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::
 /// Makes the GEMMs of [`crate::conv2d`], [`crate::linear`] and [`crate::linear_packed`] on f32
 /// tensors round their operands to bf16 and sum in f32, where the CPU has a bf16 kernel
 /// ([`bf16_path`]): `--dtype bf16` on such CPUs, with tensors, norms, softmax, GELU and the
-/// scheduler in f32 (as PyTorch's bf16 autocast keeps them). Attention stays f32. Returns
+/// scheduler in f32 (as PyTorch's bf16 autocast keeps them). Non-causal [`crate::attention`]
+/// runs its two GEMMs in bf16 too; the causal form (CLIP's) stays f32. Returns
 /// whether the GEMMs now run in bf16 (false without a kernel, or when `on` is false).
 ///
 /// ```
@@ -120,12 +121,17 @@ pub(crate) fn active() -> Option<Bf16Kernel> {
     }
 }
 
-/// `x` rounded to the nearest bf16 (ties to even), as `vcvtne2ps2bf16` rounds; NaN stays NaN.
+/// `x` rounded to the nearest bf16 (ties to even), as `vcvtne2ps2bf16` rounds: NaN stays NaN
+/// (quiet), and subnormals become zero of their sign, as the instruction makes them, so a
+/// value rounds the same in the vector and the scalar packing paths.
 #[inline(always)]
 pub(crate) fn to_bf16(x: f32) -> u16 {
     let b = x.to_bits();
     if x.is_nan() {
         return ((b >> 16) | 0x40) as u16;
+    }
+    if x.is_subnormal() {
+        return ((b >> 16) & 0x8000) as u16;
     }
     (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
@@ -837,6 +843,45 @@ mod tests {
         assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
         assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
         assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+        assert_eq!(to_bf16(-1e-40), 0x8000);
+        assert_eq!(to_bf16(f32::from_bits(0x007f_ffff)), 0);
+    }
+
+    /// The vector conversions of both packings (A's 32-wide rows, B's interleaved pairs) give
+    /// the scalar rounding's bits on ties, NaN, infinities, subnormals and overflow.
+    #[test]
+    fn vector_and_scalar_rounding_agree() {
+        if bf16_kernel().is_none() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let specials = [
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            -(1.0 + 1.0 / 256.0),
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e-40,
+            -1e-40,
+            f32::from_bits(0x007f_ffff),
+            f32::MAX,
+            -0.0,
+            f32::MIN_POSITIVE,
+        ];
+        let v: Vec<f32> = (0..64).map(|i| specials[i % specials.len()]).collect();
+        let scalar: Vec<u16> = v.iter().map(|&x| to_bf16(x)).collect();
+        // A: two 32-wide rows through `row32`.
+        let mut dst = vec![0u16; TILE];
+        // SAFETY: v holds 2 × 32 floats; the CPU has AVX512-BF16.
+        unsafe { pack_a(MatRef::new(v.as_ptr(), 32, 1), 0, 2, 0, 32, 1.0, &mut dst) };
+        assert_eq!(&dst[..64], &scalar[..], "A's packing");
+        // B: 4 rows of 16 through `interleave16`, back in row-major order.
+        // SAFETY: as above, 4 × 16.
+        let p = unsafe { PackedB16::new(4, 16, MatRef::new(v.as_ptr(), 16, 1), false) };
+        let back: Vec<u32> = p.unpack().iter().map(|x| x.to_bits()).collect();
+        let want: Vec<u32> = scalar.iter().map(|&h| from_bf16(h).to_bits()).collect();
+        assert_eq!(back, want, "B's packing");
     }
 
     /// Every kernel this CPU has, every source of `B`, edges in all three dimensions, more than
@@ -850,9 +895,17 @@ mod tests {
             return;
         }
         for kernel in kernels() {
-            for &(m, n, k) in
-                &[(1, 1, 1), (16, 16, 32), (17, 33, 31), (40, 70, 600), (150, 2100, 40), (33, 17, 1100), (5, 300, 7)]
-            {
+            for &(m, n, k) in &[
+                (1, 1, 1),
+                (16, 16, 32),
+                (17, 33, 31),
+                (40, 70, 600),
+                (150, 2100, 40),
+                (33, 17, 1100),
+                (5, 300, 7),
+                (20, 40, 300),
+                (20, 40, 700),
+            ] {
                 for &(ta, tb) in &[(false, false), (true, true)] {
                     let a = rand(m * k, 1);
                     let b = rand(k * n, 2);
@@ -861,12 +914,32 @@ mod tests {
                     let alpha = 0.75;
                     let (want, scale) = exact(m, n, k, &a, ars, acs, &b, brs, bcs, alpha);
                     let ldc = n + 3;
-                    let prior = rand(m * ldc, 3);
-                    let packed = PackedB::new(k, n, MatRef::new(b.as_ptr(), brs, bcs), false);
+                    // One row more than C: a write past row m shows.
+                    let prior = rand((m + 1) * ldc, 3);
+                    // sgemm's pack is deeper and wider than the product: only its top-left is read.
+                    let (kb, nb) = (k + 50, n + 20);
+                    let big = rand(kb * nb, 4);
+                    let bbig: Vec<f32> = (0..kb * nb)
+                        .map(|e| {
+                            let (r, col) = (e / nb, e % nb);
+                            if r < k && col < n {
+                                b[r * brs + col * bcs]
+                            } else {
+                                big[e]
+                            }
+                        })
+                        .collect();
+                    let packed = PackedB::new(kb, nb, MatRef::new(bbig.as_ptr(), nb, 1), false);
                     // SAFETY: b covers k × n; the CPU has a bf16 kernel (checked above).
                     let packed16 = unsafe { PackedB16::new(k, n, MatRef::new(b.as_ptr(), brs, bcs), k % 2 == 0) };
-                    let sources =
-                        [(0, false, false), (0, true, true), (1, false, true), (2, true, false), (2, false, true)];
+                    let sources = [
+                        (0, false, false),
+                        (0, true, true),
+                        (1, false, true),
+                        (1, true, false),
+                        (2, true, false),
+                        (2, false, true),
+                    ];
                     for (source, accumulate, parallel) in sources {
                         let mut c = prior.clone();
                         let bs = match source {
@@ -890,6 +963,7 @@ mod tests {
                                 parallel,
                             )
                         };
+                        assert_eq!(c[m * ldc..], prior[m * ldc..], "{kernel:?} wrote past row {m}");
                         for i in 0..m {
                             for j in 0..ldc {
                                 let got = c[i * ldc + j] as f64;

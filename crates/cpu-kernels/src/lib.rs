@@ -23,9 +23,10 @@
 //!   frozen layer's weight packed once at load in the GEMM's order (1.15–1.45× on BLIP-2's
 //!   layers, which otherwise copy or transpose the whole weight on every call).
 //! * bf16 (`bgemm`): where the CPU has AMX-BF16 or AVX512-BF16 ([`bf16_path`]),
-//!   [`use_bf16_gemm`] makes the convolutions and linear layers round their operands to bf16
-//!   while packing and sum in f32 (PyTorch's bf16 matmuls on the CPU); weights packed ahead of
-//!   time by [`PackedLinear`] are then kept in bf16, at half the memory.
+//!   [`use_bf16_gemm`] makes the convolutions, linear layers and non-causal attention round
+//!   their operands to bf16 while packing and sum in f32 (PyTorch's bf16 matmuls on the CPU);
+//!   weights packed ahead of time by [`PackedLinear`] are then kept in bf16, at half the
+//!   memory.
 //! * [`attention`]: reads queries, keys and values in the `[B, L, heads·D]` layout the
 //!   projections produce and writes the output in the same layout (no transposes); keys and
 //!   values packed once per (batch, head), then per block of queries one GEMM for the

@@ -66,7 +66,9 @@ pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Te
 /// are not trained (a frozen encoder): [`linear_packed`] then neither copies the weight into
 /// that order nor transposes anything on each call (1.15–1.45× the speed of [`linear`] on
 /// BLIP-2's shapes). It holds as many floats as the weight (rounded up to 16 outputs), so
-/// keep it instead of the weight, not beside it.
+/// keep it instead of the weight, not beside it. Packed while [`crate::use_bf16_gemm`] is on,
+/// it holds the weight rounded to bf16 (half the memory), and every product with it, the
+/// Burn-op fallback for other dtypes and backends included, uses those rounded values.
 ///
 /// ```
 /// use burn::tensor::{Distribution, Tensor};

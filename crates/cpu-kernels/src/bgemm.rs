@@ -7,8 +7,8 @@
 //!   f32 tiles, per step of depth 32 two tiles of `A` and two of `B` and four `tdpbf16ps`.
 //!   Rust 1.95 has no stable AMX intrinsics, so the tile instructions are inline assembly, and
 //!   Linux lends the tile registers only after `arch_prctl(ARCH_REQ_XCOMP_PERM)`.
-//! * `avx512bf16`: `vdpbf16ps` (Zen 4 and 5, Cooper Lake): a 16×16 block in 16 zmm registers,
-//!   per pair of depths one load of `B` and 16 broadcast pairs of `A`.
+//! * `avx512bf16`: `vdpbf16ps` (Zen 4 and 5, Cooper Lake): an 8×32 block in 16 zmm registers,
+//!   per pair of depths two loads of `B` and 8 broadcast pairs of `A`.
 //!
 //! Both read the same packed layouts: `A` in micropanels of 16 rows, each a run of 16×32 bf16
 //! tiles (row-major, one per 32 of depth); `B` in panels of 16 columns, each a run of tiles of
@@ -26,6 +26,8 @@ const TM: usize = 16;
 const TN: usize = 16;
 /// Depth of one tile step (32 bf16: a 64-byte tile row).
 const TK: usize = 32;
+/// Rows of the `vdpbf16ps` kernel's block (× 32 columns: 16 accumulators).
+const DP_ROWS: usize = 8;
 /// bf16 values in one packed tile (16 rows × 32, or 16 pairs × 16 columns × 2).
 const TILE: usize = 512;
 /// Depth of a block: a multiple of [`TK`] and of sgemm's [`KC`] (ahead-of-time packed `B`
@@ -474,15 +476,19 @@ pub(crate) unsafe fn bgemm(
                         }
                         #[cfg(target_arch = "x86_64")]
                         Bf16Kernel::Avx512Bf16 => {
-                            for p in p0..p_end {
+                            for p in (p0..p_end).step_by(2) {
                                 let col = j0 + p * TN;
-                                let cols = TN.min(j0 + nc - col);
-                                let bp = bpack[p * tiles * TILE..].as_ptr();
+                                let cols = (2 * TN).min(j0 + nc - col);
+                                let b0 = bpack[p * tiles * TILE..].as_ptr();
+                                let b1 = if p + 1 < panels { bpack[(p + 1) * tiles * TILE..].as_ptr() } else { b0 };
                                 for q in 0..mc.div_ceil(TM) {
                                     let rows = TM.min(mc - q * TM);
                                     let ap = a_block[q * tiles * TILE..].as_ptr();
-                                    let dst = c.0.add((i0 + q * TM) * ldc + col);
-                                    x86::dp_block(tiles, ap, bp, dst, ldc, rows, cols, acc);
+                                    for r0 in (0..rows).step_by(DP_ROWS) {
+                                        let dst = c.0.add((i0 + q * TM + r0) * ldc + col);
+                                        let (ar, rr) = (ap.add(r0 * TK), DP_ROWS.min(rows - r0));
+                                        x86::dp_block(tiles, ar, b0, b1, dst, ldc, rr, cols, acc);
+                                    }
                                 }
                             }
                         }
@@ -506,7 +512,7 @@ pub(crate) unsafe fn bgemm(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{TILE, TK, TM, TN};
+    use super::{DP_ROWS, TILE, TK, TN};
 
     /// 32 floats from `src` times `alpha` as 32 bf16 at `dst`, in order.
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -531,38 +537,54 @@ mod x86 {
         _mm512_storeu_si512(dst.cast(), _mm512_permutexvar_epi16(idx, v));
     }
 
-    /// `C (+)= A·B` for one 16×16 tile over `tiles` depth tiles of a packed micropanel `a` and
-    /// panel `b`, stored into its `rows × cols` corner of `c`.
+    /// `C (+)= A·B` for an 8×32 block over `tiles` depth tiles: rows `a` (8 consecutive rows
+    /// of a packed micropanel, whose tile rows lie 32 bf16 apart) against panels `b0` and `b1`
+    /// (16 columns each), stored into its `rows × cols` corner of `c`. Two `B` loads and eight
+    /// broadcasts feed 16 `vdpbf16ps` (a 16×16 block needed a broadcast per product).
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn dp_block(
         tiles: usize,
         a: *const u16,
-        b: *const u16,
+        b0: *const u16,
+        b1: *const u16,
         c: *mut f32,
         ldc: usize,
         rows: usize,
         cols: usize,
         accumulate: bool,
     ) {
-        let mut acc = [_mm512_setzero_ps(); TM];
+        let mut acc = [[_mm512_setzero_ps(); 2]; DP_ROWS];
         for t in 0..tiles {
-            let (at, bt) = (a.add(t * TILE), b.add(t * TILE));
+            let (at, bt0, bt1) = (a.add(t * TILE), b0.add(t * TILE), b1.add(t * TILE));
             for pair in 0..TK / 2 {
-                let vb: __m512bh = std::mem::transmute(_mm512_loadu_si512(bt.add(pair * 2 * TN).cast()));
+                let v0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bt0.add(pair * 2 * TN).cast()));
+                let v1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bt1.add(pair * 2 * TN).cast()));
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let va: __m512bh = std::mem::transmute(_mm512_set1_epi32(
                         at.add(i * TK + 2 * pair).cast::<i32>().read_unaligned(),
                     ));
-                    *acc = _mm512_dpbf16_ps(*acc, va, vb);
+                    acc[0] = _mm512_dpbf16_ps(acc[0], va, v0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], va, v1);
                 }
             }
         }
-        let mask: __mmask16 = if cols >= 16 { 0xffff } else { (1u16 << cols) - 1 };
-        for (i, v) in acc.iter().enumerate().take(rows) {
-            let dst = c.add(i * ldc);
-            let v = if accumulate { _mm512_add_ps(*v, _mm512_maskz_loadu_ps(mask, dst)) } else { *v };
-            _mm512_mask_storeu_ps(dst, mask, v);
+        let mask = |w: usize| -> __mmask16 {
+            if w >= 16 {
+                0xffff
+            } else {
+                (1u16 << w) - 1
+            }
+        };
+        for (i, row) in acc.iter().enumerate().take(rows) {
+            for (s, v) in row.iter().enumerate() {
+                if cols <= s * TN {
+                    break;
+                }
+                let (m, dst) = (mask(cols - s * TN), c.add(i * ldc + s * TN));
+                let v = if accumulate { _mm512_add_ps(*v, _mm512_maskz_loadu_ps(m, dst)) } else { *v };
+                _mm512_mask_storeu_ps(dst, m, v);
+            }
         }
     }
 }

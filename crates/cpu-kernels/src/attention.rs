@@ -9,14 +9,14 @@ use rayon::prelude::*;
 use crate::bgemm::{self, BInput, PackedB16};
 use crate::flex::{from_vec, operand_view, rows_3d, to_flex_view, FlexTensor, Kernel, SharedMut};
 use crate::rows::exp_row_fn;
-use crate::sgemm::{sgemm, BSource, MatRef, PackedB};
+use crate::sgemm::{gemm, sgemm, BSource, MatRef, PackedB};
 
 /// A (batch, head)'s keys (as kᵀ) and values, packed once for all its query blocks: in f32, or
 /// in bf16 when [`crate::use_bf16_gemm`] is on (as PyTorch's bf16 attention, scores and
 /// probabilities rounded to bf16, sums in f32).
 enum KeysValues {
     F32(PackedB, PackedB),
-    Bf16(bgemm::Bf16Kernel, PackedB16, PackedB16),
+    Bf16(PackedB16, PackedB16),
 }
 
 /// `softmax(q kᵀ / √d) v` per head, with `q` `[B, Lq, heads·d]`, `k` `[B, Lk, heads·d]` and
@@ -157,7 +157,7 @@ fn attention_f32(q: Rows, k: Rows, v: Rows, out: &mut [f32], s: Dims) {
     let exp_row = exp_row_fn();
     // Keys (as kᵀ) and values of each (batch, head), packed once for all its query blocks.
     // The causal mask cuts the values' depth per block, which the bf16 packs do not take.
-    let bf16 = if causal { None } else { bgemm::active() };
+    let bf16 = !causal && bgemm::active().is_some();
     let packed: Vec<KeysValues> = (0..b * heads)
         .into_par_iter()
         .map(|unit| {
@@ -165,12 +165,11 @@ fn attention_f32(q: Rows, k: Rows, v: Rows, out: &mut [f32], s: Dims) {
             // kᵀ: row index = feature (stride 1), column index = key (row stride).
             let kt = MatRef::new(k.data[bi * k.sb + h * d..].as_ptr(), 1, k.sl);
             let vh = MatRef::new(v.data[bi * v.sb + h * dv..].as_ptr(), v.sl, 1);
-            match bf16 {
+            if bf16 {
                 // SAFETY: kt and vh cover d × lk and lk × dv; `active` checked the CPU.
-                Some(kernel) => unsafe {
-                    KeysValues::Bf16(kernel, PackedB16::new(d, lk, kt, false), PackedB16::new(lk, dv, vh, false))
-                },
-                None => KeysValues::F32(PackedB::new(d, lk, kt, false), PackedB::new(lk, dv, vh, false)),
+                unsafe { KeysValues::Bf16(PackedB16::new(d, lk, kt, false), PackedB16::new(lk, dv, vh, false)) }
+            } else {
+                KeysValues::F32(PackedB::new(d, lk, kt, false), PackedB::new(lk, dv, vh, false))
             }
         })
         .collect();
@@ -197,9 +196,8 @@ fn attention_f32(q: Rows, k: Rows, v: Rows, out: &mut [f32], s: Dims) {
                     KeysValues::F32(kt, _) => {
                         sgemm(rows, keys, d, qm, BSource::Packed(kt), scores.as_mut_ptr(), lk, scale, false, false)
                     }
-                    KeysValues::Bf16(kernel, kt, _) => {
-                        let kt = BInput::Bf16(kt);
-                        bgemm::bgemm(*kernel, rows, keys, d, qm, kt, scores.as_mut_ptr(), lk, scale, false, false)
+                    KeysValues::Bf16(kt, _) => {
+                        gemm(rows, keys, d, qm, BInput::Bf16(kt), scores.as_mut_ptr(), lk, scale, false, false)
                     }
                 }
                 for (r, row) in scores.chunks_exact_mut(lk).enumerate() {
@@ -211,9 +209,7 @@ fn attention_f32(q: Rows, k: Rows, v: Rows, out: &mut [f32], s: Dims) {
                 let pm = MatRef::new(scores.as_ptr(), lk, 1);
                 match kv {
                     KeysValues::F32(_, vp) => sgemm(rows, dv, keys, pm, BSource::Packed(vp), o, cv, 1.0, false, false),
-                    KeysValues::Bf16(kernel, _, vp) => {
-                        bgemm::bgemm(*kernel, rows, dv, keys, pm, BInput::Bf16(vp), o, cv, 1.0, false, false)
-                    }
+                    KeysValues::Bf16(_, vp) => gemm(rows, dv, keys, pm, BInput::Bf16(vp), o, cv, 1.0, false, false),
                 }
                 for (r, &f) in inv[..rows].iter().enumerate() {
                     for x in std::slice::from_raw_parts_mut(o.add(r * cv), dv) {

@@ -239,26 +239,6 @@ unsafe fn pack_b_rows(rows: &dyn PanelRows, kc: usize, panels: usize, dst: &mut 
     }
 }
 
-/// [`pack_b_rows`] from a strided matrix: rows `k0..k0 + kc`, columns `j0..j0 + nc`.
-///
-/// # Safety
-/// As [`pack_a`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn pack_b_mat(
-    b: MatRef,
-    k0: usize,
-    kc: usize,
-    j0: usize,
-    nc: usize,
-    dst: &mut [u16],
-    scratch: &mut Vec<f32>,
-    parallel: bool,
-) {
-    // Through sgemm's f32 packing (which reads rows and transposed weights fast), then to
-    // bf16 pairs: one more pass over a block that the kernel reads many times.
-    via_f32(kc, nc, dst, scratch, parallel, |f| crate::sgemm::pack_b(b, k0, kc, j0, nc, f, parallel));
-}
-
 /// [`pack_b_rows`] from a block that `fill` writes in sgemm's packed f32 layout (`kc` rows,
 /// `nc` columns) into `scratch`.
 ///
@@ -310,7 +290,11 @@ unsafe fn pack_f32_b(
 ) {
     let panels = nc.div_ceil(NR);
     match b {
-        BSource::Mat(m) => pack_b_mat(*m, k0, kc, j0, nc, dst, scratch, parallel),
+        // Through sgemm's f32 packing (which reads rows and transposed weights fast), then to
+        // bf16 pairs: one more pass over a block that the kernel reads many times.
+        BSource::Mat(m) => {
+            via_f32(kc, nc, dst, scratch, parallel, |f| crate::sgemm::pack_b(*m, k0, kc, j0, nc, f, parallel))
+        }
         BSource::Fill(f) => via_f32(kc, nc, dst, scratch, parallel, |s| f(k0, kc, j0, nc, s)),
         BSource::Packed(pb) => {
             assert!(pb.k >= k && pb.n >= j0 + nc, "bgemm: {k}×{} from a packed {}×{}", j0 + nc, pb.k, pb.n);
@@ -343,7 +327,8 @@ impl PackedB16 {
         for k0 in (0..k).step_by(KCB) {
             let kc = KCB.min(k - k0);
             let at = skip + Self::offset(n, k0);
-            pack_b_mat(b, k0, kc, 0, n, &mut data[at..at + panels * kc.div_ceil(TK) * TILE], &mut scratch, parallel);
+            let dst = &mut data[at..at + panels * kc.div_ceil(TK) * TILE];
+            pack_f32_b(&BSource::Mat(b), k, k0, kc, 0, n, dst, &mut scratch, parallel);
         }
         Self { data, k, n }
     }
@@ -940,17 +925,7 @@ mod tests {
                     let prior = rand((m + 1) * ldc, 3);
                     // sgemm's pack is deeper and wider than the product: only its top-left is read.
                     let (kb, nb) = (k + 50, n + 20);
-                    let big = rand(kb * nb, 4);
-                    let bbig: Vec<f32> = (0..kb * nb)
-                        .map(|e| {
-                            let (r, col) = (e / nb, e % nb);
-                            if r < k && col < n {
-                                b[r * brs + col * bcs]
-                            } else {
-                                big[e]
-                            }
-                        })
-                        .collect();
+                    let bbig = crate::sgemm::tests::embed(&b, brs, bcs, k, n, kb, nb, &rand(kb * nb, 4));
                     let packed = PackedB::new(kb, nb, MatRef::new(bbig.as_ptr(), nb, 1), false);
                     // SAFETY: b covers k × n; the CPU has a bf16 kernel (checked above).
                     let packed16 = unsafe { PackedB16::new(k, n, MatRef::new(b.as_ptr(), brs, bcs), k % 2 == 0) };

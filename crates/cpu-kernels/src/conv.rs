@@ -6,6 +6,7 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
+use crate::bgemm::BInput;
 use crate::flex::{data, from_vec, operand, to_flex, Kernel, SharedMut};
 use crate::sgemm::{gemm, BSource, MatRef, NR};
 
@@ -94,7 +95,7 @@ fn conv2d_f32(x: &[f32], wt: &[f32], bias: Option<&[f32]>, s: Shape) -> Vec<f32>
                 plane,
                 kk,
                 MatRef::new(wt.as_ptr(), kk, 1),
-                b,
+                BInput::F32(b),
                 out[n * s.cout * plane..].as_mut_ptr(),
                 plane,
                 1.0,

@@ -5,7 +5,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use crate::bgemm::{self, PackedB16};
+use crate::bgemm::{self, BInput, PackedB16};
 use crate::flex::{data, from_vec, operand, operand_view, strided_2d, to_flex, to_flex_view, FlexTensor, Kernel};
 use crate::sgemm::{gemm, untranspose_rows, BSource, MatRef, PackedB};
 
@@ -52,7 +52,7 @@ pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Te
     } else {
         product(
             data(&xf),
-            BSource::Mat(MatRef::new(w.as_ptr(), w_rs, w_cs)),
+            BInput::F32(BSource::Mat(MatRef::new(w.as_ptr(), w_rs, w_cs))),
             bias.as_ref().map(data),
             rows,
             d_in,
@@ -97,10 +97,8 @@ enum Packed {
 
 impl std::fmt::Debug for PackedLinear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ((k, n), t) = match &self.b {
-            Packed::F32(b) => ((b.k, b.n), "f32"),
-            Packed::Bf16(b) => ((b.k, b.n), "bf16"),
-        };
+        let (k, n) = self.dims();
+        let t = if matches!(self.b, Packed::Bf16(_)) { "bf16" } else { "f32" };
         write!(f, "PackedLinear {{ in: {k}, out: {n}, {t} }}")
     }
 }
@@ -140,7 +138,8 @@ impl PackedLinear {
             Packed::F32(b) => b.unpack(),
             Packed::Bf16(b) => b.unpack(),
         };
-        Tensor::from_data(TensorData::new(w, [self.dims().0, self.dims().1]), device)
+        let (k, n) = self.dims();
+        Tensor::from_data(TensorData::new(w, [k, n]), device)
     }
 }
 
@@ -165,10 +164,11 @@ pub fn linear_packed<B: Backend>(x: Tensor<B, 2>, weight: &PackedLinear, bias: O
         }
     };
     let bias = bias.map(operand);
-    let out = match &weight.b {
-        Packed::F32(b) => product(data(&xf), BSource::Packed(b), bias.as_ref().map(data), rows, d_in, d_out),
-        Packed::Bf16(b) => product_bf16(data(&xf), b, bias.as_ref().map(data), rows),
+    let b = match &weight.b {
+        Packed::F32(b) => BInput::F32(BSource::Packed(b)),
+        Packed::Bf16(b) => BInput::Bf16(b),
     };
+    let out = product(data(&xf), b, bias.as_ref().map(data), rows, d_in, d_out);
     from_vec(out, [rows, d_out])
 }
 
@@ -182,7 +182,7 @@ fn strided(f: FlexTensor) -> FlexTensor {
 }
 
 /// `x · B + bias` with `x` `[rows, d_in]` and `B` `[d_in, d_out]`.
-fn product(x: &[f32], b: BSource<'_>, bias: Option<&[f32]>, rows: usize, d_in: usize, d_out: usize) -> Vec<f32> {
+fn product(x: &[f32], b: BInput<'_>, bias: Option<&[f32]>, rows: usize, d_in: usize, d_out: usize) -> Vec<f32> {
     let mut out = vec![0f32; rows * d_out];
     if let Some(b) = bias {
         out.par_chunks_mut(d_out.max(1)).for_each(|r| r.copy_from_slice(b));
@@ -191,34 +191,6 @@ fn product(x: &[f32], b: BSource<'_>, bias: Option<&[f32]>, rows: usize, d_in: u
     // [rows, d_out].
     unsafe {
         gemm(rows, d_out, d_in, MatRef::new(x.as_ptr(), d_in, 1), b, out.as_mut_ptr(), d_out, 1.0, bias.is_some(), true)
-    };
-    out
-}
-
-/// `x · B + bias` against a bf16-packed `B` `[d_in, d_out]`.
-fn product_bf16(x: &[f32], b: &PackedB16, bias: Option<&[f32]>, rows: usize) -> Vec<f32> {
-    let (d_in, d_out) = (b.k, b.n);
-    let mut out = vec![0f32; rows * d_out];
-    if let Some(b) = bias {
-        out.par_chunks_mut(d_out.max(1)).for_each(|r| r.copy_from_slice(b));
-    }
-    let kernel = bgemm::bf16_kernel().expect("a bf16-packed weight was packed on a CPU with a bf16 kernel");
-    // SAFETY: x is [rows, d_in] contiguous, b is [d_in, d_out], out [rows, d_out]; the kernel
-    // is this CPU's.
-    unsafe {
-        bgemm::bgemm(
-            kernel,
-            rows,
-            d_out,
-            d_in,
-            MatRef::new(x.as_ptr(), d_in, 1),
-            bgemm::BInput::Bf16(b),
-            out.as_mut_ptr(),
-            d_out,
-            1.0,
-            bias.is_some(),
-            true,
-        )
     };
     out
 }
@@ -252,7 +224,7 @@ fn swapped(
             rows,
             d_in,
             MatRef::in_place(w.as_ptr(), w_rs),
-            BSource::Mat(MatRef::new(x.as_ptr(), 1, d_in)),
+            BInput::F32(BSource::Mat(MatRef::new(x.as_ptr(), 1, d_in))),
             yt.as_mut_ptr(),
             rows,
             1.0,

@@ -13,6 +13,8 @@
 
 use rayon::prelude::*;
 
+use crate::bgemm::BInput;
+
 /// Rows of a microkernel tile (broadcasts of `A`).
 pub(crate) const MR: usize = 6;
 /// Columns of a microkernel tile (two 8-float vectors of `B`).
@@ -425,8 +427,9 @@ pub(crate) unsafe fn empty_product(m: usize, n: usize, k: usize, c: *mut f32, ld
     m == 0 || n == 0 || k == 0
 }
 
-/// [`sgemm`], or [`crate::bgemm::bgemm`] when [`crate::use_bf16_gemm`] switched bf16 on: the
-/// GEMM of the layers that follow `--dtype` (convolutions and linear layers).
+/// The GEMM of the layers that follow `--dtype` (convolutions, linear layers, attention): an
+/// f32 `B` runs [`sgemm`], or [`crate::bgemm::bgemm`] when [`crate::use_bf16_gemm`] switched
+/// bf16 on; a bf16-packed `B` always runs `bgemm`.
 ///
 /// # Safety
 /// As [`sgemm`].
@@ -436,18 +439,21 @@ pub(crate) unsafe fn gemm(
     n: usize,
     k: usize,
     a: MatRef,
-    b: BSource<'_>,
+    b: BInput<'_>,
     c: *mut f32,
     ldc: usize,
     alpha: f32,
     accumulate: bool,
     parallel: bool,
 ) {
-    match crate::bgemm::active() {
-        Some(kernel) => {
-            crate::bgemm::bgemm(kernel, m, n, k, a, crate::bgemm::BInput::F32(b), c, ldc, alpha, accumulate, parallel)
-        }
-        None => sgemm(m, n, k, a, b, c, ldc, alpha, accumulate, parallel),
+    let kernel = match &b {
+        BInput::F32(_) => crate::bgemm::active(),
+        BInput::Bf16(_) => Some(crate::bgemm::bf16_kernel().expect("bf16-packed on a CPU with a bf16 kernel")),
+    };
+    match (kernel, b) {
+        (None, BInput::F32(b)) => sgemm(m, n, k, a, b, c, ldc, alpha, accumulate, parallel),
+        (Some(kernel), b) => crate::bgemm::bgemm(kernel, m, n, k, a, b, c, ldc, alpha, accumulate, parallel),
+        (None, BInput::Bf16(_)) => unreachable!("a bf16 B always has a kernel"),
     }
 }
 
@@ -991,7 +997,7 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[allow(clippy::too_many_arguments)] // the GEMM's own argument list
@@ -1013,6 +1019,32 @@ mod tests {
             }
         }
         c
+    }
+
+    /// The `k × n` matrix `b` (strides `brs`, `bcs`) as the top-left corner of a row-major
+    /// `kb × nb` one whose other entries come from `filler`: a larger packed `B`, of which a
+    /// product must read only that corner.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn embed(
+        b: &[f32],
+        brs: usize,
+        bcs: usize,
+        k: usize,
+        n: usize,
+        kb: usize,
+        nb: usize,
+        filler: &[f32],
+    ) -> Vec<f32> {
+        (0..kb * nb)
+            .map(|e| {
+                let (r, c) = (e / nb, e % nb);
+                if r < k && c < n {
+                    b[r * brs + c * bcs]
+                } else {
+                    filler[e]
+                }
+            })
+            .collect()
     }
 
     fn rand(len: usize, seed: u64) -> Vec<f32> {
@@ -1115,17 +1147,7 @@ mod tests {
                     };
                     let bm = MatRef::new(b.as_ptr(), brs, bcs);
                     // The packed B is larger than the product's: only its top-left part is read.
-                    let big = rand((k + 300) * (n + 20), 2);
-                    let bbig: Vec<f32> = (0..(k + 300) * (n + 20))
-                        .map(|e| {
-                            let (r, c) = (e / (n + 20), e % (n + 20));
-                            if r < k && c < n {
-                                b[r * brs + c * bcs]
-                            } else {
-                                big[e]
-                            }
-                        })
-                        .collect();
+                    let bbig = embed(&b, brs, bcs, k, n, k + 300, n + 20, &rand((k + 300) * (n + 20), 2));
                     let packed = PackedB::new(k + 300, n + 20, MatRef::new(bbig.as_ptr(), n + 20, 1), case == 1);
                     let fill = |k0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]| unsafe {
                         pack_b(bm, k0, kc, j0, nc, dst, false)

@@ -21,7 +21,7 @@ pub fn lines() -> Vec<(&'static str, String)> {
     let mut out = vec![
         ("version", env!("CARGO_PKG_VERSION").to_string()),
         ("backend", backend::NAME.to_string()),
-        ("threads", rayon_threads().to_string()),
+        ("threads", rayon::current_num_threads().to_string()),
         ("cpu", cpu_model().unwrap_or_else(|| "unknown".into())),
         ("cpu features", cpu_features()),
     ];
@@ -40,12 +40,6 @@ pub fn lines() -> Vec<(&'static str, String)> {
         },
     ));
     out
-}
-
-fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get()).min(
-        std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(usize::MAX),
-    )
 }
 
 /// `model name` from /proc/cpuinfo (Linux).

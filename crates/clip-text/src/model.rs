@@ -360,6 +360,11 @@ impl<B: Backend> ClipTextModelWithProjection<B> {
         Ok(Self { text_model, text_projection, eos_token_id: cfg.eos_token_id })
     }
 
+    /// The width of `text_embeds` (`projection_dim`; 1280 in SDXL).
+    pub fn projection_dim(&self) -> usize {
+        self.text_projection.dims().1
+    }
+
     /// The text model's states and the projected pooled output for `[B, L]` ids.
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Result<ProjectedOutputs<B>> {
         let [b, l] = ids.dims();

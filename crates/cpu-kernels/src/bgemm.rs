@@ -114,6 +114,18 @@ pub fn use_bf16_gemm(on: bool) -> bool {
     on
 }
 
+/// Whether [`use_bf16_gemm`] switched the bf16 GEMMs on.
+///
+/// ```
+/// let was = cpu_kernels::bf16_gemm_on();
+/// cpu_kernels::use_bf16_gemm(false);
+/// assert!(!cpu_kernels::bf16_gemm_on());
+/// cpu_kernels::use_bf16_gemm(was);
+/// ```
+pub fn bf16_gemm_on() -> bool {
+    active().is_some()
+}
+
 /// The bf16 kernel when [`use_bf16_gemm`] switched it on.
 pub(crate) fn active() -> Option<Bf16Kernel> {
     if USE_BF16.load(std::sync::atomic::Ordering::Relaxed) {

@@ -66,7 +66,7 @@ mod rows;
 mod sgemm;
 
 pub use attention::{attention, causal_attention};
-pub use bgemm::{bf16_path, use_bf16_gemm};
+pub use bgemm::{bf16_gemm_on, bf16_path, use_bf16_gemm};
 pub use conv::conv2d;
 pub use layout::{geglu, gelu, quick_gelu, transpose};
 pub use linear::{linear, linear_packed, PackedLinear};

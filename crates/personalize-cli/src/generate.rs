@@ -76,6 +76,17 @@ pub struct GenerateCli {
     /// Image width in pixels (a multiple of 8).
     #[arg(long)]
     pub width: Option<usize>,
+    /// SDXL's size conditioning: the original image size the model is told, as HEIGHT,WIDTH
+    /// (default: the image size). Larger values ask for the look of a high-resolution source.
+    #[arg(long, value_name = "H,W", value_parser = pair)]
+    pub original_size: Option<[usize; 2]>,
+    /// SDXL's size conditioning: the top-left corner of the crop the model is told, as TOP,LEFT
+    /// (default 0,0: uncropped; non-zero values tend to cut the subject off).
+    #[arg(long, value_name = "TOP,LEFT", value_parser = pair)]
+    pub crop_top_left: Option<[usize; 2]>,
+    /// SDXL's size conditioning: the target size, as HEIGHT,WIDTH (default: the image size).
+    #[arg(long, value_name = "H,W", value_parser = pair)]
+    pub target_size: Option<[usize; 2]>,
     /// Initial noise: a safetensors file with tensor `latents` [N,4,h,w], before scaling by the
     /// scheduler's init_noise_sigma (as diffusers' `latents=`); its batch sets the image count.
     #[arg(long)]
@@ -137,6 +148,13 @@ fn resolve_model(p: &str, what: &str, image: &Path) -> Result<PathBuf> {
     hub::resolve_model(p).with_context(|| format!("the {what} recorded in {}", image.display()))
 }
 
+/// `A,B` (two whole numbers) for the size-conditioning flags.
+fn pair(s: &str) -> std::result::Result<[usize; 2], String> {
+    let bad = || format!("`{s}` is not two whole numbers as A,B (for example 1024,1024)");
+    let (a, b) = s.split_once(',').ok_or_else(bad)?;
+    Ok([a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?])
+}
+
 /// The command line merged over the settings of `--params-from` (the flags given win).
 pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
     let Some(image) = cli.params_from.clone() else {
@@ -157,6 +175,9 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
                 batch_size: cli.batch_size,
                 height: cli.height,
                 width: cli.width,
+                original_size: cli.original_size,
+                crop_top_left: cli.crop_top_left,
+                target_size: cli.target_size,
             },
             seed_given: cli.seed.is_some(),
             latents: cli.latents,
@@ -230,6 +251,9 @@ pub fn args(cli: GenerateCli) -> Result<GenerateArgs> {
             batch_size,
             height: cli.height.or(s.height),
             width: cli.width.or(s.width),
+            original_size: cli.original_size.or(s.original_size),
+            crop_top_left: cli.crop_top_left.or(s.crop_top_left),
+            target_size: cli.target_size.or(s.target_size),
         },
         seed_given: true,
         latents,

@@ -154,6 +154,7 @@ fn frozen_concept_info(base: &str, fingerprint: &str, k: usize) -> personalize::
         base_config: None,
         prediction_type: None,
         base_unet_fingerprint: fingerprint.into(),
+        architecture: None,
         num_queries: k,
         query_selection: "first".into(),
         prompt: Some("a photo of sks".into()),

@@ -21,6 +21,10 @@ pub struct ConceptInfo {
     pub prediction_type: Option<String>,
     /// [`model_io::Checkpoint::fingerprint`] of the base UNet's weights.
     pub base_unet_fingerprint: String,
+    /// The base's architecture ([`crate::Pipeline::architecture`]): `sd` (1.x/2.x) or `sdxl`;
+    /// concepts written before it was recorded are `sd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
     /// Visual tokens (`k`).
     pub num_queries: usize,
     /// `first` or `pool`.

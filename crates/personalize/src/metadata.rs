@@ -51,6 +51,14 @@ pub struct ImageSettings {
     pub height: Option<usize>,
     #[serde(default)]
     pub width: Option<usize>,
+    /// SDXL's size conditioning, when given (`--original-size`, `--crop-top-left`,
+    /// `--target-size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_size: Option<[usize; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crop_top_left: Option<[usize; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_size: Option<[usize; 2]>,
     /// The base model folder.
     #[serde(default)]
     pub base: Option<String>,
@@ -101,6 +109,9 @@ impl Default for ImageSettings {
             sigmas: None,
             height: None,
             width: None,
+            original_size: None,
+            crop_top_left: None,
+            target_size: None,
             base: None,
             config: None,
             prediction_type: None,
@@ -399,6 +410,9 @@ mod tests {
             sigmas: None,
             height: Some(512),
             width: Some(768),
+            original_size: Some([1024, 1536]),
+            crop_top_left: None,
+            target_size: Some([512, 768]),
             base: Some("/models/stable-diffusion-v1-5".into()),
             config: None,
             prediction_type: None,

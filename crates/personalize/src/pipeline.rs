@@ -4,13 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
-use clip_text::{ClipTextModel, ClipTokenizer};
+use clip_text::{ClipTextModel, ClipTextModelWithProjection, ClipTokenizer};
 use model_io::Checkpoint;
 
 use crate::{Error, Result};
 use q_aligner::Aligner;
 use scheduler::{BurnNoise, Sample, Scheduler};
-use sd_unet::UNet2DConditionModel;
+use sd_unet::{AddedConditioning, UNet2DConditionModel};
 use sd_vae::{AutoencoderKl, AutoencoderKlConfig};
 
 use crate::concept::Concept;
@@ -20,10 +20,16 @@ pub use crate::request::{Batches, GenerateOptions, GenerateRequest, VisualPrompt
 pub use crate::single_file::Base;
 
 /// A Stable Diffusion pipeline loaded from a diffusers folder (`model_index.json`,
-/// `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) or a single-file checkpoint.
+/// `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; SDXL's adds `text_encoder_2/`
+/// and `tokenizer_2/`) or a single-file checkpoint.
 pub struct Pipeline<B: Backend> {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel<B>,
+    /// SDXL's second text encoder; `None` for SD 1.x/2.x.
+    pub text_encoder_2: Option<SecondEncoder<B>>,
+    /// SDXL's `force_zeros_for_empty_prompt` (model_index.json): without a negative prompt the
+    /// unconditional embeddings are zeros, not the empty prompt's.
+    pub force_zeros_for_empty_prompt: bool,
     pub unet: UNet2DConditionModel<B>,
     pub vae: AutoencoderKl<B>,
     pub vae_config: AutoencoderKlConfig,
@@ -55,6 +61,25 @@ pub struct Pipeline<B: Backend> {
     /// from it.
     scheduler_config: scheduler::SchedulerConfig,
     device: B::Device,
+}
+
+/// SDXL's `text_encoder_2` and `tokenizer_2`: its penultimate states join the first encoder's
+/// in the context, and its pooled projection is the UNet's `text_embeds`.
+pub struct SecondEncoder<B: Backend> {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModelWithProjection<B>,
+    /// The folder it came from, for messages.
+    pub source: PathBuf,
+}
+
+/// What conditions the UNet besides the latents: the cross-attention context and, for SDXL,
+/// the pooled text embeddings (`[uncond; cond]` when guiding, like the context).
+#[derive(Debug, Clone)]
+pub struct Conditioning<B: Backend> {
+    /// `[1 or 2, 77 + k, D]`.
+    pub context: Tensor<B, 3>,
+    /// SDXL's `text_embeds`, `[1 or 2, P]`.
+    pub text_embeds: Option<Tensor<B, 2>>,
 }
 
 /// The components of a pipeline, for [`Pipeline::from_parts`]: models loaded from separate
@@ -108,31 +133,50 @@ impl<B: Backend> Pipeline<B> {
         let index = base.check_folder()?;
         let index_json: serde_json::Value = model_io::read_config(dir, "model_index.json")?;
         match index_json.get("_class_name").and_then(|c| c.as_str()) {
-            None | Some("StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline") => {}
+            None
+            | Some(
+                "StableDiffusionPipeline"
+                | "StableDiffusionImg2ImgPipeline"
+                | "StableDiffusionXLPipeline"
+                | "StableDiffusionXLImg2ImgPipeline",
+            ) => {}
             Some(other) => {
                 return Err(Error::Config {
                     path: index,
-                    message: format!("_class_name is `{other}`; this release runs StableDiffusionPipeline folders"),
+                    message: format!(
+                        "_class_name is `{other}`; this release runs StableDiffusionPipeline and \
+                         StableDiffusionXLPipeline folders"
+                    ),
                 })
             }
         }
+        let force_zeros_for_empty_prompt =
+            index_json.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true);
         let unet_dir = dir.join("unet");
         let mut ckpt = Checkpoint::open_dir(&unet_dir, &["diffusion_pytorch_model"])?;
         // Of the base's own weights: a concept trained on it applies with LoRAs merged too.
         let (unet_fingerprint, unet_fingerprint_legacy) = (ckpt.fingerprint(), ckpt.legacy_fingerprint());
         let base_unet_shapes = shapes(&ckpt);
         let unet_cfg = sd_unet::UNetConfig::load(&unet_dir)?;
-        sd_only(&unet_cfg, &unet_dir.join("config.json"))?;
         let unet_config_json = model_io::read_config(&unet_dir, "config.json")?;
         let vae_config = AutoencoderKlConfig::load(&dir.join("vae"))?;
         let scheduler_config = scheduler::SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
         let text_dir = dir.join("text_encoder");
         let text_config = clip_text::ClipTextConfig::load(&text_dir)?;
         let mut text_ckpt = Checkpoint::open_dir(&text_dir, &["model"])?;
+        let text_encoder_2 = match unet_cfg.addition_embed_type {
+            Some(_) => Some(second_encoder(dir, &unet_cfg, text_config.hidden_size, device)?),
+            None => None,
+        };
+        if text_encoder_2.is_some() && !base.loras.is_empty() {
+            return Err(Error::invalid("--lora on an SDXL base is not supported yet (SD 1.x/2.x bases take LoRAs)"));
+        }
         crate::merge_loras::<B>(&base.loras, &mut ckpt, &unet_cfg, &mut text_ckpt, device)?;
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
             text_encoder: ClipTextModel::from_checkpoint(&text_config, &text_ckpt, device)?,
+            text_encoder_2,
+            force_zeros_for_empty_prompt,
             unet: UNet2DConditionModel::from_checkpoint(&unet_cfg, &ckpt, device)?,
             vae: AutoencoderKl::load(&dir.join("vae"), device)?,
             vae_config,
@@ -181,6 +225,8 @@ impl<B: Backend> Pipeline<B> {
         Ok(Self {
             tokenizer: f.tokenizer,
             text_encoder,
+            text_encoder_2: None,
+            force_zeros_for_empty_prompt: false,
             unet,
             vae,
             vae_config,
@@ -211,6 +257,8 @@ impl<B: Backend> Pipeline<B> {
         Ok(Self {
             tokenizer: parts.tokenizer,
             text_encoder: parts.text_encoder,
+            text_encoder_2: None,
+            force_zeros_for_empty_prompt: false,
             unet: parts.unet,
             vae: parts.vae,
             vae_config: parts.vae_config,
@@ -229,6 +277,22 @@ impl<B: Backend> Pipeline<B> {
             scheduler_config,
             device: device.clone(),
         })
+    }
+
+    /// `sdxl` for a StableDiffusionXLPipeline, `sd` for SD 1.x/2.x: what a concept records
+    /// and is checked against.
+    ///
+    /// ```no_run
+    /// # fn f(pipe: &personalize::Pipeline<burn_flex::Flex>) {
+    /// assert!(["sd", "sdxl"].contains(&pipe.architecture()));
+    /// # }
+    /// ```
+    pub fn architecture(&self) -> &'static str {
+        if self.text_encoder_2.is_some() {
+            "sdxl"
+        } else {
+            "sd"
+        }
     }
 
     /// The UNet's config.
@@ -275,6 +339,9 @@ impl<B: Backend> Pipeline<B> {
             sigmas,
             height: Some(h * f),
             width: Some(w * f),
+            original_size: opts.original_size,
+            crop_top_left: opts.crop_top_left,
+            target_size: opts.target_size,
             base: Some(self.base_path.display().to_string()),
             num_images: opts.num_images,
             batch_size: Some(self.batches(opts)?.batch),
@@ -282,15 +349,42 @@ impl<B: Backend> Pipeline<B> {
         })
     }
 
-    /// CLIP embeddings of `prompts`: `[N, 77, D]`.
+    /// The text context of `prompts`, `[N, 77, D]`: CLIP's last hidden state (SD 1.x/2.x), or
+    /// SDXL's two encoders' penultimate states side by side (`D = D1 + D2`).
     pub fn encode_prompts(&self, prompts: &[String]) -> Result<Tensor<B, 3>> {
-        let rows: Vec<Vec<i64>> = prompts.iter().map(|p| self.tokenizer.encode(p)).collect::<model_io::Result<_>>()?;
-        Ok(self.text_encoder.forward(self.text_encoder.ids_tensor(&rows))?)
+        Ok(self.encode_text(prompts)?.0)
+    }
+
+    /// [`Pipeline::encode_prompts`] and, for SDXL, the second encoder's pooled projection
+    /// `[N, P]` (the UNet's `text_embeds`), as `StableDiffusionXLPipeline.encode_prompt`.
+    pub fn encode_text(&self, prompts: &[String]) -> Result<(Tensor<B, 3>, Option<Tensor<B, 2>>)> {
+        let ids = |tok: &ClipTokenizer| -> Result<Vec<Vec<i64>>> {
+            Ok(prompts.iter().map(|p| tok.encode(p)).collect::<model_io::Result<_>>()?)
+        };
+        let first = self.text_encoder.ids_tensor(&ids(&self.tokenizer)?);
+        let Some(xl) = &self.text_encoder_2 else { return Ok((self.text_encoder.forward(first)?, None)) };
+        let first = self.text_encoder.forward_hidden_states(first)?.penultimate();
+        let second = xl.text_encoder.forward(xl.text_encoder.text_model.ids_tensor(&ids(&xl.tokenizer)?))?;
+        Ok((Tensor::cat(vec![first, second.text.penultimate()], 2), Some(second.text_embeds)))
     }
 
     /// Applies a concept's UNet changes (LoRA or full weights). Refuses a concept trained on
     /// another base model unless `allow_mismatch`.
     pub fn apply_concept(&mut self, concept: &Concept<B>, allow_mismatch: bool) -> Result<()> {
+        let arch = concept.info.architecture.as_deref().unwrap_or("sd");
+        if arch != self.architecture() {
+            let name = |a: &str| if a == "sdxl" { "SDXL" } else { "SD 1.x/2.x" };
+            return Err(Error::Config {
+                path: concept.dir.join("concept.json"),
+                message: format!(
+                    "the concept was trained on an {} base (architecture `{arch}`), but {} is {}; \
+                     a concept only works on the architecture it was trained on",
+                    name(arch),
+                    self.base_path.display(),
+                    name(self.architecture())
+                ),
+            });
+        }
         if !self.is_base_of(&concept.info.base_unet_fingerprint) && !allow_mismatch {
             return Err(Error::BaseMismatch {
                 concept: concept.dir.clone(),
@@ -365,20 +459,39 @@ impl<B: Backend> Pipeline<B> {
     }
 
     /// The conditional and unconditional contexts, stacked `[uncond; cond]` (each
-    /// `[N, 77 + k, D]`) when guiding, or the conditional alone. Errors naming the stage (text
-    /// encoder, visual queries, aligner) when one makes NaN or infinite values.
+    /// `[N, 77 + k, D]`) when guiding, or the conditional alone: [`Pipeline::conditioning`]'s
+    /// context.
     pub fn contexts(&self, opts: &GenerateOptions, visual: Option<&VisualPrompt<B>>, n: usize) -> Result<Tensor<B, 3>> {
-        let text = |prompt: &str| -> Result<Tensor<B, 3>> {
-            let t = self.encode_prompts(&[prompt.to_string()])?;
-            if !crate::check::all_finite(&t) {
+        Ok(self.conditioning(opts, visual, n)?.context)
+    }
+
+    /// The contexts of [`Pipeline::contexts`] and, for SDXL, the pooled `text_embeds` stacked
+    /// the same way. Without a negative prompt an SDXL model with `force_zeros_for_empty_prompt`
+    /// gets zeros for the unconditional text (as diffusers); visual tokens come after the text
+    /// in both halves, the aligner's output for zero queries in the unconditional one. Errors
+    /// naming the stage (text encoder, visual queries, aligner) when one makes NaN or infinite
+    /// values.
+    pub fn conditioning(
+        &self,
+        opts: &GenerateOptions,
+        visual: Option<&VisualPrompt<B>>,
+        n: usize,
+    ) -> Result<Conditioning<B>> {
+        let text = |prompt: &str| -> Result<(Tensor<B, 3>, Option<Tensor<B, 2>>)> {
+            let (t, pooled) = self.encode_text(&[prompt.to_string()])?;
+            if !crate::check::all_finite(&t) || pooled.as_ref().is_some_and(|p| !crate::check::all_finite(p)) {
+                let (name, source) = match &self.text_encoder_2 {
+                    Some(xl) => ("text encoders", &xl.source),
+                    None => ("text encoder", &self.text_encoder_source),
+                };
                 return Err(crate::check::nonfinite_error(
-                    &format!("the text encoder's output for {prompt:?}"),
-                    "text encoder",
+                    &format!("the {name}' output for {prompt:?}").replace("encoder'", "encoder's"),
+                    name,
                     &self.text_encoder,
-                    &self.text_encoder_source,
+                    source,
                 ));
             }
-            Ok(t)
+            Ok((t, pooled))
         };
         let guided = opts.guidance > 1.0;
         if !guided && opts.negative_prompt.is_some() {
@@ -390,8 +503,17 @@ impl<B: Backend> Pipeline<B> {
         if opts.guidance < 1.0 {
             tracing::warn!("--guidance {} is below 1: guidance is off, as with 1", opts.guidance);
         }
-        let mut cond = text(&opts.prompt)?;
-        let mut uncond = if guided { Some(text(opts.negative_prompt.as_deref().unwrap_or_default())?) } else { None };
+        let (mut cond, cond_pooled) = text(&opts.prompt)?;
+        let zeros =
+            self.text_encoder_2.is_some() && self.force_zeros_for_empty_prompt && opts.negative_prompt.is_none();
+        let (mut uncond, uncond_pooled) = match guided {
+            false => (None, None),
+            true if zeros => (Some(cond.zeros_like()), cond_pooled.as_ref().map(Tensor::zeros_like)),
+            true => {
+                let (u, p) = text(opts.negative_prompt.as_deref().unwrap_or_default())?;
+                (Some(u), p)
+            }
+        };
         if let Some(v) = visual {
             if self.aligner_width_mismatch(v.aligner) {
                 return Err(Error::invalid(format!(
@@ -430,11 +552,49 @@ impl<B: Backend> Pipeline<B> {
                 _ => None,
             };
         }
-        let cond = cond.repeat_dim(0, n);
-        Ok(match uncond {
-            Some(u) => Tensor::cat(vec![u.repeat_dim(0, n), cond], 0),
-            None => cond,
+        Ok(Conditioning {
+            context: stack(uncond, cond, n),
+            text_embeds: cond_pooled.map(|c| stack(uncond_pooled, c, n)),
         })
+    }
+
+    /// SDXL's `add_time_ids` for `opts`: original size, crop top-left and target size as
+    /// (height, width) and (top, left), defaulting to the image size and (0, 0). Errors on an
+    /// absurd value; warns that they do nothing on SD 1.x/2.x.
+    pub fn time_ids(&self, opts: &GenerateOptions) -> Result<[f32; 6]> {
+        let given = [
+            ("--original-size", opts.original_size),
+            ("--crop-top-left", opts.crop_top_left),
+            ("--target-size", opts.target_size),
+        ];
+        if self.text_encoder_2.is_none() {
+            for (flag, v) in given {
+                if v.is_some() {
+                    tracing::warn!(
+                        "{flag} has no effect: the model is not SDXL (only SDXL's UNet takes size conditioning)"
+                    );
+                }
+            }
+        }
+        for (flag, v) in given {
+            if let Some([a, b]) = v {
+                if a.max(b) > 16384 || (flag != "--crop-top-left" && a.min(b) == 0) {
+                    return Err(Error::invalid(format!(
+                        "{flag} {a},{b} is absurd; expected {} up to 16384",
+                        if flag == "--crop-top-left" { "TOP,LEFT" } else { "HEIGHT,WIDTH, each from 1" }
+                    )));
+                }
+            }
+        }
+        let [_, _, h, w] = self.latent_shape(opts)?;
+        let f = self.vae.downscale_factor();
+        let size = [h * f, w * f];
+        let ([oh, ow], [ct, cl], [th, tw]) = (
+            opts.original_size.unwrap_or(size),
+            opts.crop_top_left.unwrap_or([0, 0]),
+            opts.target_size.unwrap_or(size),
+        );
+        Ok([oh, ow, ct, cl, th, tw].map(|v| v as f32))
     }
 
     /// Checks the size and returns the latent shape `[N, C, h, w]`.
@@ -594,7 +754,13 @@ impl<B: Backend> Pipeline<B> {
         }
         let batches = self.batches(&opts)?;
         let ranges: Vec<_> = batches.ranges().filter(|r| only.is_none_or(|i| r.contains(&i))).collect();
-        let ctx1 = self.contexts(&opts, visual, 1)?;
+        let cond1 = self.conditioning(&opts, visual, 1)?;
+        let time_ids = match cond1.text_embeds {
+            Some(_) => {
+                Some(Tensor::<B, 2>::from_data(TensorData::new(self.time_ids(&opts)?.to_vec(), [1, 6]), &self.device))
+            }
+            None => None,
+        };
         let guided = opts.guidance > 1.0;
         // A fresh scheduler per batch (the multistep ones keep the previous outputs).
         let sched_cfg = &self.scheduler_config;
@@ -639,13 +805,13 @@ impl<B: Backend> Pipeline<B> {
                     Tensor::from_data(TensorData::new(v, [b, shape[1], shape[2], shape[3]]), &self.device)
                 }
             };
-            let ctx = if guided {
-                let mut halves = ctx1.clone().chunk(2, 0).into_iter();
-                let (u, c) = (halves.next(), halves.next());
-                let (Some(u), Some(c)) = (u, c) else { return Err(Error::invalid("guided context has no two halves")) };
-                Tensor::cat(vec![u.repeat_dim(0, b), c.repeat_dim(0, b)], 0)
-            } else {
-                ctx1.clone().repeat_dim(0, b)
+            let ctx = batch_share(&cond1.context, guided, b);
+            let added = match (&cond1.text_embeds, &time_ids) {
+                (Some(p), Some(t)) => Some(AddedConditioning {
+                    text_embeds: batch_share(p, guided, b),
+                    time_ids: t.clone().repeat_dim(0, if guided { 2 * b } else { b }),
+                }),
+                _ => None,
             };
             let mut sched = new_sched()?;
             let mut noise =
@@ -657,7 +823,8 @@ impl<B: Backend> Pipeline<B> {
                 }
                 let input = if guided { Tensor::cat(vec![x.clone(), x.clone()], 0) } else { x.clone() };
                 let input = sched.scale_model_input(&input, t).map_err(serr)?;
-                let pred = self.unet.forward_features(input, t_features.clone().narrow(0, i, 1), ctx.clone())?;
+                let t_feat = t_features.clone().narrow(0, i, 1);
+                let pred = self.unet.forward_features_with(input, t_feat, ctx.clone(), added.as_ref())?;
                 let pred = if guided {
                     let uncond = pred.clone().narrow(0, 0, b);
                     let text = pred.narrow(0, b, b);
@@ -699,7 +866,17 @@ impl<B: Backend> Pipeline<B> {
     /// Scaled latents to 8-bit images (diffusers' `postprocess`: `(x / 2 + 0.5).clamp(0, 1)`,
     /// then `round(x · 255)`). Errors when the decode makes NaN or infinite values.
     pub fn decode(&self, latents: Tensor<B, 4>) -> Result<Vec<RgbImage>> {
-        let img = self.vae.decode(latents / self.vae_config.scaling_factor)?;
+        // SDXL's force_upcast: its VAE overflows in half precision, so under the CPU's bf16
+        // GEMMs it decodes with f32 ones (diffusers upcasts the VAE of an fp16 pipeline).
+        let upcast = self.text_encoder_2.is_some() && self.vae_config.force_upcast && cpu_kernels::bf16_gemm_on();
+        if upcast {
+            cpu_kernels::use_bf16_gemm(false);
+        }
+        let img = self.vae.decode(latents / self.vae_config.scaling_factor);
+        if upcast {
+            cpu_kernels::use_bf16_gemm(true);
+        }
+        let img = img?;
         if !crate::check::all_finite(&img) {
             return Err(crate::check::nonfinite_error("the VAE decode", "VAE", &self.vae, &self.vae_source));
         }
@@ -718,6 +895,81 @@ impl<B: Backend> Pipeline<B> {
             })
             .collect())
     }
+}
+
+/// `[uncond; cond]` (each repeated `n` times) when there is an unconditional half, else `cond`
+/// repeated.
+fn stack<B: Backend, const D: usize>(uncond: Option<Tensor<B, D>>, cond: Tensor<B, D>, n: usize) -> Tensor<B, D> {
+    let cond = cond.repeat_dim(0, n);
+    match uncond {
+        Some(u) => Tensor::cat(vec![u.repeat_dim(0, n), cond], 0),
+        None => cond,
+    }
+}
+
+/// A batch of `b` images' share of a conditioning made for one ([`Pipeline::conditioning`]
+/// with `n = 1`): each half repeated `b` times.
+fn batch_share<B: Backend, const D: usize>(one: &Tensor<B, D>, guided: bool, b: usize) -> Tensor<B, D> {
+    match guided {
+        true => {
+            let [u, c] = [0, 1].map(|i| one.clone().narrow(0, i, 1));
+            stack(Some(u), c, b)
+        }
+        false => one.clone().repeat_dim(0, b),
+    }
+}
+
+/// Loads SDXL's `text_encoder_2` and `tokenizer_2` from `dir`, checked against the UNet: the
+/// two encoders' widths add up to its `cross_attention_dim`, and the projection is as wide as
+/// the pooled `text_embeds` it takes.
+fn second_encoder<B: Backend>(
+    dir: &Path,
+    unet: &sd_unet::UNetConfig,
+    width_1: usize,
+    device: &B::Device,
+) -> Result<SecondEncoder<B>> {
+    let (te, tok) = (dir.join("text_encoder_2"), dir.join("tokenizer_2"));
+    for (sub, what) in [(&te, "text_encoder_2"), (&tok, "tokenizer_2")] {
+        if !sub.is_dir() {
+            return Err(Error::Config {
+                path: sub.clone(),
+                message: format!(
+                    "missing: the UNet is SDXL's (addition_embed_type \"text_time\"), and an SDXL folder has \
+                     `{what}/` (StableDiffusionXLPipeline's second text encoder)"
+                ),
+            });
+        }
+    }
+    let cfg = clip_text::ClipTextConfig::load(&te)?;
+    let text_encoder =
+        ClipTextModelWithProjection::from_checkpoint(&cfg, &Checkpoint::open_dir(&te, &["model"])?, device)?;
+    let cross = unet.cross_attention_dim;
+    if width_1 + cfg.hidden_size != cross {
+        return Err(Error::Config {
+            path: te.join("config.json"),
+            message: format!(
+                "hidden_size {} with text_encoder's {width_1} makes a context {} wide, but the UNet's \
+                 cross_attention_dim is {cross}; the context width matches neither encoder pair",
+                cfg.hidden_size,
+                width_1 + cfg.hidden_size
+            ),
+        });
+    }
+    let pooled = unet
+        .projection_class_embeddings_input_dim
+        .unwrap_or(0)
+        .saturating_sub(6 * unet.addition_time_embed_dim.unwrap_or(0));
+    if text_encoder.projection_dim() != pooled {
+        return Err(Error::Config {
+            path: te.join("config.json"),
+            message: format!(
+                "projection_dim {} makes pooled text_embeds of that width, but the UNet's add_embedding takes {pooled} \
+                 (projection_class_embeddings_input_dim minus 6 × addition_time_embed_dim)",
+                text_encoder.projection_dim()
+            ),
+        });
+    }
+    Ok(SecondEncoder { tokenizer: ClipTokenizer::from_dir(&tok)?, text_encoder, source: te })
 }
 
 /// The pipeline runs SD 1.x/2.x: an SDXL UNet (which loads, and runs as a stage) is refused

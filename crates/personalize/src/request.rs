@@ -22,6 +22,13 @@ pub struct GenerateOptions {
     pub batch_size: Option<usize>,
     pub height: Option<usize>,
     pub width: Option<usize>,
+    /// SDXL's size conditioning (`add_time_ids`): the original image size as (height, width),
+    /// default the image size.
+    pub original_size: Option<[usize; 2]>,
+    /// The crop's top-left corner as (top, left); default (0, 0).
+    pub crop_top_left: Option<[usize; 2]>,
+    /// The target size as (height, width); default the image size.
+    pub target_size: Option<[usize; 2]>,
 }
 
 /// The largest batch chosen when `batch_size` is not given: beyond it a CPU gains nothing
@@ -55,6 +62,9 @@ impl Default for GenerateOptions {
             batch_size: None,
             height: None,
             width: None,
+            original_size: None,
+            crop_top_left: None,
+            target_size: None,
         }
     }
 }

@@ -53,6 +53,7 @@ fn generate_matches_stable_diffusion_pipeline() {
             batch_size: None,
             height: Some(c["h"].as_u64().unwrap() as usize),
             width: Some(c["w"].as_u64().unwrap() as usize),
+            ..Default::default()
         };
         let lat = io[&format!("{name}.latents")].to_float::<Flex, 4>("latents", &FlexDevice).unwrap();
         let mut steps = 0;
@@ -187,10 +188,11 @@ fn a_pipeline_from_parts_generates_as_the_loaded_one() {
     assert_eq!(a, b);
 }
 
-/// A pipeline folder whose UNet is SDXL's is refused when loaded, naming the UNet's config and
-/// SDXL, rather than failing on its first step for lack of the added conditioning.
+/// A pipeline folder whose UNet is SDXL's but which lacks SDXL's second text encoder is refused
+/// when loaded, naming `text_encoder_2` and SDXL, rather than failing on its first step for
+/// lack of the added conditioning.
 #[test]
-fn an_sdxl_unet_in_a_pipeline_is_refused_with_a_message() {
+fn an_sdxl_unet_without_the_second_encoder_is_refused_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("pipe");
     for part in ["scheduler", "text_encoder", "tokenizer", "vae", "unet"] {
@@ -204,5 +206,5 @@ fn an_sdxl_unet_in_a_pipeline_is_refused_with_a_message() {
     }
     std::fs::copy(fixtures().join("pipeline/model_index.json"), base.join("model_index.json")).unwrap();
     let e = Pipeline::<Flex>::load(&base, &FlexDevice).map(|_| ()).unwrap_err().to_string();
-    assert!(e.contains("unet/config.json") && e.contains("SDXL"), "{e}");
+    assert!(e.contains("text_encoder_2") && e.contains("SDXL"), "{e}");
 }

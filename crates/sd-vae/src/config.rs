@@ -37,6 +37,10 @@ pub struct AutoencoderKlConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "yes")]
     pub mid_block_add_attention: bool,
+    /// Decode in f32 when the rest runs in half precision (SDXL's VAE overflows in fp16);
+    /// diffusers' default is true.
+    #[serde(default = "yes")]
+    pub force_upcast: bool,
 }
 
 fn one() -> usize {

@@ -240,6 +240,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
 
         let pipe = Pipeline::<B::InnerBackend>::open(base, device)?;
+        if pipe.architecture() == "sdxl" {
+            return Err(Error::invalid(format!(
+                "{} is an SDXL model; training runs on SD 1.x/2.x bases for now (SDXL generates, \
+                 visual prompts included)",
+                base.path.display()
+            )));
+        }
         let f = pipe.vae.downscale_factor();
         if !cfg.resolution.is_multiple_of(f) {
             return Err(Error::invalid(format!(

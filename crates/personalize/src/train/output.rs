@@ -85,6 +85,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             base_config: self.pipe.base_config.as_ref().map(|p| p.display().to_string()),
             prediction_type: self.pipe.prediction_type.clone(),
             base_unet_fingerprint: self.pipe.unet_fingerprint.clone(),
+            architecture: Some(self.pipe.architecture().to_string()),
             num_queries: self.cfg.num_queries,
             query_selection: self.cfg.query_selection.as_str().to_string(),
             prompt: Some(self.cfg.prompt.clone()),

@@ -73,6 +73,12 @@ pub const PRESETS: &[Preset] = &[
         about: "Stable Diffusion 2.1, 768x768 v-prediction",
     },
     Preset {
+        name: "sdxl-base-1.0",
+        repo_id: "stabilityai/stable-diffusion-xl-base-1.0",
+        layout: Layout::Diffusers,
+        about: "Stable Diffusion XL base 1.0, 1024x1024 (two text encoders; the refiner is not supported)",
+    },
+    Preset {
         name: "blip2",
         repo_id: "Salesforce/blip2-opt-2.7b",
         layout: Layout::Blip2,

@@ -58,6 +58,14 @@ const DIFFUSERS_FILES: &[(&str, bool)] = &[
     ("vae/config.json", true),
 ];
 
+/// SDXL's additions besides the second tokenizer's vocabulary and the second encoder's weights:
+/// (file, required).
+const SDXL_FILES: &[(&str, bool)] = &[
+    ("text_encoder_2/config.json", true),
+    ("tokenizer_2/tokenizer_config.json", true),
+    ("tokenizer_2/special_tokens_map.json", false),
+];
+
 /// The weight stems of a diffusers pipeline.
 const DIFFUSERS_WEIGHTS: &[&str] =
     &["text_encoder/model", "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model"];
@@ -115,8 +123,21 @@ pub fn plan(
             p.missing.push(f.to_string());
         }
     }
+    let mut stems = stems.to_vec();
     if layout == Layout::Diffusers {
-        tokenizer_files(has, &mut p);
+        tokenizer_files(has, "tokenizer", &mut p);
+        // SDXL's second text encoder and tokenizer, when the repository has either.
+        if has("text_encoder_2/config.json") || has("tokenizer_2/tokenizer_config.json") {
+            for (f, required) in SDXL_FILES {
+                if has(f) {
+                    p.files.push(f.to_string());
+                } else if *required {
+                    p.missing.push(format!("{f} (SDXL's second text encoder)"));
+                }
+            }
+            tokenizer_files(has, "tokenizer_2", &mut p);
+            stems.push("text_encoder_2/model");
+        }
     }
     for stem in stems {
         match weights(stem, variant, has) {
@@ -138,18 +159,19 @@ pub fn plan(
     Ok(p)
 }
 
-/// `tokenizer/tokenizer.json` when the repository has it (what transformers 5 saves, and what
-/// it reads first), else `vocab.json` + `merges.txt`.
-fn tokenizer_files(has: &dyn Fn(&str) -> bool, p: &mut Plan) {
-    if has("tokenizer/tokenizer.json") {
-        p.files.push("tokenizer/tokenizer.json".into());
+/// `DIR/tokenizer.json` when the repository has it (what transformers 5 saves, and what it
+/// reads first), else `vocab.json` + `merges.txt`.
+fn tokenizer_files(has: &dyn Fn(&str) -> bool, dir: &str, p: &mut Plan) {
+    let json = format!("{dir}/tokenizer.json");
+    if has(&json) {
+        p.files.push(json);
         return;
     }
-    for f in ["tokenizer/vocab.json", "tokenizer/merges.txt"] {
-        if has(f) {
-            p.files.push(f.into());
+    for f in [format!("{dir}/vocab.json"), format!("{dir}/merges.txt")] {
+        if has(&f) {
+            p.files.push(f);
         } else {
-            p.missing.push(format!("{f} (or tokenizer/tokenizer.json)"));
+            p.missing.push(format!("{f} (or {json})"));
         }
     }
 }
@@ -320,6 +342,43 @@ mod tests {
         let p = plan(Layout::Diffusers, Variant::Full, &has, &mut read).unwrap();
         assert_eq!(p.missing, ["unet/diffusion_pytorch_model-00002-of-00002.safetensors"]);
         assert!(!p.files.iter().any(|f| f.contains("special_tokens")));
+    }
+
+    /// stabilityai/stable-diffusion-xl-base-1.0's listing (weights abridged): the second
+    /// encoder and tokenizer are taken, fp16 where published, and nothing else (no refiner
+    /// VAE folder, no ONNX or OpenVINO exports); without `text_encoder_2` weights it is named.
+    #[test]
+    fn sdxl_takes_the_second_encoder_and_tokenizer() {
+        let mut files: Vec<String> = sd_files(&[
+            "text_encoder/model.fp16.safetensors",
+            "text_encoder/model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.fp16.safetensors",
+            "vae_1_0/diffusion_pytorch_model.fp16.safetensors",
+            "text_encoder_2/model.fp16.safetensors",
+            "text_encoder_2/model.safetensors",
+            "text_encoder_2/model.onnx",
+            "sd_xl_base_1.0.safetensors",
+            "text_encoder_2/config.json",
+            "tokenizer_2/tokenizer_config.json",
+            "tokenizer_2/special_tokens_map.json",
+            "tokenizer_2/vocab.json",
+            "tokenizer_2/merges.txt",
+        ]);
+        let has = |f: &str| files.iter().any(|x| x == f);
+        let p = plan(Layout::Diffusers, Variant::Fp16, &has, &mut |_| unreachable!()).unwrap();
+        assert!(p.missing.is_empty(), "{:?}", p.missing);
+        for f in ["text_encoder_2/config.json", "text_encoder_2/model.fp16.safetensors", "tokenizer_2/vocab.json"] {
+            assert!(p.files.contains(&f.to_string()), "{f}: {:?}", p.files);
+        }
+        let weights: Vec<&String> = p.files.iter().filter(|f| f.ends_with(".safetensors")).collect();
+        assert_eq!(weights.len(), 4, "{weights:?}");
+        assert!(weights.iter().all(|f| f.contains(".fp16.")));
+        files.retain(|f| !f.starts_with("text_encoder_2/model"));
+        let has = |f: &str| files.iter().any(|x| x == f);
+        let p = plan(Layout::Diffusers, Variant::Fp16, &has, &mut |_| unreachable!()).unwrap();
+        assert_eq!(p.missing, ["text_encoder_2/model(.fp16).safetensors"]);
     }
 
     #[test]

@@ -29,7 +29,7 @@ import time
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 CONFIGS = os.path.join(ROOT, "xtask", "configs")
-BENCHES = ["unet", "vae", "text", "blip2", "train-step", "generate", "load", "gemm"]
+BENCHES = ["unet", "unet-xl", "vae", "text", "blip2", "train-step", "generate", "load", "gemm"]
 # The same prompt as the bench example's `generate` (crates/personalize-cli/examples/bench.rs).
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
@@ -121,17 +121,24 @@ def bench_forward(torch, a):
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
 
-    if a.bench == "unet":
+    if a.bench in ("unet", "unet-xl"):
+        if a.bench == "unet-xl" and a.unet_config == os.path.join(CONFIGS, "sd15-unet"):
+            a.unet_config = os.path.join(CONFIGS, "sdxl-unet")
         unet, cfg = build_unet(a)
         s = side_of(cfg.get("sample_size") or 64)
         x = randn(2, cfg["in_channels"], s, s)
         t = torch.tensor([981.0, 981.0])
         ctx = randn(2, 85, cfg["cross_attention_dim"])
+        added = None
+        if cfg.get("addition_embed_type") == "text_time":
+            pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+            added = {"text_embeds": randn(2, pooled),
+                     "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 2).to(dtype)}
         model = unet
         what = f"UNet2DConditionModel, sample [2,{cfg['in_channels']},{s},{s}], t 981, context [2,85,{cfg['cross_attention_dim']}]"
 
         def fn():
-            return unet(x, t, encoder_hidden_states=ctx).sample
+            return unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
     elif a.bench == "vae":
         vae, cfg = build_vae(a)
         s = a.latent_size or side_of(cfg["sample_size"]) // 2 ** (len(cfg["block_out_channels"]) - 1)

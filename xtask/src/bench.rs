@@ -36,7 +36,7 @@ use std::process::{Command, ExitCode, Stdio};
 use crate::root;
 
 /// Every bench, and those run when none is named.
-pub const BENCHES: &[&str] = &["unet", "vae", "text", "blip2", "generate", "train-step", "load", "gemm"];
+pub const BENCHES: &[&str] = &["unet", "unet-xl", "vae", "text", "blip2", "generate", "train-step", "load", "gemm"];
 
 /// The `gemm` bench's shapes, `MxKxN` (rows, inputs, outputs), with what they stand for: the
 /// UNet at 64² latents, batch 2 (8192 tokens at the top level, 128 at the bottom), its 3×3
@@ -263,6 +263,19 @@ fn stage_case(name: &str) -> Option<StageCase> {
                 ("sample", uniform(vec![2, 4, 64, 64], 1)),
                 ("timestep", HostTensor::f32(vec![2], vec![981.0, 981.0])),
                 ("encoder_hidden_states", uniform(vec![2, 85, 768], 2)),
+            ],
+        ),
+        // SDXL base 1.0's UNet at 1024² (128² latents), batch 2, 77 text + 8 visual tokens of
+        // width 2048, pooled text_embeds and time ids as the pipeline makes them.
+        "unet-xl" => (
+            "unet",
+            "sdxl-unet",
+            vec![
+                ("sample", uniform(vec![2, 4, 128, 128], 7)),
+                ("timestep", HostTensor::f32(vec![2], vec![981.0, 981.0])),
+                ("encoder_hidden_states", uniform(vec![2, 85, 2048], 8)),
+                ("text_embeds", uniform(vec![2, 1280], 9)),
+                ("time_ids", HostTensor::f32(vec![2, 6], [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0].repeat(2))),
             ],
         ),
         "vae" => ("vae-decode", "sd15-vae", vec![("latent", uniform(vec![1, 4, 64, 64], 3))]),

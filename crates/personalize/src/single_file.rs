@@ -53,6 +53,22 @@ impl Base {
         self.path.is_file() || crate::onnx_folder::is_onnx_folder(&self.path)
     }
 
+    /// Whether the base is an SDXL folder, from its configs alone (nothing loaded):
+    /// `model_index.json` names a `StableDiffusionXL…` pipeline or the UNet has
+    /// `addition_embed_type`. Lets a command refuse what SDXL does not run yet before heavy work.
+    ///
+    /// ```
+    /// assert!(!personalize::Base::new("no-such-folder").is_sdxl_folder());
+    /// ```
+    pub fn is_sdxl_folder(&self) -> bool {
+        let read = |f: &str| -> Option<serde_json::Value> {
+            serde_json::from_str(&std::fs::read_to_string(self.path.join(f)).ok()?).ok()
+        };
+        let class = read("model_index.json").and_then(|v| v.get("_class_name")?.as_str().map(str::to_string));
+        class.is_some_and(|c| c.starts_with("StableDiffusionXL"))
+            || read("unet/config.json").is_some_and(|v| v.get("addition_embed_type").is_some_and(|t| !t.is_null()))
+    }
+
     /// For a folder base: refuses single-file options and a folder without
     /// `model_index.json`; returns that file's path.
     pub(crate) fn check_folder(&self) -> Result<PathBuf> {

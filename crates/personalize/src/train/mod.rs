@@ -239,14 +239,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             _ => {}
         }
 
+        refuse_sdxl(base)?;
         let pipe = Pipeline::<B::InnerBackend>::open(base, device)?;
-        if pipe.architecture() == "sdxl" {
-            return Err(Error::invalid(format!(
-                "{} is an SDXL model; training runs on SD 1.x/2.x bases for now (SDXL generates, \
-                 visual prompts included)",
-                base.path.display()
-            )));
-        }
         let f = pipe.vae.downscale_factor();
         if !cfg.resolution.is_multiple_of(f) {
             return Err(Error::invalid(format!(
@@ -548,6 +542,23 @@ fn resume_settings(cfg: &TrainConfig) -> serde_json::Value {
 fn scalar<B: burn::tensor::backend::Backend>(t: &Tensor<B, 1>) -> f64 {
     let d = t.clone().into_data().convert::<f64>();
     d.as_slice::<f64>().map(|v| v[0]).unwrap_or(f64::NAN)
+}
+
+/// Training runs on SD 1.x/2.x bases for now: an SDXL folder is refused, before anything is
+/// loaded.
+///
+/// ```
+/// assert!(personalize::train::refuse_sdxl(&personalize::Base::new("sd15")).is_ok());
+/// ```
+pub fn refuse_sdxl(base: &crate::Base) -> Result<()> {
+    if base.is_sdxl_folder() {
+        return Err(Error::invalid(format!(
+            "{} is an SDXL model; training runs on SD 1.x/2.x bases for now (SDXL generates, visual \
+             prompts included)",
+            base.path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Trains a concept: [`Trainer::new`], then steps up to `cfg.steps`, saving (checkpoint,

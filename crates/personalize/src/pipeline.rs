@@ -480,12 +480,12 @@ impl<B: Backend> Pipeline<B> {
         let text = |prompt: &str| -> Result<(Tensor<B, 3>, Option<Tensor<B, 2>>)> {
             let (t, pooled) = self.encode_text(&[prompt.to_string()])?;
             if !crate::check::all_finite(&t) || pooled.as_ref().is_some_and(|p| !crate::check::all_finite(p)) {
-                let (name, source) = match &self.text_encoder_2 {
-                    Some(xl) => ("text encoders", &xl.source),
-                    None => ("text encoder", &self.text_encoder_source),
+                let (whose, name, source) = match &self.text_encoder_2 {
+                    Some(xl) => ("text encoders'", "text encoders", &xl.source),
+                    None => ("text encoder's", "text encoder", &self.text_encoder_source),
                 };
                 return Err(crate::check::nonfinite_error(
-                    &format!("the {name}' output for {prompt:?}").replace("encoder'", "encoder's"),
+                    &format!("the {whose} output for {prompt:?}"),
                     name,
                     &self.text_encoder,
                     source,
@@ -755,12 +755,12 @@ impl<B: Backend> Pipeline<B> {
         let batches = self.batches(&opts)?;
         let ranges: Vec<_> = batches.ranges().filter(|r| only.is_none_or(|i| r.contains(&i))).collect();
         let cond1 = self.conditioning(&opts, visual, 1)?;
-        let time_ids = match cond1.text_embeds {
-            Some(_) => {
-                Some(Tensor::<B, 2>::from_data(TensorData::new(self.time_ids(&opts)?.to_vec(), [1, 6]), &self.device))
-            }
-            None => None,
-        };
+        // Checked (and warned about on SD 1.x/2.x) whatever the model.
+        let time_ids = self.time_ids(&opts)?;
+        let time_ids = cond1
+            .text_embeds
+            .as_ref()
+            .map(|_| Tensor::<B, 2>::from_data(TensorData::new(time_ids.to_vec(), [1, 6]), &self.device));
         let guided = opts.guidance > 1.0;
         // A fresh scheduler per batch (the multistep ones keep the previous outputs).
         let sched_cfg = &self.scheduler_config;

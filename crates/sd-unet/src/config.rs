@@ -39,7 +39,7 @@ pub struct UNetConfig {
     pub in_channels: usize,
     #[serde(default = "four")]
     pub out_channels: usize,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub center_input_sample: bool,
     #[serde(default = "yes")]
     pub flip_sin_to_cos: bool,
@@ -69,13 +69,13 @@ pub struct UNetConfig {
     pub attention_head_dim: PerBlock,
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub use_linear_projection: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub upcast_attention: bool,
     #[serde(default)]
     pub only_cross_attention: serde_json::Value,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub dual_cross_attention: bool,
     #[serde(default = "default_shift")]
     pub resnet_time_scale_shift: String,
@@ -106,6 +106,12 @@ pub struct UNetConfig {
     pub conv_out_kernel: usize,
     #[serde(default)]
     pub time_embedding_type: Option<String>,
+}
+
+/// diffusers writes `null` for some flags it leaves unset (SDXL base 1.0's `upcast_attention`):
+/// false, as its default.
+fn null_is_false<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
 fn one() -> usize {

@@ -284,3 +284,14 @@ fn attention_paths_name_each_layers_own_weights() {
         }
     }
 }
+
+/// SDXL base 1.0's published unet/config.json (xtask/configs/sdxl-unet, as the repository ships
+/// it, `"upcast_attention": null` included) reads as SDXL's UNet.
+#[test]
+fn sdxl_base_config_reads() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../xtask/configs/sdxl-unet");
+    let cfg = sd_unet::UNetConfig::load(&dir).unwrap();
+    assert!(!cfg.upcast_attention);
+    assert_eq!(cfg.addition_embed_type.as_deref(), Some("text_time"));
+    assert_eq!((cfg.cross_attention_dim, cfg.sample_size), (2048, Some(128)));
+}

@@ -5,9 +5,12 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Tensor, TensorData};
 use burn_flex::{Flex, FlexDevice};
-use model_io::tensor_file::{read_tensors, HostTensor};
+use model_io::tensor_file::read_tensors;
 use personalize::{GenerateOptions, GenerateRequest, Pipeline, RgbImage, VisualPrompt};
 use q_aligner::{Aligner, AlignerSettings, QuerySelection};
+#[path = "support/images.rs"]
+mod images;
+use images::levels;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -15,23 +18,6 @@ fn fixtures() -> PathBuf {
 
 fn pipe() -> Pipeline<Flex> {
     Pipeline::load(&fixtures().join("pipeline"), &FlexDevice).unwrap()
-}
-
-/// (max, mean) absolute difference in 8-bit levels between our images and diffusers' float
-/// images rounded as diffusers' `numpy_to_pil` does.
-fn compare(ours: &[RgbImage], reference: &HostTensor) -> (u8, f64) {
-    let r = reference.as_f32("images").unwrap();
-    let ours: Vec<u8> = ours.iter().flat_map(|i| i.data.iter().copied()).collect();
-    assert_eq!(ours.len(), r.len(), "image sizes differ");
-    let mut max = 0u8;
-    let mut sum = 0u64;
-    for (a, b) in ours.iter().zip(r) {
-        let b = (b * 255.0).round().clamp(0.0, 255.0) as u8;
-        let d = a.abs_diff(b);
-        max = max.max(d);
-        sum += d as u64;
-    }
-    (max, sum as f64 / ours.len() as f64)
 }
 
 #[test]
@@ -65,7 +51,7 @@ fn generate_matches_stable_diffusion_pipeline() {
         .unwrap();
         assert_eq!(steps, opts.steps, "{name}: one callback per step");
         assert_eq!(imgs.len(), opts.num_images);
-        let (max, mean) = compare(&imgs, &io[&format!("{name}.images")]);
+        let (max, mean) = levels(&imgs, &io[&format!("{name}.images")]);
         eprintln!("{name}: max {max} levels, mean {mean:.4}");
         assert!(max <= 3 && mean <= 0.5, "{name}: max {max} levels, mean {mean}");
     }

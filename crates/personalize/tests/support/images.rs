@@ -6,6 +6,7 @@ use model_io::tensor_file::HostTensor;
 use personalize::{Base, GenerateOptions, GenerateRequest, Pipeline, RgbImage};
 
 /// The fixtures' generation on `pipe` from `latents`.
+#[allow(dead_code)]
 pub fn generate_on(pipe: &Pipeline<Flex>, latents: &HostTensor) -> Vec<RgbImage> {
     let opts = GenerateOptions {
         prompt: "a photo of a cat".into(),
@@ -30,8 +31,17 @@ pub fn generate(base: &Base, latents: &HostTensor) -> Vec<RgbImage> {
 /// The largest difference in levels between our images and diffusers' (`[N, H, W, 3]` in 0..1).
 #[allow(dead_code)]
 pub fn compare(ours: &[RgbImage], reference: &HostTensor) -> u8 {
+    levels(ours, reference).0
+}
+
+/// The (max, mean) difference in 8-bit levels between our images and diffusers' float images
+/// rounded as its `numpy_to_pil` does.
+#[allow(dead_code)]
+pub fn levels(ours: &[RgbImage], reference: &HostTensor) -> (u8, f64) {
     let r = reference.as_f32("images").unwrap();
     let ours: Vec<u8> = ours.iter().flat_map(|i| i.data.iter().copied()).collect();
     assert_eq!(ours.len(), r.len(), "image sizes differ");
-    ours.iter().zip(r).map(|(a, b)| a.abs_diff((b * 255.0).round().clamp(0.0, 255.0) as u8)).max().unwrap_or(0)
+    let d: Vec<u8> = ours.iter().zip(r).map(|(a, b)| a.abs_diff((b * 255.0).round().clamp(0.0, 255.0) as u8)).collect();
+    let mean = d.iter().map(|&x| x as f64).sum::<f64>() / d.len().max(1) as f64;
+    (d.iter().copied().max().unwrap_or(0), mean)
 }

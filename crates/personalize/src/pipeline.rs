@@ -164,6 +164,16 @@ impl<B: Backend> Pipeline<B> {
         let text_dir = dir.join("text_encoder");
         let text_config = clip_text::ClipTextConfig::load(&text_dir)?;
         let mut text_ckpt = Checkpoint::open_dir(&text_dir, &["model"])?;
+        let class = index_json.get("_class_name").and_then(|c| c.as_str()).unwrap_or_default();
+        if class.starts_with("StableDiffusionXL") && unet_cfg.addition_embed_type.is_none() {
+            return Err(Error::Config {
+                path: index,
+                message: format!(
+                    "_class_name is `{class}`, but unet/config.json has no addition_embed_type: the UNet is \
+                     SD 1.x/2.x's, not SDXL's"
+                ),
+            });
+        }
         let text_encoder_2 = match unet_cfg.addition_embed_type {
             Some(_) => Some(second_encoder(dir, &unet_cfg, text_config.hidden_size, device)?),
             None => None,

@@ -132,7 +132,8 @@ impl<B: Backend> Pipeline<B> {
         }
         let index = base.check_folder()?;
         let index_json: serde_json::Value = model_io::read_config(dir, "model_index.json")?;
-        match index_json.get("_class_name").and_then(|c| c.as_str()) {
+        let class = index_json.get("_class_name").and_then(|c| c.as_str());
+        match class {
             None
             | Some(
                 "StableDiffusionPipeline"
@@ -164,7 +165,7 @@ impl<B: Backend> Pipeline<B> {
         let text_dir = dir.join("text_encoder");
         let text_config = clip_text::ClipTextConfig::load(&text_dir)?;
         let mut text_ckpt = Checkpoint::open_dir(&text_dir, &["model"])?;
-        let class = index_json.get("_class_name").and_then(|c| c.as_str()).unwrap_or_default();
+        let class = class.unwrap_or_default();
         if class.starts_with("StableDiffusionXL") && unet_cfg.addition_embed_type.is_none() {
             return Err(Error::Config {
                 path: index,

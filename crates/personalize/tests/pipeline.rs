@@ -28,19 +28,7 @@ fn generate_matches_stable_diffusion_pipeline() {
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("pipeline_cases.json")).unwrap()).unwrap();
     for c in cases.as_array().unwrap() {
         let name = c["name"].as_str().unwrap();
-        let opts = GenerateOptions {
-            prompt: c["prompt"].as_str().unwrap().into(),
-            negative_prompt: c["negative"].as_str().map(str::to_string),
-            steps: c["steps"].as_u64().unwrap() as usize,
-            guidance: c["guidance"].as_f64().unwrap(),
-            scheduler: Some(c["scheduler"].as_str().unwrap().into()),
-            seed: 0,
-            num_images: c["n"].as_u64().unwrap() as usize,
-            batch_size: None,
-            height: Some(c["h"].as_u64().unwrap() as usize),
-            width: Some(c["w"].as_u64().unwrap() as usize),
-            ..Default::default()
-        };
+        let opts = images::case_options(c);
         let lat = io[&format!("{name}.latents")].to_float::<Flex, 4>("latents", &FlexDevice).unwrap();
         let mut steps = 0;
         let mut imgs = Vec::new();

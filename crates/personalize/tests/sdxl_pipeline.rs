@@ -64,25 +64,9 @@ fn generate_matches_stable_diffusion_xl_pipeline() {
     let io = read_tensors(&fixtures().join("sdxl_pipeline_io.safetensors")).unwrap();
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("sdxl_pipeline_cases.json")).unwrap()).unwrap();
-    let pair = |v: &serde_json::Value| {
-        v.as_array().map(|a| [a[0].as_u64().unwrap() as usize, a[1].as_u64().unwrap() as usize])
-    };
     for c in cases.as_array().unwrap() {
         let name = c["name"].as_str().unwrap();
-        let opts = GenerateOptions {
-            prompt: c["prompt"].as_str().unwrap().into(),
-            negative_prompt: c["negative"].as_str().map(str::to_string),
-            steps: c["steps"].as_u64().unwrap() as usize,
-            guidance: c["guidance"].as_f64().unwrap(),
-            scheduler: c["scheduler"].as_str().map(str::to_string),
-            num_images: c["n"].as_u64().unwrap() as usize,
-            height: Some(c["h"].as_u64().unwrap() as usize),
-            width: Some(c["w"].as_u64().unwrap() as usize),
-            original_size: pair(&c["original_size"]),
-            crop_top_left: pair(&c["crop_top_left"]),
-            target_size: pair(&c["target_size"]),
-            ..Default::default()
-        };
+        let opts = images::case_options(c);
         let lat = io[&format!("{name}.latents")].to_float::<Flex, 4>("latents", &FlexDevice).unwrap();
         let visual = VisualPrompt { aligner: &aligner, queries: queries() };
         let mut req = GenerateRequest::new(&opts).latents(lat);

@@ -45,3 +45,26 @@ pub fn levels(ours: &[RgbImage], reference: &HostTensor) -> (u8, f64) {
     let mean = d.iter().map(|&x| x as f64).sum::<f64>() / d.len().max(1) as f64;
     (d.iter().copied().max().unwrap_or(0), mean)
 }
+
+/// The options of one case of a `*_cases.json` fixture (written by make_fixtures.py): prompt,
+/// negative, steps, guidance, scheduler (absent: the folder's), n, h, w, and SDXL's optional
+/// `original_size`, `crop_top_left`, `target_size` pairs.
+#[allow(dead_code)]
+pub fn case_options(c: &serde_json::Value) -> GenerateOptions {
+    let n = |k: &str| c[k].as_u64().unwrap() as usize;
+    let pair = |k: &str| c[k].as_array().map(|a| [a[0].as_u64().unwrap() as usize, a[1].as_u64().unwrap() as usize]);
+    GenerateOptions {
+        prompt: c["prompt"].as_str().unwrap().into(),
+        negative_prompt: c["negative"].as_str().map(str::to_string),
+        steps: n("steps"),
+        guidance: c["guidance"].as_f64().unwrap(),
+        scheduler: c["scheduler"].as_str().map(str::to_string),
+        num_images: n("n"),
+        height: Some(n("h")),
+        width: Some(n("w")),
+        original_size: pair("original_size"),
+        crop_top_left: pair("crop_top_left"),
+        target_size: pair("target_size"),
+        ..Default::default()
+    }
+}

@@ -2,7 +2,10 @@
 //! `cond_stage_model.transformer.` (transformers' keys), and SD 2.x's OpenCLIP under
 //! `cond_stage_model.model.` (`resblocks`, fused `in_proj_weight`), mapped to a
 //! `CLIPTextModel`'s keys as diffusers' `convert_ldm_clip_checkpoint` and
-//! `convert_open_clip_checkpoint` map them, with the config inferred from the shapes.
+//! `convert_open_clip_checkpoint` map them, with the config inferred from the shapes. SDXL's
+//! two encoders are the same layouts under `conditioner.embedders.0.transformer.` and
+//! `conditioner.embedders.1.model.`, the second with its `text_projection`
+//! (`CLIPTextModelWithProjection`).
 
 use std::collections::BTreeMap;
 
@@ -12,6 +15,10 @@ use model_io::{Derive, KeyMap};
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 /// The prefix of SD 2.x's OpenCLIP text encoder in a single file.
 pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+/// The prefix of SDXL's first text encoder (CLIP ViT-L, transformers' keys) in a single file.
+pub const SDXL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// The prefix of SDXL's second text encoder (OpenCLIP ViT-bigG) in a single file.
+pub const SDXL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
 
 /// An entry of a derived checkpoint: `(CLIPTextModel key, file key, how)`.
 pub type Entry = (String, String, Derive);
@@ -25,11 +32,16 @@ pub type Entry = (String, String, Derive);
 /// assert_eq!(e[0].1, "cond_stage_model.transformer.text_model.final_layer_norm.weight");
 /// ```
 pub fn clip_entries<'a>(keys: impl IntoIterator<Item = &'a str>) -> Vec<Entry> {
+    clip_entries_under(CLIP_PREFIX, keys)
+}
+
+/// [`clip_entries`] for the encoder under `prefix` (SDXL's [`SDXL_CLIP_PREFIX`]).
+pub fn clip_entries_under<'a>(prefix: &str, keys: impl IntoIterator<Item = &'a str>) -> Vec<Entry> {
     keys.into_iter()
         .filter(|k| !k.ends_with("embeddings.position_ids"))
         .map(|k| {
             let model = if k.starts_with("text_model.") { k.to_string() } else { format!("text_model.{k}") };
-            (model, format!("{CLIP_PREFIX}{k}"), Derive::Same)
+            (model, format!("{prefix}{k}"), Derive::Same)
         })
         .collect()
 }
@@ -69,10 +81,38 @@ pub fn open_clip_key_map(layers: usize) -> KeyMap {
 /// assert_eq!(e[1].2, model_io::Derive::Rows(32..64));
 /// ```
 pub fn open_clip_entries(shapes: &BTreeMap<String, Vec<usize>>, layers: usize) -> Result<Vec<Entry>, String> {
+    open_clip_entries_under(OPEN_CLIP_PREFIX, shapes, layers, false)
+}
+
+/// [`open_clip_entries`] for the encoder under `prefix`; with `projection` (SDXL's second
+/// encoder, a `CLIPTextModelWithProjection`) OpenCLIP's `text_projection` `[width, proj]`
+/// (applied as `x @ P`) is read transposed as `text_projection.weight` `[proj, width]`, as
+/// diffusers' `convert_open_clip_checkpoint` does.
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// let shapes = BTreeMap::from([("text_projection".to_string(), vec![1280, 1280])]);
+/// let e = clip_text::ldm::open_clip_entries_under(clip_text::ldm::SDXL_OPEN_CLIP_PREFIX, &shapes, 32, true).unwrap();
+/// assert_eq!(e[0].0, "text_projection.weight");
+/// assert_eq!(e[0].2, model_io::Derive::Transpose);
+/// ```
+pub fn open_clip_entries_under(
+    prefix: &str,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    layers: usize,
+    projection: bool,
+) -> Result<Vec<Entry>, String> {
     let map = open_clip_key_map(layers);
     let mut out = Vec::new();
     for (k, shape) in shapes {
-        let file = format!("{OPEN_CLIP_PREFIX}{k}");
+        let file = format!("{prefix}{k}");
+        if projection && k == "text_projection" {
+            if shape.len() != 2 {
+                return Err(format!("`{file}` has shape {shape:?}, expected [width, projection_dim]"));
+            }
+            out.push(("text_projection.weight".to_string(), file, Derive::Transpose));
+            continue;
+        }
         if matches!(k.as_str(), "text_projection" | "logit_scale" | "attn_mask") {
             continue;
         }
@@ -121,6 +161,41 @@ fn block_index(k: &str) -> Option<usize> {
 /// assert_eq!((cfg["num_hidden_layers"].as_u64(), cfg["num_attention_heads"].as_u64()), (Some(12), Some(12)));
 /// ```
 pub fn infer_config(shapes: &BTreeMap<String, Vec<usize>>, open_clip: bool) -> Result<serde_json::Value, String> {
+    infer(shapes, open_clip, false)
+}
+
+/// The config of SDXL's second encoder (OpenCLIP ViT-bigG with its `text_projection`, keys
+/// without [`SDXL_OPEN_CLIP_PREFIX`]) as its `text_encoder_2/config.json`: as
+/// [`infer_config`]'s OpenCLIP, but every block runs (SDXL takes `hidden_states[-2]` itself),
+/// and `projection_dim` is the projection's width.
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// let s = BTreeMap::from([
+///     ("token_embedding.weight".to_string(), vec![49408, 1280]),
+///     ("positional_embedding".to_string(), vec![77, 1280]),
+///     ("transformer.resblocks.0.mlp.c_fc.weight".to_string(), vec![5120, 1280]),
+///     ("transformer.resblocks.31.mlp.c_fc.weight".to_string(), vec![5120, 1280]),
+///     ("text_projection".to_string(), vec![1280, 1280]),
+/// ]);
+/// let cfg = clip_text::ldm::infer_config_with_projection(&s).unwrap();
+/// assert_eq!((cfg["num_hidden_layers"].as_u64(), cfg["projection_dim"].as_u64()), (Some(32), Some(1280)));
+/// ```
+pub fn infer_config_with_projection(shapes: &BTreeMap<String, Vec<usize>>) -> Result<serde_json::Value, String> {
+    let mut cfg = infer(shapes, true, true)?;
+    let proj = shapes.get("text_projection").ok_or("no `text_projection` (under the text encoder's prefix)")?;
+    match proj.as_slice() {
+        [w, p] if Some(*w as u64) == cfg["hidden_size"].as_u64() => cfg["projection_dim"] = (*p).into(),
+        _ => return Err(format!("`text_projection` has shape {proj:?}, expected [hidden_size, projection_dim]")),
+    }
+    Ok(cfg)
+}
+
+fn infer(
+    shapes: &BTreeMap<String, Vec<usize>>,
+    open_clip: bool,
+    all_blocks: bool,
+) -> Result<serde_json::Value, String> {
     let get = |k: &str| shapes.get(k).ok_or_else(|| format!("no `{k}` (under the text encoder's prefix)"));
     let (tok, pos, fc1, blocks) = if open_clip {
         let n = shapes.keys().filter_map(|k| block_index(k)).max().map_or(0, |i| i + 1);
@@ -131,7 +206,7 @@ pub fn infer_config(shapes: &BTreeMap<String, Vec<usize>>, open_clip: bool) -> R
             // SD 2.x conditions on the penultimate of OpenCLIP ViT-H's 24 blocks. Files with
             // fewer come from diffusers' conversion script (or `personalize export`), which
             // writes only the 23 blocks the model runs.
-            if n >= 24 { n - 1 } else { n },
+            if n >= 24 && !all_blocks { n - 1 } else { n },
         )
     } else {
         let p = if shapes.keys().any(|k| k.starts_with("text_model.")) { "text_model." } else { "" };

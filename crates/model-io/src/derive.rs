@@ -8,7 +8,8 @@ use crate::checkpoint::dtype_size;
 use crate::{Checkpoint, Error, Result};
 
 /// How one tensor of a derived checkpoint is made from a tensor of its source. Every form is a
-/// view of the source's bytes: a rename, a new shape of the same elements, or a run of rows.
+/// view of the source's bytes: a rename, a new shape of the same elements, a run of rows, or a
+/// 2-D tensor read transposed.
 ///
 /// ```
 /// use model_io::Derive;
@@ -16,7 +17,9 @@ use crate::{Checkpoint, Error, Result};
 /// let d = Derive::Reshape(vec![512, 512]);
 /// // The key third of a fused `in_proj_weight` [3·C, C].
 /// let k = Derive::Rows(1024..2048);
-/// # let _ = (d, k);
+/// // OpenCLIP's `text_projection` [width, proj] as transformers' Linear weight [proj, width].
+/// let t = Derive::Transpose;
+/// # let _ = (d, k, t);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Derive {
@@ -26,6 +29,8 @@ pub enum Derive {
     Reshape(Vec<usize>),
     /// Rows `range` of the first dimension (`in_proj_weight[a..b]`).
     Rows(Range<usize>),
+    /// A 2-D tensor transposed (read in the other order when loaded).
+    Transpose,
 }
 
 impl Checkpoint {
@@ -55,7 +60,7 @@ impl Checkpoint {
         let mut origins = HashMap::new();
         for (key, source, how) in entries {
             let info = self.tensors.get(&source).ok_or_else(|| self.missing(&source))?;
-            if info.transposed && how != Derive::Same {
+            if info.transposed && !matches!(how, Derive::Same | Derive::Transpose) {
                 return Err(Error::invalid(format!(
                     "{}: tensor `{source}` is stored transposed (an ONNX MatMul weight) and cannot be {}",
                     self.name,
@@ -69,6 +74,16 @@ impl Checkpoint {
             let numel: usize = info.shape.iter().product();
             match &how {
                 Derive::Same => {}
+                Derive::Transpose => {
+                    if info.shape.len() != 2 {
+                        return Err(Error::invalid(format!(
+                            "{}: tensor `{source}` has shape {:?}; only a 2-D tensor can be read transposed",
+                            self.name, info.shape
+                        )));
+                    }
+                    out.shape.reverse();
+                    out.transposed = !info.transposed;
+                }
                 Derive::Reshape(shape) => {
                     if shape.iter().product::<usize>() != numel {
                         return Err(Error::Shape {
@@ -228,6 +243,12 @@ mod tests {
         assert_eq!(v.read_f32("lin").unwrap(), (vec![1.0, 2.0, 3.0, 4.0], vec![2, 2]));
         assert_eq!(v.info("same").unwrap().shape, vec![2, 2, 1, 1]);
         assert_eq!(v.len(), 3);
+        let t = c.derive("m [t]", [("t".to_string(), "qkv".to_string(), Derive::Transpose)]).unwrap();
+        let want: Vec<f32> = (0..2).flat_map(|c| (0..6).map(move |r| (2 * r + c) as f32)).collect();
+        assert_eq!(t.read_f32("t").unwrap(), (want, vec![2, 6]));
+        // Transposed twice is the source again.
+        let tt = t.derive("m [tt]", [("x".to_string(), "t".to_string(), Derive::Transpose)]).unwrap();
+        assert_eq!(tt.read_f32("x").unwrap(), c.read_f32("qkv").unwrap());
         assert!(v.info("qkv").is_none());
     }
 
@@ -265,6 +286,8 @@ mod tests {
         assert!(e.contains("`qkv`") && e.contains("4..7"), "{e}");
         let e = c.derive("v", [("a".into(), "qkv".into(), Derive::Rows(2..2))]).err().unwrap().to_string();
         assert!(e.contains("2..2 are not a run"), "{e}");
+        let e = c.derive("v", [("a".into(), "conv".into(), Derive::Transpose)]).err().unwrap().to_string();
+        assert!(e.contains("`conv`") && e.contains("only a 2-D tensor"), "{e}");
         let e = c
             .derive("v", [("a".into(), "qkv".into(), Derive::Same), ("a".into(), "conv".into(), Derive::Same)])
             .err()

@@ -26,11 +26,12 @@ pub struct GenerateCli {
     #[arg(long, required_unless_present = "params_from")]
     pub base: Option<PathBuf>,
     /// Single-file and ONNX --base only: a diffusers folder whose configs (unet/, vae/,
-    /// text_encoder/, tokenizer/, scheduler/) describe the base's models, as diffusers'
+    /// text_encoder/, tokenizer/, scheduler/; an SDXL folder's text_encoder_2/, tokenizer_2/
+    /// and model_index.json too) describe the base's models, as diffusers'
     /// `from_single_file(config=DIR)`. Without it, an ONNX model's config.json beside its
-    /// model.onnx is read; otherwise the configs of a standard SD 1.x/2.x model are inferred
-    /// from the tensors' shapes, with the bundled CLIP tokenizer and SD 1.5's scheduler (an
-    /// ONNX folder's own tokenizer/ and scheduler/ when it has them).
+    /// model.onnx is read; otherwise the configs of a standard SD 1.x/2.x or SDXL base model
+    /// are inferred from the tensors' shapes, with the bundled CLIP tokenizer and SD 1.5's (or
+    /// SDXL's) scheduler (an ONNX folder's own tokenizer/ and scheduler/ when it has them).
     #[arg(long, value_name = "DIR")]
     pub config: Option<PathBuf>,
     /// Single-file and ONNX --base only: what the UNet predicts, `epsilon` or `v_prediction` (SD 2.x

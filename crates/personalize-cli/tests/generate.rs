@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{fixtures, one_line_error, run, tiny_sd};
+use common::{fixtures, latents_file, one_line_error, run, tiny_sd};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,9 +18,7 @@ fn chunk(text: &[(String, String)], key: &str) -> Option<String> {
 fn generate_with_latents_writes_the_diffusers_images_with_text_chunks() {
     let io = read_tensors(&fixtures().join("pipeline_io.safetensors")).unwrap();
     let d = tempfile::tempdir().unwrap();
-    let lat = d.path().join("latents.safetensors");
-    write_tensors(&lat, &BTreeMap::from([("latents".to_string(), io["dpm_cfg.latents"].clone())]), &BTreeMap::new())
-        .unwrap();
+    let lat = latents_file(d.path(), &io["dpm_cfg.latents"]);
     let out = d.path().join("out");
     let base = fixtures().join("pipeline");
     let (ok, err) = run(&[

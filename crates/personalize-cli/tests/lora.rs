@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{fixtures, one_line_error, parity_args as gen, pixels, run, settings, train_args};
+use common::{fixtures, latents_file, one_line_error, parity_args as gen, pixels, run, settings, train_args};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,8 +11,7 @@ use model_io::tensor_file::{read_tensors, write_tensors};
 
 fn latents(dir: &Path) -> String {
     let io = read_tensors(&fixtures().join("lora/in/io.safetensors")).unwrap();
-    let lat = dir.join("latents.safetensors");
-    write_tensors(&lat, &BTreeMap::from([("latents".to_string(), io["latents"].clone())]), &BTreeMap::new()).unwrap();
+    let lat = latents_file(dir, &io["latents"]);
     lat.to_str().unwrap().to_string()
 }
 
@@ -159,4 +158,35 @@ fn export_writes_the_concept_unet_into_the_base() {
     let max = a.iter().map(|(k, v)| v.max_abs_diff(&b[k])).fold(0.0f32, f32::max);
     let change = a.iter().map(|(k, v)| v.max_abs_diff(&plain[k])).fold(0.0f32, f32::max);
     assert!(max <= 1e-6 && change > 1e-6, "export vs merge-lora {max}, vs the base {change}");
+}
+
+/// SDXL takes LoRAs from the command line (kohya's te1/te2 names, diffusers' text_encoder_2),
+/// and an SDXL LoRA on an SD 1.x base is a one-line error naming its first SDXL-only tensor.
+#[test]
+fn generate_on_sdxl_takes_loras_and_sd_refuses_sdxl_ones() {
+    let d = tempfile::tempdir().unwrap();
+    let io = read_tensors(&fixtures().join("lora/sdxl/io.safetensors")).unwrap();
+    let lat = latents_file(d.path(), &io["latents"]);
+    let (k, p) = (fixtures().join("lora/sdxl/kohya.safetensors"), fixtures().join("lora/sdxl/peft.safetensors"));
+    let (k, p) = (format!("{}:0.7", k.display()), format!("{}:1.3", p.display()));
+    let (base, out) = (fixtures().join("sdxl_pipeline"), d.path().join("out"));
+    #[rustfmt::skip]
+    let (ok, err) = run(&[
+        "generate", "--base", base.to_str().unwrap(), "--prompt", "a photo of a cat", "--negative-prompt", "blurry",
+        "--steps", "4", "--guidance", "5", "--height", "32", "--width", "48", "--latents", lat.to_str().unwrap(),
+        "--lora", &k, "--lora", &p, "--out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let max = max_diff(&out.join("0000.png"), &io["both.images"]);
+    assert!(max <= 3, "{max} levels from StableDiffusionXLPipeline's set_adapters");
+    let sd = d.path().join("sd");
+    let (ok, err) = run(&gen(
+        fixtures().join("pipeline").to_str().unwrap(),
+        lat.to_str().unwrap(),
+        sd.to_str().unwrap(),
+        &["--lora", &k],
+    ));
+    assert!(!ok);
+    one_line_error(&err, &["kohya.safetensors", "lora_te", "SDXL LoRA"]);
+    assert!(!sd.join("0000.png").exists());
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{fixtures, one_line_error, parity_args, pixels, run};
+use common::{fixtures, latents_file, one_line_error, parity_args, pixels, run};
 
 use std::collections::BTreeMap;
 
@@ -14,8 +14,7 @@ mod support;
 
 fn latents(dir: &std::path::Path) -> String {
     let io = read_tensors(&fixtures().join("single_file/io.safetensors")).unwrap();
-    let lat = dir.join("latents.safetensors");
-    write_tensors(&lat, &BTreeMap::from([("latents".to_string(), io["latents"].clone())]), &BTreeMap::new()).unwrap();
+    let lat = latents_file(dir, &io["latents"]);
     lat.to_str().unwrap().to_string()
 }
 

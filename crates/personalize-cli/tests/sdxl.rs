@@ -2,11 +2,9 @@
 
 mod common;
 
-use common::{fixtures, one_line_error, run};
+use common::{fixtures, latents_file, one_line_error, run};
 
-use std::collections::BTreeMap;
-
-use model_io::tensor_file::{read_tensors, write_tensors};
+use model_io::tensor_file::read_tensors;
 
 /// The CLI's SDXL image matches diffusers' (micro-conditioning flags included), records the
 /// flags, and re-runs from its own PNG to the same bytes.
@@ -14,9 +12,7 @@ use model_io::tensor_file::{read_tensors, write_tensors};
 fn generate_sdxl_matches_diffusers_and_reruns_from_its_png() {
     let io = read_tensors(&fixtures().join("sdxl_pipeline_io.safetensors")).unwrap();
     let d = tempfile::tempdir().unwrap();
-    let lat = d.path().join("latents.safetensors");
-    write_tensors(&lat, &BTreeMap::from([("latents".to_string(), io["dpm_micro.latents"].clone())]), &BTreeMap::new())
-        .unwrap();
+    let lat = latents_file(d.path(), &io["dpm_micro.latents"]);
     let (out, again) = (d.path().join("out"), d.path().join("again"));
     let base = fixtures().join("sdxl_pipeline");
     #[rustfmt::skip]

@@ -2,11 +2,9 @@
 
 mod common;
 
-use common::{fixtures, one_line_error, parity_args, run};
+use common::{fixtures, latents_file, one_line_error, parity_args, run};
 
-use std::collections::BTreeMap;
-
-use model_io::tensor_file::{read_tensors, write_tensors};
+use model_io::tensor_file::read_tensors;
 
 #[path = "../../personalize/tests/support/single_file.rs"]
 mod support;
@@ -16,8 +14,7 @@ fn generate_from_a_single_file_with_config_makes_diffusers_images() {
     let dir = fixtures().join("single_file");
     let io = read_tensors(&dir.join("io.safetensors")).unwrap();
     let d = tempfile::tempdir().unwrap();
-    let lat = d.path().join("latents.safetensors");
-    write_tensors(&lat, &BTreeMap::from([("latents".to_string(), io["latents"].clone())]), &BTreeMap::new()).unwrap();
+    let lat = latents_file(d.path(), &io["latents"]);
     let out = d.path().join("out");
     let file = support::write_single_file(&fixtures(), "sd2", d.path());
     let config = fixtures().join("pipeline");
@@ -107,4 +104,48 @@ fn a_concept_trains_on_a_single_file_and_generates_on_it() {
     ]);
     assert!(!ok);
     one_line_error(&err, &["sd1.safetensors"]);
+}
+
+/// `generate --base sdxl.safetensors --config SDXL_FOLDER` draws diffusers' `from_single_file`
+/// image; training and exporting that file are refused as SDXL, in one line.
+#[test]
+fn an_sdxl_single_file_generates_and_what_sdxl_lacks_is_refused() {
+    let io = read_tensors(&fixtures().join("single_file/io.safetensors")).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let lat = latents_file(d.path(), &io["sdxl.latents"]);
+    let file = support::write_single_file(&fixtures(), "sdxl", d.path());
+    let config = fixtures().join("sdxl_pipeline");
+    let (file, config) = (file.to_str().unwrap(), config.to_str().unwrap());
+    let out = d.path().join("out");
+    #[rustfmt::skip]
+    let (ok, err) = run(&[
+        "generate", "--base", file, "--config", config, "--prompt", "a photo of a cat", "--negative-prompt",
+        "blurry", "--steps", "4", "--guidance", "5", "--height", "32", "--width", "48",
+        "--latents", lat.to_str().unwrap(), "--out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (img, _) = personalize::read_png(&out.join("0000.png")).unwrap();
+    let r = io["sdxl.neg.images"].as_f32("images").unwrap();
+    let max = img.data.iter().zip(r).map(|(a, b)| a.abs_diff((b * 255.0).round().clamp(0.0, 255.0) as u8)).max();
+    assert!(max.is_some_and(|m| m <= 3), "{max:?} levels from diffusers' from_single_file");
+
+    let img = fixtures().join("blip2/preprocess/photo.png");
+    #[rustfmt::skip]
+    let (ok, err) = run(&[
+        "train", "--base", file, "--config", config, "--image", img.to_str().unwrap(),
+        "--blip2", fixtures().join("blip2/opt_sharded").to_str().unwrap(), "--prompt", "a photo of sks",
+        "--steps", "1", "--out", d.path().join("concept").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    one_line_error(&err, &["sdxl.safetensors", "SDXL", "training"]);
+    let merged = d.path().join("merged.safetensors");
+    let lora = fixtures().join("lora/in/kohya.safetensors");
+    #[rustfmt::skip]
+    let (ok, err) = run(&[
+        "merge-lora", "--base", file, "--config", config, "--lora", lora.to_str().unwrap(),
+        "--out", merged.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    one_line_error(&err, &["sdxl.safetensors", "SDXL"]);
+    assert!(!merged.exists());
 }

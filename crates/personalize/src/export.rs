@@ -62,6 +62,14 @@ impl MergedModel {
         allow_mismatch: bool,
         device: &B::Device,
     ) -> Result<Self> {
+        if base.is_sdxl() {
+            // Its second text encoder and added conditioning have no place in the SD layouts
+            // written here yet: refused rather than written without them.
+            return Err(Error::invalid(format!(
+                "{} is an SDXL model; merge-lora and export write SD 1.x/2.x models for now",
+                base.path.display()
+            )));
+        }
         let mut m = if base.is_split() { Self::from_single_file(base)? } else { Self::from_folder(base)? };
         let (fingerprint, legacy) = (m.unet.fingerprint(), m.unet.legacy_fingerprint());
         let mut loras: Vec<(LoraSpec, Option<f64>)> = base.loras.iter().map(|l| (l.clone(), None)).collect();
@@ -95,7 +103,7 @@ impl MergedModel {
                 dir.display()
             );
         }
-        crate::lora::merge_with_alphas::<B>(&loras, &mut m.unet, &m.unet_config, &mut m.text_encoder, device)?;
+        crate::lora::merge_with_alphas::<B>(&loras, &mut m.unet, &m.unet_config, &mut m.text_encoder, None, device)?;
         Ok(m)
     }
 

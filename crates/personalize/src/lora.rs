@@ -1,6 +1,6 @@
 //! LoRA files merged into a base model's weights (`generate --lora FILE:SCALE`, `merge-lora`):
-//! diffusers/PEFT and kohya/A1111 layouts, LoCon on convolutions, UNet and text encoder, several
-//! files adding up as diffusers' `set_adapters([...], adapter_weights=[...])` combines them.
+//! diffusers/PEFT and kohya/A1111 layouts, LoCon on convolutions, UNet and text encoders (SDXL's
+//! two as well), several files adding up as diffusers' `set_adapters([...], adapter_weights=[...])` combines them.
 //!
 //! The updates are merged (`W += scale · up · down`), as A1111 and ComfyUI apply LoRAs, so
 //! sampling costs what it costs without them; diffusers keeps them as side branches, which gives
@@ -68,6 +68,27 @@ impl fmt::Display for LoraSpec {
 pub enum LoraTarget {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder (OpenCLIP bigG, `text_encoder_2`).
+    TextEncoder2,
+}
+
+impl LoraTarget {
+    /// The model's name in diffusers' PEFT keys and adapter metadata.
+    fn peft(self) -> &'static str {
+        match self {
+            Self::Unet => "unet",
+            Self::TextEncoder => "text_encoder",
+            Self::TextEncoder2 => "text_encoder_2",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Unet => "UNet",
+            Self::TextEncoder => "text encoder",
+            Self::TextEncoder2 => "second text encoder (text_encoder_2)",
+        }
+    }
 }
 
 /// How many layers of each model one file changed.
@@ -78,16 +99,19 @@ pub struct LoraSummary {
     pub layout: &'static str,
     pub unet_layers: usize,
     pub text_encoder_layers: usize,
+    /// SDXL's `text_encoder_2`; 0 on SD 1.x/2.x bases.
+    pub text_encoder_2_layers: usize,
 }
 
 /// The base model's weights LoRAs may patch, by every name the layouts give them.
 struct Targets {
-    /// LoRA module name (`lora_unet_…`, `unet.…`, `text_encoder.…`, `lora_te_…`) → the weight.
+    /// LoRA module name (`lora_unet_…`, `unet.…`, `text_encoder.…`, `lora_te_…`, and SDXL's
+    /// `text_encoder_2.…`, `lora_te1_…`, `lora_te2_…`) → the weight.
     names: HashMap<String, (LoraTarget, String)>,
 }
 
 impl Targets {
-    fn new(unet: &Checkpoint, ldm: &KeyMap, text: &Checkpoint) -> Self {
+    fn new(unet: &Checkpoint, ldm: &KeyMap, texts: &[(LoraTarget, &Checkpoint)]) -> Self {
         let mut names = HashMap::new();
         let kohya = |m: &str| m.replace('.', "_");
         for key in unet.names() {
@@ -108,18 +132,29 @@ impl Targets {
                 }
             }
         }
-        let prefix = clip_text::key_prefix(text);
-        for key in text.names() {
-            let Some(module) = key.strip_suffix(".weight").and_then(|m| m.strip_prefix(prefix)) else { continue };
-            if text.info(key).is_none_or(|i| i.shape.len() != 2) {
-                continue;
-            }
-            let t = (LoraTarget::TextEncoder, key.to_string());
-            // transformers 4 nests the model under `text_model.`, transformers 5 does not: files
-            // from both are in use.
-            for m in [module.to_string(), format!("text_model.{module}")] {
-                names.insert(format!("text_encoder.{m}"), t.clone());
-                names.insert(format!("lora_te_{}", kohya(&m)), t.clone());
+        let sdxl = texts.iter().any(|(t, _)| *t == LoraTarget::TextEncoder2);
+        for &(target, text) in texts {
+            // kohya's SDXL trainer names the encoders te1/te2; its SD trainer names the one `te`.
+            let kohya_prefixes: &[&str] = match target {
+                LoraTarget::TextEncoder2 => &["lora_te2_"],
+                _ if sdxl => &["lora_te_", "lora_te1_"],
+                _ => &["lora_te_"],
+            };
+            let prefix = clip_text::key_prefix(text);
+            for key in text.names() {
+                let Some(module) = key.strip_suffix(".weight").and_then(|m| m.strip_prefix(prefix)) else { continue };
+                if text.info(key).is_none_or(|i| i.shape.len() != 2) {
+                    continue;
+                }
+                let t = (target, key.to_string());
+                // transformers 4 nests the model under `text_model.`, transformers 5 does not: files
+                // from both are in use.
+                for m in [module.to_string(), format!("text_model.{module}")] {
+                    names.insert(format!("{}.{m}", target.peft()), t.clone());
+                    for k in kohya_prefixes {
+                        names.insert(format!("{k}{}", kohya(&m)), t.clone());
+                    }
+                }
             }
         }
         Self { names }
@@ -191,8 +226,9 @@ struct Module {
     alpha: Option<f64>,
 }
 
-/// Merges `loras` into the UNet's and the text encoder's weights (checkpoints under diffusers'
-/// keys; `unet_config` gives the UNet's LDM key map, for kohya files named in that layout). Each module adds
+/// Merges `loras` into the UNet's and the text encoders' weights (checkpoints under diffusers'
+/// keys; `unet_config` gives the UNet's LDM key map, for kohya files named in that layout;
+/// `text_2` is SDXL's second text encoder, `None` on SD 1.x/2.x). Each module adds
 /// `scale · s · up · down` to its base weight, `s` being `alpha / rank` (the file's `alpha`,
 /// its diffusers adapter metadata, or 1 without either, as diffusers reads them). Errors name
 /// the file and the tensor: a key that matches no layer, a shape that does not fit, a half pair.
@@ -203,7 +239,7 @@ struct Module {
 /// let mut text = model_io::Checkpoint::open_dir("sd/text_encoder".as_ref(), &["model"])?;
 /// let loras = vec!["ink.safetensors:0.8".parse()?];
 /// let cfg = sd_unet::UNetConfig::load("sd/unet".as_ref())?;
-/// personalize::merge_loras::<Flex>(&loras, &mut unet, &cfg, &mut text, &FlexDevice)?;
+/// personalize::merge_loras::<Flex>(&loras, &mut unet, &cfg, &mut text, None, &FlexDevice)?;
 /// # Ok::<(), personalize::Error>(())
 /// ```
 pub fn merge_loras<B: Backend>(
@@ -211,10 +247,11 @@ pub fn merge_loras<B: Backend>(
     unet: &mut Checkpoint,
     unet_config: &sd_unet::UNetConfig,
     text: &mut Checkpoint,
+    text_2: Option<&mut Checkpoint>,
     device: &B::Device,
 ) -> Result<Vec<LoraSummary>> {
     let loras: Vec<(LoraSpec, Option<f64>)> = loras.iter().map(|l| (l.clone(), None)).collect();
-    merge_with_alphas::<B>(&loras, unet, unet_config, text, device)
+    merge_with_alphas::<B>(&loras, unet, unet_config, text, text_2, device)
 }
 
 /// [`merge_loras`], each file with the `lora_alpha` its modules have when neither the file's
@@ -224,12 +261,19 @@ pub(crate) fn merge_with_alphas<B: Backend>(
     unet: &mut Checkpoint,
     unet_config: &sd_unet::UNetConfig,
     text: &mut Checkpoint,
+    text_2: Option<&mut Checkpoint>,
     device: &B::Device,
 ) -> Result<Vec<LoraSummary>> {
     if loras.is_empty() {
         return Ok(Vec::new());
     }
-    let targets = Targets::new(unet, &sd_unet::ldm::key_map(unet_config), text);
+    let mut texts = vec![(LoraTarget::TextEncoder, text)];
+    texts.extend(text_2.map(|t| (LoraTarget::TextEncoder2, t)));
+    let sdxl = texts.len() == 2;
+    let targets = {
+        let shared: Vec<(LoraTarget, &Checkpoint)> = texts.iter().map(|(t, c)| (*t, &**c)).collect();
+        Targets::new(unet, &sd_unet::ldm::key_map(unet_config), &shared)
+    };
     let mut deltas: BTreeMap<(LoraTarget, String), Tensor<B, 2>> = BTreeMap::new();
     let mut summaries = Vec::new();
     for (spec, default_alpha) in loras {
@@ -276,13 +320,11 @@ pub(crate) fn merge_with_alphas<B: Backend>(
             }
         }
         let kohya = modules.keys().any(|m| m.starts_with("lora_"));
-        let configs = [
-            (LoraTarget::Unet, sd_unet::lora::PeftLoraConfig::from_metadata(&meta, "unet")),
-            (LoraTarget::TextEncoder, sd_unet::lora::PeftLoraConfig::from_metadata(&meta, "text_encoder")),
-        ];
         let mut configs_ok = HashMap::new();
-        for (t, c) in configs {
-            if let Some(c) = c.map_err(|e| bad(e.to_string()))? {
+        for t in [LoraTarget::Unet, LoraTarget::TextEncoder, LoraTarget::TextEncoder2] {
+            if let Some(c) =
+                sd_unet::lora::PeftLoraConfig::from_metadata(&meta, t.peft()).map_err(|e| bad(e.to_string()))?
+            {
                 configs_ok.insert(t, c);
             }
         }
@@ -291,6 +333,7 @@ pub(crate) fn merge_with_alphas<B: Backend>(
             layout: if kohya { "kohya" } else { "peft" },
             unet_layers: 0,
             text_encoder_layers: 0,
+            text_encoder_2_layers: 0,
         };
         for (name, m) in &modules {
             let (Some((down_key, down)), Some((up_key, up))) = (&m.down, &m.up) else {
@@ -302,11 +345,11 @@ pub(crate) fn merge_with_alphas<B: Backend>(
                 return Err(bad(format!("`{have}` comes without its {missing}")));
             };
             let Some((target, weight)) = targets.names.get(name.as_str()) else {
-                return Err(bad(unknown_module(name, down_key)));
+                return Err(bad(unknown_module(name, down_key, sdxl)));
             };
             let base_shape = match target {
                 LoraTarget::Unet => unet.info(weight),
-                LoraTarget::TextEncoder => text.info(weight),
+                t => texts.iter().find(|(tt, _)| tt == t).and_then(|(_, c)| c.info(weight)),
             }
             .map(|i| i.shape.clone())
             .unwrap_or_default();
@@ -332,10 +375,7 @@ pub(crate) fn merge_with_alphas<B: Backend>(
                     down.shape,
                     up.shape,
                     base_shape,
-                    match target {
-                        LoraTarget::Unet => "UNet",
-                        LoraTarget::TextEncoder => "text encoder",
-                    }
+                    target.describe()
                 )));
             }
             let module_path = weight.strip_suffix(".weight").unwrap_or(weight);
@@ -358,10 +398,12 @@ pub(crate) fn merge_with_alphas<B: Backend>(
             match target {
                 LoraTarget::Unet => summary.unet_layers += 1,
                 LoraTarget::TextEncoder => summary.text_encoder_layers += 1,
+                LoraTarget::TextEncoder2 => summary.text_encoder_2_layers += 1,
             }
         }
+        let second = if sdxl { format!(", {} text_encoder_2", summary.text_encoder_2_layers) } else { String::new() };
         tracing::info!(
-            "LoRA {file} ({}, scale {}): {} UNet and {} text-encoder layers",
+            "LoRA {file} ({}, scale {}): {} UNet and {} text-encoder{second} layers",
             summary.layout,
             spec.scale,
             summary.unet_layers,
@@ -370,9 +412,13 @@ pub(crate) fn merge_with_alphas<B: Backend>(
         summaries.push(summary);
     }
     for ((target, key), delta) in deltas {
-        let ckpt = match target {
+        let ckpt: &mut Checkpoint = match target {
             LoraTarget::Unet => &mut *unet,
-            LoraTarget::TextEncoder => &mut *text,
+            t => match texts.iter_mut().find(|(tt, _)| *tt == t) {
+                Some((_, c)) => c,
+                // Targets names only the models given.
+                None => continue,
+            },
         };
         let (base, _) = ckpt.read_f32(&key)?;
         let [o, f] = delta.dims();
@@ -388,10 +434,13 @@ pub(crate) fn merge_with_alphas<B: Backend>(
     Ok(summaries)
 }
 
-/// Why a LoRA module matched no layer: SDXL's encoders, or another architecture.
-fn unknown_module(name: &str, key: &str) -> String {
-    if name.starts_with("lora_te1_") || name.starts_with("lora_te2_") || name.starts_with("text_encoder_2.") {
-        return format!("`{key}` is for SDXL's two text encoders; SDXL is not supported yet");
+/// Why a LoRA module matched no layer: SDXL's encoders on an SD 1.x/2.x base, or another
+/// architecture.
+fn unknown_module(name: &str, key: &str, sdxl: bool) -> String {
+    let for_sdxl = ["lora_te1_", "lora_te2_", "text_encoder_2."].iter().any(|p| name.starts_with(p));
+    if for_sdxl && !sdxl {
+        return format!("`{key}` is for SDXL's two text encoders, and this base is SD 1.x/2.x: an SDXL LoRA?");
     }
-    format!("`{key}` matches no layer of this model's UNet or text encoder: a LoRA for another architecture?")
+    let models = if sdxl { "UNet or text encoders" } else { "UNet or text encoder" };
+    format!("`{key}` matches no layer of this model's {models}: a LoRA for another architecture?")
 }

@@ -205,6 +205,8 @@ impl SingleFile {
             text_config,
             tokenizer,
             scheduler_config,
+            text_encoder_2: None,
+            force_zeros_for_empty_prompt: false,
         })
     }
 }
@@ -268,6 +270,7 @@ mod tests {
                             model_io::Derive::Same => file[&f].clone(),
                             model_io::Derive::Reshape(s) => s,
                             model_io::Derive::Rows(r) => [vec![r.len()], file[&f][1..].to_vec()].concat(),
+                            model_io::Derive::Transpose => file[&f].iter().rev().copied().collect(),
                         };
                         (k, s)
                     })

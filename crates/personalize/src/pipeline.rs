@@ -175,14 +175,16 @@ impl<B: Backend> Pipeline<B> {
                 ),
             });
         }
-        let text_encoder_2 = match unet_cfg.addition_embed_type {
-            Some(_) => Some(second_encoder(dir, &unet_cfg, text_config.hidden_size, device)?),
+        let mut second = match unet_cfg.addition_embed_type {
+            Some(_) => Some(SecondFolder::open(dir)?),
             None => None,
         };
-        if text_encoder_2.is_some() && !base.loras.is_empty() {
-            return Err(Error::invalid("--lora on an SDXL base is not supported yet (SD 1.x/2.x bases take LoRAs)"));
-        }
-        crate::merge_loras::<B>(&base.loras, &mut ckpt, &unet_cfg, &mut text_ckpt, device)?;
+        let text_2 = second.as_mut().map(|s| &mut s.checkpoint);
+        crate::merge_loras::<B>(&base.loras, &mut ckpt, &unet_cfg, &mut text_ckpt, text_2, device)?;
+        let text_encoder_2 = match second {
+            Some(s) => Some(s.build(&unet_cfg, text_config.hidden_size, device)?),
+            None => None,
+        };
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
             text_encoder: ClipTextModel::from_checkpoint(&text_config, &text_ckpt, device)?,
@@ -211,11 +213,39 @@ impl<B: Backend> Pipeline<B> {
     fn open_single_file(base: &Base, device: &B::Device) -> Result<Self> {
         let mut f = crate::SingleFile::open(base)?;
         let (unet_config, vae_config, text_config) = (f.unet_config, f.vae_config, f.text_config);
-        sd_only(&unet_config, &f.path)?;
+        let mut second = match (f.text_encoder_2.take(), unet_config.addition_embed_type.is_some()) {
+            (Some(t), true) => Some(t),
+            (None, false) => None,
+            (Some(_), false) => {
+                return Err(Error::Config {
+                    path: f.path.clone(),
+                    message: "has SDXL's two text encoders, but the UNet config has no addition_embed_type \
+                              (SD 1.x/2.x's); pass --config with an SDXL folder"
+                        .into(),
+                })
+            }
+            (None, true) => {
+                return Err(Error::Config {
+                    path: f.path.clone(),
+                    message: "the UNet is SDXL's (addition_embed_type \"text_time\"), but the file has one text \
+                              encoder; an SDXL file has `conditioner.embedders.1.model.*` too"
+                        .into(),
+                })
+            }
+        };
         // Over the UNet's tensors under diffusers' keys (the same as the folder's), before LoRAs.
         let unet_fingerprint = f.unet.fingerprint();
         let base_unet_shapes = shapes(&f.unet);
-        crate::merge_loras::<B>(&base.loras, &mut f.unet, &unet_config, &mut f.text_encoder, device)?;
+        let text_2 = second.as_mut().map(|t| &mut t.checkpoint);
+        crate::merge_loras::<B>(&base.loras, &mut f.unet, &unet_config, &mut f.text_encoder, text_2, device)?;
+        let text_encoder_2 = match second {
+            Some(t) => {
+                let text_encoder = ClipTextModelWithProjection::from_checkpoint(&t.config, &t.checkpoint, device)?;
+                check_second(&unet_config, text_config.hidden_size, &t.config, &text_encoder, &f.path)?;
+                Some(SecondEncoder { tokenizer: t.tokenizer, text_encoder, source: f.path.clone() })
+            }
+            None => None,
+        };
         fn built<'a, B: Backend>(ckpt: &'a Checkpoint, device: &B::Device) -> model_io::Weights<'a, B> {
             model_io::Weights::new(ckpt, device)
         }
@@ -236,8 +266,8 @@ impl<B: Backend> Pipeline<B> {
         Ok(Self {
             tokenizer: f.tokenizer,
             text_encoder,
-            text_encoder_2: None,
-            force_zeros_for_empty_prompt: false,
+            text_encoder_2,
+            force_zeros_for_empty_prompt: f.force_zeros_for_empty_prompt,
             unet,
             vae,
             vae_config,
@@ -933,31 +963,60 @@ fn batch_share<B: Backend, const D: usize>(one: &Tensor<B, D>, guided: bool, b: 
 /// Loads SDXL's `text_encoder_2` and `tokenizer_2` from `dir`, checked against the UNet: the
 /// two encoders' widths add up to its `cross_attention_dim`, and the projection is as wide as
 /// the pooled `text_embeds` it takes.
-fn second_encoder<B: Backend>(
-    dir: &Path,
+/// An SDXL folder's `text_encoder_2/` and `tokenizer_2/`, read but not yet built: LoRAs merge
+/// into the checkpoint first.
+struct SecondFolder {
+    dir: PathBuf,
+    tokenizer: PathBuf,
+    config: clip_text::ClipTextConfig,
+    checkpoint: Checkpoint,
+}
+
+impl SecondFolder {
+    fn open(dir: &Path) -> Result<Self> {
+        let (te, tok) = (dir.join("text_encoder_2"), dir.join("tokenizer_2"));
+        for (sub, what) in [(&te, "text_encoder_2"), (&tok, "tokenizer_2")] {
+            if !sub.is_dir() {
+                return Err(Error::Config {
+                    path: sub.clone(),
+                    message: format!(
+                        "missing: the UNet is SDXL's (addition_embed_type \"text_time\"), and an SDXL folder has \
+                         `{what}/` (StableDiffusionXLPipeline's second text encoder)"
+                    ),
+                });
+            }
+        }
+        let config = clip_text::ClipTextConfig::load(&te)?;
+        let checkpoint = Checkpoint::open_dir(&te, &["model"])?;
+        Ok(Self { dir: te, tokenizer: tok, config, checkpoint })
+    }
+
+    fn build<B: Backend>(
+        self,
+        unet: &sd_unet::UNetConfig,
+        width_1: usize,
+        device: &B::Device,
+    ) -> Result<SecondEncoder<B>> {
+        let text_encoder = ClipTextModelWithProjection::from_checkpoint(&self.config, &self.checkpoint, device)?;
+        check_second(unet, width_1, &self.config, &text_encoder, &self.dir.join("config.json"))?;
+        Ok(SecondEncoder { tokenizer: ClipTokenizer::from_dir(&self.tokenizer)?, text_encoder, source: self.dir })
+    }
+}
+
+/// The second encoder fits the UNet: the two encoders' widths add up to its
+/// `cross_attention_dim`, and the projection is as wide as the pooled `text_embeds` its
+/// `add_embedding` takes. `path` (its config, or the single file) is named in the error.
+fn check_second<B: Backend>(
     unet: &sd_unet::UNetConfig,
     width_1: usize,
-    device: &B::Device,
-) -> Result<SecondEncoder<B>> {
-    let (te, tok) = (dir.join("text_encoder_2"), dir.join("tokenizer_2"));
-    for (sub, what) in [(&te, "text_encoder_2"), (&tok, "tokenizer_2")] {
-        if !sub.is_dir() {
-            return Err(Error::Config {
-                path: sub.clone(),
-                message: format!(
-                    "missing: the UNet is SDXL's (addition_embed_type \"text_time\"), and an SDXL folder has \
-                     `{what}/` (StableDiffusionXLPipeline's second text encoder)"
-                ),
-            });
-        }
-    }
-    let cfg = clip_text::ClipTextConfig::load(&te)?;
-    let text_encoder =
-        ClipTextModelWithProjection::from_checkpoint(&cfg, &Checkpoint::open_dir(&te, &["model"])?, device)?;
+    cfg: &clip_text::ClipTextConfig,
+    text_encoder: &ClipTextModelWithProjection<B>,
+    path: &Path,
+) -> Result<()> {
     let cross = unet.cross_attention_dim;
     if width_1 + cfg.hidden_size != cross {
         return Err(Error::Config {
-            path: te.join("config.json"),
+            path: path.to_path_buf(),
             message: format!(
                 "hidden_size {} with text_encoder's {width_1} makes a context {} wide, but the UNet's \
                  cross_attention_dim is {cross}; the context width matches neither encoder pair",
@@ -972,7 +1031,7 @@ fn second_encoder<B: Backend>(
         .saturating_sub(6 * unet.addition_time_embed_dim.unwrap_or(0));
     if text_encoder.projection_dim() != pooled {
         return Err(Error::Config {
-            path: te.join("config.json"),
+            path: path.to_path_buf(),
             message: format!(
                 "projection_dim {} makes pooled text_embeds of that width, but the UNet's add_embedding takes {pooled} \
                  (projection_class_embeddings_input_dim minus 6 × addition_time_embed_dim)",
@@ -980,7 +1039,7 @@ fn second_encoder<B: Backend>(
             ),
         });
     }
-    Ok(SecondEncoder { tokenizer: ClipTokenizer::from_dir(&tok)?, text_encoder, source: te })
+    Ok(())
 }
 
 /// The pipeline runs SD 1.x/2.x: an SDXL UNet (which loads, and runs as a stage) is refused

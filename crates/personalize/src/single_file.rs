@@ -1,8 +1,9 @@
 //! Single-file checkpoints (the A1111/civitai layout, `model.safetensors` holding
-//! `model.diffusion_model.*`, `first_stage_model.*` and `cond_stage_model.*`): split into the
-//! UNet, VAE and text encoder as diffusers' `from_single_file` splits them, each a view of the
-//! file under its model's keys (the key maps are the model crates' `ldm` modules), with the
-//! configs from a diffusers folder (`--config`) or inferred from the shapes.
+//! `model.diffusion_model.*`, `first_stage_model.*` and `cond_stage_model.*`; SDXL's
+//! `conditioner.embedders.{0,1}.*` for its two text encoders): split into the UNet, VAE and
+//! text encoder(s) as diffusers' `from_single_file` splits them, each a view of the file under
+//! its model's keys (the key maps are the model crates' `ldm` modules), with the configs from a
+//! diffusers folder (`--config`) or inferred from the shapes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -53,14 +54,20 @@ impl Base {
         self.path.is_file() || crate::onnx_folder::is_onnx_folder(&self.path)
     }
 
-    /// Whether the base is an SDXL folder, from its configs alone (nothing loaded):
-    /// `model_index.json` names a `StableDiffusionXL…` pipeline or the UNet has
-    /// `addition_embed_type`. Lets a command refuse what SDXL does not run yet before heavy work.
+    /// Whether the base is SDXL, from its configs or a single file's tensor names alone
+    /// (nothing loaded): `model_index.json` names a `StableDiffusionXL…` pipeline, the UNet has
+    /// `addition_embed_type`, or the single file has `conditioner.embedders.*`. Lets a command
+    /// refuse what SDXL does not run yet before heavy work.
     ///
     /// ```
-    /// assert!(!personalize::Base::new("no-such-folder").is_sdxl_folder());
+    /// assert!(!personalize::Base::new("no-such-folder").is_sdxl());
     /// ```
-    pub fn is_sdxl_folder(&self) -> bool {
+    pub fn is_sdxl(&self) -> bool {
+        if self.path.is_file() {
+            let p = &self.path;
+            let file = Checkpoint::open_files(&p.display().to_string(), std::slice::from_ref(p));
+            return file.is_ok_and(|f| f.names().any(|k| k.starts_with("conditioner.embedders.")));
+        }
         let read = |f: &str| -> Option<serde_json::Value> {
             serde_json::from_str(&std::fs::read_to_string(self.path.join(f)).ok()?).ok()
         };
@@ -142,12 +149,29 @@ pub struct SingleFile {
     pub text_config: clip_text::ClipTextConfig,
     pub tokenizer: ClipTokenizer,
     pub scheduler_config: scheduler::SchedulerConfig,
+    /// SDXL's second text encoder (`conditioner.embedders.1.model.*`); `None` for SD 1.x/2.x.
+    pub text_encoder_2: Option<SecondText>,
+    /// SDXL's `force_zeros_for_empty_prompt`: `--config`'s `model_index.json`, else SDXL's
+    /// default (true); false for SD 1.x/2.x.
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+/// SDXL's second text encoder in a single file: OpenCLIP ViT-bigG as a
+/// `CLIPTextModelWithProjection` (keys `text_model.*`, `text_projection.weight`), with its
+/// config and tokenizer (`tokenizer_2`, padding with `!`).
+pub struct SecondText {
+    pub checkpoint: Checkpoint,
+    /// Its `config.json`, as read or inferred.
+    pub config_json: serde_json::Value,
+    pub config: clip_text::ClipTextConfig,
+    pub tokenizer: ClipTokenizer,
 }
 
 /// Top-level keys of LDM checkpoints that are not weights of the three models: the EMA copy,
-/// the training schedule's buffers, the loss's log-variance.
+/// the training schedule's buffers, the loss's log-variance, SGM's (SDXL) denoiser sigmas.
 fn ignored(key: &str) -> bool {
     key.starts_with("model_ema.")
+        || key.starts_with("denoiser.")
         || !key.contains('.')
         || key.starts_with("cond_stage_model.transformer.text_model.embeddings.position_ids")
 }
@@ -176,8 +200,8 @@ fn config_error(path: &Path, message: impl Into<String>) -> Error {
 
 impl SingleFile {
     /// Opens a single-file checkpoint and splits it (see the module docs), or an ONNX pipeline
-    /// folder ([`SingleFile::open_onnx_folder`]). A pickle file (`.ckpt`), an SDXL file, a file
-    /// with keys of no known model, or one missing a model is an error saying which.
+    /// folder ([`SingleFile::open_onnx_folder`]). A pickle file (`.ckpt`), an SDXL refiner, a
+    /// file with keys of no known model, or one missing a model is an error saying which.
     pub fn open(base: &Base) -> Result<Self> {
         let path = base.path.as_path();
         if path.is_dir() {
@@ -198,6 +222,8 @@ impl SingleFile {
         let mut parts: BTreeMap<&str, BTreeMap<String, Vec<usize>>> = BTreeMap::new();
         let mut unknown: BTreeMap<String, usize> = BTreeMap::new();
         let mut text_layout = None;
+        // Whether the text encoder is SDXL's (`conditioner.embedders.0.transformer.*`).
+        let mut sdxl_text: Option<bool> = None;
         let mut vae_prefix: Option<&str> = None;
         let mut keys: Vec<&str> = file.names().collect();
         keys.sort_unstable();
@@ -206,11 +232,24 @@ impl SingleFile {
             let put = |part: &'static str, rest: &str, parts: &mut BTreeMap<&str, BTreeMap<String, Vec<usize>>>| {
                 parts.entry(part).or_default().insert(rest.to_string(), shape.clone());
             };
-            if k.starts_with("conditioner.embedders.") {
+            if k.starts_with("conditioner.embedders.0.model.") {
                 return Err(config_error(
                     path,
-                    "is an SDXL checkpoint (`conditioner.embedders.*`); SDXL is not supported yet (SD 1.x and 2.x files are)",
+                    "is an SDXL refiner checkpoint (OpenCLIP at `conditioner.embedders.0.model.*`); the refiner \
+                     is not supported (SDXL base files are)",
                 ));
+            } else if let Some(r) = k.strip_prefix(clip_text::ldm::SDXL_OPEN_CLIP_PREFIX) {
+                put("text2", r, &mut parts);
+            } else if let Some(r) = k.strip_prefix(clip_text::ldm::SDXL_CLIP_PREFIX) {
+                if text_layout.is_some_and(|t| t != TextLayout::Clip) || sdxl_text == Some(false) {
+                    return Err(config_error(
+                        path,
+                        "holds an SD 1.x/2.x text encoder (`cond_stage_model.*`) and SDXL's \
+                         (`conditioner.embedders.*`); keep one",
+                    ));
+                }
+                (text_layout, sdxl_text) = (Some(TextLayout::Clip), Some(true));
+                put("text", r, &mut parts);
             } else if let Some(r) = k.strip_prefix(sd_unet::ldm::PREFIX) {
                 put("unet", r, &mut parts);
             } else if let Some((p, r)) = sd_vae::ldm::PREFIXES.iter().find_map(|p| Some((*p, k.strip_prefix(p)?))) {
@@ -226,13 +265,20 @@ impl SingleFile {
             .into_iter()
             .find_map(|(l, p)| Some((l, k.strip_prefix(p)?)))
             {
+                if sdxl_text == Some(true) {
+                    return Err(config_error(
+                        path,
+                        "holds an SD 1.x/2.x text encoder (`cond_stage_model.*`) and SDXL's \
+                         (`conditioner.embedders.*`); keep one",
+                    ));
+                }
                 if text_layout.is_some_and(|t| t != layout) {
                     return Err(config_error(
                         path,
                         "holds two text encoders (`cond_stage_model.transformer.*` and `cond_stage_model.model.*`); keep one",
                     ));
                 }
-                text_layout = Some(layout);
+                (text_layout, sdxl_text) = (Some(layout), Some(false));
                 put("text", r, &mut parts);
             } else if !ignored(k) {
                 let top = k.split('.').take(2).collect::<Vec<_>>().join(".");
@@ -252,8 +298,8 @@ impl SingleFile {
             return Err(config_error(
                 path,
                 format!(
-                    "not a Stable Diffusion 1.x/2.x single file (model.diffusion_model.*, first_stage_model.*, \
-                     cond_stage_model.*); found {}",
+                    "not a Stable Diffusion 1.x/2.x or SDXL single file (model.diffusion_model.*, \
+                     first_stage_model.*, cond_stage_model.* or conditioner.embedders.*); found {}",
                     found()
                 ),
             ));
@@ -265,6 +311,15 @@ impl SingleFile {
         ] {
             if !parts.contains_key(part) {
                 return Err(config_error(path, format!("has no {what}; found {}", found())));
+            }
+        }
+        let sdxl = sdxl_text == Some(true) || parts.contains_key("text2");
+        for (part, what) in [
+            ("text", "first text encoder (conditioner.embedders.0.transformer.*)"),
+            ("text2", "second text encoder (conditioner.embedders.1.model.*)"),
+        ] {
+            if sdxl && !parts.contains_key(part) {
+                return Err(config_error(path, format!("is an SDXL file without its {what}; found {}", found())));
             }
         }
         let text_layout = text_layout.unwrap_or(TextLayout::Clip);
@@ -287,12 +342,19 @@ impl SingleFile {
             p => p,
         };
         let v_prediction = prediction.as_deref() == Some("v_prediction");
+        let mut force_zeros_for_empty_prompt = sdxl;
         let (unet_config, vae_config, text_config, tokenizer, mut scheduler_config) = match &base.config {
             Some(dir) => {
                 let read = |sub: &str| -> Result<serde_json::Value> {
                     Ok(model_io::read_config(&dir.join(sub), "config.json")?)
                 };
                 let sched = scheduler::SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
+                if sdxl {
+                    let index: Option<serde_json::Value> = model_io::read_config(dir, "model_index.json").ok();
+                    if let Some(v) = index.as_ref().and_then(|i| i.get("force_zeros_for_empty_prompt")?.as_bool()) {
+                        force_zeros_for_empty_prompt = v;
+                    }
+                }
                 (
                     read("unet")?,
                     read("vae")?,
@@ -311,11 +373,19 @@ impl SingleFile {
                     })
                 };
                 let unet = infer(sd_unet::ldm::infer_config(&parts["unet"], v_prediction), "the UNet's config")?;
-                let vae = infer(sd_vae::ldm::infer_config(&parts["vae"]), "the VAE's config")?;
+                let mut vae = infer(sd_vae::ldm::infer_config(&parts["vae"]), "the VAE's config")?;
                 let open_clip = text_layout == TextLayout::OpenClip;
                 let text = infer(clip_text::ldm::infer_config(&parts["text"], open_clip), "the text encoder's config")?;
                 let tokenizer = ClipTokenizer::bundled(open_clip.then_some("!"))?;
-                let sched = scheduler::SchedulerConfig::from_json_str(scheduler::SD15_SCHEDULER_CONFIG)?;
+                let sched = scheduler::SchedulerConfig::from_json_str(if sdxl {
+                    scheduler::SDXL_SCHEDULER_CONFIG
+                } else {
+                    scheduler::SD15_SCHEDULER_CONFIG
+                })?;
+                if sdxl {
+                    // SDXL's VAE (same layout as SD's) is trained at another latent scale.
+                    vae["scaling_factor"] = 0.13025.into();
+                }
                 (unet, vae, text, tokenizer, sched)
             }
         };
@@ -347,10 +417,45 @@ impl SingleFile {
             let d = sd_vae::ldm::derive(&m, shape);
             vae_entries.push((m, format!("{vae_prefix}{k}"), d));
         }
+        let clip_prefix = if sdxl { clip_text::ldm::SDXL_CLIP_PREFIX } else { clip_text::ldm::CLIP_PREFIX };
         let text_entries = match text_layout {
-            TextLayout::Clip => clip_text::ldm::clip_entries(parts["text"].keys().map(String::as_str)),
+            TextLayout::Clip => {
+                clip_text::ldm::clip_entries_under(clip_prefix, parts["text"].keys().map(String::as_str))
+            }
             TextLayout::OpenClip => clip_text::ldm::open_clip_entries(&parts["text"], text_cfg.num_hidden_layers)
                 .map_err(|m| config_error(path, m))?,
+        };
+        let text_encoder_2 = match parts.get("text2") {
+            None => None,
+            Some(shapes) => {
+                let (config_json, tokenizer) = match &base.config {
+                    Some(dir) => (
+                        model_io::read_config(&dir.join("text_encoder_2"), "config.json")?,
+                        ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?,
+                    ),
+                    None => (
+                        clip_text::ldm::infer_config_with_projection(shapes).map_err(|m| {
+                            config_error(
+                                path,
+                                format!(
+                                    "the second text encoder's config: {m}; pass --config DIR with a diffusers \
+                                     SDXL folder describing this model"
+                                ),
+                            )
+                        })?,
+                        ClipTokenizer::bundled(Some("!"))?,
+                    ),
+                };
+                let config = clip_text::ClipTextConfig::from_json(config_json.clone(), &cfg_path("text_encoder_2"))?;
+                let entries = clip_text::ldm::open_clip_entries_under(
+                    clip_text::ldm::SDXL_OPEN_CLIP_PREFIX,
+                    shapes,
+                    config.num_hidden_layers,
+                    true,
+                )
+                .map_err(|m| config_error(path, m))?;
+                Some(SecondText { checkpoint: view("text encoder 2", entries)?, config_json, config, tokenizer })
+            }
         };
         Ok(Self {
             path: path.to_path_buf(),
@@ -366,6 +471,8 @@ impl SingleFile {
             text_config: text_cfg,
             tokenizer,
             scheduler_config,
+            text_encoder_2,
+            force_zeros_for_empty_prompt,
         })
     }
 }

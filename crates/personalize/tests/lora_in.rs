@@ -56,6 +56,72 @@ fn kohya_and_peft_loras_generate_as_diffusers_set_adapters() {
     }
 }
 
+/// SDXL's LoRAs: kohya's SGM names (`lora_unet_input_blocks_*`, `lora_te1_`/`lora_te2_`) and a
+/// diffusers file with `text_encoder_2` adapters and metadata, against StableDiffusionXLPipeline's
+/// `load_lora_weights` + `set_adapters` (tests/fixtures/lora/sdxl); and on the SDXL single file.
+#[test]
+fn sdxl_loras_generate_as_diffusers_set_adapters() {
+    let dir = fixtures().join("lora/sdxl");
+    let io = read_tensors(&dir.join("io.safetensors")).unwrap();
+    let (kohya, peft) = (dir.join("kohya.safetensors"), dir.join("peft.safetensors"));
+    let xl = || Base::new(fixtures().join("sdxl_pipeline"));
+    let opts = personalize::GenerateOptions {
+        prompt: "a photo of a cat".into(),
+        negative_prompt: Some("blurry".into()),
+        steps: 4,
+        guidance: 5.0,
+        height: Some(32),
+        width: Some(48),
+        ..Default::default()
+    };
+    let run = |base: &Base| {
+        let pipe = Pipeline::<Flex>::open(base, &FlexDevice).unwrap();
+        let lat = io["latents"].to_float::<Flex, 4>("latents", &FlexDevice).unwrap();
+        pipe.generate(personalize::GenerateRequest::new(&opts).latents(lat)).unwrap()
+    };
+    let plain = run(&xl());
+    let cases = [
+        ("kohya", vec![spec(&kohya, 0.7)]),
+        ("peft", vec![spec(&peft, 1.3)]),
+        ("both", vec![spec(&kohya, 0.7), spec(&peft, 1.3)]),
+    ];
+    for (name, loras) in cases {
+        let want = &io[&format!("{name}.images")];
+        let (max, mean) = images::levels(&run(&xl().with_loras(loras)), want);
+        let change = compare(&plain, want);
+        eprintln!("sdxl {name}: max {max}, mean {mean:.3} levels against diffusers (the LoRA changes it by {change})");
+        assert!(max <= 3, "sdxl {name}: {max} levels from diffusers' set_adapters");
+        assert!(change > 20, "sdxl {name}: without the LoRA only {change} levels off: the test would be weak");
+    }
+    // Every module of each file lands on the model it names.
+    let xl_dir = fixtures().join("sdxl_pipeline");
+    let open = |sub: &str, stem: &str| model_io::Checkpoint::open_dir(&xl_dir.join(sub), &[stem]).unwrap();
+    let cfg = sd_unet::UNetConfig::load(&xl_dir.join("unet")).unwrap();
+    for (file, [unet, te, te2]) in
+        [(&kohya, ["lora_unet_", "lora_te1_", "lora_te2_"]), (&peft, ["unet.", "text_encoder.", "text_encoder_2."])]
+    {
+        let keys: Vec<String> = read_tensors(file).unwrap().into_keys().collect();
+        let count = |p: &str| {
+            keys.iter()
+                .filter(|k| k.starts_with(p) && (k.ends_with("lora_down.weight") || k.ends_with("lora_A.weight")))
+                .count()
+        };
+        let (mut u, mut t, mut t2) =
+            (open("unet", "diffusion_pytorch_model"), open("text_encoder", "model"), open("text_encoder_2", "model"));
+        let s = personalize::merge_loras::<Flex>(&[spec(file, 1.0)], &mut u, &cfg, &mut t, Some(&mut t2), &FlexDevice)
+            .unwrap();
+        let got = (s[0].unet_layers, s[0].text_encoder_layers, s[0].text_encoder_2_layers);
+        assert_eq!(got, (count(unet), count(te), count(te2)), "{}", file.display());
+        assert!(got.0 > 0 && got.1 > 0 && got.2 > 0, "{got:?}");
+    }
+    // The single file (f16 weights) with the kohya LoRA gives the folder's image to a level or two.
+    let tmp = tempfile::tempdir().unwrap();
+    let file = support::write_single_file(&fixtures(), "sdxl", tmp.path());
+    let single = run(&Base::new(file).with_config(&xl_dir).with_loras(vec![spec(&kohya, 0.7)]));
+    let max = compare(&single, &io["kohya.images"]);
+    assert!(max <= 3, "SDXL single file with a kohya LoRA: {max} levels from diffusers");
+}
+
 /// Rewrites a LoRA file's tensors (and keeps its metadata) under `dir`.
 fn rewrite(
     src: &Path,
@@ -174,7 +240,7 @@ fn loras_that_do_not_fit_are_errors_naming_the_tensor() {
             HostTensor::f32(vec![16, 4], vec![0.0; 64]),
         );
     });
-    assert!(e.contains("SDXL"), "{e}");
+    assert!(e.contains("lora_te2_text_model_encoder_layers_0_mlp_fc1") && e.contains("SDXL LoRA"), "{e}");
     let e = case("loha.safetensors", &|t| {
         t.insert(format!("{q}.hada_w1_a"), HostTensor::f32(vec![4, 16], vec![0.0; 64]));
     });

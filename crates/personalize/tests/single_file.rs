@@ -38,6 +38,47 @@ fn single_files_generate_as_diffusers_from_single_file() {
     }
 }
 
+/// The tiny SDXL pipeline as a single file (`conditioner.embedders.{0,1}.*`, OpenCLIP's
+/// `text_projection` transposed) with the folder's configs: diffusers' `from_single_file` loaded
+/// every weight back as the folder's (the fixture script checks), and the images match it with
+/// and without a negative prompt (`force_zeros_for_empty_prompt` from model_index.json).
+#[test]
+fn sdxl_single_files_generate_as_diffusers_from_single_file() {
+    let io = read_tensors(&fixtures().join("single_file/io.safetensors")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = fixtures().join("sdxl_pipeline");
+    let file = support::write_single_file(&fixtures(), "sdxl", tmp.path());
+    let base = Base::new(&file).with_config(&folder);
+    let f = SingleFile::open(&base).unwrap();
+    assert!(f.text_encoder_2.is_some() && f.force_zeros_for_empty_prompt);
+    let pipe = Pipeline::<Flex>::open(&base, &FlexDevice).unwrap();
+    assert_eq!(pipe.architecture(), "sdxl");
+    let from_folder = Pipeline::<Flex>::load(&folder, &FlexDevice).unwrap();
+    assert_eq!(pipe.base_unet_shapes, from_folder.base_unet_shapes);
+    // The same conditioning as the folder's, the second encoder's projection included.
+    let p = ["a photo of a cat".to_string()];
+    let (a, b) = (pipe.encode_text(&p).unwrap(), from_folder.encode_text(&p).unwrap());
+    let pooled = |t: Option<burn::tensor::Tensor<Flex, 2>>| t.unwrap().into_data().to_vec::<f32>().unwrap();
+    assert_eq!(a.0.into_data().to_vec::<f32>().unwrap(), b.0.into_data().to_vec::<f32>().unwrap());
+    assert_eq!(pooled(a.1), pooled(b.1));
+    for (case, negative) in [("neg", Some("blurry")), ("zeros", None)] {
+        let opts = personalize::GenerateOptions {
+            prompt: "a photo of a cat".into(),
+            negative_prompt: negative.map(str::to_string),
+            steps: 4,
+            guidance: 5.0,
+            height: Some(32),
+            width: Some(48),
+            ..Default::default()
+        };
+        let lat = io["sdxl.latents"].to_float::<Flex, 4>("latents", &FlexDevice).unwrap();
+        let imgs = pipe.generate(personalize::GenerateRequest::new(&opts).latents(lat)).unwrap();
+        let (max, mean) = images::levels(&imgs, &io[&format!("sdxl.{case}.images")]);
+        eprintln!("sdxl {case}: max {max}, mean {mean:.3} levels against from_single_file");
+        assert!(max <= 3, "sdxl {case}: {max} levels from diffusers' from_single_file");
+    }
+}
+
 /// The key/shape lists of full-size SD 1.5 and 2.1 files, with their published configs.
 fn shapes() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("single_file/shapes.json")).unwrap()).unwrap()
@@ -53,7 +94,7 @@ fn under(all: &serde_json::Value, prefix: &str) -> BTreeMap<String, Vec<usize>> 
 
 #[test]
 fn standard_configs_are_inferred_from_the_shapes() {
-    for (name, open_clip) in [("sd15", false), ("sd21", true)] {
+    for (name, open_clip) in [("sd15", false), ("sd21", true), ("sdxl", false)] {
         let m = &shapes()[name];
         let unet = sd_unet::ldm::infer_config(&under(&m["shapes"], sd_unet::ldm::PREFIX), name == "sd21").unwrap();
         for (k, want) in m["unet"].as_object().unwrap() {
@@ -61,9 +102,16 @@ fn standard_configs_are_inferred_from_the_shapes() {
         }
         let vae = sd_vae::ldm::infer_config(&under(&m["shapes"], "first_stage_model.")).unwrap();
         for (k, want) in m["vae"].as_object().unwrap() {
-            assert_eq!(&vae[k], want, "{name}: vae {k}");
+            // SDXL's VAE has SD's layout: its scale is set from the other parts (SingleFile::open).
+            if !(name == "sdxl" && k == "scaling_factor") {
+                assert_eq!(&vae[k], want, "{name}: vae {k}");
+            }
         }
-        let prefix = if open_clip { clip_text::ldm::OPEN_CLIP_PREFIX } else { clip_text::ldm::CLIP_PREFIX };
+        let prefix = match (open_clip, name) {
+            (true, _) => clip_text::ldm::OPEN_CLIP_PREFIX,
+            (false, "sdxl") => clip_text::ldm::SDXL_CLIP_PREFIX,
+            _ => clip_text::ldm::CLIP_PREFIX,
+        };
         let text = clip_text::ldm::infer_config(&under(&m["shapes"], prefix), open_clip).unwrap();
         for (k, want) in m["text_encoder"].as_object().unwrap() {
             assert_eq!(&text[k], want, "{name}: text encoder {k}");
@@ -80,6 +128,23 @@ fn standard_configs_are_inferred_from_the_shapes() {
         for (k, _) in under(&m["shapes"], "first_stage_model.") {
             let d = vmap.to_model(&k).unwrap_or_else(|| panic!("{name}: {k} has no place"));
             assert_eq!(vmap.to_file(&d).as_deref(), Some(k.as_str()), "{name}: {k} -> {d}");
+        }
+        if name == "sdxl" {
+            // OpenCLIP bigG: all 32 blocks run, its projection read transposed.
+            let shapes2 = under(&m["shapes"], clip_text::ldm::SDXL_OPEN_CLIP_PREFIX);
+            let text2 = clip_text::ldm::infer_config_with_projection(&shapes2).unwrap();
+            for (k, want) in m["text_encoder_2"].as_object().unwrap() {
+                assert_eq!(&text2[k], want, "{name}: text encoder 2 {k}");
+            }
+            let e = clip_text::ldm::open_clip_entries_under(clip_text::ldm::SDXL_OPEN_CLIP_PREFIX, &shapes2, 32, true)
+                .unwrap();
+            assert_eq!(e.iter().filter(|(k, ..)| k.ends_with("q_proj.weight")).count(), 32);
+            assert!(e.iter().any(|(k, _, d)| k == "text_projection.weight" && *d == model_io::Derive::Transpose));
+            // Every tensor of the file has a place.
+            let prefixes = [sd_unet::ldm::PREFIX, "first_stage_model.", prefix, clip_text::ldm::SDXL_OPEN_CLIP_PREFIX];
+            for k in m["shapes"].as_object().unwrap().keys() {
+                assert!(prefixes.iter().any(|p| k.starts_with(p)), "{k}");
+            }
         }
         if open_clip {
             // 24 blocks in the file, 23 run: the last is skipped, the rest split into q/k/v.
@@ -115,9 +180,22 @@ fn files_that_are_not_sd_single_files_are_named_errors() {
     std::fs::write(&ckpt, b"PK\x03\x04rest").unwrap();
     let e = open(ckpt);
     assert!(e.contains("model.ckpt") && e.contains("arbitrary code") && e.contains("safetensors"), "{e}");
+    // An SDXL file missing its second encoder, and a refiner, say so.
+    let e = open(write(
+        d.path(),
+        "xl.safetensors",
+        &["conditioner.embedders.0.transformer.x", "model.diffusion_model.a", "first_stage_model.b"],
+    ));
+    assert!(e.contains("xl.safetensors") && e.contains("SDXL") && e.contains("conditioner.embedders.1.model"), "{e}");
     let e =
-        open(write(d.path(), "xl.safetensors", &["conditioner.embedders.0.transformer.x", "model.diffusion_model.a"]));
-    assert!(e.contains("SDXL") && e.contains("not supported yet"), "{e}");
+        open(write(d.path(), "refiner.safetensors", &["conditioner.embedders.0.model.x", "model.diffusion_model.a"]));
+    assert!(e.contains("refiner") && e.contains("not supported"), "{e}");
+    let e = open(write(
+        d.path(),
+        "mixed.safetensors",
+        &["conditioner.embedders.0.transformer.x", "cond_stage_model.transformer.y", "model.diffusion_model.a"],
+    ));
+    assert!(e.contains("keep one"), "{e}");
     let e = open(write(d.path(), "flux.safetensors", &["double_blocks.0.img_attn.x", "double_blocks.1.y"]));
     assert!(e.contains("flux.safetensors") && e.contains("`double_blocks.0.*`: 1 tensors"), "{e}");
     let both = [

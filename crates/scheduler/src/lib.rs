@@ -257,3 +257,30 @@ pub const SD15_SCHEDULER_CONFIG: &str = r#"{
   "trained_betas": null
 }
 "#;
+
+/// stabilityai/stable-diffusion-xl-base-1.0's `scheduler/scheduler_config.json`: what a SDXL
+/// single file without `--config` samples with, as diffusers' `from_single_file` does.
+///
+/// ```
+/// let cfg = scheduler::SchedulerConfig::from_json_str(scheduler::SDXL_SCHEDULER_CONFIG).unwrap();
+/// assert_eq!(cfg.class_name(), Some("EulerDiscreteScheduler"));
+/// ```
+pub const SDXL_SCHEDULER_CONFIG: &str = r#"{
+  "_class_name": "EulerDiscreteScheduler",
+  "_diffusers_version": "0.19.0.dev0",
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085,
+  "clip_sample": false,
+  "interpolation_type": "linear",
+  "num_train_timesteps": 1000,
+  "prediction_type": "epsilon",
+  "sample_max_value": 1.0,
+  "set_alpha_to_one": false,
+  "skip_prk_steps": true,
+  "steps_offset": 1,
+  "timestep_spacing": "leading",
+  "trained_betas": null,
+  "use_karras_sigmas": false
+}
+"#;

@@ -1,7 +1,8 @@
 //! The UNet in the original Stable Diffusion (LDM) layout of single-file checkpoints
 //! (`model.diffusion_model.input_blocks.1.0.in_layers.0.weight`): the key map both ways, as
 //! diffusers' `convert_ldm_unet_checkpoint` and its reverse script lay it out, and the config of
-//! a standard SD 1.x/2.x UNet inferred from the tensors' shapes, as `from_single_file` infers it.
+//! a standard SD 1.x/2.x or SDXL UNet inferred from the tensors' shapes, as `from_single_file`
+//! infers it.
 
 use std::collections::BTreeMap;
 
@@ -50,7 +51,10 @@ pub fn key_map(cfg: &UNetConfig) -> KeyMap {
         .rule("out.2", "conv_out", &[])
         .rule("middle_block.0", "mid_block.resnets.0", RESNET)
         .rule("middle_block.1", "mid_block.attentions.0", &[])
-        .rule("middle_block.2", "mid_block.resnets.1", RESNET);
+        .rule("middle_block.2", "mid_block.resnets.1", RESNET)
+        // SDXL's added conditioning: `label_emb.0 = Sequential(Linear, SiLU, Linear)`.
+        .rule("label_emb.0.0", "add_embedding.linear_1", &[])
+        .rule("label_emb.0.2", "add_embedding.linear_2", &[]);
     let mut i = 1;
     for b in 0..n {
         for j in 0..l {
@@ -84,13 +88,14 @@ pub fn key_map(cfg: &UNetConfig) -> KeyMap {
     m
 }
 
-/// The config of a standard SD 1.x or 2.x UNet from the shapes of its LDM tensors (keys
+/// The config of a standard SD 1.x, 2.x or SDXL UNet from the shapes of its LDM tensors (keys
 /// without [`PREFIX`]), as diffusers' `create_unet_diffusers_config_from_ldm` builds it from
 /// the original YAML: channels, blocks, attention placement and depth, projections and the
 /// cross-attention width come from the shapes. The head counts are not in the shapes: SD 2.x
-/// (a 1024-wide context) has heads of 64 channels, SD 1.x 8 heads per block. `v_prediction`
-/// picks SD 2.x's 768-pixel size. A model of other widths is an error: it needs its own config
-/// (`--config`).
+/// (a 1024-wide context) and SDXL have heads of 64 channels, SD 1.x 8 heads per block.
+/// `v_prediction` picks SD 2.x's 768-pixel size. SDXL (`label_emb.*`, a 2048-wide context) gets
+/// its `text_time` added conditioning, with time ids embedded in 256 channels as in its YAML.
+/// A model of other widths is an error: it needs its own config (`--config`).
 ///
 /// Returns the config as `config.json` would hold it, or what is missing or unexpected.
 pub fn infer_config(shapes: &BTreeMap<String, Vec<usize>>, v_prediction: bool) -> Result<serde_json::Value, String> {
@@ -152,21 +157,32 @@ pub fn infer_config(shapes: &BTreeMap<String, Vec<usize>>, v_prediction: bool) -
         Some(c) => c,
         None => dim("middle_block.1.transformer_blocks.0.attn2.to_k.weight", 1)?,
     };
+    let depth = if depth.iter().all(|&d| d == 1) { serde_json::json!(1) } else { serde_json::json!(depth) };
+    let label = shapes.get("label_emb.0.0.weight");
+    let sdxl = label.is_some();
     // Only the standard widths carry the head counts assumed below: a model of other widths
     // (a tiny test model, a distilled one) would load with wrong heads and draw noise.
-    if channels != [320, 640, 1280, 1280] || !matches!(context, 768 | 1024) {
+    let standard = match label {
+        Some(l) => channels == [320, 640, 1280] && context == 2048 && l.len() == 2,
+        None => channels == [320, 640, 1280, 1280] && matches!(context, 768 | 1024),
+    };
+    if !standard {
         return Err(format!(
-            "block_out_channels {channels:?} with a {context}-wide context is not a standard SD 1.x/2.x UNet \
-             ([320, 640, 1280, 1280], 768 or 1024), so its head counts are unknown"
+            "block_out_channels {channels:?} with a {context}-wide context{} is not a standard SD 1.x/2.x \
+             ([320, 640, 1280, 1280], 768 or 1024) or SDXL ([320, 640, 1280], 2048, label_emb) UNet, so its \
+             head counts are unknown",
+            if sdxl { " and `label_emb`" } else { "" }
         ));
     }
     let sd2 = context == 1024;
-    let heads =
-        if sd2 { serde_json::json!(channels.iter().map(|c| c / 64).collect::<Vec<_>>()) } else { serde_json::json!(8) };
-    let depth = if depth.iter().all(|&d| d == 1) { serde_json::json!(1) } else { serde_json::json!(depth) };
-    Ok(serde_json::json!({
+    let heads = if sd2 || sdxl {
+        serde_json::json!(channels.iter().map(|c| c / 64).collect::<Vec<_>>())
+    } else {
+        serde_json::json!(8)
+    };
+    let mut cfg = serde_json::json!({
         "_class_name": "UNet2DConditionModel",
-        "sample_size": if sd2 && v_prediction { 96 } else { 64 },
+        "sample_size": if sdxl { 128 } else if sd2 && v_prediction { 96 } else { 64 },
         "in_channels": in_channels,
         "out_channels": dim("out.2.weight", 0)?,
         "down_block_types": down,
@@ -178,5 +194,17 @@ pub fn infer_config(shapes: &BTreeMap<String, Vec<usize>>, v_prediction: bool) -
         "use_linear_projection": linear,
         "transformer_layers_per_block": depth,
         "upcast_attention": sd2 && v_prediction,
-    }))
+    });
+    if let Some(label) = label {
+        // SDXL's YAML: `adm_in_channels` 2816 = pooled 1280 + 6 time ids × 256.
+        for (k, v) in [
+            ("addition_embed_type", serde_json::json!("text_time")),
+            ("addition_embed_type_num_heads", 64.into()),
+            ("addition_time_embed_dim", 256.into()),
+            ("projection_class_embeddings_input_dim", label[1].into()),
+        ] {
+            cfg[k] = v;
+        }
+    }
+    Ok(cfg)
 }

@@ -162,6 +162,14 @@ pub fn poison(file: &Path, name: &str, value: f32) -> String {
 /// `generate` as the parity fixtures run it (`a photo of a cat`, negative `blurry`, 4 DDIM
 /// steps, 32×48, fixed latents), with `extra` flags.
 #[allow(dead_code)]
+/// `dir/latents.safetensors` holding `latents` (a fixture's), for `generate --latents`.
+pub fn latents_file(dir: &Path, latents: &HostTensor) -> PathBuf {
+    let path = dir.join("latents.safetensors");
+    let t = std::collections::BTreeMap::from([("latents".to_string(), latents.clone())]);
+    write_tensors(&path, &t, &std::collections::BTreeMap::new()).unwrap();
+    path
+}
+
 pub fn parity_args<'a>(base: &'a str, latents: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec![
         "generate",

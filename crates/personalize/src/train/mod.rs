@@ -551,7 +551,7 @@ fn scalar<B: burn::tensor::backend::Backend>(t: &Tensor<B, 1>) -> f64 {
 /// assert!(personalize::train::refuse_sdxl(&personalize::Base::new("sd15")).is_ok());
 /// ```
 pub fn refuse_sdxl(base: &crate::Base) -> Result<()> {
-    if base.is_sdxl_folder() {
+    if base.is_sdxl() {
         return Err(Error::invalid(format!(
             "{} is an SDXL model; training runs on SD 1.x/2.x bases for now (SDXL generates, visual \
              prompts included)",

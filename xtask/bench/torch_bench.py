@@ -29,7 +29,7 @@ import time
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 CONFIGS = os.path.join(ROOT, "xtask", "configs")
-BENCHES = ["unet", "unet-xl", "vae", "text", "blip2", "train-step", "generate", "load", "gemm"]
+BENCHES = ["unet", "unet-xl", "vae", "text", "blip2", "train-step", "train-step-xl", "generate", "load", "gemm"]
 # The same prompt as the bench example's `generate` (crates/personalize-cli/examples/bench.rs).
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
@@ -183,7 +183,8 @@ def bench_train_step(torch, a):
     """One training step as the bench example's `train-step`: the aligner (Linear, GELU, Linear,
     GELU) on the first 8 of 32 random queries joins 77 random text tokens; epsilon MSE loss on
     random latents at t = 500, batch 1; AdamW (lr 1e-4) on the aligner and LoRA rank 4 (alpha 4)
-    on to_q, to_k, to_v, to_out.0 through peft, or on the whole UNet if peft is missing."""
+    on to_q, to_k, to_v, to_out.0 through peft, or on the whole UNet if peft is missing. An SDXL
+    UNet (train-step-xl) also gets random pooled text embeddings and square time ids."""
     import torch.nn.functional as F
     unet, cfg = build_unet(a)
     unet.requires_grad_(False)
@@ -200,7 +201,7 @@ def bench_train_step(torch, a):
     params = [p for p in unet.parameters() if p.requires_grad] + list(aligner.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
     unet.train()
-    h = side_of(cfg.get("sample_size") or 64)
+    h = a.size // 8 if a.size else side_of(cfg.get("sample_size") or 64)
     g = torch.Generator().manual_seed(0)
 
     def step():
@@ -210,15 +211,21 @@ def bench_train_step(torch, a):
         target = torch.randn(1, cfg["out_channels"], h, h, generator=g)
         t = torch.full((1,), 500.0)
         ctx = torch.cat([text, aligner(q[:, :8])], dim=1)
-        loss = F.mse_loss(unet(x, t, encoder_hidden_states=ctx).sample, target)
+        added = None
+        if cfg.get("addition_embed_type"):
+            pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+            r = float(h * 8)
+            added = {"text_embeds": torch.randn(1, pooled, generator=g),
+                     "time_ids": torch.tensor([[r, r, 0.0, 0.0, r, r]])}
+        loss = F.mse_loss(unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample, target)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     times = timed(step, a.repeat)
     trainable = sum(p.numel() for p in params)
-    info("train-step", mode=mode, latent=f"{h}x{h}", trainable_params=trainable, runs=len(times), warmup=1)
-    result("train-step", median(times), peak_mib())
+    info(a.bench, mode=mode, latent=f"{h}x{h}", trainable_params=trainable, runs=len(times), warmup=1)
+    result(a.bench, median(times), peak_mib())
 
 
 def bench_generate(torch, a):
@@ -327,7 +334,7 @@ def main():
     p.add_argument("--tokenizer", default=os.path.join(ROOT, "crates", "clip-text", "vocab"))
     p.add_argument("--unet-dir", help="load: a diffusers UNet folder")
     p.add_argument("--shapes", help="gemm: comma-separated MxKxN")
-    p.add_argument("--size", type=int, help="generate: image side (default: the UNet's sample size times the VAE factor)")
+    p.add_argument("--size", type=int, help="generate and train-step: image side (default: the UNet's sample size times the VAE factor)")
     p.add_argument("--latent-size", type=int, help="vae: latent side (default: the VAE's sample size / its factor)")
     a = p.parse_args()
     if a.repeat < 1:
@@ -350,7 +357,7 @@ def main():
         load_once(torch, a)
     elif a.bench == "load":
         bench_load(a)
-    elif a.bench == "train-step":
+    elif a.bench in ("train-step", "train-step-xl"):
         bench_train_step(torch, a)
     elif a.bench == "generate":
         bench_generate(torch, a)

@@ -12,6 +12,8 @@
 //! * `blip2`: ViT-g + Q-Former (+ query tokens) on one 224×224 image; no language model.
 //! * `train-step`: one training step at 512×512, batch 1: aligner on 8 of 32 random queries,
 //!   UNet with LoRA rank 4 on `to_q`, `to_k`, `to_v`, `to_out.0`, epsilon MSE, AdamW.
+//! * `train-step-xl`: the same step on SDXL base 1.0's UNet at 1024×1024 (128² latents), its
+//!   context 77 + 8 tokens of 2048, with random pooled `text_embeds` and 1024² time ids.
 //! * `generate`: whole generations of one 512×512 image, guidance 7.5 (one UNet batch of 2 per
 //!   step), SD 1.5's PNDM scheduler, `--steps` steps (4 by default), text encoder and VAE
 //!   decode included; the per-step median (steps after the first) is reported as well.
@@ -36,7 +38,8 @@ use std::process::{Command, ExitCode, Stdio};
 use crate::root;
 
 /// Every bench, and those run when none is named.
-pub const BENCHES: &[&str] = &["unet", "unet-xl", "vae", "text", "blip2", "generate", "train-step", "load", "gemm"];
+pub const BENCHES: &[&str] =
+    &["unet", "unet-xl", "vae", "text", "blip2", "generate", "train-step", "train-step-xl", "load", "gemm"];
 
 /// The `gemm` bench's shapes, `MxKxN` (rows, inputs, outputs), with what they stand for: the
 /// UNet at 64² latents, batch 2 (8192 tokens at the top level, 128 at the bottom), its 3×3
@@ -77,6 +80,10 @@ pub struct BenchArgs {
     /// alike.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub dtype: String,
+    /// The image side of train-step and train-step-xl (default 512 and 1024): SDXL's 1024² LoRA
+    /// step holds more than 24 GB of activations without gradient checkpointing.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(64..=4096))]
+    pub resolution: Option<u64>,
 }
 
 impl BenchArgs {
@@ -97,7 +104,7 @@ impl BenchArgs {
 
 /// Timed runs of `name` when `--repeat` is not given.
 fn default_repeat(name: &str) -> u64 {
-    if matches!(name, "generate" | "train-step") {
+    if matches!(name, "generate" | "train-step" | "train-step-xl") {
         1
     } else {
         3
@@ -386,24 +393,35 @@ fn run_one(name: &str, exe: &Path, benches: &Path, tmp: &Path, a: &BenchArgs) ->
     let configs = root().join("xtask/configs");
     let mut row = Row { bench: name.to_string(), ..Default::default() };
     let mut torch_args = vec!["--repeat".to_string(), repeat.to_string()];
-    if a.dtype != "f32" && matches!(name, "train-step" | "load") {
+    if a.dtype != "f32" && matches!(name, "train-step" | "train-step-xl" | "load") {
         return Err(format!(
             "bench {name}: --dtype {} is for the forward benches, generate and gemm; {name} runs in f32",
             a.dtype
         ));
     }
     match name {
-        "train-step" => {
-            eprintln!("bench train-step: sd15-unet, LoRA rank 4, 512x512, batch 1, random weights, {repeat} step(s) after a warm-up");
+        "train-step" | "train-step-xl" => {
+            let (config, res) = if name == "train-step" { ("sd15-unet", 512) } else { ("sdxl-unet", 1024) };
+            let res = a.resolution.unwrap_or(res);
+            if res % 8 != 0 {
+                return Err(format!("bench {name}: --resolution {res} is not a multiple of the VAE factor 8"));
+            }
+            torch_args.extend(["--size".to_string(), res.to_string()]);
+            eprintln!("bench {name}: {config}, LoRA rank 4, {res}x{res}, batch 1, random weights, {repeat} step(s) after a warm-up");
             let mut cmd = Command::new(benches);
-            cmd.arg("train-step")
-                .arg("--unet-config")
-                .arg(configs.join("sd15-unet"))
-                .args(["--steps", &repeat.to_string()]);
-            let lines = run_ours(cmd, "bench train-step")?;
+            cmd.arg("train-step").arg("--unet-config").arg(configs.join(config)).args([
+                "--resolution",
+                &res.to_string(),
+                "--steps",
+                &repeat.to_string(),
+            ]);
+            let lines = run_ours(cmd, &format!("bench {name}"))?;
             let (m, _) = ours_result(&lines, "train-step", "median_s", "peak_mib")
-                .ok_or("bench train-step printed no summary line")?;
+                .ok_or_else(|| format!("bench {name} printed no summary line"))?;
             row.ours = Some(m);
+            if name == "train-step-xl" {
+                torch_args.extend(["--unet-config".to_string(), configs.join(config).display().to_string()]);
+            }
         }
         "generate" => {
             eprintln!("bench generate: SD 1.5 configs, 512x512, {}, {} steps, guidance 7.5, random weights, {repeat} generation(s)", a.dtype, a.steps);
@@ -592,6 +610,9 @@ mod tests {
         assert_eq!(a.benches(), ["unet", "vae", "text", "blip2"]);
         assert_eq!((a.repeat, a.steps, a.torch, a.dtype.as_str()), (None, 4, None, "f32"));
         assert_eq!(parse("unet --dtype bf16").unwrap().dtype, "bf16");
+        let a = parse("train-step-xl --resolution 512").unwrap();
+        assert_eq!((a.benches(), a.resolution), (vec!["train-step-xl".to_string()], Some(512)));
+        assert_eq!(default_repeat("train-step-xl"), 1);
         assert_eq!(
             (default_repeat("unet"), default_repeat("load"), default_repeat("generate"), default_repeat("train-step")),
             (3, 3, 1, 1)
@@ -604,6 +625,7 @@ mod tests {
             ("--torch", "--torch"),
             ("--python p", "--python"),
             ("--dtype f16", "f16"),
+            ("--resolution 8", "8"),
         ] {
             let e = parse(bad).unwrap_err().to_string();
             assert!(e.contains(needle), "{bad}: {e}");

@@ -169,6 +169,11 @@ fn train_step(a: &TrainStepBench) -> Result<String> {
     let mut opt = Optimizer::<AD>::new(1e-2, Some(1.0));
     let trainable = burn::module::Module::num_params(&model);
     let (b, h) = (a.batch, a.resolution / 8);
+    let r = a.resolution as f32;
+    let pooled = match (ucfg.projection_class_embeddings_input_dim, ucfg.addition_time_embed_dim) {
+        (Some(p), Some(t)) if ucfg.addition_embed_type.is_some() => Some(p - 6 * t),
+        _ => None,
+    };
     let mut randn = |shape: Vec<usize>| {
         let mut v = vec![0f32; shape.iter().product()];
         init.fill_standard_normal(&mut v);
@@ -183,6 +188,11 @@ fn train_step(a: &TrainStepBench) -> Result<String> {
             noisy: Tensor::from_data(randn(vec![b, 4, h, h]), &dev),
             timesteps: Tensor::from_data(TensorData::new(vec![500f32; b], [b]), &dev),
             target: Tensor::from_data(randn(vec![b, 4, h, h]), &dev),
+            // SDXL's UNet: random pooled embeddings, and time ids of an uncropped square image.
+            added: pooled.map(|p| sd_unet::AddedConditioning {
+                text_embeds: Tensor::from_data(randn(vec![b, p]), &dev),
+                time_ids: Tensor::from_data(TensorData::new([r, r, 0.0, 0.0, r, r].repeat(b), [b, 6]), &dev),
+            }),
         };
         let grads = model.loss(batch)?.backward();
         let norms = opt.norms(&model, &grads);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use model_io::tensor_file::{read_tensors_with_metadata, write_tensors};
-use sd_unet::lora::{peft_to_kohya, PeftLoraConfig};
+use sd_unet::lora::{peft_to_kohya, peft_to_kohya_for, PeftLoraConfig};
 
 /// The layouts `export-lora` writes.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +54,11 @@ pub fn run(a: &ExportLoraArgs) -> Result<()> {
         LoraFormat::Kohya => {
             // Without metadata diffusers assumes alpha = rank (scale 1); so does the export.
             let scale = |m: &str, r: usize| cfg.as_ref().map_or(1.0, |c| c.scale(m, r));
-            let t = peft_to_kohya(&tensors, &scale).with_context(|| src.display().to_string())?;
+            let t = match sdxl_unet_config(&a.concept)? {
+                Some(cfg) => peft_to_kohya_for(&cfg, &tensors, &scale),
+                None => peft_to_kohya(&tensors, &scale),
+            }
+            .with_context(|| src.display().to_string())?;
             (t, BTreeMap::from([("format".to_string(), "pt".to_string())]))
         }
         LoraFormat::Peft => (tensors, meta),
@@ -62,6 +66,29 @@ pub fn run(a: &ExportLoraArgs) -> Result<()> {
     write_tensors(&a.out, &out, &out_meta)?;
     eprintln!("wrote {} ({} tensors)", a.out.display(), out.len());
     Ok(())
+}
+
+/// The base UNet's config of an SDXL concept (kohya names SDXL modules in SGM's layout, which
+/// the config decides), read from the base `concept.json` names; `None` for SD 1.x/2.x.
+fn sdxl_unet_config(concept: &std::path::Path) -> Result<Option<sd_unet::UNetConfig>> {
+    let path = concept.join("concept.json");
+    let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let info: personalize::ConceptInfo =
+        serde_json::from_slice(&text).with_context(|| format!("{}: not a concept.json", path.display()))?;
+    if info.architecture.as_deref() != Some("sdxl") {
+        return Ok(None);
+    }
+    let base = personalize::Base {
+        config: info.base_config.as_ref().map(PathBuf::from),
+        ..personalize::Base::new(&info.base_model)
+    };
+    let why = || format!("{}: the kohya names of an SDXL LoRA come from its base's UNet config", path.display());
+    let cfg = if base.is_split() {
+        personalize::SingleFile::open(&base).with_context(why)?.unet_config
+    } else {
+        sd_unet::UNetConfig::load(&base.path.join("unet")).with_context(why)?
+    };
+    Ok(Some(cfg))
 }
 
 /// What `merge-lora` and `export` write.

@@ -311,7 +311,6 @@ fn run_in(args: TrainCli, cfg: train::TrainConfig) -> Result<()> {
         prediction_type: args.prediction_type.clone(),
         ..personalize::Base::new(&args.base)
     };
-    train::refuse_sdxl(&base)?;
 
     let class_images = match &cfg.prior {
         None => vec![],

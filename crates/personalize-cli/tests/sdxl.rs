@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{fixtures, latents_file, one_line_error, run};
+use common::{fixtures, latents_file, one_line_error, run, train_args};
 
 use model_io::tensor_file::read_tensors;
 
@@ -37,7 +37,7 @@ fn generate_sdxl_matches_diffusers_and_reruns_from_its_png() {
 }
 
 #[test]
-fn bad_size_conditioning_and_sdxl_training_get_one_line_errors() {
+fn bad_size_conditioning_gets_one_line_errors() {
     let d = tempfile::tempdir().unwrap();
     let base = fixtures().join("sdxl_pipeline");
     let out = d.path().join("out");
@@ -50,13 +50,43 @@ fn bad_size_conditioning_and_sdxl_training_get_one_line_errors() {
     one_line_error(&gen("--original-size", "1024"), &["--original-size", "A,B"]);
     one_line_error(&gen("--target-size", "0,1024"), &["--target-size", "0,1024"]);
     one_line_error(&gen("--crop-top-left", "99999,0"), &["--crop-top-left", "absurd"]);
-    let img = fixtures().join("blip2/preprocess/photo.png");
+}
+
+/// `train` on the SDXL folder writes an `sdxl` concept that `generate --concept` applies, and
+/// `export-lora` names its modules in SGM's layout; the concept on an SD 1.x base is refused.
+#[test]
+fn train_on_sdxl_then_generate_with_the_concept() {
+    let d = tempfile::tempdir().unwrap();
+    let base = fixtures().join("sdxl_pipeline");
+    let concept = d.path().join("concept");
+    let mut args = train_args(concept.to_str().unwrap(), "3");
+    args[2] = base.to_str().unwrap().to_string();
+    args.extend(["--sample-steps", "0"].map(String::from));
+    let (ok, err) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(concept.join("concept.json")).unwrap()).unwrap();
+    assert_eq!(info["architecture"], "sdxl");
+    let c = concept.to_str().unwrap();
+    let out = d.path().join("out");
     #[rustfmt::skip]
     let (ok, err) = run(&[
-        "train", "--base", base.to_str().unwrap(), "--image", img.to_str().unwrap(),
-        "--blip2", fixtures().join("blip2/opt_sharded").to_str().unwrap(), "--prompt", "a photo of sks",
-        "--steps", "1", "--out", d.path().join("concept").to_str().unwrap(),
+        "generate", "--base", base.to_str().unwrap(), "--concept", c, "--prompt", "a photo of sks",
+        "--steps", "2", "--out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.join("0000.png").is_file());
+    let kohya = d.path().join("kohya.safetensors");
+    let (ok, err) = run(&["export-lora", "--concept", c, "--format", "kohya", "--out", kohya.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let t = model_io::tensor_file::read_tensors(&kohya).unwrap();
+    assert!(t.keys().any(|k| k.starts_with("lora_unet_output_blocks_")), "{:?}", t.keys().next());
+    let sd = d.path().join("sd");
+    #[rustfmt::skip]
+    let (ok, err) = run(&[
+        "generate", "--base", fixtures().join("pipeline").to_str().unwrap(), "--concept", c,
+        "--prompt", "a photo of sks", "--steps", "1", "--out", sd.to_str().unwrap(),
     ]);
     assert!(!ok);
-    one_line_error(&err, &["SDXL", "training"]);
+    one_line_error(&err, &["SDXL"]);
 }

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{fixtures, latents_file, one_line_error, parity_args, run};
+use common::{fixtures, latents_file, one_line_error, parity_args, run, train_args};
 
 use model_io::tensor_file::read_tensors;
 
@@ -107,9 +107,9 @@ fn a_concept_trains_on_a_single_file_and_generates_on_it() {
 }
 
 /// `generate --base sdxl.safetensors --config SDXL_FOLDER` draws diffusers' `from_single_file`
-/// image; training and exporting that file are refused as SDXL, in one line.
+/// image; a concept trains on it; merging LoRAs into it is refused as SDXL, in one line.
 #[test]
-fn an_sdxl_single_file_generates_and_what_sdxl_lacks_is_refused() {
+fn an_sdxl_single_file_generates_trains_and_refuses_merging() {
     let io = read_tensors(&fixtures().join("single_file/io.safetensors")).unwrap();
     let d = tempfile::tempdir().unwrap();
     let lat = latents_file(d.path(), &io["sdxl.latents"]);
@@ -129,15 +129,25 @@ fn an_sdxl_single_file_generates_and_what_sdxl_lacks_is_refused() {
     let max = img.data.iter().zip(r).map(|(a, b)| a.abs_diff((b * 255.0).round().clamp(0.0, 255.0) as u8)).max();
     assert!(max.is_some_and(|m| m <= 3), "{max:?} levels from diffusers' from_single_file");
 
-    let img = fixtures().join("blip2/preprocess/photo.png");
-    #[rustfmt::skip]
-    let (ok, err) = run(&[
-        "train", "--base", file, "--config", config, "--image", img.to_str().unwrap(),
-        "--blip2", fixtures().join("blip2/opt_sharded").to_str().unwrap(), "--prompt", "a photo of sks",
-        "--steps", "1", "--out", d.path().join("concept").to_str().unwrap(),
-    ]);
-    assert!(!ok);
-    one_line_error(&err, &["sdxl.safetensors", "SDXL", "training"]);
+    // A concept trains on the file, and its kohya LoRA takes SGM's names from the file's UNet.
+    let concept = d.path().join("concept");
+    let mut args = train_args(concept.to_str().unwrap(), "2");
+    args[2] = file.to_string();
+    args.extend(["--config".to_string(), config.to_string()]);
+    let (ok, err) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    let kohya = d.path().join("kohya.safetensors");
+    let (ok, err) = run(&["export-lora", "--concept", concept.to_str().unwrap(), "--out", kohya.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let keys: Vec<String> = read_tensors(&kohya).unwrap().into_keys().collect();
+    assert!(
+        keys.iter().all(|k| k.starts_with("lora_unet_input_blocks_")
+            || k.starts_with("lora_unet_middle_block_")
+            || k.starts_with("lora_unet_output_blocks_")),
+        "{:?}",
+        keys.first()
+    );
+    assert_eq!(std::fs::read(&kohya).unwrap(), std::fs::read(concept.join("unet_lora.kohya.safetensors")).unwrap());
     let merged = d.path().join("merged.safetensors");
     let lora = fixtures().join("lora/in/kohya.safetensors");
     #[rustfmt::skip]

@@ -76,6 +76,6 @@ impl<B: Backend> LoraLinear<B> {
 }
 
 pub use crate::lora_io::{
-    attach, kohya_name, load_lora, load_lora_scaled, lora_tensors, peft_to_kohya, PeftLoraConfig,
+    attach, kohya_name, load_lora, load_lora_scaled, lora_tensors, peft_to_kohya, peft_to_kohya_for, PeftLoraConfig,
     LORA_ADAPTER_METADATA_KEY,
 };

@@ -237,6 +237,43 @@ pub fn peft_to_kohya(
     tensors: &BTreeMap<String, HostTensor>,
     scale: &dyn Fn(&str, usize) -> f64,
 ) -> Result<BTreeMap<String, HostTensor>> {
+    peft_to_kohya_named(tensors, scale, &|m| Ok(kohya_name(m)))
+}
+
+/// [`peft_to_kohya`] with the names kohya's tools give a UNet of `config`: diffusers' paths for
+/// SD 1.x/2.x (as [`kohya_name`]), and for SDXL (`addition_embed_type` set) SGM's LDM paths, as
+/// sd-scripts' `sdxl_train_network.py` names them (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`),
+/// which A1111, ComfyUI and diffusers' SDXL loader read.
+///
+/// ```no_run
+/// let cfg = sd_unet::UNetConfig::load("sdxl/unet".as_ref())?;
+/// let (peft, _) = model_io::tensor_file::read_tensors_with_metadata("my-dog/unet_lora.safetensors".as_ref())?;
+/// let kohya = sd_unet::lora::peft_to_kohya_for(&cfg, &peft, &|_, _| 1.0)?;
+/// assert!(kohya.keys().all(|k| k.starts_with("lora_unet_")));
+/// # Ok::<(), model_io::Error>(())
+/// ```
+pub fn peft_to_kohya_for(
+    config: &crate::UNetConfig,
+    tensors: &BTreeMap<String, HostTensor>,
+    scale: &dyn Fn(&str, usize) -> f64,
+) -> Result<BTreeMap<String, HostTensor>> {
+    if config.addition_embed_type.is_none() {
+        return peft_to_kohya(tensors, scale);
+    }
+    let map = crate::ldm::key_map(config);
+    peft_to_kohya_named(tensors, scale, &|m| {
+        let file = map
+            .to_file(&format!("{m}.weight"))
+            .ok_or_else(|| Error::invalid(format!("LoRA module `{m}` has no place in the SDXL UNet's LDM layout")))?;
+        Ok(kohya_name(file.strip_suffix(".weight").unwrap_or(&file)))
+    })
+}
+
+fn peft_to_kohya_named(
+    tensors: &BTreeMap<String, HostTensor>,
+    scale: &dyn Fn(&str, usize) -> f64,
+    name: &dyn Fn(&str) -> Result<String>,
+) -> Result<BTreeMap<String, HostTensor>> {
     let mut out = BTreeMap::new();
     for (k, a) in tensors {
         let Some(module) = k.strip_suffix(".lora_A.weight") else {
@@ -257,7 +294,7 @@ pub fn peft_to_kohya(
                 a.shape, b.shape
             )));
         }
-        let name = kohya_name(module);
+        let name = name(module)?;
         out.insert(format!("{name}.lora_down.weight"), a.clone());
         out.insert(format!("{name}.lora_up.weight"), b.clone());
         out.insert(format!("{name}.alpha"), HostTensor::f32(vec![], vec![(scale(module, rank) * rank as f64) as f32]));

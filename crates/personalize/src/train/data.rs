@@ -74,6 +74,17 @@ pub(crate) fn views(w: usize, h: usize, extra: usize, min_scale: f64, flip: bool
     out
 }
 
+/// SDXL's `add_time_ids` for a view of a `w`×`h` image trained at `res`, as diffusers'
+/// `train_dreambooth_lora_sdxl.py` computes them: the original size (h, w), the crop's top-left
+/// corner in the image resized to the crop's scale (after the mirror, which moves it), and the
+/// target size (res, res).
+pub(crate) fn time_ids(v: View, w: usize, h: usize, res: usize) -> [f32; 6] {
+    let scale = res as f64 / v.side as f64;
+    let x = if v.flip { w - v.x - v.side } else { v.x };
+    let at = |p: usize| (p as f64 * scale).round() as f32;
+    [h as f32, w as f32, at(v.y), at(x), res as f32, res as f32]
+}
+
 /// Crops, resizes (antialiased bilinear: the image crate's triangle filter) and mirrors `img`,
 /// then maps it to the VAE's input range: CHW floats in `[-1, 1]`.
 pub(crate) fn render(img: &RgbImage, v: View, res: usize) -> Vec<f32> {
@@ -159,4 +170,21 @@ pub fn plot_losses(losses: &[f64], w: usize, h: usize) -> RgbImage {
     }
     line(&mut img, &ema, [160, 20, 20]);
     img
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// As diffusers' SDXL DreamBooth script: (h, w) of the image, the crop corner at the
+    /// training scale, the square target; a mirrored crop's corner measured from the other side.
+    #[test]
+    fn time_ids_follow_the_crop() {
+        let centre = View { x: 6, y: 0, side: 36, flip: false };
+        assert_eq!(time_ids(centre, 48, 36, 32), [36.0, 48.0, 0.0, 5.0, 32.0, 32.0]);
+        let mirrored = View { x: 0, y: 10, side: 20, flip: true };
+        assert_eq!(time_ids(mirrored, 48, 36, 32), [36.0, 48.0, 16.0, 45.0, 32.0, 32.0]);
+        let whole = View { x: 0, y: 0, side: 1024, flip: false };
+        assert_eq!(time_ids(whole, 1024, 1024, 1024), [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]);
+    }
 }

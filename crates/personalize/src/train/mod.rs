@@ -7,7 +7,9 @@
 //!    `1 + augment` views (the centre crop of the shorter side, then random square crops of
 //!    `[min_crop, 1]` of it, each mirrored with probability 1/2 when `flip`), and every view is
 //!    encoded by the frozen VAE; the latent distribution (mean, std) of each view is kept on the
-//!    host. The prompt's CLIP embeddings are computed once. The BLIP-2 queries of the images are
+//!    host. The prompt's CLIP embeddings are computed once (on SDXL both encoders' and the pooled
+//!    projection, with each view's `add_time_ids` from its crop, as diffusers'
+//!    `train_dreambooth_lora_sdxl.py`). The BLIP-2 queries of the images are
 //!    given by the caller (`TrainData::queries`). None of these models is ever differentiated.
 //! 2. Each step draws `batch` views uniformly, a latent from each view's distribution
 //!    (`latent_dist.sample()`), Gaussian noise and a timestep in `[0, num_train_timesteps)`; the
@@ -68,7 +70,7 @@ pub use config::{PriorConfig, TrainConfig, UnetMode};
 pub use lock::{OutLock, RUN_OUTPUTS};
 
 pub use data::{image_files, load_image, load_images, plot_losses};
-use data::{render, views};
+use data::{render, time_ids, views};
 pub use model::{Batch, GradNorms, Optimizer, TrainModel};
 pub use parts::AdamW;
 use parts::{host_params, load_params};
@@ -125,6 +127,14 @@ struct CachedLatent {
     image: usize,
     mean: Vec<f32>,
     std: Vec<f32>,
+    /// SDXL's original size, crop top-left and target size of the view.
+    time_ids: [f32; 6],
+}
+
+/// A prompt's frozen encoding: the context `[1, 77, D]` and, on SDXL, the pooled `[1, P]`.
+struct CachedText {
+    context: HostTensor,
+    pooled: Option<HostTensor>,
 }
 
 /// One training run: the base model, the settings, the data, and the concept folder.
@@ -165,10 +175,19 @@ pub struct Trainer<B: AutodiffBackend> {
     scaling: f32,
     views: Vec<CachedLatent>,
     class_views: Vec<CachedLatent>,
-    text: HostTensor,
-    class_text: Option<HostTensor>,
+    text: CachedText,
+    class_text: Option<CachedText>,
     queries: HostTensor,
     data_fingerprint: String,
+}
+
+/// A batch drawn from a pool of views: the view indices, the noisy latents, the targets and
+/// the timesteps (host).
+struct Drawn {
+    picks: Vec<usize>,
+    noisy: HostSample,
+    target: HostSample,
+    ts: Vec<usize>,
 }
 
 /// The step's own generator: a function of the seed and the step only.
@@ -239,7 +258,6 @@ impl<B: AutodiffBackend> Trainer<B> {
             _ => {}
         }
 
-        refuse_sdxl(base)?;
         let pipe = Pipeline::<B::InnerBackend>::open(base, device)?;
         let f = pipe.vae.downscale_factor();
         if !cfg.resolution.is_multiple_of(f) {
@@ -271,8 +289,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         let data_fingerprint = format!("{:016x}", h.finish());
 
         // Frozen encoders, once.
-        let encode_text =
-            |p: &str| -> Result<HostTensor> { Ok(HostTensor::from_tensor(pipe.encode_prompts(&[p.to_string()])?)) };
+        let encode_text = |p: &str| -> Result<CachedText> {
+            let (context, pooled) = pipe.encode_text(&[p.to_string()])?;
+            Ok(CachedText { context: HostTensor::from_tensor(context), pooled: pooled.map(HostTensor::from_tensor) })
+        };
         let text = encode_text(&cfg.prompt)?;
         let class_text = cfg.prior.as_ref().map(|p| encode_text(&p.class_prompt)).transpose()?;
         let views = Self::cache_latents(&pipe, cfg, &data.images, cfg.seed ^ 0x5EED_0001, device)?;
@@ -358,7 +378,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                         &vae,
                     ));
                 }
-                out.push(CachedLatent { image: i, mean, std });
+                out.push(CachedLatent { image: i, mean, std, time_ids: time_ids(v, img.width, img.height, res) });
             }
         }
         Ok(out)
@@ -374,11 +394,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// A batch's noisy latents, targets and timesteps (host), with the view indices.
-    fn draw(
-        &self,
-        rng: &mut SeededRng,
-        pool: &[CachedLatent],
-    ) -> Result<(Vec<usize>, HostSample, HostSample, Vec<usize>)> {
+    fn draw(&self, rng: &mut SeededRng, pool: &[CachedLatent]) -> Result<Drawn> {
         let b = self.cfg.batch;
         let [c, hh, ww] = self.latent_shape;
         let n = c * hh * ww;
@@ -399,7 +415,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let noise = HostSample::new(noise, shape)?;
         let noisy = self.sched.add_noise(&x0, &noise, &ts)?;
         let target = self.sched.training_target(&x0, &noise, &ts)?;
-        Ok((picks, noisy, target, ts))
+        Ok(Drawn { picks, noisy, target, ts })
     }
 
     fn tensor4(&self, s: HostSample) -> Tensor<B, 4> {
@@ -407,24 +423,33 @@ impl<B: AutodiffBackend> Trainer<B> {
         Tensor::from_data(TensorData::new(s.data, shape), &self.device)
     }
 
-    /// The batch of drawn views; `queries` (`None` for class images) of their images.
+    /// The batch of the views `picks` of `pool`, with the prompt's encoding `text`; `queries`
+    /// (`None` for class images) of their images.
     fn batch(
         &self,
-        noisy: HostSample,
-        target: HostSample,
-        ts: &[usize],
-        text: Tensor<B, 3>,
+        drawn: Drawn,
+        pool: &[CachedLatent],
+        text: &CachedText,
         queries: Option<Tensor<B, 3>>,
-    ) -> Batch<B> {
+    ) -> Result<Batch<B>> {
+        let Drawn { picks, noisy, target, ts } = drawn;
+        let b = picks.len();
         let timesteps = Tensor::<B, 1>::from_data(
             TensorData::new(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), [ts.len()]),
             &self.device,
         );
-        Batch { queries, text, noisy: self.tensor4(noisy), timesteps, target: self.tensor4(target) }
-    }
-
-    fn text_batch(&self, t: &HostTensor, b: usize) -> Result<Tensor<B, 3>> {
-        Ok(t.to_float::<B, 3>("text", &self.device)?.repeat_dim(0, b))
+        let added = match &text.pooled {
+            Some(p) => {
+                let ids: Vec<f32> = picks.iter().flat_map(|&i| pool[i].time_ids).collect();
+                Some(sd_unet::AddedConditioning {
+                    text_embeds: p.to_float::<B, 2>("text_embeds", &self.device)?.repeat_dim(0, b),
+                    time_ids: Tensor::from_data(TensorData::new(ids, [b, 6]), &self.device),
+                })
+            }
+            None => None,
+        };
+        let text = text.context.to_float::<B, 3>("text", &self.device)?.repeat_dim(0, b);
+        Ok(Batch { queries, text, noisy: self.tensor4(noisy), timesteps, target: self.tensor4(target), added })
     }
 
     /// One optimizer step. Errors (without updating anything) on a NaN or infinite loss or
@@ -432,8 +457,8 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn train_step(&mut self) -> Result<StepInfo> {
         let step = self.step + 1;
         let mut rng = step_rng(self.cfg.seed, step);
-        let (picks, noisy, target, ts) = self.draw(&mut rng, &self.views)?;
-        let b = picks.len();
+        let drawn = self.draw(&mut rng, &self.views)?;
+        let (picks, b) = (drawn.picks.clone(), drawn.picks.len());
 
         // Queries of the drawn views' images.
         let [_, q, dq] = [self.queries.shape[0], self.queries.shape[1], self.queries.shape[2]];
@@ -444,13 +469,13 @@ impl<B: AutodiffBackend> Trainer<B> {
             qb.extend_from_slice(&all[i * q * dq..(i + 1) * q * dq]);
         }
         let qt = Tensor::<B, 3>::from_data(TensorData::new(qb, [b, q, dq]), &self.device);
-        let loss = self.model.loss(self.batch(noisy, target, &ts, self.text_batch(&self.text, b)?, Some(qt)))?;
+        let loss = self.model.loss(self.batch(drawn, &self.views, &self.text, Some(qt))?)?;
         let loss_v = scalar(&loss);
 
         let (total, prior_v) = match (&self.cfg.prior, &self.class_text) {
             (Some(p), Some(ct)) => {
-                let (_, cn, ctg, cts) = self.draw(&mut rng, &self.class_views)?;
-                let pl = self.model.loss(self.batch(cn, ctg, &cts, self.text_batch(ct, b)?, None))?;
+                let class = self.draw(&mut rng, &self.class_views)?;
+                let pl = self.model.loss(self.batch(class, &self.class_views, ct, None)?)?;
                 let pv = scalar(&pl);
                 (loss + pl * p.weight, Some(pv))
             }
@@ -494,7 +519,11 @@ impl<B: AutodiffBackend> Trainer<B> {
                     .map(|p| format!("the aligner's weight `{p}`"))
             })
             .or_else(|| {
-                let bad = |t: &HostTensor| t.as_f32("text").is_ok_and(|v| v.iter().any(|x| !x.is_finite()));
+                let bad = |t: &CachedText| {
+                    std::iter::once(&t.context)
+                        .chain(&t.pooled)
+                        .any(|t| t.as_f32("text").is_ok_and(|v| v.iter().any(|x| !x.is_finite())))
+                };
                 (bad(&self.text) || self.class_text.as_ref().is_some_and(bad))
                     .then(|| "the text encoder's embedding of the prompt".to_string())
             });
@@ -542,23 +571,6 @@ fn resume_settings(cfg: &TrainConfig) -> serde_json::Value {
 fn scalar<B: burn::tensor::backend::Backend>(t: &Tensor<B, 1>) -> f64 {
     let d = t.clone().into_data().convert::<f64>();
     d.as_slice::<f64>().map(|v| v[0]).unwrap_or(f64::NAN)
-}
-
-/// Training runs on SD 1.x/2.x bases for now: an SDXL folder is refused, before anything is
-/// loaded.
-///
-/// ```
-/// assert!(personalize::train::refuse_sdxl(&personalize::Base::new("sd15")).is_ok());
-/// ```
-pub fn refuse_sdxl(base: &crate::Base) -> Result<()> {
-    if base.is_sdxl() {
-        return Err(Error::invalid(format!(
-            "{} is an SDXL model; training runs on SD 1.x/2.x bases for now (SDXL generates, visual \
-             prompts included)",
-            base.path.display()
-        )));
-    }
-    Ok(())
 }
 
 /// Trains a concept: [`Trainer::new`], then steps up to `cfg.steps`, saving (checkpoint,

@@ -56,6 +56,8 @@ pub struct Batch<B: Backend> {
     pub timesteps: Tensor<B, 1>,
     /// The regression target `[b, 4, h, w]` (the noise, or the velocity).
     pub target: Tensor<B, 4>,
+    /// SDXL's pooled text embeddings and time ids (`None` for SD 1.x/2.x).
+    pub added: Option<sd_unet::AddedConditioning<B>>,
 }
 
 impl<B: AutodiffBackend> TrainModel<B> {
@@ -83,7 +85,7 @@ impl<B: Backend> TrainModel<B> {
             Some(q) => q_aligner::assemble(batch.text, self.aligner.forward(q)?),
             None => batch.text,
         };
-        let pred = self.unet.forward(batch.noisy, batch.timesteps, context)?;
+        let pred = self.unet.forward_with(batch.noisy, batch.timesteps, context, batch.added.as_ref())?;
         Ok((pred - batch.target).powi_scalar(2).mean())
     }
 }

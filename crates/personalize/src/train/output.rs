@@ -54,8 +54,8 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let lora = self.lora_file_tensors();
                 write_tensors(&dir.join("unet_lora.safetensors"), &lora, &meta)?;
                 // The same adapter for A1111, ComfyUI and kohya's tools (alpha = rank: the
-                // scale is in lora_B).
-                let kohya = sd_unet::lora::peft_to_kohya(&lora, &|_, _| 1.0)?;
+                // scale is in lora_B), under SGM's names on SDXL, as sd-scripts writes them.
+                let kohya = sd_unet::lora::peft_to_kohya_for(self.pipe.unet_config(), &lora, &|_, _| 1.0)?;
                 let pt = BTreeMap::from([("format".to_string(), "pt".to_string())]);
                 write_tensors(&dir.join(crate::KOHYA_LORA_FILE), &kohya, &pt)?;
                 (Some(rank), Some(rank as f64))

@@ -403,7 +403,7 @@ fn run_one(name: &str, exe: &Path, benches: &Path, tmp: &Path, a: &BenchArgs) ->
         "train-step" | "train-step-xl" => {
             let (config, res) = if name == "train-step" { ("sd15-unet", 512) } else { ("sdxl-unet", 1024) };
             let res = a.resolution.unwrap_or(res);
-            if res % 8 != 0 {
+            if !res.is_multiple_of(8) {
                 return Err(format!("bench {name}: --resolution {res} is not a multiple of the VAE factor 8"));
             }
             torch_args.extend(["--size".to_string(), res.to_string()]);

@@ -19,6 +19,11 @@
 //! 8 elements ([`SMALL`]), and constants of modules that own no weight. Any other initializer that
 //! maps to no weight is an error naming it and its node, so a graph that a runtime optimiser
 //! rewrote, or one of another architecture, is refused rather than half-loaded.
+//!
+//! The renames are the same views the single-file layouts use: the initializers form a
+//! checkpoint under their ONNX names, and the published keys are [`Checkpoint::derive`]d from
+//! it ([`Derive::Same`], [`Derive::Transpose`], [`Derive::Reshape`]), so an ONNX export and a
+//! single file differ only in how the entries are found.
 
 mod proto;
 
@@ -28,7 +33,7 @@ use std::path::{Component, Path, PathBuf};
 use prost::Message;
 
 use crate::checkpoint::{decode_f32, dtype_size, map_file, regular_file, Shard, TensorInfo};
-use crate::{Checkpoint, Error, Result};
+use crate::{Checkpoint, Derive, Error, Result};
 
 /// Initializers of at most this many elements that map to no weight are constants of the
 /// computation (scales, shapes, Resize factors), not weights, and are skipped.
@@ -37,14 +42,6 @@ pub(crate) const SMALL: usize = 8;
 /// A shard index not yet known: values decoded from typed fields, placed in one in-memory
 /// shard once every tensor is read.
 const TYPED: usize = usize::MAX;
-
-/// How a tensor of the file becomes a tensor of the model.
-#[derive(Debug, Clone, PartialEq)]
-enum Role {
-    Same,
-    Transposed,
-    Reshaped(Vec<usize>),
-}
 
 impl Checkpoint {
     /// Opens an ONNX model file (`model.onnx`) as a checkpoint of its weights under the
@@ -123,29 +120,26 @@ impl Checkpoint {
             }
         }
         let plan = name_map(path, &nodes, &stored, &reader)?;
-        let mut tensors = HashMap::new();
-        let mut origins = HashMap::new();
-        for (key, (onnx_name, role, origin)) in plan {
-            let mut info = stored[&onnx_name].clone();
-            match role {
-                Role::Same => {}
-                Role::Transposed => {
-                    info.shape.reverse();
-                    info.transposed = true;
-                }
-                Role::Reshaped(shape) => info.shape = shape,
-            }
-            tensors.insert(key.clone(), info);
-            origins.insert(key, origin);
-        }
-        Ok(Checkpoint {
-            name: path.display().to_string(),
+        let name = path.display().to_string();
+        let raw = Checkpoint {
+            name: name.clone(),
             shards: reader.shards,
-            tensors,
+            tensors: stored.into_iter().collect(),
             metadata: model.metadata_props.iter().map(|p| (p.key.clone(), p.value.clone())).collect(),
             absent: HashMap::new(),
-            origins,
-        })
+            origins: HashMap::new(),
+        };
+        let mut origins = HashMap::new();
+        let entries: Vec<(String, String, Derive)> = plan
+            .into_iter()
+            .map(|(key, (onnx_name, how, origin))| {
+                origins.insert(key.clone(), origin);
+                (key, onnx_name, how)
+            })
+            .collect();
+        let mut ckpt = raw.derive(&name, entries)?;
+        ckpt.origins = origins;
+        Ok(ckpt)
     }
 }
 
@@ -349,7 +343,8 @@ fn module_path(node: &proto::NodeProto) -> Option<String> {
     Some(rest.rsplit_once('/').map_or_else(String::new, |(path, _op)| path.replace('/', ".")))
 }
 
-type Plan = BTreeMap<String, (String, Role, String)>;
+/// Each published key: the initializer it is read from, how, and the node that says so.
+type Plan = BTreeMap<String, (String, Derive, String)>;
 
 /// The published key of every initializer that is a weight (see the module docs).
 fn name_map(
@@ -397,7 +392,7 @@ fn name_map(
         .collect();
     let origin = |i: usize| format!("node `{}` ({})", nodes[i].name, nodes[i].op_type);
     let mut plan: Plan = BTreeMap::new();
-    let put = |plan: &mut Plan, key: String, name: &str, role: Role, from: String| -> Result<()> {
+    let put = |plan: &mut Plan, key: String, name: &str, role: Derive, from: String| -> Result<()> {
         if let Some((other, ..)) = plan.get(&key) {
             if other != name {
                 return Err(bad(format!("initializers `{other}` and `{name}` both map to weight `{key}`")));
@@ -415,7 +410,7 @@ fn name_map(
         let named = is_state_dict_key(name);
         if named {
             let from = consumers.first().map_or_else(|| "an initializer".to_string(), |&(i, _)| origin(i));
-            put(&mut plan, name.clone(), name, Role::Same, from)?;
+            put(&mut plan, name.clone(), name, Derive::Same, from)?;
         }
         let float = matches!(info.dtype.as_str(), "F32" | "F16" | "BF16" | "F64");
         let numel: usize = info.shape.iter().product();
@@ -441,17 +436,17 @@ fn name_map(
             }
             let vector = info.shape.iter().filter(|&&d| d != 1).count() <= 1;
             let role = match (n.op_type.as_str(), j) {
-                ("MatMul", 1) if info.shape.len() == 2 => Some(("weight", Role::Transposed)),
+                ("MatMul", 1) if info.shape.len() == 2 => Some(("weight", Derive::Transpose)),
                 ("Gemm", 1) if info.shape.len() == 2 => {
-                    Some(("weight", if transb { Role::Same } else { Role::Transposed }))
+                    Some(("weight", if transb { Derive::Same } else { Derive::Transpose }))
                 }
-                ("Gemm", 2) | ("Conv", 2) | ("LayerNormalization", 2) => Some(("bias", Role::Reshaped(vec![numel]))),
-                ("Conv", 1) | ("Gather", 0) => Some(("weight", Role::Same)),
-                ("LayerNormalization", 1) => Some(("weight", Role::Reshaped(vec![numel]))),
-                ("Mul", _) if vector && group_norms.contains(module) => Some(("weight", Role::Reshaped(vec![numel]))),
-                ("Add", _) if vector && group_norms.contains(module) => Some(("bias", Role::Reshaped(vec![numel]))),
+                ("Gemm", 2) | ("Conv", 2) | ("LayerNormalization", 2) => Some(("bias", Derive::Reshape(vec![numel]))),
+                ("Conv", 1) | ("Gather", 0) => Some(("weight", Derive::Same)),
+                ("LayerNormalization", 1) => Some(("weight", Derive::Reshape(vec![numel]))),
+                ("Mul", _) if vector && group_norms.contains(module) => Some(("weight", Derive::Reshape(vec![numel]))),
+                ("Add", _) if vector && group_norms.contains(module) => Some(("bias", Derive::Reshape(vec![numel]))),
                 // A Linear's bias after its MatMul, when stored once for several layers.
-                ("Add", _) if named && info.shape.len() == 1 => Some(("bias", Role::Same)),
+                ("Add", _) if named && info.shape.len() == 1 => Some(("bias", Derive::Same)),
                 ("InstanceNormalization", 1 | 2) => {
                     // Over the groups of a GroupNorm: 1 and 0, not weights. A real
                     // InstanceNorm's scale and bias are.
@@ -461,7 +456,7 @@ fn name_map(
                         mapped = true;
                         None
                     } else {
-                        Some((if j == 1 { "weight" } else { "bias" }, Role::Reshaped(vec![numel])))
+                        Some((if j == 1 { "weight" } else { "bias" }, Derive::Reshape(vec![numel])))
                     }
                 }
                 _ => None,
@@ -469,7 +464,7 @@ fn name_map(
             // Every consumer: exporters store identical constants once (the GroupNorms of a
             // freshly initialised model share one `[C, 1, 1]` of ones), each a weight of its own.
             // A named weight is never re-laid out by its consumer: only renames apply to it.
-            let role = role.filter(|(_, r)| !named || !matches!(r, Role::Transposed));
+            let role = role.filter(|(_, r)| !named || !matches!(r, Derive::Transpose));
             if let Some((leaf, role)) = role {
                 if named && key(leaf) == *name {
                     continue;

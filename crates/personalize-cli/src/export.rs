@@ -101,6 +101,16 @@ pub enum ModelFormat {
     SingleFile,
 }
 
+impl ModelFormat {
+    /// The layout a path names: a `.safetensors` file is a single file, anything else a folder.
+    fn for_path(out: &std::path::Path) -> Self {
+        match out.extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("safetensors") => Self::SingleFile,
+            _ => Self::Diffusers,
+        }
+    }
+}
+
 /// The base model arguments `merge-lora` and `export` share.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BaseArgs {
@@ -110,9 +120,10 @@ pub struct BaseArgs {
     /// Single-file and ONNX --base only: `epsilon` or `v_prediction` (as for generate).
     #[arg(long, value_name = "TYPE", value_parser = ["epsilon", "v_prediction"])]
     pub prediction_type: Option<String>,
-    /// The layout to write.
-    #[arg(long, value_enum, default_value = "diffusers")]
-    pub format: ModelFormat,
+    /// The layout to write (default: single-file when --out ends in `.safetensors`, else
+    /// diffusers).
+    #[arg(long, value_enum)]
+    pub format: Option<ModelFormat>,
     /// The folder (diffusers) or file (single-file) to write.
     #[arg(long)]
     pub out: PathBuf,
@@ -171,7 +182,7 @@ fn write(base: personalize::Base, concept: Option<&std::path::Path>, allow: bool
     let m = personalize::MergedModel::open::<crate::backend::B>(&base, concept, allow, &dev)
         .with_context(|| format!("loading base model {}", base.path.display()))?;
     spinner.set_message(format!("writing {}", c.out.display()));
-    match c.format {
+    match c.format.unwrap_or_else(|| ModelFormat::for_path(&c.out)) {
         ModelFormat::Diffusers => m.write_diffusers(&c.out, c.overwrite)?,
         ModelFormat::SingleFile => m.write_single_file(&c.out, c.overwrite)?,
     }
@@ -191,9 +202,10 @@ pub struct ConvertArgs {
     /// The folder (diffusers) or file (single-file) to write.
     #[arg(long)]
     pub to: PathBuf,
-    /// The layout to write.
-    #[arg(long, value_enum, default_value = "diffusers")]
-    pub format: ModelFormat,
+    /// The layout to write (default: single-file when --to ends in `.safetensors`, else
+    /// diffusers).
+    #[arg(long, value_enum)]
+    pub format: Option<ModelFormat>,
     /// ONNX folders and single files: a diffusers folder with the models' configs, where the
     /// model has none beside it and they cannot be inferred (as for generate).
     #[arg(long, value_name = "DIR")]

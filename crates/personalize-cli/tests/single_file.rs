@@ -109,7 +109,7 @@ fn a_concept_trains_on_a_single_file_and_generates_on_it() {
 /// `generate --base sdxl.safetensors --config SDXL_FOLDER` draws diffusers' `from_single_file`
 /// image; a concept trains on it; merging LoRAs into it is refused as SDXL, in one line.
 #[test]
-fn an_sdxl_single_file_generates_trains_and_refuses_merging() {
+fn an_sdxl_single_file_generates_trains_and_merges() {
     let io = read_tensors(&fixtures().join("single_file/io.safetensors")).unwrap();
     let d = tempfile::tempdir().unwrap();
     let lat = latents_file(d.path(), &io["sdxl.latents"]);
@@ -148,14 +148,37 @@ fn an_sdxl_single_file_generates_trains_and_refuses_merging() {
         keys.first()
     );
     assert_eq!(std::fs::read(&kohya).unwrap(), std::fs::read(concept.join("unet_lora.kohya.safetensors")).unwrap());
+    // merge-lora bakes an SDXL LoRA into a new SDXL single file, which generates as the file
+    // with the LoRA; an SD 1.x LoRA is refused in one line.
     let merged = d.path().join("merged.safetensors");
-    let lora = fixtures().join("lora/in/kohya.safetensors");
+    let lora = format!("{}:0.7", fixtures().join("lora/sdxl/kohya.safetensors").display());
     #[rustfmt::skip]
     let (ok, err) = run(&[
-        "merge-lora", "--base", file, "--config", config, "--lora", lora.to_str().unwrap(),
-        "--out", merged.to_str().unwrap(),
+        "merge-lora", "--base", file, "--config", config, "--lora", &lora, "--out", merged.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let gen = |base: &str, extra: &[&str], out: &std::path::Path| {
+        #[rustfmt::skip]
+        let mut args = vec![
+            "generate", "--base", base, "--config", config, "--prompt", "a photo of a cat", "--steps", "2",
+            "--height", "32", "--width", "48", "--latents", lat.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, err) = run(&args);
+        assert!(ok, "{err}");
+        personalize::read_png(&out.join("0000.png")).unwrap().0.data
+    };
+    let with_lora = gen(file, &["--lora", &lora], &d.path().join("with-lora"));
+    assert_eq!(gen(merged.to_str().unwrap(), &[], &d.path().join("merged-out")), with_lora);
+    assert_ne!(gen(file, &[], &d.path().join("plain")), with_lora);
+    let sd_lora = fixtures().join("lora/in/kohya.safetensors");
+    let refused = d.path().join("refused.safetensors");
+    #[rustfmt::skip]
+    let (ok, err) = run(&[
+        "merge-lora", "--base", file, "--config", config, "--lora", sd_lora.to_str().unwrap(),
+        "--out", refused.to_str().unwrap(),
     ]);
     assert!(!ok);
-    one_line_error(&err, &["sdxl.safetensors", "SDXL"]);
-    assert!(!merged.exists());
+    one_line_error(&err, &["kohya.safetensors"]);
+    assert!(!refused.exists());
 }

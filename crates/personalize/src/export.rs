@@ -1,6 +1,8 @@
 //! A base model with LoRAs and a concept's UNet change merged into its weights, written as a
 //! diffusers folder (`StableDiffusionPipeline.from_pretrained`) or as a single file in the LDM
 //! layout (A1111, ComfyUI, `from_single_file`): `personalize merge-lora` and `personalize export`.
+//! SDXL bases are written as `StableDiffusionXLPipeline` folders (with `text_encoder_2` and
+//! `tokenizer_2`) or as SDXL single files (`conditioner.embedders.{0,1}`).
 //!
 //! The single file is written through the same key maps the loader reads
 //! ([`sd_unet::ldm::key_map`], [`sd_vae::ldm::key_map`], [`clip_text::ldm`]), so the two
@@ -24,11 +26,21 @@ enum Tokenizer {
     Bundled(Option<String>),
 }
 
-/// The three models' weights (LoRAs merged) and their configs, ready to write.
+/// SDXL's second text encoder's config, depth and tokenizer.
+struct SecondConfig {
+    config_json: Value,
+    layers: usize,
+    tokenizer: Tokenizer,
+}
+
+/// The models' weights (LoRAs merged) and their configs, ready to write.
 pub struct MergedModel {
     pub unet: Checkpoint,
     pub vae: Checkpoint,
     pub text_encoder: Checkpoint,
+    /// SDXL's second text encoder (`CLIPTextModelWithProjection`); `None` for SD 1.x/2.x.
+    pub text_encoder_2: Option<Checkpoint>,
+    text_2: Option<SecondConfig>,
     unet_config: sd_unet::UNetConfig,
     unet_config_json: Value,
     vae_config: sd_vae::AutoencoderKlConfig,
@@ -39,6 +51,8 @@ pub struct MergedModel {
     open_clip: bool,
     tokenizer: Tokenizer,
     scheduler: Value,
+    /// SDXL's `force_zeros_for_empty_prompt` (for a folder made from a single file).
+    force_zeros_for_empty_prompt: bool,
     /// A folder base, whose other files (VAE, tokenizer, scheduler, `model_index.json`, ...)
     /// an exported folder copies.
     folder: Option<PathBuf>,
@@ -62,14 +76,6 @@ impl MergedModel {
         allow_mismatch: bool,
         device: &B::Device,
     ) -> Result<Self> {
-        if base.is_sdxl() {
-            // Its second text encoder and added conditioning have no place in the SD layouts
-            // written here yet: refused rather than written without them.
-            return Err(Error::invalid(format!(
-                "{} is an SDXL model; merge-lora and export write SD 1.x/2.x models for now",
-                base.path.display()
-            )));
-        }
         let mut m = if base.is_split() { Self::from_single_file(base)? } else { Self::from_folder(base)? };
         let (fingerprint, legacy) = (m.unet.fingerprint(), m.unet.legacy_fingerprint());
         let mut loras: Vec<(LoraSpec, Option<f64>)> = base.loras.iter().map(|l| (l.clone(), None)).collect();
@@ -103,7 +109,8 @@ impl MergedModel {
                 dir.display()
             );
         }
-        crate::lora::merge_with_alphas::<B>(&loras, &mut m.unet, &m.unet_config, &mut m.text_encoder, None, device)?;
+        let text_2 = m.text_encoder_2.as_mut();
+        crate::lora::merge_with_alphas::<B>(&loras, &mut m.unet, &m.unet_config, &mut m.text_encoder, text_2, device)?;
         Ok(m)
     }
 
@@ -114,10 +121,22 @@ impl MergedModel {
         let text_config =
             clip_text::ClipTextConfig::from_json(text_config_json.clone(), &dir.join("text_encoder/config.json"))?;
         let vae_config_json: Value = model_io::read_config(&dir.join("vae"), "config.json")?;
+        let (text_encoder_2, text_2) = if base.is_sdxl() {
+            let sub = dir.join("text_encoder_2");
+            let config_json: Value = model_io::read_config(&sub, "config.json")?;
+            let config = clip_text::ClipTextConfig::from_json(config_json.clone(), &sub.join("config.json"))?;
+            let layers = config.num_hidden_layers;
+            let tokenizer = Tokenizer::Folder(dir.join("tokenizer_2"));
+            (Some(Checkpoint::open_dir(&sub, &["model"])?), Some(SecondConfig { config_json, layers, tokenizer }))
+        } else {
+            (None, None)
+        };
         Ok(Self {
             unet: Checkpoint::open_dir(&dir.join("unet"), &["diffusion_pytorch_model"])?,
             vae: Checkpoint::open_dir(&dir.join("vae"), &["diffusion_pytorch_model"])?,
             text_encoder: Checkpoint::open_dir(&dir.join("text_encoder"), &["model"])?,
+            text_encoder_2,
+            text_2,
             unet_config: sd_unet::UNetConfig::load(&dir.join("unet"))?,
             unet_config_json: model_io::read_config(&dir.join("unet"), "config.json")?,
             vae_config: sd_vae::AutoencoderKlConfig::from_json(vae_config_json.clone(), &dir.join("vae/config.json"))?,
@@ -127,6 +146,7 @@ impl MergedModel {
             text_config_json,
             tokenizer: Tokenizer::Folder(dir.join("tokenizer")),
             scheduler: model_io::read_config(&dir.join("scheduler"), "scheduler_config.json")?,
+            force_zeros_for_empty_prompt: false,
             folder: Some(dir.clone()),
         })
     }
@@ -134,10 +154,24 @@ impl MergedModel {
     fn from_single_file(base: &Base) -> Result<Self> {
         let f = crate::SingleFile::open(base)?;
         let open_clip = f.text_layout == crate::TextLayout::OpenClip;
+        let folder_tokenizer = |name: &str| match &base.config {
+            // An ONNX pipeline folder's own.
+            _ if f.path.join(name).is_dir() => Some(Tokenizer::Folder(f.path.join(name))),
+            Some(d) => Some(Tokenizer::Folder(d.join(name))),
+            None => None,
+        };
+        let text_2 = f.text_encoder_2.as_ref().map(|t| SecondConfig {
+            config_json: t.config_json.clone(),
+            layers: t.config.num_hidden_layers,
+            tokenizer: folder_tokenizer("tokenizer_2").unwrap_or(Tokenizer::Bundled(Some("!".into()))),
+        });
         Ok(Self {
+            tokenizer: folder_tokenizer("tokenizer").unwrap_or(Tokenizer::Bundled(open_clip.then(|| "!".to_string()))),
             unet: f.unet,
             vae: f.vae,
             text_encoder: f.text_encoder,
+            text_encoder_2: f.text_encoder_2.map(|t| t.checkpoint),
+            text_2,
             unet_config: f.unet_config,
             unet_config_json: f.unet_config_json,
             vae_config: f.vae_config,
@@ -145,18 +179,13 @@ impl MergedModel {
             text_layers: f.text_config.num_hidden_layers,
             text_config_json: f.text_config_json,
             open_clip,
-            tokenizer: match &base.config {
-                // An ONNX pipeline folder's own.
-                _ if f.path.join("tokenizer").is_dir() => Tokenizer::Folder(f.path.join("tokenizer")),
-                Some(d) => Tokenizer::Folder(d.join("tokenizer")),
-                None => Tokenizer::Bundled(open_clip.then(|| "!".to_string())),
-            },
             scheduler: f.scheduler_config.to_json(),
+            force_zeros_for_empty_prompt: f.force_zeros_for_empty_prompt,
             folder: None,
         })
     }
 
-    /// Writes a diffusers `StableDiffusionPipeline` folder at `out` (f32 weights): built in a
+    /// Writes a diffusers `StableDiffusionPipeline` (or `StableDiffusionXLPipeline`) folder at `out` (f32 weights): built in a
     /// temporary folder beside it and renamed into place, so an interrupted export leaves no
     /// half folder. An existing `out` is an error unless `overwrite`.
     pub fn write_diffusers(&self, out: &Path, overwrite: bool) -> Result<()> {
@@ -174,7 +203,7 @@ impl MergedModel {
                 let out_abs = std::path::absolute(out).ok();
                 let skip = |rel: &Path| {
                     let top = rel.components().count() == 1;
-                    ["unet", "text_encoder", "vae"].iter().any(|c| rel.starts_with(c))
+                    ["unet", "text_encoder", "text_encoder_2", "vae"].iter().any(|c| rel.starts_with(c))
                         || (top && folder.join(rel).is_file() && rel != Path::new("model_index.json"))
                         || out_abs
                             .as_deref()
@@ -185,14 +214,9 @@ impl MergedModel {
                 write_json(&tmp.join("model_index.json"), &self.model_index())?;
                 mkdir(&tmp.join("scheduler"))?;
                 write_json(&tmp.join("scheduler/scheduler_config.json"), &self.scheduler)?;
-                mkdir(&tmp.join("tokenizer"))?;
-                match &self.tokenizer {
-                    Tokenizer::Folder(d) => copy_tree(d, &tmp.join("tokenizer"), &|_| false)?,
-                    Tokenizer::Bundled(pad) => {
-                        for (name, text) in clip_text::ClipTokenizer::bundled_files(pad.as_deref()) {
-                            model_io::write_atomic(&tmp.join("tokenizer").join(name), text.as_bytes())?;
-                        }
-                    }
+                write_tokenizer(&self.tokenizer, &tmp.join("tokenizer"))?;
+                if let Some(t) = &self.text_2 {
+                    write_tokenizer(&t.tokenizer, &tmp.join("tokenizer_2"))?;
                 }
             }
             mkdir(&tmp.join("vae"))?;
@@ -204,6 +228,11 @@ impl MergedModel {
             mkdir(&tmp.join("text_encoder"))?;
             write_json(&tmp.join("text_encoder/config.json"), &f32_config(&self.text_config_json))?;
             write_checkpoint(&self.text_encoder, &tmp.join("text_encoder/model.safetensors"))?;
+            if let (Some(ckpt), Some(t)) = (&self.text_encoder_2, &self.text_2) {
+                mkdir(&tmp.join("text_encoder_2"))?;
+                write_json(&tmp.join("text_encoder_2/config.json"), &f32_config(&t.config_json))?;
+                write_checkpoint(ckpt, &tmp.join("text_encoder_2/model.safetensors"))?;
+            }
             replace(&tmp, out)
         })();
         if result.is_err() {
@@ -215,6 +244,22 @@ impl MergedModel {
     /// `model_index.json` for a folder made from a single file.
     fn model_index(&self) -> Value {
         let scheduler = self.scheduler.get("_class_name").and_then(Value::as_str).unwrap_or("PNDMScheduler");
+        if self.text_2.is_some() {
+            return serde_json::json!({
+                "_class_name": "StableDiffusionXLPipeline",
+                "_diffusers_version": "0.42.1",
+                "feature_extractor": [null, null],
+                "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
+                "image_encoder": [null, null],
+                "scheduler": ["diffusers", scheduler],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            });
+        }
         serde_json::json!({
             "_class_name": "StableDiffusionPipeline",
             "_diffusers_version": "0.42.1",
@@ -233,65 +278,37 @@ impl MergedModel {
     fn single_file_entries(&self) -> Result<Entries> {
         let mut out = BTreeMap::new();
         let shape = |c: &Checkpoint, k: &str| c.info(k).map(|i| i.shape.clone()).unwrap_or_default();
-        let no_place =
-            |what: &str, k: &str| Error::invalid(format!("`{k}` of the {what} has no place in a single file"));
         let unet_map = sd_unet::ldm::key_map(&self.unet_config);
         for k in self.unet.names() {
             let file = unet_map.to_file(k).ok_or_else(|| no_place("UNet", k))?;
-            out.insert(
-                format!("{}{file}", sd_unet::ldm::PREFIX),
-                (shape(&self.unet, k), vec![(Part::Unet, k.to_string())]),
-            );
+            out.insert(format!("{}{file}", sd_unet::ldm::PREFIX), Entry::same(shape(&self.unet, k), Part::Unet, k));
         }
         let vae_map = sd_vae::ldm::key_map(&self.vae_config);
         for k in self.vae.names() {
             let file = vae_map.to_file(k).ok_or_else(|| no_place("VAE", k))?;
             let s = sd_vae::ldm::file_shape(k, &shape(&self.vae, k));
-            out.insert(format!("{}{file}", sd_vae::ldm::PREFIXES[0]), (s, vec![(Part::Vae, k.to_string())]));
+            out.insert(format!("{}{file}", sd_vae::ldm::PREFIXES[0]), Entry::same(s, Part::Vae, k));
         }
-        let prefix = clip_text::key_prefix(&self.text_encoder);
-        let open_clip_map = clip_text::ldm::open_clip_key_map(self.text_layers);
-        let mut fused: BTreeMap<String, [Option<String>; 3]> = BTreeMap::new();
-        for k in self.text_encoder.names() {
-            if k.ends_with("embeddings.position_ids") {
-                continue;
-            }
-            // The model's key as `text_model.…`, whichever transformers release saved it.
-            let model = format!("text_model.{}", k.strip_prefix(prefix).unwrap_or(k));
-            let s = shape(&self.text_encoder, k);
-            if !self.open_clip {
-                out.insert(format!("{}{model}", clip_text::ldm::CLIP_PREFIX), (s, vec![(Part::Text, k.to_string())]));
-                continue;
-            }
-            let qkv = ["q_proj", "k_proj", "v_proj"].iter().enumerate().find_map(|(j, p)| {
-                ["weight", "bias"].iter().find_map(|kind| {
-                    let stem = model.strip_suffix(&format!(".self_attn.{p}.{kind}"))?;
-                    Some((j, format!("{stem}|{kind}")))
-                })
-            });
-            match qkv {
-                Some((j, slot)) => fused.entry(slot).or_default()[j] = Some(k.to_string()),
-                None => {
-                    let file = open_clip_map.to_file(&model).ok_or_else(|| no_place("text encoder", k))?;
-                    out.insert(
-                        format!("{}{file}", clip_text::ldm::OPEN_CLIP_PREFIX),
-                        (s, vec![(Part::Text, k.to_string())]),
-                    );
-                }
+        let sdxl = self.text_encoder_2.is_some();
+        if self.open_clip {
+            open_clip_entries(
+                &mut out,
+                &self.text_encoder,
+                Part::Text,
+                clip_text::ldm::OPEN_CLIP_PREFIX,
+                self.text_layers,
+            )?;
+        } else {
+            let prefix = clip_text::key_prefix(&self.text_encoder);
+            let file_prefix = if sdxl { clip_text::ldm::SDXL_CLIP_PREFIX } else { clip_text::ldm::CLIP_PREFIX };
+            for k in self.text_encoder.names().filter(|k| !k.ends_with("embeddings.position_ids")) {
+                // The model's key as `text_model.…`, whichever transformers release saved it.
+                let model = format!("text_model.{}", k.strip_prefix(prefix).unwrap_or(k));
+                out.insert(format!("{file_prefix}{model}"), Entry::same(shape(&self.text_encoder, k), Part::Text, k));
             }
         }
-        for (slot, parts) in fused {
-            let (stem, kind) = slot.split_once('|').unwrap_or((&slot, "weight"));
-            let file = open_clip_map.to_file(stem).ok_or_else(|| no_place("text encoder", stem))?;
-            let [Some(q), Some(k), Some(v)] = parts else {
-                return Err(Error::invalid(format!("{stem}: q/k/v projections are not all present to fuse")));
-            };
-            let mut s = shape(&self.text_encoder, &q);
-            if let Some(rows) = s.first_mut() {
-                *rows *= 3;
-            }
-            let key = format!("{}{file}.attn.in_proj_{kind}", clip_text::ldm::OPEN_CLIP_PREFIX);
-            out.insert(key, (s, vec![(Part::Text, q), (Part::Text, k), (Part::Text, v)]));
+        if let (Some(ckpt), Some(t)) = (&self.text_encoder_2, &self.text_2) {
+            open_clip_entries(&mut out, ckpt, Part::Text2, clip_text::ldm::SDXL_OPEN_CLIP_PREFIX, t.layers)?;
         }
         Ok(out)
     }
@@ -301,20 +318,31 @@ impl MergedModel {
     pub fn write_single_file(&self, out: &Path, overwrite: bool) -> Result<()> {
         refuse_existing(out, overwrite)?;
         let entries = self.single_file_entries()?;
-        let shapes: BTreeMap<String, Vec<usize>> = entries.iter().map(|(k, (s, _))| (k.clone(), s.clone())).collect();
         let mut meta = BTreeMap::new();
         if let Some(p) = self.scheduler.get("prediction_type").and_then(Value::as_str) {
             meta.insert("modelspec.prediction_type".to_string(), if p == "v_prediction" { "v" } else { p }.to_string());
         }
+        if self.text_encoder_2.is_some() {
+            // What A1111 and ComfyUI read to tell an SDXL base from the refiner.
+            meta.insert("modelspec.architecture".to_string(), "stable-diffusion-xl-v1-base".to_string());
+        }
+        let shapes: BTreeMap<String, Vec<usize>> = entries.iter().map(|(k, e)| (k.clone(), e.shape.clone())).collect();
         write_f32_streamed_with_metadata(out, &shapes, &meta, &mut |key| {
+            let Some(e) = entries.get(key) else { return Ok(Vec::new()) };
             let mut values = Vec::new();
-            for (part, k) in entries.get(key).map(|e| e.1.as_slice()).unwrap_or_default() {
+            for (part, k) in &e.rows {
                 let ckpt = match part {
                     Part::Unet => &self.unet,
                     Part::Vae => &self.vae,
                     Part::Text => &self.text_encoder,
+                    Part::Text2 => self.text_encoder_2.as_ref().unwrap_or(&self.text_encoder),
                 };
                 values.extend(ckpt.read_f32(k)?.0);
+            }
+            if e.transpose {
+                // The file's `[rows, cols]` from the model's `[cols, rows]`.
+                let (rows, cols) = (e.shape[0], e.shape[1]);
+                values = (0..rows * cols).map(|i| values[(i % cols) * rows + i / cols]).collect();
             }
             Ok(values)
         })?;
@@ -322,14 +350,98 @@ impl MergedModel {
     }
 }
 
-/// Each single-file tensor: its shape and the model tensors whose rows, in order, make it.
-type Entries = BTreeMap<String, (Vec<usize>, Vec<(Part, String)>)>;
+/// Each single-file tensor, by its key.
+type Entries = BTreeMap<String, Entry>;
+
+/// A single-file tensor: its shape and the model tensors whose rows, in order, make it,
+/// transposed (a 2-D `[cols, rows]` model tensor) when `transpose`.
+struct Entry {
+    shape: Vec<usize>,
+    rows: Vec<(Part, String)>,
+    transpose: bool,
+}
+
+impl Entry {
+    fn same(shape: Vec<usize>, part: Part, key: &str) -> Self {
+        Self { shape, rows: vec![(part, key.to_string())], transpose: false }
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 enum Part {
     Unet,
     Vae,
     Text,
+    Text2,
+}
+
+fn no_place(what: &str, k: &str) -> Error {
+    Error::invalid(format!("`{k}` of the {what} has no place in a single file"))
+}
+
+/// An OpenCLIP text encoder's tensors under `file_prefix` (SD 2.x's, SDXL's second): q/k/v
+/// fused into `in_proj_*`, a `CLIPTextModelWithProjection`'s `text_projection.weight` stored
+/// transposed as OpenCLIP's `text_projection` (applied as `x @ P`).
+fn open_clip_entries(out: &mut Entries, ckpt: &Checkpoint, part: Part, file_prefix: &str, layers: usize) -> Result<()> {
+    let shape = |k: &str| ckpt.info(k).map(|i| i.shape.clone()).unwrap_or_default();
+    let prefix = clip_text::key_prefix(ckpt);
+    let map = clip_text::ldm::open_clip_key_map(layers);
+    let mut fused: BTreeMap<String, [Option<String>; 3]> = BTreeMap::new();
+    for k in ckpt.names() {
+        if k.ends_with("embeddings.position_ids") {
+            continue;
+        }
+        if k == "text_projection.weight" {
+            let s: Vec<usize> = shape(k).into_iter().rev().collect();
+            if s.len() != 2 {
+                return Err(Error::invalid(format!("`{k}` has shape {:?}, expected 2-D", shape(k))));
+            }
+            let rows = vec![(part, k.to_string())];
+            out.insert(format!("{file_prefix}text_projection"), Entry { shape: s, rows, transpose: true });
+            continue;
+        }
+        let model = format!("text_model.{}", k.strip_prefix(prefix).unwrap_or(k));
+        let qkv = ["q_proj", "k_proj", "v_proj"].iter().enumerate().find_map(|(j, p)| {
+            ["weight", "bias"].iter().find_map(|kind| {
+                let stem = model.strip_suffix(&format!(".self_attn.{p}.{kind}"))?;
+                Some((j, format!("{stem}|{kind}")))
+            })
+        });
+        match qkv {
+            Some((j, slot)) => fused.entry(slot).or_default()[j] = Some(k.to_string()),
+            None => {
+                let file = map.to_file(&model).ok_or_else(|| no_place("text encoder", k))?;
+                out.insert(format!("{file_prefix}{file}"), Entry::same(shape(k), part, k));
+            }
+        }
+    }
+    for (slot, parts) in fused {
+        let (stem, kind) = slot.split_once('|').unwrap_or((&slot, "weight"));
+        let file = map.to_file(stem).ok_or_else(|| no_place("text encoder", stem))?;
+        let [Some(q), Some(k), Some(v)] = parts else {
+            return Err(Error::invalid(format!("{stem}: q/k/v projections are not all present to fuse")));
+        };
+        let mut s = shape(&q);
+        if let Some(rows) = s.first_mut() {
+            *rows *= 3;
+        }
+        let rows = vec![(part, q), (part, k), (part, v)];
+        out.insert(format!("{file_prefix}{file}.attn.in_proj_{kind}"), Entry { shape: s, rows, transpose: false });
+    }
+    Ok(())
+}
+
+fn write_tokenizer(t: &Tokenizer, dir: &Path) -> Result<()> {
+    mkdir(dir)?;
+    match t {
+        Tokenizer::Folder(d) => copy_tree(d, dir, &|_| false),
+        Tokenizer::Bundled(pad) => {
+            for (name, text) in clip_text::ClipTokenizer::bundled_files(pad.as_deref()) {
+                model_io::write_atomic(&dir.join(name), text.as_bytes())?;
+            }
+            Ok(())
+        }
+    }
 }
 
 fn refuse_existing(out: &Path, overwrite: bool) -> Result<()> {

@@ -136,3 +136,57 @@ fn older_folders_export_to_plain_diffusers_folders() {
         .to_string();
     assert!(e.contains("single-file"), "{e}");
 }
+
+/// SDXL bases: LoRAs for the UNet and both text encoders merged, written as a
+/// `StableDiffusionXLPipeline` folder (with `text_encoder_2`, `tokenizer_2`) and as an SDXL single
+/// file in the keys of diffusers' reverse mapping (`conditioner.embedders.{0,1}`, OpenCLIP's
+/// transposed `text_projection`); each generates as the base with the LoRAs, which is diffusers'
+/// `set_adapters` image within 3 levels (`lora_in.rs`).
+#[test]
+fn sdxl_bases_export_with_their_second_text_encoder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixtures().join("lora/sdxl");
+    let io = read_tensors(&dir.join("io.safetensors")).unwrap();
+    let xl_dir = fixtures().join("sdxl_pipeline");
+    let loras = vec![
+        LoraSpec { path: dir.join("kohya.safetensors"), scale: 0.7 },
+        LoraSpec { path: dir.join("peft.safetensors"), scale: 1.3 },
+    ];
+    let run = |base: &Base| images::generate_sdxl_lora_case(base, &io["latents"]);
+    let base = Base::new(&xl_dir).with_loras(loras);
+    let want = run(&base);
+    let (max, _) = images::levels(&want, &io["both.images"]);
+    assert!(max <= 3, "{max} levels from diffusers' set_adapters");
+    let m = MergedModel::open::<Flex>(&base, None, false, &FlexDevice).unwrap();
+
+    let folder = tmp.path().join("merged");
+    m.write_diffusers(&folder, false).unwrap();
+    for f in ["text_encoder_2/model.safetensors", "text_encoder_2/config.json", "tokenizer_2/vocab.json"] {
+        assert!(folder.join(f).is_file(), "{f}");
+    }
+    assert_eq!(run(&Base::new(&folder)), want);
+
+    let file = tmp.path().join("merged.safetensors");
+    m.write_single_file(&file, false).unwrap();
+    let keys: BTreeSet<String> = recipe_keys("sdxl").into_iter().filter(|k| !k.ends_with("position_ids")).collect();
+    assert_eq!(file_keys(&file), keys);
+    assert!(Base::new(&file).is_sdxl());
+    assert_eq!(run(&Base::new(&file).with_config(&xl_dir)), want);
+    // Without LoRAs the file holds the recipe's tensors (diffusers' reverse mapping of the folder).
+    let plain = tmp.path().join("plain.safetensors");
+    let m = MergedModel::open::<Flex>(&Base::new(&xl_dir), None, false, &FlexDevice).unwrap();
+    m.write_single_file(&plain, false).unwrap();
+    let recipe = read_tensors(&support::write_single_file(&fixtures(), "sdxl", tmp.path())).unwrap();
+    let ours = read_tensors(&plain).unwrap();
+    for (k, t) in &ours {
+        let r = recipe[k].as_f32(k).unwrap();
+        assert_eq!(t.as_f32(k).unwrap(), r, "{k}");
+    }
+    // A folder from the single file: an SDXL pipeline again.
+    let again = tmp.path().join("from-file");
+    let m = MergedModel::open::<Flex>(&Base::new(&plain).with_config(&xl_dir), None, false, &FlexDevice).unwrap();
+    m.write_diffusers(&again, false).unwrap();
+    let index = std::fs::read_to_string(again.join("model_index.json")).unwrap();
+    assert!(index.contains("StableDiffusionXLPipeline") && index.contains("tokenizer_2"), "{index}");
+    assert_eq!(run(&Base::new(&again)), run(&Base::new(&xl_dir)));
+}

@@ -65,20 +65,7 @@ fn sdxl_loras_generate_as_diffusers_set_adapters() {
     let io = read_tensors(&dir.join("io.safetensors")).unwrap();
     let (kohya, peft) = (dir.join("kohya.safetensors"), dir.join("peft.safetensors"));
     let xl = || Base::new(fixtures().join("sdxl_pipeline"));
-    let opts = personalize::GenerateOptions {
-        prompt: "a photo of a cat".into(),
-        negative_prompt: Some("blurry".into()),
-        steps: 4,
-        guidance: 5.0,
-        height: Some(32),
-        width: Some(48),
-        ..Default::default()
-    };
-    let run = |base: &Base| {
-        let pipe = Pipeline::<Flex>::open(base, &FlexDevice).unwrap();
-        let lat = io["latents"].to_float::<Flex, 4>("latents", &FlexDevice).unwrap();
-        pipe.generate(personalize::GenerateRequest::new(&opts).latents(lat)).unwrap()
-    };
+    let run = |base: &Base| images::generate_sdxl_lora_case(base, &io["latents"]);
     let plain = run(&xl());
     let cases = [
         ("kohya", vec![spec(&kohya, 0.7)]),

@@ -22,6 +22,24 @@ pub fn generate_on(pipe: &Pipeline<Flex>, latents: &HostTensor) -> Vec<RgbImage>
     pipe.generate(GenerateRequest::new(&opts).latents(lat)).unwrap()
 }
 
+/// The SDXL LoRA fixture's generation (tests/fixtures/lora/sdxl: `a photo of a cat`, negative
+/// `blurry`, 4 steps of the folder's Euler at guidance 5, 32×48) on a pipeline opened from `base`.
+#[allow(dead_code)]
+pub fn generate_sdxl_lora_case(base: &Base, latents: &HostTensor) -> Vec<RgbImage> {
+    let opts = GenerateOptions {
+        prompt: "a photo of a cat".into(),
+        negative_prompt: Some("blurry".into()),
+        steps: 4,
+        guidance: 5.0,
+        height: Some(32),
+        width: Some(48),
+        ..Default::default()
+    };
+    let pipe = Pipeline::<Flex>::open(base, &FlexDevice).unwrap();
+    let lat = latents.to_float::<Flex, 4>("latents", &FlexDevice).unwrap();
+    pipe.generate(GenerateRequest::new(&opts).latents(lat)).unwrap()
+}
+
 /// [`generate_on`] a pipeline opened from `base`.
 #[allow(dead_code)]
 pub fn generate(base: &Base, latents: &HostTensor) -> Vec<RgbImage> {

@@ -60,6 +60,17 @@ impl HostTensor {
         Ok(Tensor::from_data(TensorData::new(v, self.shape.clone()), device))
     }
 
+    /// [`HostTensor::to_float`] in f32 whatever the device's default float type: values that
+    /// half precision would round (a timestep of 999 is 1000 in bf16).
+    pub fn to_f32_tensor<B: Backend, const D: usize>(&self, name: &str, device: &B::Device) -> Result<Tensor<B, D>> {
+        self.check_rank(name, D)?;
+        let v = match &self.data {
+            HostData::F32(v) => v.clone(),
+            HostData::I64(v) => v.iter().map(|&x| x as f32).collect(),
+        };
+        Ok(Tensor::from_data(TensorData::new(v, self.shape.clone()), (device, burn::tensor::DType::F32)))
+    }
+
     /// Converts to a Burn int tensor of rank `D`, checking the rank.
     pub fn to_int<B: Backend, const D: usize>(&self, name: &str, device: &B::Device) -> Result<Tensor<B, D, Int>> {
         self.check_rank(name, D)?;

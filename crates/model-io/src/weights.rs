@@ -40,6 +40,8 @@ pub struct Weights<'a, B: Backend> {
     copy: bool,
     /// The model is never trained (see [`Weights::frozen`]).
     frozen: bool,
+    /// The float type of the tensors read (`None`: the device's default, `--dtype`).
+    float_dtype: Option<burn::tensor::FloatDType>,
     /// Random weights only: bytes made so far, checked against the memory available before
     /// each tensor, so an absurd config is an error instead of an abort.
     made_bytes: Rc<RefCell<u64>>,
@@ -56,6 +58,7 @@ impl<'a, B: Backend> Weights<'a, B> {
             seeded: None,
             copy: false,
             frozen: false,
+            float_dtype: None,
             made_bytes: Rc::default(),
         }
     }
@@ -72,6 +75,7 @@ impl<'a, B: Backend> Weights<'a, B> {
             seeded: None,
             copy: false,
             frozen: false,
+            float_dtype: None,
             made_bytes: Rc::default(),
         }
     }
@@ -146,6 +150,22 @@ impl<'a, B: Backend> Weights<'a, B> {
     /// Whether this view is [`Weights::frozen`].
     pub fn is_frozen(&self) -> bool {
         self.frozen
+    }
+
+    /// The same view, reading every tensor of the checkpoint as `dtype` whatever the device's
+    /// default float type: SDXL's VAE (`force_upcast`) runs in f32 inside a half-precision
+    /// pipeline, as diffusers upcasts it. The model's inputs must then be cast to `dtype` too.
+    ///
+    /// ```no_run
+    /// use burn::tensor::{DType, FloatDType};
+    /// use burn_flex::{Flex, FlexDevice};
+    /// let ckpt = model_io::Checkpoint::open_dir("vae".as_ref(), &["diffusion_pytorch_model"])?;
+    /// let w = model_io::Weights::<Flex>::new(&ckpt, &FlexDevice).in_float_dtype(FloatDType::F32);
+    /// assert_eq!(w.pp("decoder.conv_in").get_any::<1>("bias")?.dtype(), DType::F32);
+    /// # Ok::<(), model_io::Error>(())
+    /// ```
+    pub fn in_float_dtype(&self, dtype: burn::tensor::FloatDType) -> Self {
+        Self { float_dtype: Some(dtype), ..self.clone() }
     }
 
     /// The view one level down (`push prefix`).
@@ -244,7 +264,10 @@ impl<'a, B: Backend> Weights<'a, B> {
             ckpt.tensor_data_f32(key)?
         };
         self.used.borrow_mut().insert(key.to_string());
-        Ok(Tensor::from_data(data, &self.device))
+        Ok(match self.float_dtype {
+            Some(d) => Tensor::from_data(data, (&self.device, burn::tensor::DType::from(d))),
+            None => Tensor::from_data(data, &self.device),
+        })
     }
 
     /// Drops the pages of `name` (under this prefix) from resident memory once a copy of it is

@@ -244,7 +244,7 @@ pub fn run(args: &StageArgs) -> Result<()> {
             let (mut t, path) = inputs(args)?;
             in_range(&t, &path, "timestep", 0.0, 10_000.0, "a diffusion timestep (0..1000 for SD)")?;
             let x = take(&mut t, &path, "sample")?.to_float::<B, 4>("sample", &dev)?;
-            let ts = take(&mut t, &path, "timestep")?.to_float::<B, 1>("timestep", &dev)?;
+            let ts = take(&mut t, &path, "timestep")?.to_f32_tensor::<B, 1>("timestep", &dev)?;
             let ctx = take(&mut t, &path, "encoder_hidden_states")?.to_float::<B, 3>("encoder_hidden_states", &dev)?;
             let (unet, load) = loading("unet", || load_unet(args))?;
             // SDXL's added conditioning, under diffusers' `added_cond_kwargs` names: read when the
@@ -252,7 +252,7 @@ pub fn run(args: &StageArgs) -> Result<()> {
             let added = if unet.needs_added_conditioning() {
                 Some(sd_unet::AddedConditioning {
                     text_embeds: take(&mut t, &path, "text_embeds")?.to_float::<B, 2>("text_embeds", &dev)?,
-                    time_ids: take(&mut t, &path, "time_ids")?.to_float::<B, 2>("time_ids", &dev)?,
+                    time_ids: take(&mut t, &path, "time_ids")?.to_f32_tensor::<B, 2>("time_ids", &dev)?,
                 })
             } else {
                 if let Some(k) = ["text_embeds", "time_ids"].into_iter().find(|k| t.contains_key(*k)) {

@@ -41,7 +41,7 @@ pub use image_out::{check_png_text, read_png, read_png_text, write_png, RgbImage
 pub use lora::{merge_loras, LoraSpec, LoraSummary, LoraTarget};
 pub use metadata::{model_name, scheduler_in_use, ImageSettings, PARAMETERS_KEY, SETTINGS_KEY};
 pub use pipeline::{
-    Base, Batches, Conditioning, GenerateOptions, GenerateRequest, Pipeline, PipelineParts, SecondEncoder,
+    vae_dtype, Base, Batches, Conditioning, GenerateOptions, GenerateRequest, Pipeline, PipelineParts, SecondEncoder,
     VisualPrompt, DEFAULT_MAX_BATCH,
 };
 pub use single_file::{SingleFile, TextLayout};

@@ -33,6 +33,9 @@ pub struct Pipeline<B: Backend> {
     pub unet: UNet2DConditionModel<B>,
     pub vae: AutoencoderKl<B>,
     pub vae_config: AutoencoderKlConfig,
+    /// The float type the VAE was read in and runs in when it is not the device's default:
+    /// f32 for SDXL's `force_upcast` VAE in a half-precision pipeline (see [`vae_dtype`]).
+    pub vae_dtype: Option<burn::tensor::FloatDType>,
     /// The base model: its folder, or its single file.
     pub base_path: PathBuf,
     /// A single-file base's `--config` folder and `--prediction-type`, as given.
@@ -95,6 +98,43 @@ pub struct PipelineParts<B: Backend> {
     pub vae_config: AutoencoderKlConfig,
     /// A folder with `scheduler_config.json`.
     pub scheduler_dir: PathBuf,
+}
+
+/// The float type SDXL's VAE runs in when its config asks for `force_upcast` and the device's
+/// default float type is half precision (`--dtype f16`/`bf16` on Burn's ops): f32, as diffusers
+/// upcasts an fp16 SDXL pipeline's VAE, which overflows in f16. `None`: the default. diffusers
+/// upcasts for f16 only; bf16 has f32's range, but f32 is also the more exact decode here.
+///
+/// ```
+/// use burn_flex::{Flex, FlexDevice};
+/// let cfg: sd_vae::AutoencoderKlConfig = serde_json::from_str(r#"{"block_out_channels": [32]}"#).unwrap();
+/// assert!(cfg.force_upcast); // diffusers' default
+/// // An f32 pipeline (the default) needs no upcast.
+/// assert_eq!(personalize::vae_dtype::<Flex>(&cfg, true, &FlexDevice), None);
+/// ```
+pub fn vae_dtype<B: Backend>(
+    cfg: &AutoencoderKlConfig,
+    sdxl: bool,
+    device: &B::Device,
+) -> Option<burn::tensor::FloatDType> {
+    use burn::tensor::FloatDType;
+    let default = burn::tensor::get_device_settings::<B>(device).float_dtype;
+    (sdxl && cfg.force_upcast && matches!(default, FloatDType::F16 | FloatDType::BF16)).then_some(FloatDType::F32)
+}
+
+/// A folder's VAE, read as `dtype` when given (see [`vae_dtype`]).
+fn load_vae<B: Backend>(
+    dir: &Path,
+    cfg: &AutoencoderKlConfig,
+    dtype: Option<burn::tensor::FloatDType>,
+    device: &B::Device,
+) -> Result<AutoencoderKl<B>> {
+    let Some(d) = dtype else { return Ok(AutoencoderKl::load(dir, device)?) };
+    let ckpt = Checkpoint::open_dir(dir, &["diffusion_pytorch_model"])?;
+    let w = model_io::Weights::new(&ckpt, device).in_float_dtype(d);
+    let vae = AutoencoderKl::from_weights(cfg, &w)?;
+    w.finish(&[])?;
+    Ok(vae)
 }
 
 /// Every tensor's shape by key.
@@ -185,13 +225,15 @@ impl<B: Backend> Pipeline<B> {
             Some(s) => Some(s.build(&unet_cfg, text_config.hidden_size, device)?),
             None => None,
         };
+        let sdxl = text_encoder_2.is_some();
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
             text_encoder: ClipTextModel::from_checkpoint(&text_config, &text_ckpt, device)?,
             text_encoder_2,
             force_zeros_for_empty_prompt,
             unet: UNet2DConditionModel::from_checkpoint(&unet_cfg, &ckpt, device)?,
-            vae: AutoencoderKl::load(&dir.join("vae"), device)?,
+            vae: load_vae(&dir.join("vae"), &vae_config, vae_dtype::<B>(&vae_config, sdxl, device), device)?,
+            vae_dtype: vae_dtype::<B>(&vae_config, sdxl, device),
             vae_config,
             base_path: dir.to_path_buf(),
             base_config: None,
@@ -255,7 +297,12 @@ impl<B: Backend> Pipeline<B> {
         let w = built::<B>(&f.unet, device);
         let unet = UNet2DConditionModel::from_weights(&unet_config, &w)?;
         w.finish(&[])?;
+        let upcast = vae_dtype::<B>(&vae_config, text_encoder_2.is_some(), device);
         let w = built::<B>(&f.vae, device);
+        let w = match upcast {
+            Some(d) => w.in_float_dtype(d),
+            None => w,
+        };
         let vae = AutoencoderKl::from_weights(&vae_config, &w)?;
         w.finish(&[])?;
         let scheduler_dir = match &base.config {
@@ -270,6 +317,7 @@ impl<B: Backend> Pipeline<B> {
             force_zeros_for_empty_prompt: f.force_zeros_for_empty_prompt,
             unet,
             vae,
+            vae_dtype: upcast,
             vae_config,
             base_path: f.path.clone(),
             base_config: base.config.clone(),
@@ -302,6 +350,7 @@ impl<B: Backend> Pipeline<B> {
             force_zeros_for_empty_prompt: false,
             unet: parts.unet,
             vae: parts.vae,
+            vae_dtype: None,
             vae_config: parts.vae_config,
             base_path: parts.scheduler_dir.clone(),
             base_config: None,
@@ -798,10 +847,8 @@ impl<B: Backend> Pipeline<B> {
         let cond1 = self.conditioning(&opts, visual, 1)?;
         // Checked (and warned about on SD 1.x/2.x) whatever the model.
         let time_ids = self.time_ids(&opts)?;
-        let time_ids = cond1
-            .text_embeds
-            .as_ref()
-            .map(|_| Tensor::<B, 2>::from_data(TensorData::new(time_ids.to_vec(), [1, 6]), &self.device));
+        let time_ids =
+            cond1.text_embeds.as_ref().map(|_| sd_unet::f32_tensor::<B, 2>(time_ids.to_vec(), [1, 6], &self.device));
         let guided = opts.guidance > 1.0;
         // A fresh scheduler per batch (the multistep ones keep the previous outputs).
         let sched_cfg = &self.scheduler_config;
@@ -813,9 +860,8 @@ impl<B: Backend> Pipeline<B> {
         let timesteps = new_sched()?.timesteps().to_vec();
         // Every step's timestep features in one upload: the loop below sends nothing from the
         // host to the device.
-        let t_features = self
-            .unet
-            .timestep_features(Tensor::from_data(TensorData::new(timesteps.clone(), [timesteps.len()]), &self.device));
+        let t_features =
+            self.unet.timestep_features(sd_unet::f32_tensor(timesteps.clone(), [timesteps.len()], &self.device));
         let sched_file = self.scheduler_dir.join("scheduler_config.json");
         let serr = |e: scheduler::SchedulerError| {
             let m = e.to_string();
@@ -908,12 +954,18 @@ impl<B: Backend> Pipeline<B> {
     /// then `round(x · 255)`). Errors when the decode makes NaN or infinite values.
     pub fn decode(&self, latents: Tensor<B, 4>) -> Result<Vec<RgbImage>> {
         // SDXL's force_upcast: its VAE overflows in half precision, so under the CPU's bf16
-        // GEMMs it decodes with f32 ones (diffusers upcasts the VAE of an fp16 pipeline).
+        // GEMMs it decodes with f32 ones (diffusers upcasts the VAE of an fp16 pipeline); under
+        // a half default float type it was read in f32 (`vae_dtype`) and takes f32 latents.
         let upcast = self.text_encoder_2.is_some() && self.vae_config.force_upcast && cpu_kernels::bf16_gemm_on();
         if upcast {
             cpu_kernels::use_bf16_gemm(false);
         }
-        let img = self.vae.decode(latents / self.vae_config.scaling_factor);
+        let latents = latents / self.vae_config.scaling_factor;
+        let latents = match self.vae_dtype {
+            Some(d) => latents.cast(d),
+            None => latents,
+        };
+        let img = self.vae.decode(latents);
         if upcast {
             cpu_kernels::use_bf16_gemm(true);
         }

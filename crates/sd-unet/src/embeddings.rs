@@ -8,23 +8,47 @@ use model_layers::nn::Linear;
 
 /// diffusers' `get_timestep_embedding`: `[N]` timesteps to `[N, dim]` sinusoids.
 /// Frequencies are computed in f32 as torch does, so the result matches bit for bit up to the
-/// sin/cos implementations.
+/// sin/cos implementations. The sinusoids are computed in f32 whatever the device's default
+/// float type, then cast to it, as diffusers casts `t_emb` to the sample's dtype: in bf16 or
+/// f16 the phases `t · f` of timesteps near 1000 (or SDXL's 1024-pixel time ids) would be off
+/// by whole turns. Pass the timesteps in f32 ([`f32_tensor`]): 999 is 1000 in bf16.
 pub fn timestep_embedding<B: Backend>(t: Tensor<B, 1>, dim: usize, flip_sin_to_cos: bool, shift: f64) -> Tensor<B, 2> {
+    let device = t.device();
+    let out = burn::tensor::get_device_settings::<B>(&device).float_dtype;
+    let f32_ = burn::tensor::DType::F32;
     let half = dim / 2;
     let log_max = -(10000f64.ln()) as f32;
     let denom = (half as f64 - shift) as f32;
     let freqs: Vec<f32> = (0..half).map(|i| ((log_max * i as f32) / denom).exp()).collect();
     let n = t.dims()[0];
-    let f = Tensor::<B, 2>::from_data(TensorData::new(freqs, [1, half]), &t.device());
+    let t = if t.dtype() == f32_ { t } else { t.cast(burn::tensor::FloatDType::F32) };
+    let f = Tensor::<B, 2>::from_data(TensorData::new(freqs, [1, half]), (&device, f32_));
     let args = t.reshape([n, 1]) * f;
     let (sin, cos) = (args.clone().sin(), args.cos());
     let emb = if flip_sin_to_cos { Tensor::cat(vec![cos, sin], 1) } else { Tensor::cat(vec![sin, cos], 1) };
-    if dim % 2 == 1 {
-        let z = Tensor::zeros([n, 1], &emb.device());
+    let emb = if dim % 2 == 1 {
+        let z = Tensor::zeros([n, 1], (&device, f32_));
         Tensor::cat(vec![emb, z], 1)
     } else {
         emb
+    };
+    if out == burn::tensor::FloatDType::F32 {
+        emb
+    } else {
+        emb.cast(out)
     }
+}
+
+/// `values` as an f32 tensor of `shape` whatever the device's default float type: timesteps
+/// and SDXL's time ids, which [`timestep_embedding`] turns into sinusoids in f32.
+///
+/// ```
+/// use burn_flex::{Flex, FlexDevice};
+/// let t = sd_unet::f32_tensor::<Flex, 1>(vec![999.0, 749.0], [2], &FlexDevice);
+/// assert_eq!(t.dtype(), burn::tensor::DType::F32);
+/// ```
+pub fn f32_tensor<B: Backend, const D: usize>(values: Vec<f32>, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(values, shape), (device, burn::tensor::DType::F32))
 }
 
 /// `TimestepEmbedding`: linear, SiLU, linear.

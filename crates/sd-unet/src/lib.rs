@@ -30,5 +30,5 @@ mod unet;
 
 pub use attention::{Attention, BasicTransformerBlock, Transformer2D, TransformerSpec};
 pub use config::{PerBlock, UNetConfig};
-pub use embeddings::{timestep_embedding, AddedConditioning};
+pub use embeddings::{f32_tensor, timestep_embedding, AddedConditioning};
 pub use unet::UNet2DConditionModel;

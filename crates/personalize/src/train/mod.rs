@@ -361,10 +361,12 @@ impl<B: AutodiffBackend> Trainer<B> {
                 return Err(Error::invalid(format!("training image {i} is empty or not RGB")));
             }
             for v in views(img.width, img.height, cfg.augment, cfg.min_crop, cfg.flip, &mut rng) {
-                let x = Tensor::<B::InnerBackend, 4>::from_data(
-                    TensorData::new(render(img, v, res), [1, 3, res, res]),
-                    device,
-                );
+                let data = TensorData::new(render(img, v, res), [1, 3, res, res]);
+                let x = match pipe.vae_dtype {
+                    // SDXL's upcast VAE in a half-precision run takes f32 images.
+                    Some(d) => Tensor::<B::InnerBackend, 4>::from_data(data, (device, burn::tensor::DType::from(d))),
+                    None => Tensor::<B::InnerBackend, 4>::from_data(data, device),
+                };
                 let (mean, logvar) = pipe.vae.encode(x)?;
                 let std = (logvar * 0.5).exp();
                 let mean = HostTensor::from_tensor(mean).as_f32("mean")?.to_vec();
@@ -434,16 +436,14 @@ impl<B: AutodiffBackend> Trainer<B> {
     ) -> Result<Batch<B>> {
         let Drawn { picks, noisy, target, ts } = drawn;
         let b = picks.len();
-        let timesteps = Tensor::<B, 1>::from_data(
-            TensorData::new(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), [ts.len()]),
-            &self.device,
-        );
+        // In f32 under any --dtype: the UNet's sinusoids need exact timesteps (see sd_unet::f32_tensor).
+        let timesteps = sd_unet::f32_tensor::<B, 1>(ts.iter().map(|&t| t as f32).collect(), [ts.len()], &self.device);
         let added = match &text.pooled {
             Some(p) => {
                 let ids: Vec<f32> = picks.iter().flat_map(|&i| pool[i].time_ids).collect();
                 Some(sd_unet::AddedConditioning {
                     text_embeds: p.to_float::<B, 2>("text_embeds", &self.device)?.repeat_dim(0, b),
-                    time_ids: Tensor::from_data(TensorData::new(ids, [b, 6]), &self.device),
+                    time_ids: sd_unet::f32_tensor(ids, [b, 6], &self.device),
                 })
             }
             None => None,

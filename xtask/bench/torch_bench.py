@@ -201,6 +201,8 @@ def bench_train_step(torch, a):
     params = [p for p in unet.parameters() if p.requires_grad] + list(aligner.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
     unet.train()
+    if a.checkpointing:
+        unet.enable_gradient_checkpointing()
     h = a.size // 8 if a.size else side_of(cfg.get("sample_size") or 64)
     g = torch.Generator().manual_seed(0)
 
@@ -334,6 +336,7 @@ def main():
     p.add_argument("--tokenizer", default=os.path.join(ROOT, "crates", "clip-text", "vocab"))
     p.add_argument("--unet-dir", help="load: a diffusers UNet folder")
     p.add_argument("--shapes", help="gemm: comma-separated MxKxN")
+    p.add_argument("--checkpointing", action="store_true", help="train-step: the UNet's gradient checkpointing")
     p.add_argument("--size", type=int, help="generate and train-step: image side (default: the UNet's sample size times the VAE factor)")
     p.add_argument("--latent-size", type=int, help="vae: latent side (default: the VAE's sample size / its factor)")
     a = p.parse_args()

@@ -84,6 +84,10 @@ pub struct BenchArgs {
     /// step holds more than 24 GB of activations without gradient checkpointing.
     #[arg(long, value_parser = clap::value_parser!(u64).range(64..=4096))]
     pub resolution: Option<u64>,
+    /// train-step and train-step-xl: gradient checkpointing on both sides (ours: Burn's
+    /// balanced checkpointing; PyTorch: `enable_gradient_checkpointing`).
+    #[arg(long)]
+    pub checkpointing: bool,
 }
 
 impl BenchArgs {
@@ -415,6 +419,10 @@ fn run_one(name: &str, exe: &Path, benches: &Path, tmp: &Path, a: &BenchArgs) ->
                 "--steps",
                 &repeat.to_string(),
             ]);
+            if a.checkpointing {
+                cmd.arg("--checkpointing");
+                torch_args.push("--checkpointing".to_string());
+            }
             let lines = run_ours(cmd, &format!("bench {name}"))?;
             let (m, _) = ours_result(&lines, "train-step", "median_s", "peak_mib")
                 .ok_or_else(|| format!("bench {name} printed no summary line"))?;

@@ -149,6 +149,10 @@ struct TrainStepBench {
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     steps: u64,
+    /// Burn's balanced activation checkpointing: memory-bound ops are recomputed in the
+    /// backward pass instead of kept (less memory, more time).
+    #[arg(long)]
+    checkpointing: bool,
 }
 
 /// One warm-up and `steps` timed training steps of a UNet built from the config with random
@@ -156,7 +160,17 @@ struct TrainStepBench {
 /// `[77 random text tokens][k visual tokens]`, random latents at `resolution / 8`, epsilon
 /// loss, AdamW; then the summary line.
 fn train_step(a: &TrainStepBench) -> Result<String> {
-    type AD = burn_autodiff::Autodiff<B>;
+    if a.checkpointing {
+        train_step_on::<burn_autodiff::checkpoint::strategy::BalancedCheckpointing>(a)
+    } else {
+        train_step_on::<burn_autodiff::checkpoint::strategy::NoCheckpointing>(a)
+    }
+}
+
+/// The training backend with checkpointing strategy `C`.
+type Ad<C> = burn_autodiff::Autodiff<B, C>;
+
+fn train_step_on<C: burn_autodiff::checkpoint::strategy::CheckpointStrategy>(a: &TrainStepBench) -> Result<String> {
     let dev = device();
     let mode =
         if a.lora_rank == 0 { UnetMode::Full } else { UnetMode::Lora { rank: a.lora_rank, alpha: a.lora_rank as f64 } };
@@ -164,9 +178,9 @@ fn train_step(a: &TrainStepBench) -> Result<String> {
     let unet = sd_unet::UNet2DConditionModel::<B>::from_weights(&ucfg, &model_io::Weights::random(&dev))?;
     let d = unet.cross_attention_dim();
     let mut init = SeededRng::new(0);
-    let aligner = q_aligner::Aligner::<AD>::new(768, d, d, &Default::default(), &mut init, &dev);
+    let aligner = q_aligner::Aligner::<Ad<C>>::new(768, d, d, &Default::default(), &mut init, &dev);
     let mut model = TrainModel::new(aligner, unet, mode, &mut init);
-    let mut opt = Optimizer::<AD>::new(1e-2, Some(1.0));
+    let mut opt = Optimizer::<Ad<C>>::new(1e-2, Some(1.0));
     let trainable = burn::module::Module::num_params(&model);
     let (b, h) = (a.batch, a.resolution / 8);
     let r = a.resolution as f32;
@@ -183,7 +197,7 @@ fn train_step(a: &TrainStepBench) -> Result<String> {
     for i in 0..=a.steps {
         let start = Instant::now();
         let batch = Batch {
-            queries: Some(Tensor::<AD, 3>::from_data(randn(vec![b, 32, 768]), &dev)),
+            queries: Some(Tensor::<Ad<C>, 3>::from_data(randn(vec![b, 32, 768]), &dev)),
             text: Tensor::from_data(randn(vec![b, 77, d]), &dev),
             noisy: Tensor::from_data(randn(vec![b, 4, h, h]), &dev),
             timesteps: Tensor::from_data(TensorData::new(vec![500f32; b], [b]), &dev),
@@ -197,7 +211,7 @@ fn train_step(a: &TrainStepBench) -> Result<String> {
         let grads = model.loss(batch)?.backward();
         let norms = opt.norms(&model, &grads);
         model = opt.step(model, &grads, &norms, 1e-4, 1e-4);
-        let _ = AD::sync(&dev);
+        let _ = <Ad<C>>::sync(&dev);
         if i > 0 {
             times.push(start.elapsed().as_secs_f64());
         }
@@ -460,6 +474,7 @@ mod tests {
             resolution: 64,
             batch: 1,
             steps: 2,
+            checkpointing: false,
         };
         let line = train_step(&a).unwrap();
         let s = fields(&line);

@@ -254,3 +254,36 @@ fn overwrite_replaces_a_run_and_only_when_asked() {
     assert!(!ok);
     assert!(!concept.join(".lock").exists());
 }
+
+/// `--gradient-checkpointing` recomputes activations in the backward pass: the same gradients,
+/// so the same concept, byte for byte (full fine-tuning, where every convolution's weight gets
+/// a gradient, as well as LoRA).
+#[test]
+fn gradient_checkpointing_trains_the_same_concept() {
+    let d = tempfile::tempdir().unwrap();
+    for unet in ["lora", "full"] {
+        let mut outs = Vec::new();
+        for ckpt in [false, true] {
+            let out = d.path().join(format!("{unet}-{ckpt}"));
+            let mut args = common::train_args(out.to_str().unwrap(), "3");
+            let i = args.iter().position(|a| a == "--unet").unwrap();
+            args[i + 1] = unet.to_string();
+            if unet == "full" {
+                let r = args.iter().position(|a| a == "--lora-rank").unwrap();
+                args.drain(r..r + 2);
+            }
+            if ckpt {
+                args.push("--gradient-checkpointing".to_string());
+            }
+            let (ok, err) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            assert!(ok, "{err}");
+            assert_eq!(err.contains("gradient checkpointing: memory-bound activations are recomputed"), ckpt, "{err}");
+            outs.push(out);
+        }
+        let weights = if unet == "lora" { "unet_lora.safetensors" } else { "unet/diffusion_pytorch_model.safetensors" };
+        for f in ["aligner.safetensors", weights, "loss.csv"] {
+            let (a, b) = (std::fs::read(outs[0].join(f)).unwrap(), std::fs::read(outs[1].join(f)).unwrap());
+            assert!(a == b, "{unet}: {f} differs with --gradient-checkpointing");
+        }
+    }
+}

@@ -82,6 +82,11 @@ pub struct TrainConfig {
     pub prior: Option<PriorConfig>,
     /// Complete checkpoints to keep (older ones are deleted once a newer one is written).
     pub keep_checkpoints: usize,
+    /// The run's autodiff backend recomputes memory-bound activations in the backward pass
+    /// (Burn's `BalancedCheckpointing`, which the caller picks: `--gradient-checkpointing`).
+    /// Only sizes the memory check; the gradients are the same, so it is not a setting a
+    /// resumed run must repeat.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -110,6 +115,7 @@ impl Default for TrainConfig {
             sample_guidance: 7.5,
             prior: None,
             keep_checkpoints: 1,
+            gradient_checkpointing: false,
         }
     }
 }

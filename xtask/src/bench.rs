@@ -81,7 +81,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub dtype: String,
     /// The image side of train-step and train-step-xl (default 512 and 1024): SDXL's 1024² LoRA
-    /// step holds more than 24 GB of activations without gradient checkpointing.
+    /// step needs more than 24 GB, even with --checkpointing.
     #[arg(long, value_parser = clap::value_parser!(u64).range(64..=4096))]
     pub resolution: Option<u64>,
     /// train-step and train-step-xl: gradient checkpointing on both sides (ours: Burn's

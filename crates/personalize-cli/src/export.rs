@@ -94,7 +94,8 @@ fn sdxl_unet_config(concept: &std::path::Path) -> Result<Option<sd_unet::UNetCon
 /// What `merge-lora` and `export` write.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModelFormat {
-    /// A diffusers folder (`StableDiffusionPipeline.from_pretrained`; `--base DIR` here).
+    /// A diffusers folder (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`
+    /// `.from_pretrained`; `--base DIR` here).
     Diffusers,
     /// One `.safetensors` file in the LDM layout (A1111, ComfyUI, Forge, `from_single_file`;
     /// `--base FILE` here).

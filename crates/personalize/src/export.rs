@@ -39,7 +39,8 @@ pub struct MergedModel {
     pub vae: Checkpoint,
     pub text_encoder: Checkpoint,
     /// SDXL's second text encoder (`CLIPTextModelWithProjection`); `None` for SD 1.x/2.x.
-    pub text_encoder_2: Option<Checkpoint>,
+    /// Private, as its config beside it: the two say together whether the model is SDXL.
+    text_encoder_2: Option<Checkpoint>,
     text_2: Option<SecondConfig>,
     unet_config: sd_unet::UNetConfig,
     unet_config_json: Value,
@@ -153,6 +154,23 @@ impl MergedModel {
 
     fn from_single_file(base: &Base) -> Result<Self> {
         let f = crate::SingleFile::open(base)?;
+        if f.unet_config.addition_embed_type.is_some() != f.text_encoder_2.is_some() {
+            // An SDXL UNet without the second encoder (an SDXL ONNX folder, whose
+            // text_encoder_2 is not read) or the reverse: refused, not written half.
+            return Err(Error::Config {
+                path: f.path.clone(),
+                message: if f.text_encoder_2.is_some() {
+                    "has SDXL's two text encoders, but the UNet config has no addition_embed_type (SD 1.x/2.x's); \
+                     pass --config with an SDXL folder"
+                        .into()
+                } else {
+                    "the UNet is SDXL's (addition_embed_type), but no second text encoder was read: SDXL is \
+                     exported from a diffusers folder or an SDXL single file (conditioner.embedders.*), not from \
+                     an ONNX folder"
+                        .into()
+                },
+            });
+        }
         let open_clip = f.text_layout == crate::TextLayout::OpenClip;
         let folder_tokenizer = |name: &str| match &base.config {
             // An ONNX pipeline folder's own.

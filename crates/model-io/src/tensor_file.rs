@@ -53,22 +53,23 @@ impl HostTensor {
     /// Converts to a Burn float tensor of rank `D`, checking the rank.
     pub fn to_float<B: Backend, const D: usize>(&self, name: &str, device: &B::Device) -> Result<Tensor<B, D>> {
         self.check_rank(name, D)?;
+        Ok(Tensor::from_data(self.f32_data(), device))
+    }
+
+    /// The values as f32 `TensorData` of this shape (integers converted).
+    fn f32_data(&self) -> TensorData {
         let v = match &self.data {
             HostData::F32(v) => v.clone(),
             HostData::I64(v) => v.iter().map(|&x| x as f32).collect(),
         };
-        Ok(Tensor::from_data(TensorData::new(v, self.shape.clone()), device))
+        TensorData::new(v, self.shape.clone())
     }
 
     /// [`HostTensor::to_float`] in f32 whatever the device's default float type: values that
     /// half precision would round (a timestep of 999 is 1000 in bf16).
     pub fn to_f32_tensor<B: Backend, const D: usize>(&self, name: &str, device: &B::Device) -> Result<Tensor<B, D>> {
         self.check_rank(name, D)?;
-        let v = match &self.data {
-            HostData::F32(v) => v.clone(),
-            HostData::I64(v) => v.iter().map(|&x| x as f32).collect(),
-        };
-        Ok(Tensor::from_data(TensorData::new(v, self.shape.clone()), (device, burn::tensor::DType::F32)))
+        Ok(Tensor::from_data(self.f32_data(), (device, burn::tensor::DType::F32)))
     }
 
     /// Converts to a Burn int tensor of rank `D`, checking the rank.

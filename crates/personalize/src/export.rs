@@ -26,8 +26,10 @@ enum Tokenizer {
     Bundled(Option<String>),
 }
 
-/// SDXL's second text encoder's config, depth and tokenizer.
-struct SecondConfig {
+/// SDXL's second text encoder (`CLIPTextModelWithProjection`): its weights, config, depth and
+/// tokenizer.
+struct SecondText {
+    checkpoint: Checkpoint,
     config_json: Value,
     layers: usize,
     tokenizer: Tokenizer,
@@ -38,10 +40,8 @@ pub struct MergedModel {
     pub unet: Checkpoint,
     pub vae: Checkpoint,
     pub text_encoder: Checkpoint,
-    /// SDXL's second text encoder (`CLIPTextModelWithProjection`); `None` for SD 1.x/2.x.
-    /// Private, as its config beside it: the two say together whether the model is SDXL.
-    text_encoder_2: Option<Checkpoint>,
-    text_2: Option<SecondConfig>,
+    /// SDXL's second text encoder; `None` for SD 1.x/2.x.
+    text_2: Option<SecondText>,
     unet_config: sd_unet::UNetConfig,
     unet_config_json: Value,
     vae_config: sd_vae::AutoencoderKlConfig,
@@ -110,7 +110,7 @@ impl MergedModel {
                 dir.display()
             );
         }
-        let text_2 = m.text_encoder_2.as_mut();
+        let text_2 = m.text_2.as_mut().map(|t| &mut t.checkpoint);
         crate::lora::merge_with_alphas::<B>(&loras, &mut m.unet, &m.unet_config, &mut m.text_encoder, text_2, device)?;
         Ok(m)
     }
@@ -122,21 +122,23 @@ impl MergedModel {
         let text_config =
             clip_text::ClipTextConfig::from_json(text_config_json.clone(), &dir.join("text_encoder/config.json"))?;
         let vae_config_json: Value = model_io::read_config(&dir.join("vae"), "config.json")?;
-        let (text_encoder_2, text_2) = if base.is_sdxl() {
+        let text_2 = if base.is_sdxl() {
             let sub = dir.join("text_encoder_2");
             let config_json: Value = model_io::read_config(&sub, "config.json")?;
             let config = clip_text::ClipTextConfig::from_json(config_json.clone(), &sub.join("config.json"))?;
-            let layers = config.num_hidden_layers;
-            let tokenizer = Tokenizer::Folder(dir.join("tokenizer_2"));
-            (Some(Checkpoint::open_dir(&sub, &["model"])?), Some(SecondConfig { config_json, layers, tokenizer }))
+            Some(SecondText {
+                checkpoint: Checkpoint::open_dir(&sub, &["model"])?,
+                config_json,
+                layers: config.num_hidden_layers,
+                tokenizer: Tokenizer::Folder(dir.join("tokenizer_2")),
+            })
         } else {
-            (None, None)
+            None
         };
         Ok(Self {
             unet: Checkpoint::open_dir(&dir.join("unet"), &["diffusion_pytorch_model"])?,
             vae: Checkpoint::open_dir(&dir.join("vae"), &["diffusion_pytorch_model"])?,
             text_encoder: Checkpoint::open_dir(&dir.join("text_encoder"), &["model"])?,
-            text_encoder_2,
             text_2,
             unet_config: sd_unet::UNetConfig::load(&dir.join("unet"))?,
             unet_config_json: model_io::read_config(&dir.join("unet"), "config.json")?,
@@ -178,9 +180,10 @@ impl MergedModel {
             Some(d) => Some(Tokenizer::Folder(d.join(name))),
             None => None,
         };
-        let text_2 = f.text_encoder_2.as_ref().map(|t| SecondConfig {
-            config_json: t.config_json.clone(),
+        let text_2 = f.text_encoder_2.map(|t| SecondText {
             layers: t.config.num_hidden_layers,
+            checkpoint: t.checkpoint,
+            config_json: t.config_json,
             tokenizer: folder_tokenizer("tokenizer_2").unwrap_or(Tokenizer::Bundled(Some("!".into()))),
         });
         Ok(Self {
@@ -188,7 +191,6 @@ impl MergedModel {
             unet: f.unet,
             vae: f.vae,
             text_encoder: f.text_encoder,
-            text_encoder_2: f.text_encoder_2.map(|t| t.checkpoint),
             text_2,
             unet_config: f.unet_config,
             unet_config_json: f.unet_config_json,
@@ -246,10 +248,10 @@ impl MergedModel {
             mkdir(&tmp.join("text_encoder"))?;
             write_json(&tmp.join("text_encoder/config.json"), &f32_config(&self.text_config_json))?;
             write_checkpoint(&self.text_encoder, &tmp.join("text_encoder/model.safetensors"))?;
-            if let (Some(ckpt), Some(t)) = (&self.text_encoder_2, &self.text_2) {
+            if let Some(t) = &self.text_2 {
                 mkdir(&tmp.join("text_encoder_2"))?;
                 write_json(&tmp.join("text_encoder_2/config.json"), &f32_config(&t.config_json))?;
-                write_checkpoint(ckpt, &tmp.join("text_encoder_2/model.safetensors"))?;
+                write_checkpoint(&t.checkpoint, &tmp.join("text_encoder_2/model.safetensors"))?;
             }
             replace(&tmp, out)
         })();
@@ -262,34 +264,34 @@ impl MergedModel {
     /// `model_index.json` for a folder made from a single file.
     fn model_index(&self) -> Value {
         let scheduler = self.scheduler.get("_class_name").and_then(Value::as_str).unwrap_or("PNDMScheduler");
-        if self.text_2.is_some() {
-            return serde_json::json!({
-                "_class_name": "StableDiffusionXLPipeline",
-                "_diffusers_version": "0.42.1",
-                "feature_extractor": [null, null],
-                "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
-                "image_encoder": [null, null],
-                "scheduler": ["diffusers", scheduler],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "tokenizer_2": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-            });
-        }
-        serde_json::json!({
-            "_class_name": "StableDiffusionPipeline",
+        let mut index = serde_json::json!({
             "_diffusers_version": "0.42.1",
             "feature_extractor": [null, null],
-            "requires_safety_checker": false,
-            "safety_checker": [null, null],
             "scheduler": ["diffusers", scheduler],
             "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"],
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
-        })
+        });
+        let extra = if self.text_2.is_some() {
+            serde_json::json!({
+                "_class_name": "StableDiffusionXLPipeline",
+                "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
+                "image_encoder": [null, null],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            })
+        } else {
+            serde_json::json!({
+                "_class_name": "StableDiffusionPipeline",
+                "requires_safety_checker": false,
+                "safety_checker": [null, null],
+            })
+        };
+        if let (Some(o), Value::Object(e)) = (index.as_object_mut(), extra) {
+            o.extend(e);
+        }
+        index
     }
 
     /// Every tensor of the single file: its key, shape and how it is made from the models'.
@@ -307,7 +309,7 @@ impl MergedModel {
             let s = sd_vae::ldm::file_shape(k, &shape(&self.vae, k));
             out.insert(format!("{}{file}", sd_vae::ldm::PREFIXES[0]), Entry::same(s, Part::Vae, k));
         }
-        let sdxl = self.text_encoder_2.is_some();
+        let sdxl = self.text_2.is_some();
         if self.open_clip {
             open_clip_entries(
                 &mut out,
@@ -325,8 +327,8 @@ impl MergedModel {
                 out.insert(format!("{file_prefix}{model}"), Entry::same(shape(&self.text_encoder, k), Part::Text, k));
             }
         }
-        if let (Some(ckpt), Some(t)) = (&self.text_encoder_2, &self.text_2) {
-            open_clip_entries(&mut out, ckpt, Part::Text2, clip_text::ldm::SDXL_OPEN_CLIP_PREFIX, t.layers)?;
+        if let Some(t) = &self.text_2 {
+            open_clip_entries(&mut out, &t.checkpoint, Part::Text2, clip_text::ldm::SDXL_OPEN_CLIP_PREFIX, t.layers)?;
         }
         Ok(out)
     }
@@ -340,7 +342,7 @@ impl MergedModel {
         if let Some(p) = self.scheduler.get("prediction_type").and_then(Value::as_str) {
             meta.insert("modelspec.prediction_type".to_string(), if p == "v_prediction" { "v" } else { p }.to_string());
         }
-        if self.text_encoder_2.is_some() {
+        if self.text_2.is_some() {
             // What A1111 and ComfyUI read to tell an SDXL base from the refiner.
             meta.insert("modelspec.architecture".to_string(), "stable-diffusion-xl-v1-base".to_string());
         }
@@ -353,7 +355,7 @@ impl MergedModel {
                     Part::Unet => &self.unet,
                     Part::Vae => &self.vae,
                     Part::Text => &self.text_encoder,
-                    Part::Text2 => self.text_encoder_2.as_ref().unwrap_or(&self.text_encoder),
+                    Part::Text2 => self.text_2.as_ref().map_or(&self.text_encoder, |t| &t.checkpoint),
                 };
                 values.extend(ckpt.read_f32(k)?.0);
             }

@@ -122,16 +122,18 @@ pub fn vae_dtype<B: Backend>(
     (sdxl && cfg.force_upcast && matches!(default, FloatDType::F16 | FloatDType::BF16)).then_some(FloatDType::F32)
 }
 
-/// A folder's VAE, read as `dtype` when given (see [`vae_dtype`]).
-fn load_vae<B: Backend>(
-    dir: &Path,
+/// The VAE from `ckpt`, its tensors read as `dtype` when given (see [`vae_dtype`]).
+fn build_vae<B: Backend>(
+    ckpt: &Checkpoint,
     cfg: &AutoencoderKlConfig,
     dtype: Option<burn::tensor::FloatDType>,
     device: &B::Device,
 ) -> Result<AutoencoderKl<B>> {
-    let Some(d) = dtype else { return Ok(AutoencoderKl::load(dir, device)?) };
-    let ckpt = Checkpoint::open_dir(dir, &["diffusion_pytorch_model"])?;
-    let w = model_io::Weights::new(&ckpt, device).in_float_dtype(d);
+    let w = model_io::Weights::new(ckpt, device);
+    let w = match dtype {
+        Some(d) => w.in_float_dtype(d),
+        None => w,
+    };
     let vae = AutoencoderKl::from_weights(cfg, &w)?;
     w.finish(&[])?;
     Ok(vae)
@@ -225,15 +227,20 @@ impl<B: Backend> Pipeline<B> {
             Some(s) => Some(s.build(&unet_cfg, text_config.hidden_size, device)?),
             None => None,
         };
-        let sdxl = text_encoder_2.is_some();
+        let upcast = vae_dtype::<B>(&vae_config, text_encoder_2.is_some(), device);
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
             text_encoder: ClipTextModel::from_checkpoint(&text_config, &text_ckpt, device)?,
             text_encoder_2,
             force_zeros_for_empty_prompt,
             unet: UNet2DConditionModel::from_checkpoint(&unet_cfg, &ckpt, device)?,
-            vae: load_vae(&dir.join("vae"), &vae_config, vae_dtype::<B>(&vae_config, sdxl, device), device)?,
-            vae_dtype: vae_dtype::<B>(&vae_config, sdxl, device),
+            vae: build_vae(
+                &Checkpoint::open_dir(&dir.join("vae"), &["diffusion_pytorch_model"])?,
+                &vae_config,
+                upcast,
+                device,
+            )?,
+            vae_dtype: upcast,
             vae_config,
             base_path: dir.to_path_buf(),
             base_config: None,
@@ -298,13 +305,7 @@ impl<B: Backend> Pipeline<B> {
         let unet = UNet2DConditionModel::from_weights(&unet_config, &w)?;
         w.finish(&[])?;
         let upcast = vae_dtype::<B>(&vae_config, text_encoder_2.is_some(), device);
-        let w = built::<B>(&f.vae, device);
-        let w = match upcast {
-            Some(d) => w.in_float_dtype(d),
-            None => w,
-        };
-        let vae = AutoencoderKl::from_weights(&vae_config, &w)?;
-        w.finish(&[])?;
+        let vae = build_vae(&f.vae, &vae_config, upcast, device)?;
         let scheduler_dir = match &base.config {
             _ if f.path.join("scheduler").is_dir() => f.path.join("scheduler"),
             Some(d) => d.join("scheduler"),
